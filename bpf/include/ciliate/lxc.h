@@ -1,0 +1,74 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The pod side: what a pod sends (from-container) and receives (to-container). */
+#ifndef CILIATE_LXC_H
+#define CILIATE_LXC_H
+
+#include "ciliate/common.h"
+#include "ciliate/node_config.h"
+#include "ciliate/eth.h"
+#include "ciliate/ipv4.h"
+#include "ciliate/arp.h"
+#include "ciliate/forward.h"
+#include "maps.h"
+
+static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
+				    const struct ciliate_endpoint *ep,
+				    struct trace_info *trace)
+{
+	const struct ciliate_endpoint *dst;
+	struct ciliate_ipcache_value *owner;
+	struct iphdr *ip;
+	__u32 slot;
+	int ret;
+
+	ret = ipv4_parse(ctx, &ip);
+	if (IS_DROP(ret))
+		return ret;
+	/* Anti-spoofing: a pod sends only from its own MAC and IP. */
+	if (!mac_equal(eth->h_source, ep->mac))
+		return DROP(CILIATE_DROP_INVALID_SMAC);
+	if (ip->saddr != ep->ipv4)
+		return DROP(CILIATE_DROP_INVALID_SIP);
+
+	if (ip->daddr == router_ip || ip->daddr == node_ip) {
+		trace->point = CILIATE_TRACE_TO_STACK;
+		return TC_ACT_OK;
+	}
+	if (endpoint_slot(ip->daddr, &slot)) {
+		dst = lookup_endpoint_slot(slot);
+		/* Only endpoints live in our pod CIDRs; the stack would route
+		 * anything else straight back to cilium_host. */
+		if (!dst)
+			return DROP(CILIATE_DROP_UNKNOWN_ENDPOINT);
+		return forward_to_pod(ctx, eth, ip, dst, trace);
+	}
+
+	owner = lookup_ipcache(ip->daddr);
+	trace->point = owner && owner->node_ip ? CILIATE_TRACE_TO_REMOTE : CILIATE_TRACE_TO_STACK;
+	return TC_ACT_OK;
+}
+
+static __always_inline int handle_from_container(struct __sk_buff *ctx, struct trace_info *trace)
+{
+	const struct ciliate_endpoint *ep;
+	struct ethhdr *eth;
+	int ret;
+
+	ep = lookup_endpoint_by_ifindex(ctx->ifindex);
+	if (!ep)
+		return DROP(CILIATE_DROP_NO_ENDPOINT_FOR_IFINDEX);
+	ret = eth_parse(ctx, &eth);
+	if (IS_DROP(ret))
+		return ret;
+
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IP):
+		return lxc_ipv4(ctx, eth, ep, trace);
+	case bpf_htons(ETH_P_ARP):
+		return arp_respond(ctx, eth, ep, trace);
+	default:
+		return DROP(CILIATE_DROP_UNKNOWN_L3);
+	}
+}
+
+#endif /* CILIATE_LXC_H */

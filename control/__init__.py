@@ -1,0 +1,1 @@
+"""ciliate control plane."""

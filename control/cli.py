@@ -1,0 +1,112 @@
+"""``ciliate``: the command line of the project.
+
+Subcommands import what they need when they run, so ``ciliate --help``
+stays fast and one broken subsystem does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _bpf_build(args: argparse.Namespace) -> int:
+    from ciliate.datapath import objects
+
+    result = objects.build(verbose=args.verbose)
+    rebuilt = ", ".join(result.rebuilt) or "nothing (up to date)"
+    print(f"built in {result.seconds:.2f} s: {rebuilt}")
+    print(f"objects: {objects.object_dir()}")
+    if args.check:
+        return _bpf_check(args)
+    return 0
+
+
+def _bpf_check(args: argparse.Namespace) -> int:
+    """Load every object through the verifier, as the agent would."""
+    import ipaddress
+
+    from ciliate.datapath.programs import Datapath, NodeConfig
+    from ciliate.loader import VerifierError
+
+    config = NodeConfig(
+        router_ip=ipaddress.IPv4Address("10.244.1.1"),
+        node_ip=ipaddress.IPv4Address("192.168.200.2"),
+        pod_cidrs=[ipaddress.IPv4Network("10.244.1.0/24")],
+    )
+    try:
+        with Datapath.load(config) as dp:
+            print("verifier accepted: " + ", ".join(sorted(dp.programs)))
+    except VerifierError as exc:
+        print(f"verifier rejected {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_datapath(args: argparse.Namespace) -> int:
+    from ciliate.bench import datapath
+
+    def progress(name: str) -> None:
+        print(f"  measuring {name} ...", file=sys.stderr, flush=True)
+
+    results = datapath.run(rounds=args.rounds, packets_per_round=args.packets, progress=progress)
+    datapath.print_table(results)
+    if args.json:
+        datapath.write_json(results, Path(args.json))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ciliate.control import demo
+
+    return demo.run_datapath_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ciliate", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bpf = sub.add_parser("bpf", help="BPF objects and maps").add_subparsers(
+        dest="bpf_command", required=True
+    )
+    build = bpf.add_parser("build", help="rebuild the BPF objects of this checkout (incremental)")
+    build.add_argument(
+        "--check", action="store_true", help="then load every program through the verifier"
+    )
+    build.set_defaults(func=_bpf_build)
+    check = bpf.add_parser("check", help="load every program through the verifier")
+    check.set_defaults(func=_bpf_check)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    bench_dp = bench.add_parser("datapath", help="ns/packet of each datapath path")
+    bench_dp.add_argument("--rounds", type=int, default=7)
+    bench_dp.add_argument("--packets", type=int, default=100_000, help="packets per round and case")
+    bench_dp.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench_dp.set_defaults(func=_bench_datapath)
+
+    demo = sub.add_parser("demo", help="load the datapath and show packets through it")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

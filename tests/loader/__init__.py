@@ -1,0 +1,1 @@
+"""Tests for ciliate.loader (real kernel, root)."""
