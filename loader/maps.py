@@ -76,7 +76,13 @@ PERCPU_TYPES = frozenset(
 _ARRAY_TYPES = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY})
 # Errors meaning "this map type has no batch operation" across kernel versions.
 _NO_BATCH = frozenset({E.EINVAL, E.EOPNOTSUPP, ENOTSUPP})
-_BATCH_CHUNK = 256
+
+
+class _BatchUnsupported(MapError):
+    """The map type has no batch lookup (callers fall back to iteration)."""
+
+
+_BATCH_CHUNK = 8192
 
 MapValue = bytes | list[bytes]
 
@@ -412,6 +418,23 @@ class Map:
     def lookup_batch(self) -> list[tuple[bytes, MapValue]]:
         """All (key, value) pairs via ``bpf_map_lookup_batch``, or by iteration where the map
         type has no batch lookup."""
+        ks, vs = self.key_size, self._value_buf_size
+        result: list[tuple[bytes, MapValue]] = []
+        try:
+            for kraw, vraw, count in self.lookup_batch_raw():
+                for i in range(count):
+                    result.append(
+                        (kraw[i * ks : (i + 1) * ks], self._decode(vraw[i * vs : (i + 1) * vs]))
+                    )
+        except _BatchUnsupported:
+            return list(self.items())
+        return result
+
+    def lookup_batch_raw(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """The map's contents as raw chunks ``(keys, values, count)`` of packed keys and
+        values (per-CPU values: one rounded slot per possible CPU), for callers that scan
+        large arrays without making one Python object per entry. Raises MapError when the
+        map type has no batch lookup."""
         fd = self.fd
         ks, vs = self.key_size, self._value_buf_size
         chunk = max(1, min(self.max_entries, _BATCH_CHUNK))
@@ -419,7 +442,6 @@ class Map:
         in_batch: ctypes.Array[ctypes.c_char] | None = None
         out_batch = ctypes.create_string_buffer(token_size)
         opts = C.bpf_map_batch_opts(sz=ctypes.sizeof(C.bpf_map_batch_opts))
-        result: list[tuple[bytes, MapValue]] = []
         first = True
         while True:
             keys_buf = ctypes.create_string_buffer(ks * chunk)
@@ -442,15 +464,15 @@ class Map:
                 continue
             if err and err != E.ENOENT:
                 if first and err in _NO_BATCH:
-                    return list(self.items())
+                    raise _BatchUnsupported(
+                        f"map {self.name!r}: no batch lookup",
+                        errno=err,
+                        op="bpf_map_lookup_batch",
+                    )
                 raise _map_error("bpf_map_lookup_batch", err, f"map {self.name!r}")
-            kraw, vraw = keys_buf.raw, vals_buf.raw
-            for i in range(count.value):
-                result.append(
-                    (kraw[i * ks : (i + 1) * ks], self._decode(vraw[i * vs : (i + 1) * vs]))
-                )
+            yield keys_buf.raw, vals_buf.raw, count.value
             if err == E.ENOENT:
-                return result
+                return
             in_batch = ctypes.create_string_buffer(out_batch.raw, token_size)
             first = False
 

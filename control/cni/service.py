@@ -1,0 +1,108 @@
+"""What the CNI protocol handler needs from the agent: the endpoint service.
+
+The handler (``ciliate.control.cni.handler``) speaks CNI: environment,
+netconf, spec versions, result formats, error codes. The agent implements
+``EndpointService`` and speaks endpoints: IPs, veths, maps. Errors cross
+this boundary as ``ServiceError`` subclasses that carry the CNI error code
+the handler reports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    container_id: str
+    ifname: str  # name of the interface inside the pod (CNI_IFNAME)
+    netns: str  # path of the pod's network namespace (CNI_NETNS)
+    labels: Mapping[str, str]  # identity labels (ciliate.control.identity.labels_from_cni)
+    mtu: int | None = None  # netconf "mtu"; None: the agent's default
+    attributes: Mapping[str, str] = field(default_factory=dict)  # e.g. K8S_POD_NAME, for display
+
+
+@dataclass(frozen=True)
+class AddResult:
+    ip: ipaddress.IPv4Interface  # the pod's address, as configured (/32)
+    gateway: ipaddress.IPv4Address  # the router IP
+    routes: tuple[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None], ...]
+    pod_ifname: str
+    pod_mac: str
+    host_ifname: str
+    host_mac: str
+    netns: str
+    mtu: int
+
+
+class ServiceError(Exception):
+    """An endpoint operation failed; ``cni_code`` is what the plugin reports."""
+
+    cni_code = 999
+
+    def __init__(self, message: str, *, details: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidNetnsError(ServiceError):
+    """CNI_NETNS is not a network namespace (or does not exist)."""
+
+    cni_code = 4
+
+
+class TryAgainError(ServiceError):
+    """Temporary: the caller should retry (CNI code 11)."""
+
+    cni_code = 11
+
+
+class PoolExhaustedError(ServiceError):
+    """No address left in the node's pod CIDRs."""
+
+    cni_code = 11  # the runtime retries; capacity may come back
+
+
+class NotReadyError(ServiceError):
+    """The agent cannot serve ADD now (CNI code 50)."""
+
+    cni_code = 50
+
+
+class CheckFailedError(ServiceError):
+    """CHECK found the endpoint not as ADD left it."""
+
+    cni_code = 999
+
+
+class UnknownContainerError(ServiceError):
+    """CHECK (or another lookup) names a container the agent does not know (code 3)."""
+
+    cni_code = 3
+
+
+class EndpointService(Protocol):
+    def add(self, request: AddRequest) -> AddResult:
+        """Create (or return the existing) endpoint for (container_id, ifname)."""
+        ...
+
+    def delete(self, *, container_id: str, ifname: str) -> None:
+        """Remove the endpoint; succeeds when it is already gone."""
+        ...
+
+    def check(self, *, container_id: str, ifname: str, netns: str) -> AddResult:
+        """Verify the endpoint is intact; raise CheckFailedError if not."""
+        ...
+
+    def gc(self, *, valid: set[tuple[str, str]]) -> int:
+        """Remove endpoints whose (container_id, ifname) is not in ``valid``;
+        return how many were removed."""
+        ...
+
+    def ready(self) -> None:
+        """Raise NotReadyError if ADD cannot be served now."""
+        ...
