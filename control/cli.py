@@ -11,6 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from ciliate.control import inspect
+from ciliate.control import lab as lab_cli
+from ciliate.control.cni import install as cni_install
 
 
 def _bpf_build(args: argparse.Namespace) -> int:
@@ -60,6 +65,46 @@ def _bench_datapath(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ciliate_bench_setup(netns_path: str, workdir: Path) -> tuple[Path, dict[str, Any], Any]:
+    """How the benchmarks bring ciliate up on their node: the agent in the
+    node namespace, the CNI plugin and its conflist under ``workdir``."""
+    import contextlib
+    import json
+
+    stack = contextlib.ExitStack()
+    _, bin_dir, conf_dir = stack.enter_context(
+        lab_cli.agent_in(netns_path, workdir, pod_cidr="10.244.70.0/24")
+    )
+    conflist = json.loads((conf_dir / "05-ciliate.conflist").read_text())
+    return bin_dir, conflist, stack.close
+
+
+def _bench_cni(args: argparse.Namespace) -> int:
+    from ciliate.bench import cni, podnet
+
+    podnet.set_ciliate_setup(_ciliate_bench_setup)
+    results = cni.run(pods=args.pods, networks=tuple(args.networks))
+    cni.print_table(results)
+    if args.json:
+        cni.write_json(results, Path(args.json))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _bench_traffic(args: argparse.Namespace) -> int:
+    from ciliate.bench import podnet, traffic
+
+    podnet.set_ciliate_setup(_ciliate_bench_setup)
+    results = traffic.run(networks=tuple(args.networks), seconds=args.seconds, repeats=args.repeats)
+    traffic.print_table(results)
+    traffic.plot(results, Path(args.plot))
+    print(f"plot written to {args.plot}")
+    if args.json:
+        traffic.write_json(results, Path(args.json))
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ciliate.control import demo
 
@@ -81,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_bpf_build)
     check = bpf.add_parser("check", help="load every program through the verifier")
     check.set_defaults(func=_bpf_check)
+    inspect.register_bpf(bpf)
+    inspect.register(sub)
+
+    cni_install.register(sub)
+
+    lab = sub.add_parser("lab", help="a lab of node and pod namespaces").add_subparsers(
+        dest="lab_command", required=True
+    )
+    lab_cli.register(lab)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", required=True
@@ -90,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_dp.add_argument("--packets", type=int, default=100_000, help="packets per round and case")
     bench_dp.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     bench_dp.set_defaults(func=_bench_datapath)
+    bench_cni = bench.add_parser("cni", help="CNI ADD/DEL latency: ciliate vs bridge+host-local")
+    bench_cni.add_argument("--pods", type=int, default=50)
+    bench_cni.add_argument("--networks", nargs="+", default=["bridge", "ciliate"])
+    bench_cni.add_argument("--json", metavar="FILE")
+    bench_cni.set_defaults(func=_bench_cni)
+    bench_tr = bench.add_parser("traffic", help="pod-to-pod throughput and latency vs bridge, ptp")
+    bench_tr.add_argument("--networks", nargs="+", default=["bridge", "ptp", "ciliate"])
+    bench_tr.add_argument("--seconds", type=int, default=5)
+    bench_tr.add_argument("--repeats", type=int, default=3)
+    bench_tr.add_argument("--plot", default="bench-traffic.png", metavar="PNG")
+    bench_tr.add_argument("--json", metavar="FILE")
+    bench_tr.set_defaults(func=_bench_traffic)
 
     demo = sub.add_parser("demo", help="load the datapath and show packets through it")
     demo.set_defaults(func=_demo)

@@ -312,7 +312,8 @@ def labels_from_cni(*, cni_args: str, netconf_labels: Mapping[str, str] | None) 
 
     ``cni_args`` is the ``CNI_ARGS`` environment value (``K=V;K2=V2``); its
     ``K8S_POD_NAMESPACE`` and ``K8S_POD_NAME`` become ``k8s:io.kubernetes.pod.namespace``
-    and ``k8s:io.kubernetes.pod.name`` (both or neither must be given); every other key
+    and ``k8s:io.kubernetes.pod.name`` (a namespace needs a pod name; a pod name alone,
+    as podman sends it, is fine); every other key
     (``IgnoreUnknown``, ``K8S_POD_UID``, ...) is ignored. ``netconf_labels`` (the
     netconf's ``args.cni.labels``) are added with their keys prefixed ``k8s:`` unless
     they already are. Unlike Cilium, the pod name is part of the label set (so each pod
@@ -321,21 +322,17 @@ def labels_from_cni(*, cni_args: str, netconf_labels: Mapping[str, str] | None) 
     args = _parse_cni_args(cni_args)
     labels: dict[str, str] = {}
     namespace, name = args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")
-    if (namespace is None) != (name is None):
-        given, missing = (
-            ("K8S_POD_NAMESPACE", "K8S_POD_NAME")
-            if name is None
-            else ("K8S_POD_NAME", "K8S_POD_NAMESPACE")
-        )
-        raise CniArgsError(f"CNI_ARGS has {given} but no {missing}; give both or neither")
-    if namespace is not None and name is not None:
+    if namespace is not None and name is None:
+        raise CniArgsError("CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME; give both")
+    if namespace is not None:
         if not _DNS_LABEL.fullmatch(namespace):
             raise CniArgsError(
                 f"K8S_POD_NAMESPACE {namespace!r} is not a Kubernetes namespace name"
             )
+        labels[NAMESPACE_LABEL] = namespace
+    if name is not None:
         if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
             raise CniArgsError(f"K8S_POD_NAME {name!r} is not a Kubernetes pod name")
-        labels[NAMESPACE_LABEL] = namespace
         labels[POD_NAME_LABEL] = name
     for key, value in (netconf_labels or {}).items():
         if not isinstance(key, str) or not key.strip() or not isinstance(value, str):

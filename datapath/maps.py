@@ -145,8 +145,14 @@ class EndpointMaps:
             raise
 
     def delete(self, ep: Endpoint) -> None:
-        self._by_ip.update(self._slot_key(ep.ipv4), self._empty)
-        self._by_dev.update(self._dev_key(ep.ifindex), self._empty)
+        self.delete_by_ip(ep.ipv4)
+        self.delete_by_ifindex(ep.ifindex)
+
+    def delete_by_ip(self, addr: ipaddress.IPv4Address) -> None:
+        self._by_ip.update(self._slot_key(addr), self._empty)
+
+    def delete_by_ifindex(self, ifindex: int) -> None:
+        self._by_dev.update(self._dev_key(ifindex), self._empty)
 
     def get(self, addr: ipaddress.IPv4Address) -> Endpoint | None:
         slot = self._slot_of(addr)

@@ -44,7 +44,15 @@ from .maps import Map, MapInfo, MapType, possible_cpus
 from .netns import enter_netns
 from .object import BpfObject, ProgInfo, Program, prog_info
 from .ringbuf import RingBuffer
-from .tc import TcAttachment, attach_tc, detach_pinned_link, open_pinned_link, tc_links
+from .tc import (
+    TcAttachment,
+    attach_tc,
+    clsact_program_id,
+    detach_pinned_link,
+    open_pinned_link,
+    tc_links,
+    update_pinned_link,
+)
 from .testrun import TestRunResult
 
 __all__ = [
@@ -71,12 +79,14 @@ __all__ = [
     "VerifierError",
     "attach_tc",
     "bump_memlock_rlimit",
+    "clsact_program_id",
     "detach_pinned_link",
     "enter_netns",
     "open_pinned_link",
     "possible_cpus",
     "prog_info",
     "tc_links",
+    "update_pinned_link",
 ]
 
 

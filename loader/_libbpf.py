@@ -341,11 +341,13 @@ _LIBBPF: dict[str, tuple[Any, list[Any]]] = {
     "bpf_prog_test_run_opts": (c_int, [c_int, POINTER(bpf_test_run_opts)]),
     "bpf_prog_query_opts": (c_int, [c_int, c_int, POINTER(bpf_prog_query_opts)]),
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
+    "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
     "bpf_link_detach": (c_int, [c_int]),
     # tc (netlink) helpers
     "bpf_tc_hook_create": (c_int, [POINTER(bpf_tc_hook)]),
     "bpf_tc_hook_destroy": (c_int, [POINTER(bpf_tc_hook)]),
     "bpf_tc_attach": (c_int, [POINTER(bpf_tc_hook), POINTER(bpf_tc_opts)]),
+    "bpf_tc_query": (c_int, [POINTER(bpf_tc_hook), POINTER(bpf_tc_opts)]),
     "bpf_tc_detach": (c_int, [POINTER(bpf_tc_hook), POINTER(bpf_tc_opts)]),
     # ring buffer
     "ring_buffer__new": (_P, [c_int, RINGBUF_SAMPLE_FN, c_void_p, c_void_p]),

@@ -59,7 +59,9 @@ def _vformat(fmt: bytes, ap: int | None) -> str:
 
 def _on_print(level: int, fmt: bytes | None, ap: int | None) -> int:
     try:
-        pylevel = _LEVELS.get(level, logging.DEBUG)
+        pylevel = (
+            logging.DEBUG if getattr(_tls, "demote", False) else _LEVELS.get(level, logging.DEBUG)
+        )
         sink: list[Message] | None = getattr(_tls, "sink", None)
         if fmt is None or (sink is None and not LOGGER.isEnabledFor(pylevel)):
             return 0
@@ -95,3 +97,16 @@ def capture() -> Iterator[list[Message]]:
         _tls.sink = previous
         if previous is not None:
             previous.extend(sink)
+
+
+@contextmanager
+def demoted() -> Iterator[None]:
+    """Log libbpf's messages on this thread at DEBUG inside the block: for calls whose
+    failure is an expected answer (a clsact qdisc that already exists)."""
+    install_print_callback()
+    previous = getattr(_tls, "demote", False)
+    _tls.demote = True
+    try:
+        yield
+    finally:
+        _tls.demote = previous

@@ -19,6 +19,7 @@ from typing import Literal
 
 from . import _libbpf as C
 from ._libbpf import lib
+from ._print import demoted
 from .errors import AttachError, strerror
 from .netns import enter_netns
 from .object import Program
@@ -204,6 +205,9 @@ def attach_tc(
     direction: Direction,
     netns: str | None = None,
     mode: Literal["auto", "tcx", "clsact"] = "auto",
+    handle: int = 0,
+    priority: int = 0,
+    replace: bool = False,
 ) -> TcAttachment:
     """Attach ``program`` to a device's ingress or egress.
 
@@ -211,6 +215,11 @@ def attach_tc(
     namespace) is entered on this thread only for the duration of the call. ``mode="auto"``
     uses tcx and falls back to clsact when the kernel has no tcx; ``"tcx"``/``"clsact"``
     force one.
+
+    clsact only: ``handle``/``priority`` name the filter (0: the kernel picks), and
+    ``replace`` swaps the program of an existing filter with that handle and priority
+    atomically (``BPF_TC_F_REPLACE``). A tcx attach costs an RCU grace period (~15 ms here),
+    a clsact filter ~0.15 ms: per-pod attachments use clsact.
     """
     _check_direction(direction)
     prog_fd = program.fd
@@ -232,20 +241,44 @@ def attach_tc(
                 raise _err("bpf_link_create", -fd, f"tcx {direction} on ifindex {idx}")
         elif mode != "clsact":
             raise AttachError(f"mode must be 'auto', 'tcx' or 'clsact', not {mode!r}")
-        return _attach_clsact(prog_fd, prog_id, idx, direction, netns)
+        return _attach_clsact(
+            prog_fd,
+            prog_id,
+            idx,
+            direction,
+            netns,
+            handle=handle,
+            priority=priority,
+            replace=replace,
+        )
 
 
 def _attach_clsact(
-    prog_fd: int, prog_id: int, ifindex: int, direction: Direction, netns: str | None
+    prog_fd: int,
+    prog_id: int,
+    ifindex: int,
+    direction: Direction,
+    netns: str | None,
+    *,
+    handle: int = 0,
+    priority: int = 0,
+    replace: bool = False,
 ) -> TcAttachment:
     hook = C.bpf_tc_hook(
         sz=ctypes.sizeof(C.bpf_tc_hook), ifindex=ifindex, attach_point=_TC_POINT[direction]
     )
-    ret = int(lib.bpf_tc_hook_create(ctypes.byref(hook)))
+    with demoted():  # EEXIST (the qdisc is there) is the common, expected answer
+        ret = int(lib.bpf_tc_hook_create(ctypes.byref(hook)))
     if ret < 0 and -ret != E.EEXIST:
         raise _err("bpf_tc_hook_create", -ret, f"clsact on ifindex {ifindex}")
     created = ret == 0
-    opts = C.bpf_tc_opts(sz=ctypes.sizeof(C.bpf_tc_opts), prog_fd=prog_fd)
+    opts = C.bpf_tc_opts(
+        sz=ctypes.sizeof(C.bpf_tc_opts),
+        prog_fd=prog_fd,
+        handle=handle,
+        priority=priority,
+        flags=_BPF_TC_F_REPLACE if replace else 0,
+    )
     ret = int(lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)))
     if ret < 0:
         if created:
@@ -264,6 +297,32 @@ def _attach_clsact(
     )
 
 
+_BPF_TC_F_REPLACE = 1
+
+
+def clsact_program_id(
+    dev: int | str, *, direction: Direction, handle: int, priority: int, netns: str | None = None
+) -> int | None:
+    """Id of the program in the clsact filter (handle, priority) of a device's hook, or
+    ``None`` when there is no such filter (or no clsact qdisc, or no device)."""
+    _check_direction(direction)
+    with enter_netns(netns):
+        try:
+            idx = _resolve_ifindex(dev, None) if isinstance(dev, str) else dev
+        except AttachError:
+            return None
+        hook = C.bpf_tc_hook(
+            sz=ctypes.sizeof(C.bpf_tc_hook), ifindex=idx, attach_point=_TC_POINT[direction]
+        )
+        opts = C.bpf_tc_opts(sz=ctypes.sizeof(C.bpf_tc_opts), handle=handle, priority=priority)
+        ret = int(lib.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts)))
+    if ret < 0:
+        if -ret in (E.ENOENT, E.ENODEV, E.EINVAL):
+            return None
+        raise _err("bpf_tc_query", -ret, f"ifindex {idx} {direction}")
+    return int(opts.prog_id)
+
+
 def open_pinned_link(path: str | os.PathLike[str]) -> int:
     """Open a pinned BPF link (``bpf_obj_get``); the caller owns (and closes) the fd."""
     raw = os.fsencode(path)
@@ -271,6 +330,18 @@ def open_pinned_link(path: str | os.PathLike[str]) -> int:
     if fd < 0:
         raise _err("bpf_obj_get", -fd, os.fsdecode(raw))
     return fd
+
+
+def update_pinned_link(path: str | os.PathLike[str], program: Program) -> None:
+    """Swap the program behind a pinned link, atomically (``bpf_link_update``): an agent that
+    restarts with freshly loaded programs keeps every hook attached, no packet sees a gap."""
+    fd = open_pinned_link(path)
+    try:
+        ret = int(lib.bpf_link_update(fd, program.fd, None))
+        if ret < 0:
+            raise _err("bpf_link_update", -ret, f"{os.fsdecode(path)} -> {program.name}")
+    finally:
+        os.close(fd)
 
 
 def detach_pinned_link(path: str | os.PathLike[str]) -> None:

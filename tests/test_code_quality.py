@@ -45,6 +45,8 @@ def test_mypy_strict_passes(tmp_path: Path) -> None:
     _run(
         [
             _tool("mypy"),
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
             "--strict",
             "--explicit-package-bases",
             "--no-incremental",

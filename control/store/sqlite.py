@@ -5,9 +5,12 @@ the key space; ``revision`` is the store revision of the transaction that last w
 row (etcd's ``mod_revision``). A one-row-per-setting ``meta`` table holds the global
 revision counter and the schema version, so they never show up in key listings.
 
-Durability: ``journal_mode=WAL`` with ``synchronous=FULL``, so a transaction whose
-``with`` block has returned is on disk: a SIGKILLed (or power-cut) agent never loses a
-committed CNI ADD, and a transaction interrupted at any point leaves no trace.
+Durability: ``journal_mode=WAL`` with ``synchronous=FULL`` by default, so a transaction
+whose ``with`` block has returned is on disk: a SIGKILLed (or power-cut) agent never loses
+a committed CNI ADD, and a transaction interrupted at any point leaves no trace. With
+``synchronous="normal"`` a commit is not fsynced: it survives the process being killed
+(the WAL is in the page cache) but not a power cut -- which the node agent accepts,
+since a power cut also ends every pod it could have lost.
 
 Concurrency: every thread gets its own pair of connections, created on first use: a
 *writer* for transactions and a *reader* for ``Store.get``/``list``/``revision``.
@@ -28,6 +31,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Literal
 
 from .base import (
     KeyValues,
@@ -255,7 +259,16 @@ class SqliteStore(Store):
     :class:`StoreUnavailableError`. Safe to share between threads; see the module docs.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: Literal["full", "normal"] = "full",
+    ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+        self._synchronous = synchronous.upper()
         self._path = os.fspath(path)
         self._busy_timeout = busy_timeout
         self._pid = os.getpid()
@@ -390,7 +403,7 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise _translate(exc, path=self._path, doing="open") from exc
         try:
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         except sqlite3.Error as exc:
             conn.close()
             raise _translate(exc, path=self._path, doing="configure connection") from exc

@@ -353,6 +353,10 @@ class TestLabelsFromCni:
         labels = labels_from_cni(cni_args="K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;", netconf_labels={})
         assert labels["k8s:io.kubernetes.pod.name"] == "b"
 
+    def test_a_pod_name_without_namespace_is_enough_as_podman_sends_it(self) -> None:
+        labels = labels_from_cni(cni_args="IgnoreUnknown=1;K8S_POD_NAME=web", netconf_labels=None)
+        assert labels == {"k8s:io.kubernetes.pod.name": "web"}
+
     @pytest.mark.parametrize(
         ("cni_args", "message"),
         [
@@ -360,8 +364,7 @@ class TestLabelsFromCni:
             ("IgnoreUnknown=1;K8S_POD_NAME==x", r"pair 2 .* is not KEY=VALUE"),
             ("=default", "is not KEY=VALUE"),
             ("K8S_POD_NAMESPACE=a;K8S_POD_NAMESPACE=b;K8S_POD_NAME=p", "twice"),
-            ("K8S_POD_NAMESPACE=default", "no K8S_POD_NAME; give both or neither"),
-            ("K8S_POD_NAME=web", "no K8S_POD_NAMESPACE"),
+            ("K8S_POD_NAMESPACE=default", "no K8S_POD_NAME; give both"),
             ("K8S_POD_NAMESPACE=Default;K8S_POD_NAME=web", "not a Kubernetes namespace"),
             ("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web_1", "not a Kubernetes pod name"),
             ("K8S_POD_NAMESPACE=default;K8S_POD_NAME=", "not a Kubernetes pod name"),

@@ -1,0 +1,526 @@
+"""``ciliate bench traffic``: pod-to-pod throughput and latency, per network.
+
+For each network, two pods on one node (:mod:`ciliate.bench.podnet`), with
+the MTU their plugin gives them; both must be up and ping each other before
+anything is measured. Then, repeated and interleaved across the networks
+(the order rotates every round, so drift of this shared machine hits all
+alike):
+
+- TCP throughput, one stream, pod A -> pod B: ``iperf3 -s`` in B's
+  namespace, ``iperf3 -c … -t SECONDS -J`` in A's; the figure is the
+  receiver's bits per second;
+- UDP ping-pong latency: ``sockperf server`` in B, ``sockperf ping-pong
+  --time SECONDS`` in A, both pinned to the same CPU with ``taskset`` (not
+  pinned, latency is bimodal from cross-CPU wake-ups and hides the
+  datapath). sockperf's default figure is one-way latency, i.e. half the
+  round trip; ``full_rtt=True`` reports round trips.
+
+Figures are medians of the repeats with min and max, and ratios to
+``bridge`` and ``ptp`` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ciliate.bench import podnet
+
+IPERF_PORT = 5201
+SOCKPERF_PORT = 11111
+REFERENCES = ("bridge", "ptp")
+
+
+class TrafficError(RuntimeError):
+    """A traffic tool failed or printed something unexpected."""
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IperfSample:
+    gbps: float
+    """Receiver's throughput, Gbit/s (10^9)."""
+    sender_gbps: float
+    retransmits: int | None
+    seconds: float
+
+
+def parse_iperf3(doc: str | Mapping[str, Any]) -> IperfSample:
+    """The summary of ``iperf3 -c … -J`` output (TCP)."""
+    data: Mapping[str, Any] = json.loads(doc) if isinstance(doc, str) else doc
+    if data.get("error"):
+        raise TrafficError(f"iperf3: {data['error']}")
+    try:
+        end = data["end"]
+        received = end["sum_received"]
+        sent = end["sum_sent"]
+        retransmits = sent.get("retransmits")
+        return IperfSample(
+            gbps=float(received["bits_per_second"]) / 1e9,
+            sender_gbps=float(sent["bits_per_second"]) / 1e9,
+            retransmits=int(retransmits) if retransmits is not None else None,
+            seconds=float(received["seconds"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrafficError(f"iperf3: unexpected JSON (no {e})") from e
+
+
+@dataclass(frozen=True)
+class SockperfSample:
+    """Latency figures of one ``sockperf ping-pong`` run, microseconds."""
+
+    avg_us: float
+    p50_us: float
+    p99_us: float
+    min_us: float
+    max_us: float
+    observations: int
+    full_rtt: bool
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_AVG = re.compile(r"avg-(latency|rtt)\s*=\s*([0-9.]+)")
+_PCT = re.compile(r"--->\s+percentile\s+([0-9.]+)\s*=\s*([0-9.]+)")
+_MINMAX = re.compile(r"--->\s+<(MIN|MAX)>\s+observation\s*=\s*([0-9.]+)")
+_OBS = re.compile(r"Total\s+(\d+)\s+observations")
+
+
+def parse_sockperf(text: str) -> SockperfSample:
+    """avg, p50, p99, min, max from ``sockperf ping-pong`` output (stdout + stderr)."""
+    clean = _ANSI.sub("", text)
+    avg = _AVG.search(clean)
+    pcts = {float(p): float(v) for p, v in _PCT.findall(clean)}
+    minmax = dict(_MINMAX.findall(clean))
+    obs = _OBS.search(clean)
+    if avg is None or 50.0 not in pcts or 99.0 not in pcts:
+        tail = "\n".join(clean.strip().splitlines()[-5:])
+        raise TrafficError(f"sockperf: no latency summary in its output:\n{tail}")
+    return SockperfSample(
+        avg_us=float(avg.group(2)),
+        p50_us=pcts[50.0],
+        p99_us=pcts[99.0],
+        min_us=float(minmax.get("MIN", "nan")),
+        max_us=float(minmax.get("MAX", "nan")),
+        observations=int(obs.group(1)) if obs else 0,
+        full_rtt=avg.group(1) == "rtt",
+    )
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    min: float
+    max: float
+    samples: list[float]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            raise ValueError("no samples")
+        return cls(statistics.median(values), min(values), max(values), list(values))
+
+
+@dataclass
+class NetworkTraffic:
+    network: str
+    description: str
+    mtu: int
+    pod_ips: tuple[str, str]
+    throughput_gbps: Spread
+    retransmits: Spread
+    latency_p50_us: Spread
+    latency_p99_us: Spread
+    latency_avg_us: Spread
+    vs: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Ratios to each reference network of the run: {"bridge": {"throughput": …,
+    "latency_p50": …, "latency_p99": …}}."""
+
+
+@dataclass
+class TrafficResults:
+    seconds: float
+    repeats: int
+    cpu: int
+    latency: str
+    """What the latency figures are: "one-way (RTT/2)" or "round trip"."""
+    networks: list[NetworkTraffic]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> NetworkTraffic | None:
+        return next((r for r in self.networks if r.network == name), None)
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _default_cpu() -> int:
+    return max(os.sched_getaffinity(0))
+
+
+def _run_tool(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise TrafficError(f"{what}: no answer within {timeout:.0f}s") from e
+
+
+@dataclass
+class _Server:
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    def failure(self) -> str | None:
+        """What the server said if it has exited, else None."""
+        if self.proc.poll() is None:
+            return None
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace").strip() or f"exit {self.proc.returncode}"
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str]) -> Iterator[_Server]:
+    """A background server (output to a temporary file), stopped by its PID on the way out."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield _Server(proc, log)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+def _wait_listening(pod: podnet.Pod, proto: str, port: int, server: _Server) -> None:
+    flag = "-Hltn" if proto == "tcp" else "-Hlun"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        failure = server.failure()
+        if failure is not None:
+            raise TrafficError(f"{proto} server in {pod.netns} exited: {failure}")
+        out = subprocess.run(
+            podnet.netns_exec(pod.netns, "ss", flag, f"sport = :{port}"),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout
+        if out.strip():
+            return
+        time.sleep(0.05)
+    raise TrafficError(f"no {proto} server listening on {pod.ip}:{port} in {pod.netns}")
+
+
+@dataclass
+class _Pair:
+    net: podnet.PodNetwork
+    a: podnet.Pod
+    b: podnet.Pod
+    mtu: int
+    iperf: list[IperfSample] = field(default_factory=list)
+    sockperf: list[SockperfSample] = field(default_factory=list)
+
+
+def _iperf3(pair: _Pair, seconds: float) -> IperfSample:
+    cmd = podnet.netns_exec(
+        pair.a.netns,
+        "iperf3",
+        "-c",
+        pair.b.ip,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        f"{seconds:g}",
+        "-J",
+    )
+    proc = _run_tool(cmd, seconds + 30, f"iperf3 in {pair.a.netns}")
+    try:
+        return parse_iperf3(proc.stdout)
+    except (TrafficError, ValueError) as e:
+        raise TrafficError(
+            f"{pair.net.network.name}: iperf3 {pair.a.ip} -> {pair.b.ip} (exit"
+            f" {proc.returncode}): {e} {proc.stderr.strip()}"
+        ) from e
+
+
+def _sockperf(pair: _Pair, seconds: float, cpu: int, full_rtt: bool) -> SockperfSample:
+    cmd = podnet.netns_exec(
+        pair.a.netns,
+        "taskset",
+        "-c",
+        str(cpu),
+        "sockperf",
+        "ping-pong",
+        "-i",
+        pair.b.ip,
+        "-p",
+        str(SOCKPERF_PORT),
+        "--time",
+        f"{max(1, round(seconds))}",
+        *(["--full-rtt"] if full_rtt else []),
+    )
+    proc = _run_tool(cmd, seconds + 30, f"sockperf in {pair.a.netns}")
+    try:
+        return parse_sockperf(proc.stdout + proc.stderr)
+    except TrafficError as e:
+        raise TrafficError(
+            f"{pair.net.network.name}: sockperf {pair.a.ip} -> {pair.b.ip} (exit"
+            f" {proc.returncode}): {e}"
+        ) from e
+
+
+def _set_up(net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int) -> _Pair:
+    a, b = net.add_pod("a"), net.add_pod("b")
+    net.wait_reachable(a, b)
+    mtu_a, mtu_b = int(net.link(a)["mtu"]), int(net.link(b)["mtu"])
+    if mtu_a != mtu_b:
+        raise TrafficError(f"{net.network.name}: pods got different MTUs ({mtu_a}, {mtu_b})")
+    iperf = stack.enter_context(
+        _server(podnet.netns_exec(b.netns, "iperf3", "-s", "-B", b.ip, "-p", str(IPERF_PORT)))
+    )
+    sockperf = stack.enter_context(
+        _server(
+            podnet.netns_exec(
+                b.netns,
+                "taskset",
+                "-c",
+                str(cpu),
+                "sockperf",
+                "server",
+                "-i",
+                b.ip,
+                "-p",
+                str(SOCKPERF_PORT),
+            )
+        )
+    )
+    _wait_listening(b, "tcp", IPERF_PORT, iperf)
+    _wait_listening(b, "udp", SOCKPERF_PORT, sockperf)
+    return _Pair(net=net, a=a, b=b, mtu=mtu_a)
+
+
+def run(
+    *,
+    networks: Sequence[str | podnet.NetworkDef] = ("bridge", "ptp", "ciliate"),
+    seconds: float = 5,
+    repeats: int = 3,
+    cpu: int | None = None,
+    full_rtt: bool = False,
+    progress: Callable[[str], None] | None = _stderr,
+    ciliate_setup: podnet.CiliateSetup | None = None,
+) -> TrafficResults:
+    """Throughput and latency between two pods of each network, ``repeats`` rounds.
+
+    A run takes about ``len(networks) * repeats * 2 * seconds`` plus set-up.
+    ``cpu`` is where the sockperf client and server are pinned (default: the
+    last CPU this process may use)."""
+    if repeats < 1 or seconds <= 0:
+        raise ValueError("repeats must be >= 1 and seconds > 0")
+    cpu = _default_cpu() if cpu is None else cpu
+    specs: list[str | podnet.NetworkDef] = [
+        podnet.ciliate(setup=ciliate_setup) if (n == "ciliate" and ciliate_setup is not None) else n
+        for n in networks
+    ]
+    skipped: dict[str, str] = {}
+
+    def on_skip(name: str, reason: str) -> None:
+        skipped[name] = reason
+        if progress:
+            progress(f"traffic: skipping {name}: {reason}")
+
+    with contextlib.ExitStack() as stack:
+        nets = stack.enter_context(podnet.pod_networks(specs, on_skip=on_skip))
+        pairs: dict[str, _Pair] = {}
+        for name, net in nets.items():
+            pairs[name] = _set_up(net, stack, cpu)
+            if progress:
+                p = pairs[name]
+                progress(
+                    f"traffic: {name}: pods {p.a.ip} and {p.b.ip} ping each other, MTU {p.mtu}"
+                )
+        names = list(pairs)
+        for r in range(repeats):
+            k = r % len(names) if names else 0
+            for name in names[k:] + names[:k]:
+                pair = pairs[name]
+                pair.iperf.append(_iperf3(pair, seconds))
+                pair.sockperf.append(_sockperf(pair, seconds, cpu, full_rtt))
+                if progress:
+                    i, s = pair.iperf[-1], pair.sockperf[-1]
+                    progress(
+                        f"traffic: round {r + 1}/{repeats} {name}: {i.gbps:.2f} Gbit/s"
+                        f" ({i.retransmits} retr), p50 {s.p50_us:.2f} us, p99 {s.p99_us:.2f} us"
+                    )
+
+    results = [
+        NetworkTraffic(
+            network=name,
+            description=pair.net.network.description,
+            mtu=pair.mtu,
+            pod_ips=(pair.a.ip, pair.b.ip),
+            throughput_gbps=Spread.of([s.gbps for s in pair.iperf]),
+            retransmits=Spread.of([float(s.retransmits or 0) for s in pair.iperf]),
+            latency_p50_us=Spread.of([s.p50_us for s in pair.sockperf]),
+            latency_p99_us=Spread.of([s.p99_us for s in pair.sockperf]),
+            latency_avg_us=Spread.of([s.avg_us for s in pair.sockperf]),
+        )
+        for name, pair in pairs.items()
+    ]
+    out = TrafficResults(
+        seconds=seconds,
+        repeats=repeats,
+        cpu=cpu,
+        latency="round trip" if full_rtt else "one-way (RTT/2)",
+        networks=results,
+        skipped=skipped,
+    )
+    for ref_name in REFERENCES:
+        ref = out.get(ref_name)
+        if ref is None:
+            continue
+        for res in results:
+            res.vs[ref_name] = {
+                "throughput": res.throughput_gbps.median / ref.throughput_gbps.median,
+                "latency_p50": res.latency_p50_us.median / ref.latency_p50_us.median,
+                "latency_p99": res.latency_p99_us.median / ref.latency_p99_us.median,
+            }
+    return out
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def print_table(results: TrafficResults) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    refs = [r for r in REFERENCES if results.get(r) is not None]
+    table = Table(
+        title=f"traffic: pod -> pod on one node, median of {results.repeats} x"
+        f" {results.seconds:g}s [min-max]"
+    )
+    columns = ["network", "MTU", "TCP Gbit/s", "retr", "UDP p50 us", "p99 us", "avg us"]
+    columns += [f"x {r} (thr / p50)" for r in refs]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for r in results.networks:
+        t, p50 = r.throughput_gbps, r.latency_p50_us
+        row = [
+            r.network,
+            str(r.mtu),
+            f"{t.median:.2f} [{t.min:.2f}-{t.max:.2f}]",
+            f"{r.retransmits.median:.0f}",
+            f"{p50.median:.2f} [{p50.min:.2f}-{p50.max:.2f}]",
+            f"{r.latency_p99_us.median:.2f}",
+            f"{r.latency_avg_us.median:.2f}",
+        ]
+        for ref in refs:
+            v = r.vs.get(ref)
+            row.append(f"{v['throughput']:.2f} / {v['latency_p50']:.2f}" if v else "-")
+        table.add_row(*row)
+    notes = [
+        f"latency: sockperf UDP ping-pong, {results.latency}, client and server pinned"
+        f" to CPU {results.cpu}; throughput: iperf3, one TCP stream, receiver side"
+    ]
+    for name, reason in results.skipped.items():
+        table.add_row(name, "skipped", *[""] * (len(columns) - 2))
+        notes.append(f"{name} skipped: {reason}")
+    table.caption = "\n".join(notes)
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: do not squeeze to 80 columns
+        console = Console(width=140)
+    console.print(table)
+
+
+def to_dict(results: TrafficResults) -> dict[str, object]:
+    return {
+        "benchmark": "traffic",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernel": os.uname().release,
+        "seconds": results.seconds,
+        "repeats": results.repeats,
+        "cpu": results.cpu,
+        "units": {"throughput": "Gbit/s", "latency": f"us, {results.latency}"},
+        "results": [asdict(r) for r in results.networks],
+        "skipped": results.skipped,
+    }
+
+
+def write_json(results: TrafficResults, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(results), indent=2) + "\n")
+
+
+def plot(results: TrafficResults, png_path: Path) -> None:
+    """Two panels: TCP throughput (bars, min/max whiskers), UDP latency p50 (same)."""
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+
+    names = [r.network for r in results.networks]
+    xs = list(range(len(names)))
+    colors = [f"C{i}" for i in xs]
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = (
+        (
+            ax_t,
+            [r.throughput_gbps for r in results.networks],
+            "TCP throughput, one stream",
+            "Gbit/s",
+            "{:.1f}",
+        ),
+        (
+            ax_l,
+            [r.latency_p50_us for r in results.networks],
+            f"UDP ping-pong latency p50, {results.latency}",
+            "\u00b5s",
+            "{:.2f}",
+        ),
+    )
+    for ax, spreads, label, unit, fmt in panels:
+        medians = [s.median for s in spreads]
+        err = [
+            [s.median - s.min for s in spreads],
+            [s.max - s.median for s in spreads],
+        ]
+        bars = ax.bar(xs, medians, yerr=err, capsize=6, color=colors)
+        ax.bar_label(bars, labels=[fmt.format(m) for m in medians], label_type="center")
+        ax.set_xticks(xs, names)
+        ax.set_ylabel(unit)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
+    fig.suptitle(
+        f"pod -> pod on one node: median of {results.repeats} x {results.seconds:g}s,"
+        " whiskers min/max"
+    )
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

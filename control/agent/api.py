@@ -1,0 +1,154 @@
+"""The agent's HTTP API (FastAPI), served on a UNIX socket.
+
+FastAPI describes every route in the OpenAPI document it serves at
+``/openapi.json`` and answers an invalid request with a 422 whose detail
+names the field. ``/v1/cni`` is what the ``ciliate-cni`` relay calls.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Response
+from pydantic import BaseModel, Field
+
+from ciliate.control.agent import metrics
+from ciliate.control.agent.node import NodeAgent
+from ciliate.datapath import tables
+
+
+class CniRequest(BaseModel):
+    env: dict[str, str] = Field(description="the CNI_* environment of the plugin call")
+    stdin: str = Field(description="the network configuration the runtime sent on stdin")
+
+
+class CniResponse(BaseModel):
+    exit_code: int
+    stdout: str
+
+
+class DatapathConfig(BaseModel):
+    trace: bool = Field(description="send a trace event for every forwarded packet")
+
+
+def create_app(agent: NodeAgent) -> FastAPI:
+    app = FastAPI(
+        title="ciliate agent",
+        version="0.1.0",
+        description="Node agent: endpoints, IPAM, identities and the BPF datapath of one node.",
+    )
+    app.add_middleware(metrics.LatencyMiddleware, histogram=metrics.register(agent))
+
+    @app.post("/v1/cni", response_model=CniResponse, tags=["cni"])
+    def cni(body: CniRequest) -> CniResponse:
+        """One CNI plugin invocation, relayed by ``ciliate-cni``."""
+        from ciliate.control.cni import handler
+
+        result = handler.handle(body.env, body.stdin.encode(), agent.endpoints)
+        return CniResponse(exit_code=result.exit_code, stdout=result.stdout)
+
+    @app.get("/v1/healthz", tags=["node"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/status", tags=["node"])
+    def status() -> dict[str, Any]:
+        return {
+            "node": agent.config.node_name,
+            "pod_cidrs": [str(c) for c in agent.config.pod_cidrs],
+            "router_ip": str(agent.router_ip),
+            "node_ip": str(agent.node_ip),
+            "endpoints": len(agent.endpoints.list()),
+            "ipam": _ipam(agent),
+            "uptime_s": round(time.time() - agent.started, 1),
+            "restored": agent.restore_counts,
+            "store_revision": agent.store.revision(),
+            "datapath": {
+                "trace": agent.datapath.config.trace_enabled(),
+                "maps_pinned_at": str(agent.config.maps_dir),
+            },
+        }
+
+    @app.get("/v1/endpoints", tags=["endpoints"])
+    def endpoints() -> list[dict[str, Any]]:
+        return [r.to_json() for r in agent.endpoints.list()]
+
+    @app.get("/v1/endpoints/{endpoint_id}", tags=["endpoints"])
+    def endpoint(endpoint_id: int) -> dict[str, Any]:
+        record = agent.endpoints.get(endpoint_id)
+        if record is None:
+            raise HTTPException(status_code=404, detail=f"no endpoint with id {endpoint_id}")
+        return record.to_json()
+
+    @app.get("/v1/identities", tags=["identities"])
+    def identities() -> list[dict[str, Any]]:
+        return [
+            {"id": i.id, "labels": i.labels, "refcount": i.refcount, "reserved": i.reserved}
+            for i in agent.identities.list()
+        ]
+
+    @app.get("/v1/ipam", tags=["ipam"])
+    def ipam() -> dict[str, Any]:
+        return {
+            "router_ip": str(agent.router_ip),
+            "pools": _ipam(agent),
+            "allocations": {str(ip): owner for ip, owner in agent.ipam.allocations().items()},
+        }
+
+    @app.get("/v1/bpf/ipcache", tags=["bpf"])
+    def bpf_ipcache() -> list[dict[str, Any]]:
+        return [
+            {
+                "prefix": str(e.prefix),
+                "identity": e.identity,
+                "node_ip": str(e.node_ip) if e.node_ip else None,
+                "flags": e.flags,
+            }
+            for e in agent.datapath.ipcache.list()
+        ]
+
+    @app.get("/v1/bpf/endpoints", tags=["bpf"])
+    def bpf_endpoints() -> list[dict[str, Any]]:
+        return [
+            {
+                "ip": str(e.ipv4),
+                "ifindex": e.ifindex,
+                "mac": e.mac,
+                "node_mac": e.node_mac,
+                "identity": e.identity,
+                "endpoint_id": e.endpoint_id,
+            }
+            for e in agent.datapath.endpoints.list()
+        ]
+
+    @app.get("/v1/bpf/metrics", tags=["bpf"])
+    def bpf_metrics() -> list[dict[str, Any]]:
+        return [
+            {
+                "reason": r.reason,
+                "description": tables.describe_reason(r.reason),
+                "direction": r.direction.name.lower(),
+                "packets": r.packets,
+                "bytes": r.bytes,
+            }
+            for r in agent.datapath.metrics.rows()
+        ]
+
+    @app.put("/v1/datapath/config", tags=["bpf"])
+    def datapath_config(body: DatapathConfig) -> DatapathConfig:
+        agent.datapath.config.set_trace(body.trace)
+        return body
+
+    @app.get("/metrics", tags=["node"], response_class=Response)
+    def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    return app
+
+
+def _ipam(agent: NodeAgent) -> list[dict[str, Any]]:
+    return [
+        {"cidr": str(u.cidr), "used": u.used, "capacity": u.capacity} for u in agent.ipam.usage()
+    ]

@@ -1,0 +1,150 @@
+"""The node agent's components, wired together, and their start-up order.
+
+Start: store -> datapath (maps re-opened from their pins, so forwarding
+state survives) -> cilium_host/cilium_net and the pod CIDR routes -> the
+host and uplink programs (pinned links, swapped to the new programs) ->
+endpoints reconciled against the store -> the CNI DEL queue replayed.
+Stop: nothing is torn down; pods keep forwarding without the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ciliate.control.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
+from ciliate.control.identity import IdentityAllocator
+from ciliate.control.ipam.host import HostIpam
+from ciliate.control.store.sqlite import SqliteStore
+from ciliate.datapath import devices
+from ciliate.datapath import maps as dpmaps
+from ciliate.datapath.maps import IpcacheEntry
+from ciliate.datapath.programs import Datapath, NodeConfig
+from ciliate.loader import LoaderError, Map, attach_tc
+
+log = logging.getLogger(__name__)
+
+HOST_IDENTITY = 1
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    pod_cidrs: list[ipaddress.IPv4Network]
+    state_dir: Path
+    socket: Path
+    bpffs_root: Path
+    mtu: int = 1500
+    node_ip: ipaddress.IPv4Address | None = None
+    uplink: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def maps_dir(self) -> Path:
+        return self.bpffs_root / "maps"
+
+    @property
+    def del_queue_dir(self) -> Path:
+        return self.socket.parent / "cni-del-queue"
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self._stack = contextlib.ExitStack()
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = self._stack.enter_context(
+            # Not fsynced per commit: a killed agent loses nothing (see SqliteStore),
+            # and a power cut also ends every pod the last commits described.
+            contextlib.closing(SqliteStore(config.state_dir / "state.db", synchronous="normal"))
+        )
+        self.ipam = HostIpam(self.store, config.pod_cidrs)
+        self.identities = IdentityAllocator(self.store)
+        self.router_ip = self.ipam.router_ip
+        self.node_ip = config.node_ip or self.router_ip
+        self.datapath, self.fresh_maps = self._load_datapath()
+        self._stack.callback(self.datapath.close)
+        self.host = devices.ensure_host_devices(
+            router_ip=self.router_ip, pod_cidrs=config.pod_cidrs, mtu=config.mtu
+        )
+        self._attach_node_programs()
+        self._write_node_ipcache()
+        self.endpoints = EndpointManager(
+            store=self.store,
+            ipam=self.ipam,
+            identities=self.identities,
+            datapath=self.datapath,
+            mtu=config.mtu,
+        )
+        self._stack.callback(self.endpoints.close)
+        counts = self.endpoints.reconcile(new_programs=True)
+        log.info("endpoints reconciled: %s", counts)
+        self.restore_counts = counts
+
+    # -- datapath ------------------------------------------------------------------
+    def _load_datapath(self) -> tuple[Datapath, bool]:
+        node = NodeConfig(
+            router_ip=self.router_ip, node_ip=self.node_ip, pod_cidrs=self.config.pod_cidrs
+        )
+        maps_dir = self.config.maps_dir
+        pins = {name: maps_dir / name for name in dpmaps.ALL}
+        existing: dict[str, Map] = {}
+        if all(p.exists() for p in pins.values()):
+            with contextlib.ExitStack() as opened:
+                for name, pin in pins.items():
+                    existing[name] = opened.enter_context(Map.open_pinned(pin))
+                # The objects dup the fds they reuse; ours close with this block.
+                datapath = Datapath.load(node, existing_maps=existing)
+            log.info("datapath loaded, maps re-opened from %s", maps_dir)
+            return datapath, False
+        for pin in pins.values():  # a partial set is no state to trust
+            with contextlib.suppress(FileNotFoundError):
+                pin.unlink()
+        datapath = Datapath.load(node)
+        maps_dir.mkdir(parents=True, exist_ok=True)
+        for name, pin in pins.items():
+            datapath.maps[name].pin(pin)
+        log.info("datapath loaded, maps pinned under %s", maps_dir)
+        return datapath, True
+
+    def _attach_node_programs(self) -> None:
+        """from_host on cilium_host's egress, from_netdev on the uplink's
+        ingress: clsact filters at a fixed place, replaced in place when the
+        agent restarts (no moment without a program)."""
+        hooks: list[tuple[int, Literal["ingress", "egress"], str]] = [
+            (self.host.cilium_host_ifindex, "egress", "from_host")
+        ]
+        if self.config.uplink:
+            index = devices.ifindex_of(self.config.uplink)
+            if index is None:
+                raise LoaderError(f"uplink {self.config.uplink} does not exist")
+            hooks.append((index, "ingress", "from_netdev"))
+        for ifindex, direction, program in hooks:
+            attach_tc(
+                self.datapath.program(program),
+                ifindex=ifindex,
+                direction=direction,
+                mode="clsact",
+                handle=FILTER_HANDLE,
+                priority=FILTER_PRIORITY,
+                replace=True,
+            ).close()
+
+    def _write_node_ipcache(self) -> None:
+        for cidr in self.config.pod_cidrs:
+            self.datapath.ipcache.upsert(IpcacheEntry(cidr, identity=0, node_ip=None, flags=1))
+        for address in {self.router_ip, self.node_ip}:
+            self.datapath.ipcache.upsert(
+                IpcacheEntry(
+                    ipaddress.IPv4Network(f"{address}/32"), identity=HOST_IDENTITY, node_ip=None
+                )
+            )
+
+    def close(self) -> None:
+        self._stack.close()

@@ -1,0 +1,236 @@
+"""The read-only CLI commands: status, endpoints, identities, IPAM, maps,
+and the live monitor. Each prints a table, or JSON with ``-o json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ciliate.control.client import DEFAULT_SOCKET, AgentClient
+
+
+def _print(data: Any, output: str, *, columns: Sequence[str] = (), title: str = "") -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    if isinstance(data, dict) and not columns:
+        table = Table(title=title, show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for key, value in data.items():
+            table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+        Console().print(table)
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in data:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _client(args: argparse.Namespace) -> AgentClient:
+    return AgentClient(args.socket)
+
+
+def status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.get("/v1/status"), args.output, title="ciliate agent")
+    return 0
+
+
+def endpoint_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(
+            c.get("/v1/endpoints"),
+            args.output,
+            title="endpoints",
+            columns=(
+                "endpoint_id",
+                "ip",
+                "host_ifname",
+                "host_ifindex",
+                "identity",
+                "container_id",
+                "ifname",
+                "netns",
+                "attributes",
+            ),
+        )
+    return 0
+
+
+def endpoint_get(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.get(f"/v1/endpoints/{args.id}"), args.output, title=f"endpoint {args.id}")
+    return 0
+
+
+def identity_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(
+            c.get("/v1/identities"),
+            args.output,
+            title="identities",
+            columns=("id", "labels", "refcount", "reserved"),
+        )
+    return 0
+
+
+def ipam(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.get("/v1/ipam")
+    if args.output == "json":
+        _print(data, "json")
+        return 0
+    _print(
+        data["pools"],
+        "table",
+        title=f"IPAM (router {data['router_ip']})",
+        columns=("cidr", "used", "capacity"),
+    )
+    _print(
+        [{"ip": ip, "owner": owner} for ip, owner in data["allocations"].items()],
+        "table",
+        title="allocations",
+        columns=("ip", "owner"),
+    )
+    return 0
+
+
+_MAP_COLUMNS = {
+    "ipcache": ("prefix", "identity", "node_ip", "flags"),
+    "endpoints": ("ip", "ifindex", "mac", "node_mac", "identity", "endpoint_id"),
+    "metrics": ("description", "direction", "packets", "bytes"),
+}
+
+
+def bpf_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(
+            c.get(f"/v1/bpf/{args.map}"),
+            args.output,
+            title=f"ciliate {args.map}",
+            columns=_MAP_COLUMNS[args.map],
+        )
+    return 0
+
+
+def monitor(args: argparse.Namespace) -> int:
+    """Live drop and trace events from the pinned ring buffer, decoded."""
+    from ciliate.datapath.events import Event
+    from ciliate.loader import Map, RingBuffer
+
+    pin = Path(args.bpffs_root) / "maps" / "ciliate_events"
+    seen = 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+
+    def on_event(data: bytes) -> None:
+        nonlocal seen
+        if args.count is not None and seen >= args.count:
+            return
+        seen += 1
+        event = Event.from_bytes(data)
+        if args.output == "json":
+            doc = {
+                "type": "drop" if event.is_drop else "trace",
+                "summary": event.summary,
+                "reason": event.reason,
+                "source": event.source,
+                "line": event.line,
+                "ifindex": event.ifindex,
+                "target_ifindex": event.target_ifindex,
+                "length": event.orig_len,
+                "ktime_ns": event.ktime_ns,
+                "packet": _decode_packet(event.data),
+            }
+            print(json.dumps(doc), flush=True)
+        else:
+            print(
+                f"{event.ktime_ns / 1e9:14.6f} ifindex {event.ifindex:<5} {event.summary:<60} "
+                f"{_decode_packet(event.data)}",
+                flush=True,
+            )
+
+    with (
+        _client(args) as client,
+        Map.open_pinned(pin) as events,
+        RingBuffer(events, on_event) as rb,
+    ):
+        if not args.drops_only:
+            client.put("/v1/datapath/config", {"trace": True})
+        try:
+            print(f"listening on {pin} (Ctrl-C to stop)", file=sys.stderr)
+            while (args.count is None or seen < args.count) and (
+                deadline is None or time.monotonic() < deadline
+            ):
+                rb.poll(200)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if not args.drops_only:
+                client.put("/v1/datapath/config", {"trace": False})
+    return 0
+
+
+def _decode_packet(data: bytes) -> str:
+    from scapy.layers.l2 import Ether
+
+    try:
+        return str(Ether(data).summary())
+    except Exception:
+        return data.hex()
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", default=str(DEFAULT_SOCKET), help="the agent's API socket")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        return p
+
+    common(sub.add_parser("status", help="the agent's state")).set_defaults(func=status)
+    endpoint = sub.add_parser("endpoint", help="endpoints").add_subparsers(
+        dest="endpoint_command", required=True
+    )
+    common(endpoint.add_parser("list")).set_defaults(func=endpoint_list)
+    get = common(endpoint.add_parser("get"))
+    get.add_argument("id", type=int)
+    get.set_defaults(func=endpoint_get)
+    identity = sub.add_parser("identity", help="security identities").add_subparsers(
+        dest="identity_command", required=True
+    )
+    common(identity.add_parser("list")).set_defaults(func=identity_list)
+    common(sub.add_parser("ipam", help="pod IP pools and allocations")).set_defaults(func=ipam)
+    mon = common(sub.add_parser("monitor", help="live drop and trace events"))
+    mon.add_argument("--bpffs-root", default="/sys/fs/bpf/ciliate")
+    mon.add_argument("--count", type=int, help="stop after this many events")
+    mon.add_argument("--timeout", type=float, help="stop after this many seconds")
+    mon.add_argument("--drops-only", action="store_true", help="do not switch tracing on")
+    mon.set_defaults(func=monitor)
+
+
+def register_bpf(bpf: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name in _MAP_COLUMNS:
+        m = bpf.add_parser(name, help=f"the {name} map").add_subparsers(
+            dest=f"{name}_command", required=True
+        )
+        p = m.add_parser("list")
+        p.add_argument("--socket", default=str(DEFAULT_SOCKET))
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.set_defaults(func=bpf_list, map=name)

@@ -1,0 +1,522 @@
+"""The CNI protocol handler, against a fake endpoint service: results per
+spec version, DEL, CHECK, GC, STATUS, VERSION, and every validation error
+with its code and a message that says what to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ciliate.control.cni import handler
+from ciliate.control.cni.service import (
+    AddRequest,
+    NotReadyError,
+    PoolExhaustedError,
+    ServiceError,
+    TryAgainError,
+    UnknownContainerError,
+)
+
+from .conftest import CONTAINER_ID, cni_env, netconf
+from .fakes import FakeService, add_result
+
+VERSIONS = handler.SUPPORTED_VERSIONS
+
+
+def call(
+    env: Mapping[str, str], stdin: bytes | Mapping[str, Any], service: FakeService | None = None
+) -> tuple[handler.CniResponse, Any]:
+    if isinstance(stdin, Mapping):
+        stdin = json.dumps(stdin).encode()
+    response = handler.handle(env, stdin, service or FakeService())
+    parsed = json.loads(response.stdout) if response.stdout else None
+    return response, parsed
+
+
+def assert_error(response: handler.CniResponse, parsed: Any, code: int, fragment: str) -> None:
+    assert response.exit_code == 1, response
+    assert parsed["code"] == code, parsed
+    assert fragment in parsed["msg"] + parsed.get("details", ""), parsed
+
+
+# -- ADD --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_add_returns_the_result_in_the_format_of_each_version(version: str, pod_netns: str) -> None:
+    response, result = call(cni_env("ADD", CNI_NETNS=pod_netns), netconf(version))
+
+    assert response.exit_code == 0
+    assert result["cniVersion"] == version
+    host, pod = result["interfaces"]
+    assert host == {"name": "lxc1a2b3c4d5e6f", "mac": "fe:54:00:12:34:56"} | (
+        {"mtu": 1500} if version == "1.1.0" else {}
+    )
+    assert pod == {"name": "eth0", "mac": "0a:58:0a:f4:01:05", "sandbox": pod_netns} | (
+        {"mtu": 1500} if version == "1.1.0" else {}
+    )
+    (ip,) = result["ips"]
+    expected_ip = {"address": "10.244.1.5/32", "gateway": "10.244.1.1", "interface": 1}
+    if version in ("0.3.1", "0.4.0"):
+        expected_ip["version"] = "4"
+    assert ip == expected_ip
+    assert result["routes"] == [
+        {"dst": "10.244.1.1/32"},
+        {"dst": "0.0.0.0/0", "gw": "10.244.1.1"},
+    ]
+    assert result["dns"] == {}
+
+
+def test_add_asks_the_service_for_the_endpoint_with_labels_mtu_and_attributes(
+    pod_netns: str,
+) -> None:
+    service = FakeService()
+    cni_args = (
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;"
+        "K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=1234-5678"
+    )
+    conf = netconf(mtu=1400, args={"cni": {"labels": {"app": "web", "k8s:tier": "front"}}})
+
+    response, _ = call(cni_env("ADD", CNI_NETNS=pod_netns, CNI_ARGS=cni_args), conf, service)
+
+    assert response.exit_code == 0
+    [(name, request)] = service.calls
+    assert name == "add"
+    assert request == AddRequest(
+        container_id=CONTAINER_ID,
+        ifname="eth0",
+        netns=pod_netns,
+        labels={
+            "k8s:io.kubernetes.pod.namespace": "shop",
+            "k8s:io.kubernetes.pod.name": "web-0",
+            "k8s:app": "web",
+            "k8s:tier": "front",
+        },
+        mtu=1400,
+        attributes={
+            "K8S_POD_NAMESPACE": "shop",
+            "K8S_POD_NAME": "web-0",
+            "K8S_POD_INFRA_CONTAINER_ID": "abc",
+            "K8S_POD_UID": "1234-5678",
+        },
+    )
+
+
+def test_add_without_cni_args_or_mtu_leaves_them_to_the_agent(pod_netns: str) -> None:
+    service = FakeService()
+    env = cni_env("ADD", CNI_NETNS=pod_netns)
+    del env["CNI_ARGS"]
+
+    response, _ = call(env, netconf(), service)
+
+    assert response.exit_code == 0
+    request = service.calls[0][1]
+    assert (request.labels, request.mtu, request.attributes) == ({}, None, {})
+
+
+def test_add_ignores_fields_it_does_not_know(pod_netns: str) -> None:
+    conf = netconf(runtimeConfig={"portMappings": []}, agentSocket="/run/x.sock", ipam={})
+    response, _ = call(cni_env("ADD", CNI_NETNS=pod_netns), conf)
+    assert response.exit_code == 0
+
+
+def test_add_in_a_chain_after_another_plugin_is_refused(pod_netns: str) -> None:
+    conf = netconf(prevResult={"cniVersion": "1.0.0", "interfaces": [], "ips": []})
+    response, parsed = call(cni_env("ADD", CNI_NETNS=pod_netns), conf)
+    assert_error(response, parsed, 7, "first plugin in the chain")
+
+
+# -- DEL --------------------------------------------------------------------
+
+
+def test_del_is_idempotent() -> None:
+    service = FakeService()
+    for _ in range(2):
+        response, parsed = call(cni_env("DEL"), netconf(), service)
+        assert (response.exit_code, parsed) == (0, None)
+    assert service.calls == [("delete", (CONTAINER_ID, "eth0"))] * 2
+
+
+@pytest.mark.parametrize(
+    ("reason", "env", "fields"),
+    [
+        ("the netns is not given", {"CNI_NETNS": ""}, {}),
+        ("the netns is gone", {"CNI_NETNS": "/run/netns/gone-long-ago"}, {}),
+        ("it carries a prevResult", {}, {"prevResult": {"ips": "not even a list"}}),
+        ("the mtu was since edited to nonsense", {}, {"mtu": "big"}),
+        ("CNI_ARGS do not parse", {"CNI_ARGS": "garbage"}, {}),
+    ],
+)
+def test_del_succeeds_when(reason: str, env: dict[str, str], fields: dict[str, Any]) -> None:
+    response, _ = call(cni_env("DEL", **env), netconf(**fields))
+    assert response.exit_code == 0, reason
+
+
+def test_del_reports_a_real_failure_of_the_service() -> None:
+    service = FakeService(error=ServiceError("store is read-only", details="disk full"))
+    response, parsed = call(cni_env("DEL"), netconf(), service)
+    assert_error(response, parsed, 999, "store is read-only")
+    assert parsed["details"] == "disk full"
+
+
+# -- CHECK ------------------------------------------------------------------
+
+
+def prev_result_of(version: str, netns: str) -> dict[str, Any]:
+    return handler.format_result(add_result(netns=netns), version)
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
+def test_check_passes_when_the_endpoint_matches_prev_result(version: str, pod_netns: str) -> None:
+    service = FakeService(result=add_result(netns=pod_netns))
+    conf = netconf(version, prevResult=prev_result_of(version, pod_netns))
+
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=pod_netns), conf, service)
+
+    assert (response.exit_code, parsed) == (0, None)
+    assert service.calls == [("check", (CONTAINER_ID, "eth0", pod_netns))]
+
+
+@pytest.mark.parametrize(
+    ("reason", "agent_has", "fragment"),
+    [
+        ("another IP", {"ip": "10.244.1.9/32"}, "the agent has 10.244.1.9/32"),
+        ("another pod interface", {"pod_ifname": "net1"}, "pod interface 'net1'"),
+        ("another node-side veth", {"host_ifname": "lxcffff"}, "node-side interface 'lxcffff'"),
+    ],
+)
+def test_check_fails_when_the_agent_has(
+    reason: str, agent_has: dict[str, Any], fragment: str, pod_netns: str
+) -> None:
+    if "ip" in agent_has:
+        agent_has = {**agent_has, "ip": ipaddress.IPv4Interface(agent_has["ip"])}
+    service = FakeService(result=dataclasses.replace(add_result(netns=pod_netns), **agent_has))
+    conf = netconf(prevResult=prev_result_of("1.0.0", pod_netns))
+
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=pod_netns), conf, service)
+
+    assert_error(response, parsed, 999, fragment)
+    assert "differs from prevResult" in parsed["msg"], reason
+
+
+def test_check_of_an_unknown_container_reports_code_3(pod_netns: str) -> None:
+    service = FakeService(error=UnknownContainerError("no endpoint for that container"))
+    conf = netconf(prevResult=prev_result_of("1.0.0", pod_netns))
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=pod_netns), conf, service)
+    assert_error(response, parsed, 3, "no endpoint")
+
+
+# -- GC and STATUS ----------------------------------------------------------
+
+
+def test_gc_passes_the_valid_attachments_to_the_service() -> None:
+    service = FakeService()
+    valid = [
+        {"containerID": "aaa", "ifname": "eth0"},
+        {"containerID": "bbb", "ifname": "net1"},
+    ]
+    response, parsed = call(
+        cni_env("GC"), netconf("1.1.0", **{"cni.dev/valid-attachments": valid}), service
+    )
+    assert (response.exit_code, parsed) == (0, None)
+    assert service.calls == [("gc", {("aaa", "eth0"), ("bbb", "net1")})]
+
+
+def test_gc_reads_the_draft_name_of_the_attachment_list_too() -> None:
+    service = FakeService()
+    conf = netconf("1.1.0", **{"cni.dev/attachments": [{"containerID": "a", "ifname": "eth0"}]})
+    response, _ = call(cni_env("GC"), conf, service)
+    assert response.exit_code == 0
+    assert service.calls == [("gc", {("a", "eth0")})]
+
+
+def test_gc_with_an_empty_list_keeps_nothing() -> None:
+    service = FakeService()
+    response, _ = call(
+        cni_env("GC"), netconf("1.1.0", **{"cni.dev/valid-attachments": []}), service
+    )
+    assert response.exit_code == 0
+    assert service.calls == [("gc", set())]
+
+
+def test_status_reports_ready() -> None:
+    service = FakeService()
+    response, parsed = call(cni_env("STATUS"), netconf("1.1.0"), service)
+    assert (response.exit_code, parsed) == (0, None)
+    assert service.calls == [("ready", None)]
+
+
+def test_status_reports_not_ready_with_code_50() -> None:
+    service = FakeService(error=NotReadyError("the datapath is not loaded yet"))
+    response, parsed = call(cni_env("STATUS"), netconf("1.1.0"), service)
+    assert_error(response, parsed, 50, "datapath is not loaded")
+
+
+# -- VERSION ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stdin", "answered_in"),
+    [
+        (b'{"cniVersion": "0.4.0"}', "0.4.0"),
+        (b'{"cniVersion": "1.0.0"}', "1.0.0"),
+        (b"", "1.1.0"),
+        (b'{"cniVersion": "0.2.0"}', "1.1.0"),
+        (b"not json", "1.1.0"),
+    ],
+)
+def test_version_lists_the_supported_versions(stdin: bytes, answered_in: str) -> None:
+    response, parsed = call({"CNI_COMMAND": "VERSION"}, stdin)
+    assert response.exit_code == 0
+    assert parsed == {
+        "cniVersion": answered_in,
+        "supportedVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+    }
+
+
+# -- validation -------------------------------------------------------------
+
+INVALID = [
+    # reason, command, env changes, netconf (or raw stdin), code, message fragment
+    ("no CNI_COMMAND", "ADD", {"CNI_COMMAND": ""}, netconf(), 4, "CNI_COMMAND is not set"),
+    ("an unknown command", "ADD", {"CNI_COMMAND": "ATTACH"}, netconf(), 4, "'ATTACH'"),
+    (
+        "ADD without CNI_CONTAINERID",
+        "ADD",
+        {"CNI_CONTAINERID": ""},
+        netconf(),
+        4,
+        "CNI_CONTAINERID",
+    ),
+    ("ADD without CNI_NETNS", "ADD", {"CNI_NETNS": ""}, netconf(), 4, "CNI_NETNS"),
+    ("ADD without CNI_IFNAME", "ADD", {"CNI_IFNAME": ""}, netconf(), 4, "CNI_IFNAME"),
+    ("CHECK without CNI_NETNS", "CHECK", {"CNI_NETNS": ""}, netconf(), 4, "CNI_NETNS"),
+    (
+        "DEL without CNI_CONTAINERID",
+        "DEL",
+        {"CNI_CONTAINERID": ""},
+        netconf(),
+        4,
+        "CNI_CONTAINERID",
+    ),
+    ("DEL without CNI_IFNAME", "DEL", {"CNI_IFNAME": ""}, netconf(), 4, "CNI_IFNAME"),
+    ("a container ID with a slash", "ADD", {"CNI_CONTAINERID": "../etc"}, netconf(), 4, "invalid"),
+    ("a container ID starting with -", "DEL", {"CNI_CONTAINERID": "-abc"}, netconf(), 4, "letter"),
+    ("a long interface name", "ADD", {"CNI_IFNAME": "a" * 16}, netconf(), 4, "at most 15"),
+    ("an interface name '..'", "ADD", {"CNI_IFNAME": ".."}, netconf(), 4, "'..'"),
+    ("an interface name with /", "DEL", {"CNI_IFNAME": "eth/0"}, netconf(), 4, "'/'"),
+    ("an interface name with :", "ADD", {"CNI_IFNAME": "eth0:1"}, netconf(), 4, "':'"),
+    ("an interface name with a blank", "ADD", {"CNI_IFNAME": "eth 0"}, netconf(), 4, "whitespace"),
+    ("a netns that does not exist", "ADD", {"CNI_NETNS": "/run/netns/nope"}, netconf(), 4, "nope"),
+    ("a netns that is a plain file", "ADD", {"CNI_NETNS": "/etc/hostname"}, netconf(), 4, "not a"),
+    ("a mount namespace", "ADD", {"CNI_NETNS": "/proc/self/ns/mnt"}, netconf(), 4, "not a network"),
+    ("the agent's own netns", "CHECK", {"CNI_NETNS": "/proc/self/ns/net"}, netconf(), 4, "own"),
+    ("CNI_ARGS that do not parse", "ADD", {"CNI_ARGS": "K8S_POD_NAME"}, netconf(), 4, "CNI_ARGS"),
+    (
+        "CNI_ARGS with a namespace only",
+        "ADD",
+        {"CNI_ARGS": "K8S_POD_NAMESPACE=x"},
+        netconf(),
+        4,
+        "both",
+    ),
+    ("stdin that is not JSON", "ADD", {}, b'{"cniVersion": ', 6, "not valid JSON"),
+    ("stdin that is not UTF-8", "ADD", {}, b'{"name": "\xff"}', 6, "not UTF-8"),
+    ("stdin that is a JSON list", "DEL", {}, b"[]", 6, "JSON object"),
+    ("no cniVersion", "ADD", {}, {"name": "n", "type": "ciliate-cni"}, 1, "no cniVersion"),
+    ("cniVersion 0.2.0", "ADD", {}, netconf("0.2.0"), 1, '"0.2.0"'),
+    ("cniVersion 2.0.0", "DEL", {}, netconf("2.0.0"), 1, "incompatible CNI version"),
+    ("a numeric cniVersion", "ADD", {}, {**netconf(), "cniVersion": 1}, 1, "incompatible"),
+    ("CHECK in 0.3.1", "CHECK", {}, netconf("0.3.1"), 1, "does not have CHECK"),
+    ("GC in 1.0.0", "GC", {}, netconf("1.0.0"), 1, "does not have GC"),
+    ("STATUS in 0.4.0", "STATUS", {}, netconf("0.4.0"), 1, "does not have STATUS"),
+    ("no network name", "ADD", {}, netconf(name=None), 7, "'name'"),
+    ("an empty network name", "DEL", {}, netconf(name=""), 7, "'name'"),
+    ("a network name with a blank", "ADD", {}, netconf(name="my net"), 7, '"my net"'),
+    ("no plugin type", "ADD", {}, netconf(type=None), 7, "'type'"),
+    ("an mtu that is a string", "ADD", {}, netconf(mtu="1500"), 7, "mtu"),
+    ("an mtu below 68", "ADD", {}, netconf(mtu=67), 7, "from 68 to 65535"),
+    ("an mtu above 65535", "ADD", {}, netconf(mtu=65536), 7, "from 68 to 65535"),
+    ("an mtu that is a boolean", "ADD", {}, netconf(mtu=True), 7, "mtu"),
+    ("an mtu that is a float", "ADD", {}, netconf(mtu=1500.0), 7, "mtu"),
+    ("args that are a list", "ADD", {}, netconf(args=[]), 7, "args must be"),
+    ("args.cni that is a string", "ADD", {}, netconf(args={"cni": "x"}), 7, "args.cni must"),
+    ("labels that are a list", "ADD", {}, netconf(args={"cni": {"labels": []}}), 7, "labels"),
+    ("a label with a number", "ADD", {}, netconf(args={"cni": {"labels": {"a": 1}}}), 7, "labels"),
+    (
+        "a reserved label",
+        "ADD",
+        {},
+        netconf(args={"cni": {"labels": {"reserved:host": ""}}}),
+        7,
+        "args.cni.labels",
+    ),
+    ("an agentSocket that is a number", "ADD", {}, netconf(agentSocket=5), 7, "agentSocket"),
+    ("CHECK without prevResult", "CHECK", {}, netconf(), 7, "prevResult"),
+    ("CHECK with a list prevResult", "CHECK", {}, netconf(prevResult=[]), 7, "prevResult"),
+    (
+        "CHECK with a bad prevResult address",
+        "CHECK",
+        {},
+        netconf(prevResult={"ips": [{"address": "ten"}]}),
+        7,
+        "prevResult.ips[0].address",
+    ),
+    ("GC without valid attachments", "GC", {}, netconf("1.1.0"), 7, "cni.dev/valid-attachments"),
+    (
+        "GC with an attachment lacking ifname",
+        "GC",
+        {},
+        netconf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "a"}]}),
+        7,
+        "[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "command", "env", "stdin", "code", "fragment"),
+    INVALID,
+    ids=[case[0] for case in INVALID],
+)
+def test_invalid_input_is_refused_with_its_code(
+    reason: str,
+    command: str,
+    env: dict[str, str],
+    stdin: bytes | dict[str, Any],
+    code: int,
+    fragment: str,
+    pod_netns: str,
+) -> None:
+    if isinstance(stdin, dict):
+        stdin = {k: v for k, v in stdin.items() if v is not None}
+    base = (
+        cni_env(command, CNI_NETNS=pod_netns) if command in ("ADD", "CHECK") else cni_env(command)
+    )
+    service = FakeService(result=add_result(netns=pod_netns))
+
+    response, parsed = call({**base, **env}, stdin, service)
+
+    assert_error(response, parsed, code, fragment)
+    assert not [c for c in service.calls if c[0] != "check"], f"{reason}: service was called"
+
+
+def test_errors_carry_the_netconf_version() -> None:
+    _, parsed = call(cni_env("DEL", CNI_IFNAME=""), netconf("0.4.0"))
+    assert parsed["cniVersion"] == "0.4.0"
+
+
+def test_errors_of_an_unknown_version_are_in_the_latest_format() -> None:
+    _, parsed = call(cni_env("DEL"), netconf("9.9.9"))
+    assert parsed["cniVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (TryAgainError("the store is busy"), 11),
+        (PoolExhaustedError("no address left in 10.244.1.0/24"), 11),
+        (NotReadyError("restoring endpoints"), 50),
+        (ServiceError("veth creation failed"), 999),
+    ],
+)
+def test_service_errors_keep_their_code_and_message(
+    error: ServiceError, code: int, pod_netns: str
+) -> None:
+    response, parsed = call(
+        cni_env("ADD", CNI_NETNS=pod_netns), netconf(), FakeService(error=error)
+    )
+    assert_error(response, parsed, code, error.message)
+
+
+def test_an_unexpected_exception_is_code_999_with_its_text_and_no_traceback(
+    pod_netns: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = FakeService(error=KeyError("ifindex"))
+    response, parsed = call(cni_env("ADD", CNI_NETNS=pod_netns), netconf(), service)
+    assert_error(response, parsed, 999, "KeyError: 'ifindex'")
+    assert "Traceback" not in response.stdout
+    assert "Traceback" in caplog.text  # the agent's log has it
+
+
+# -- the HTTP contract ------------------------------------------------------
+
+
+def test_handle_request_answers_200_with_exit_code_and_stdout(pod_netns: str) -> None:
+    body = json.dumps(
+        {"env": cni_env("ADD", CNI_NETNS=pod_netns), "stdin": json.dumps(netconf())}
+    ).encode()
+    status, answer = handler.handle_request(body, FakeService())
+    assert status == 200
+    document = json.loads(answer)
+    assert document["exit_code"] == 0
+    assert json.loads(document["stdout"])["ips"][0]["address"] == "10.244.1.5/32"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"nope", b"[]", b'{"env": {"CNI_COMMAND": 1}, "stdin": ""}', b'{"env": {}}'],
+    ids=["not JSON", "a list", "a number in env", "no stdin"],
+)
+def test_handle_request_answers_400_to_a_malformed_body(body: bytes) -> None:
+    status, answer = handler.handle_request(body, FakeService())
+    assert status == 400
+    assert "error" in json.loads(answer)
+
+
+# -- the DEL queue ----------------------------------------------------------
+
+
+def queue_file(directory: Path, name: str, body: Any, mtime: float) -> Path:
+    path = directory / name
+    path.write_text(json.dumps(body) if not isinstance(body, str) else body)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_del_queue_is_read_oldest_first(tmp_path: Path) -> None:
+    now = time.time()
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "b", "CNI_IFNAME": "eth0"}
+    newer = queue_file(tmp_path, "b-eth0.json", {"env": env, "stdin": "{}"}, now)
+    older = queue_file(
+        tmp_path, "a-eth0.json", {"env": {**env, "CNI_CONTAINERID": "a"}, "stdin": "{}"}, now - 60
+    )
+
+    queued = handler.read_del_queue(tmp_path)
+
+    assert [q["path"] for q in queued] == [str(older), str(newer)]
+    assert queued[1] == {"path": str(newer), "env": env, "stdin": "{}"}
+
+
+def test_del_queue_skips_temporary_and_broken_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = time.time()
+    queue_file(tmp_path, ".a-eth0.json.123.tmp", "{half", now)
+    broken = queue_file(tmp_path, "b-eth0.json", "{half", now)
+    queue_file(tmp_path, "c-eth0.json", {"env": {}, "stdin": ""}, now)
+
+    queued = handler.read_del_queue(tmp_path)
+
+    assert [Path(q["path"]).name for q in queued] == ["c-eth0.json"]
+    assert broken.exists()
+    assert "b-eth0.json" in caplog.text
+
+
+def test_a_missing_del_queue_is_empty(tmp_path: Path) -> None:
+    assert handler.read_del_queue(tmp_path / "cni-del-queue") == []
+
+
+def test_removing_from_the_queue_twice_is_fine(tmp_path: Path) -> None:
+    path = queue_file(tmp_path, "a-eth0.json", {"env": {}, "stdin": ""}, time.time())
+    handler.remove_from_queue(path)
+    handler.remove_from_queue(path)
+    assert not path.exists()
