@@ -46,7 +46,11 @@ def _bpf_check(args: argparse.Namespace) -> int:
         with Datapath.load(config) as dp:
             print("verifier accepted: " + ", ".join(sorted(dp.programs)))
     except VerifierError as exc:
-        print(f"verifier rejected {exc}", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        if args.verbose:
+            print(exc.log, file=sys.stderr)
+        else:
+            print("(the whole verifier log: ciliate -v bpf check)", file=sys.stderr)
         return 1
     return 0
 
@@ -168,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # libbpf prints a rejected program's whole log; VerifierError carries it.
+        logging.getLogger("ciliate.loader.libbpf").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -29,12 +29,12 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from ciliate.control.cni import service as svc
-from ciliate.control.identity import IdentityAllocator, IdentityError
+from ciliate.control.identity import Identity, IdentityAllocator, IdentityError
 from ciliate.control.ipam.host import HostIpam, IpamExhaustedError
 from ciliate.control.store import Store, Txn
 from ciliate.datapath import devices
@@ -104,6 +104,23 @@ class EndpointRecord:
         return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
+class Identities(Protocol):
+    """Where identities come from: the node's own store (``transactional``:
+    acquire and release take part in the endpoint's transaction) or the
+    cluster's (its own transactions; undone explicitly on failure)."""
+
+    def acquire(self, txn: Txn, labels: Mapping[str, str]) -> Identity: ...
+    def release(self, txn: Txn, identity_id: int) -> bool: ...
+
+
+class EndpointListener(Protocol):
+    """Told about endpoints after they commit (cluster mode publishes them)."""
+
+    def endpoint_added(self, ip: str, identity: int) -> None: ...
+    def endpoint_removed(self, ip: str) -> None: ...
+    def endpoints_synced(self, live: Mapping[str, int]) -> None: ...
+
+
 class EndpointManager:
     """Implements ``ciliate.control.cni.service.EndpointService``."""
 
@@ -112,13 +129,16 @@ class EndpointManager:
         *,
         store: Store,
         ipam: HostIpam,
-        identities: IdentityAllocator,
+        identities: Identities | IdentityAllocator,
         datapath: Datapath,
         mtu: int,
+        listener: EndpointListener | None = None,
     ) -> None:
         self._store = store
         self._ipam = ipam
         self._identities = identities
+        self._identities_local = getattr(identities, "transactional", True)
+        self._listener = listener
         self._dp = datapath
         self._mtu = mtu
         self._lock = threading.RLock()
@@ -205,6 +225,8 @@ class EndpointManager:
                 identity = self._identities.acquire(txn, request.labels)
             except IdentityError as exc:
                 raise svc.ServiceError(f"identity: {exc}") from exc
+            if not self._identities_local:
+                undo.callback(self._identities.release, txn, identity.id)
             _crash_point("identity")
             slot = self._dp.node.endpoint_slot(ip)
             assert slot is not None, f"{ip} outside the pod CIDRs"
@@ -246,6 +268,7 @@ class EndpointManager:
         log.info(
             "endpoint %s: %s on %s (ifindex %d)", owner, ip, link.host_ifname, link.host_ifindex
         )
+        self._notify(lambda listener: listener.endpoint_added(record.ip, record.identity))
         return record
 
     def _ifindex_candidates(self) -> Iterator[int]:
@@ -324,12 +347,25 @@ class EndpointManager:
     def _remove(self, record: EndpointRecord) -> None:
         with self._store.transaction() as txn:
             self._ipam.release(txn, owner=record.owner)
-            with contextlib.suppress(IdentityError):
-                self._identities.release(txn, record.identity)
+            if self._identities_local:
+                with contextlib.suppress(IdentityError):
+                    self._identities.release(txn, record.identity)
             txn.delete(record.key)
             self._clear_maps(record)
+        if not self._identities_local:
+            with contextlib.suppress(IdentityError):
+                self._identities.release(None, record.identity)  # type: ignore[arg-type]
+        self._notify(lambda listener: listener.endpoint_removed(record.ip))
         self._reaper.put(record.host_ifindex)
         log.info("endpoint %s removed (%s)", record.owner, record.ip)
+
+    def _notify(self, call: Callable[[EndpointListener], None]) -> None:
+        if self._listener is None:
+            return
+        try:
+            call(self._listener)
+        except Exception:  # the cluster store may be down; reconcile republishes
+            log.warning("could not publish an endpoint change", exc_info=True)
 
     def _reap(self) -> None:
         while (ifindex := self._reaper.get()) is not None:
@@ -396,6 +432,8 @@ class EndpointManager:
                     devices.delete_link(ifindex)
                     counts["stale_veths"] += 1
             counts["stale_map_entries"] = self._prune_maps()
+            live = {r.ip: r.identity for r in self.list()}
+            self._notify(lambda listener: listener.endpoints_synced(live))
             self._next_ifindex = max(live_ifindexes, default=devices.FIRST_POD_IFINDEX - 1) + 1
             self._ready = True
         return counts

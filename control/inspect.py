@@ -189,6 +189,34 @@ def monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        nodes = c.get("/v1/cluster/nodes")
+    rows = [
+        {
+            **n,
+            "podCIDRs": ", ".join(n["podCIDRs"]) or (n["ipamError"] or "(waiting)"),
+            "bgp": ", ".join(f"{peer} {state}" for peer, state in n["bgp"].items()),
+            "alive": "yes" if n["alive"] else "no",
+        }
+        for n in nodes
+    ]
+    _print(
+        nodes if args.output == "json" else rows,
+        args.output,
+        title="nodes",
+        columns=("name", "nodeIP", "podCIDRs", "alive", "bgp"),
+    )
+    return 0
+
+
+def node_delete(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c._call("DELETE", f"/v1/cluster/nodes/{args.name}")
+    print(f"node {args.name} deleted: the operator frees its pod CIDRs")
+    return 0
+
+
 def _decode_packet(data: bytes) -> str:
     from scapy.layers.l2 import Ether
 
@@ -217,6 +245,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     common(identity.add_parser("list")).set_defaults(func=identity_list)
     common(sub.add_parser("ipam", help="pod IP pools and allocations")).set_defaults(func=ipam)
+    node = sub.add_parser("node", help="cluster nodes").add_subparsers(
+        dest="node_command", required=True
+    )
+    common(node.add_parser("list")).set_defaults(func=node_list)
+    delete = common(node.add_parser("delete", help="remove a node from the cluster"))
+    delete.add_argument("name")
+    delete.set_defaults(func=node_delete)
     mon = common(sub.add_parser("monitor", help="live drop and trace events"))
     mon.add_argument("--bpffs-root", default="/sys/fs/bpf/ciliate")
     mon.add_argument("--count", type=int, help="stop after this many events")

@@ -52,6 +52,8 @@ class NodeState:
     conf_dir: str
     log: str
     agent_pid: int | None = None
+    node_ip: str | None = None
+    agent_args: list[str] = field(default_factory=list)  # cluster mode: instead of --pod-cidr
 
 
 @dataclass
@@ -71,6 +73,8 @@ class LabState:
     bin_dir: str
     nodes: list[NodeState] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
+    tor_netns: str | None = None
+    fabric_pid: int | None = None
 
     def save(self) -> None:
         path = Path(self.directory) / "lab.json"
@@ -91,6 +95,8 @@ class LabState:
             bin_dir=doc["bin_dir"],
             nodes=[NodeState(**n) for n in doc["nodes"]],
             pods=[PodState(**p) for p in doc["pods"]],
+            tor_netns=doc.get("tor_netns"),
+            fabric_pid=doc.get("fabric_pid"),
         )
 
 
@@ -189,12 +195,21 @@ def add_pod_netns(state: LabState, node: NodeState, name: str) -> PodState:
     return pod
 
 
-def up(*, name: str, pods: int, console: Console) -> LabState:
+def up(*, name: str, pods: int, console: Console, nodes: int = 1) -> LabState:
+    """One node (``nodes=1``) or a cluster; ``pods`` pods on every node."""
     if pods < 1:
         raise LabError("--pods must be at least 1")
-    state, node = create(name=name, console=console)
+    if nodes < 1:
+        raise LabError("--nodes must be at least 1")
+    if nodes == 1:
+        state, first = create(name=name, console=console)
+        node_list = [first]
+    else:
+        state = create_cluster(name=name, nodes=nodes, console=console)
+        node_list = list(state.nodes)
+    placement = [node for _ in range(pods) for node in node_list]
     with console.status("creating pods through ciliate-cni ..."):
-        for i in range(1, pods + 1):
+        for i, node in enumerate(placement, start=1):
             pod = add_pod_netns(state, node, f"pod{i}")
             started = time.perf_counter()
             result = cni_call(state, node, pod, "ADD")
@@ -221,8 +236,7 @@ def start_agent(
             "ciliate.control.agent.main",
             "--node-name",
             node.name,
-            "--pod-cidr",
-            node.pod_cidr,
+            *(node.agent_args or ["--pod-cidr", node.pod_cidr]),
             "--state-dir",
             node.state_dir,
             "--socket",
@@ -257,13 +271,167 @@ def stop_agent(node: NodeState, *, kill: bool = False) -> None:
     node.agent_pid = None
 
 
+# -- a cluster: a top-of-rack namespace (bridge, etcd, operator, bird), nodes on it ---------
+
+FABRIC = ipaddress.IPv4Network("192.168.100.0/24")
+TOR_IP = FABRIC[1]
+CLUSTER_CIDR = "10.244.0.0/16"
+
+
+def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
+    """A ToR namespace (a bridge for the fabric, etcd, the operator, bird)
+    and ``nodes`` node namespaces cabled to it, each running its agent in
+    cluster mode: pod CIDRs from the operator, announced over BGP."""
+    from ciliate.control.fabric import ETCD_PORT, TOR_AS
+
+    if LabState.load(name) is not None:
+        raise LabError(f"lab {name!r} is up: run `ciliate lab down --name {name}` first")
+    directory = LAB_ROOT / name
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prefix = f"cl{secrets.token_hex(2)}"
+    tor = f"{prefix}-tor"
+    state = LabState(
+        name=name,
+        prefix=prefix,
+        directory=str(directory),
+        bin_dir=str(directory / "cni" / "bin"),
+        tor_netns=tor,
+    )
+    state.save()
+    _netns_add(tor)
+    _run("ip", "-n", tor, "link", "add", "fabric", "type", "bridge")
+    _run("ip", "-n", tor, "addr", "add", f"{TOR_IP}/{FABRIC.prefixlen}", "dev", "fabric")
+    _run("ip", "-n", tor, "link", "set", "fabric", "up")
+    specs = []
+    for i in range(1, nodes + 1):
+        node_ip, asn, netns = FABRIC[10 + i], TOR_AS + i, f"{prefix}-node{i}"
+        _netns_add(netns)
+        _run(
+            "ip",
+            "-n",
+            netns,
+            "link",
+            "add",
+            "uplink",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"tor-n{i}",
+            "netns",
+            tor,
+        )
+        _run("ip", "-n", netns, "addr", "add", f"{node_ip}/{FABRIC.prefixlen}", "dev", "uplink")
+        _run("ip", "-n", netns, "link", "set", "uplink", "up")
+        _run("ip", "-n", netns, "route", "add", "default", "via", str(TOR_IP))
+        _run("ip", "-n", tor, "link", "set", f"tor-n{i}", "master", "fabric", "up")
+        specs.append((f"node{i}", netns, node_ip, asn))
+    fabric_dir = directory / "fabric"
+    with console.status("starting etcd, the operator and bird in the ToR namespace ..."):
+        log = open(directory / "fabric.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ciliate.control.fabric",
+                "--netns",
+                tor,
+                "--workdir",
+                str(fabric_dir),
+                "--tor-ip",
+                str(TOR_IP),
+                "--cluster-cidr",
+                CLUSTER_CIDR,
+                "--mask-size",
+                "24",
+                *[a for n, _, ip, asn in specs for a in ("--node", f"{n}={ip}:{asn}")],
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        state.fabric_pid = proc.pid
+        state.save()
+        deadline = time.monotonic() + 60
+        while not (fabric_dir / "ready").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (directory / "fabric.log").read_text()[-2000:]
+                raise LabError(f"the fabric did not come up:\n{tail}")
+            time.sleep(0.1)
+    console.print(
+        f"ToR {tor}: bridge {TOR_IP}/{FABRIC.prefixlen}, etcd "
+        f"http://{TOR_IP}:{ETCD_PORT}, operator, bird AS {TOR_AS}"
+    )
+    for index, (node_name, netns, node_ip, asn) in enumerate(specs, start=1):
+        agent_args = [
+            "--etcd-endpoint",
+            f"http://{TOR_IP}:{ETCD_PORT}",
+            "--node-ip",
+            str(node_ip),
+            "--uplink",
+            "uplink",
+            "--bgp-local-as",
+            str(asn),
+            "--bgp-peer",
+            f"{TOR_IP}:{TOR_AS}",
+        ]
+        node = _start_node(
+            state,
+            index=index,
+            console=console,
+            agent_args=agent_args,
+            netns=netns,
+            node_ip=str(node_ip),
+        )
+        with AgentClient(node.socket) as client:
+            node.pod_cidr = client.get("/v1/status")["pod_cidrs"][0]
+        state.save()
+        console.print(
+            f"{node_name}: netns {netns}, {node_ip} AS {asn}, pod CIDR "
+            f"{node.pod_cidr} (from the operator), agent pid {node.agent_pid}"
+        )
+    return state
+
+
+def tor_routes(state: LabState) -> list[str]:
+    """The ToR's routes learned over BGP (``ip route ... proto bird``)."""
+    if state.tor_netns is None:
+        return []
+    out = _run("ip", "-n", state.tor_netns, "route", "show", "proto", "bird").stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def stop_node(state: LabState, name: str) -> None:
+    """A node leaves: its agent stops (its BGP session closes, so the ToR
+    withdraws its route) and it is deleted from the cluster (the operator
+    frees its pod CIDRs)."""
+    node = next((n for n in state.nodes if n.name == name), None)
+    if node is None:
+        raise LabError(f"no node {name!r} in lab {state.name!r}")
+    stop_agent(node)
+    state.save()
+    other = next((n for n in state.nodes if n.agent_pid and n.name != name), None)
+    if other is not None:
+        with AgentClient(other.socket) as client:
+            client._call("DELETE", f"/v1/cluster/nodes/{name}")
+
+
 def _start_node(
-    state: LabState, *, index: int, console: Console, pod_cidr: str | None = None
+    state: LabState,
+    *,
+    index: int,
+    console: Console,
+    pod_cidr: str | None = None,
+    agent_args: list[str] | None = None,
+    netns: str | None = None,
+    node_ip: str | None = None,
 ) -> NodeState:
     from ciliate.control.cni import install
 
     name = f"node{index}"
-    netns = f"{state.prefix}-{name}"
+    netns = netns or f"{state.prefix}-{name}"
     ndir = Path(state.directory) / name
     ndir.mkdir(parents=True, exist_ok=True)
     node = NodeState(
@@ -275,10 +443,13 @@ def _start_node(
         bpffs_root=f"/sys/fs/bpf/{netns}",
         conf_dir=str(ndir / "net.d"),
         log=str(ndir / "agent.log"),
+        node_ip=node_ip,
+        agent_args=agent_args or [],
     )
     state.nodes.append(node)
     state.save()
-    _netns_add(netns)
+    if not agent_args:
+        _netns_add(netns)
     install.install(
         bin_dir=Path(state.bin_dir),
         conf_dir=Path(node.conf_dir),
@@ -289,10 +460,11 @@ def _start_node(
         proc = start_agent(node, wait=False)
         state.save()
         _wait_healthy(node, proc)
-    console.print(
-        f"{name}: netns {netns}, pod CIDR {node.pod_cidr}, agent pid {proc.pid}, "
-        f"socket {node.socket}"
-    )
+    if not agent_args:
+        console.print(
+            f"{name}: netns {netns}, pod CIDR {node.pod_cidr}, agent pid {proc.pid}, "
+            f"socket {node.socket}"
+        )
     return node
 
 
@@ -436,6 +608,11 @@ def down(*, name: str, console: Console) -> list[str]:
     for node in state.nodes:
         if node.agent_pid and _stop(node.agent_pid, node.socket):
             removed.append(f"agent pid {node.agent_pid}")
+    if state.fabric_pid and _stop(state.fabric_pid, "ciliate.control.fabric"):
+        removed.append(f"fabric pid {state.fabric_pid} (etcd, operator, bird)")
+    if state.tor_netns and _run("ip", "netns", "del", state.tor_netns, check=False).returncode == 0:
+        removed.append(f"netns {state.tor_netns} (bridge, etcd, operator, bird)")
+    for node in state.nodes:
         if _run("ip", "netns", "del", node.netns, check=False).returncode == 0:
             removed.append(f"netns {node.netns} (and its cilium_host, veths)")
         if os.path.isdir(node.bpffs_root):
@@ -488,16 +665,63 @@ def _stop(pid: int, socket: str) -> bool:
 def _cmd_up(args: argparse.Namespace) -> int:
     console = Console()
     try:
-        state = up(name=args.name, pods=args.pods, console=console)
+        state = up(name=args.name, pods=args.pods, console=console, nodes=args.nodes)
     except LabError as exc:
         console.print(f"[red]lab up failed:[/] {exc}")
         console.print("cleaning up ...")
         down(name=args.name, console=console)
         return 1
     show_maps(state, console)
+    if state.tor_netns:
+        show_cluster(state, console)
     ok = print_connectivity(state, connectivity(state), console)
     console.print(f"lab {args.name!r} is up (prefix {state.prefix}); `ciliate lab down` removes it")
     return 0 if ok else 1
+
+
+def show_cluster(state: LabState, console: Console) -> None:
+    with AgentClient(state.nodes[0].socket) as client:
+        nodes = client.get("/v1/cluster/nodes")
+    table = Table(title="nodes (ciliate node list)")
+    for column in ("name", "node IP", "pod CIDRs", "alive", "BGP"):
+        table.add_column(column)
+    for n in nodes:
+        table.add_row(
+            n["name"],
+            n["nodeIP"],
+            ", ".join(n["podCIDRs"]) or str(n["ipamError"]),
+            "yes" if n["alive"] else "no",
+            ", ".join(f"{k} {v}" for k, v in n["bgp"].items()),
+        )
+    console.print(table)
+    console.print(f"ToR ({state.tor_netns}) routes learned over BGP:")
+    for line in tor_routes(state):
+        console.print(f"  {line}")
+
+
+def _cmd_stop_node(args: argparse.Namespace) -> int:
+    console = Console()
+    state = LabState.load(args.name)
+    if state is None:
+        console.print(f"no lab {args.name!r} is up")
+        return 1
+    started = time.monotonic()
+    stop_node(state, args.node)
+    console.print(f"{args.node} stopped and deleted from the cluster")
+    while (
+        any(
+            f"via {n.node_ip} " in r
+            for r in tor_routes(state)
+            for n in state.nodes
+            if n.name == args.node
+        )
+        and time.monotonic() - started < 10
+    ):
+        time.sleep(0.1)
+    console.print(f"ToR routes {time.monotonic() - started:.1f} s later:")
+    for line in tor_routes(state):
+        console.print(f"  {line}")
+    return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -512,10 +736,20 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def register(lab: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = lab.add_parser("up", help="bring up a node with pods")
-    p.add_argument("--pods", type=int, default=3)
+    p = lab.add_parser("up", help="bring up a node (or a cluster) with pods")
+    p.add_argument("--pods", type=int, default=3, help="pods per node")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="more than one: a cluster (a ToR with bird, etcd and the operator)",
+    )
     p.add_argument("--name", default="lab")
     p.set_defaults(func=_cmd_up)
+    s = lab.add_parser("stop-node", help="stop a node's agent and delete it from the cluster")
+    s.add_argument("node")
+    s.add_argument("--name", default="lab")
+    s.set_defaults(func=_cmd_stop_node)
     d = lab.add_parser("down", help="remove everything the lab made")
     d.add_argument("--name", default="lab")
     d.set_defaults(func=_cmd_down)

@@ -56,7 +56,8 @@ def create_app(agent: NodeAgent) -> FastAPI:
     def status() -> dict[str, Any]:
         return {
             "node": agent.config.node_name,
-            "pod_cidrs": [str(c) for c in agent.config.pod_cidrs],
+            "pod_cidrs": [str(c) for c in agent.pod_cidrs],
+            "cluster": agent.cluster is not None,
             "router_ip": str(agent.router_ip),
             "node_ip": str(agent.node_ip),
             "endpoints": len(agent.endpoints.list()),
@@ -134,6 +135,23 @@ def create_app(agent: NodeAgent) -> FastAPI:
             }
             for r in agent.datapath.metrics.rows()
         ]
+
+    @app.get("/v1/cluster/nodes", tags=["cluster"])
+    def cluster_nodes() -> list[dict[str, Any]]:
+        if agent.cluster is None:
+            raise HTTPException(status_code=404, detail="this agent is not in a cluster")
+        from ciliate.control.cluster import list_nodes
+
+        return list_nodes(agent.cluster.store)
+
+    @app.delete("/v1/cluster/nodes/{name}", tags=["cluster"])
+    def cluster_node_delete(name: str) -> dict[str, str]:
+        if agent.cluster is None:
+            raise HTTPException(status_code=404, detail="this agent is not in a cluster")
+        from ciliate.control.cluster import delete_node
+
+        delete_node(agent.cluster.store, name)
+        return {"deleted": name}
 
     @app.put("/v1/datapath/config", tags=["bpf"])
     def datapath_config(body: DatapathConfig) -> DatapathConfig:

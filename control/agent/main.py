@@ -31,10 +31,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pod-cidr",
         action="append",
-        required=True,
+        default=[],
         type=ipaddress.IPv4Network,
         help="a pod CIDR of this node (repeatable); the router IP is the first "
-        "usable address of the first",
+        "usable address of the first. In cluster mode the operator gives them",
+    )
+    p.add_argument(
+        "--etcd-endpoint",
+        action="append",
+        default=[],
+        help="cluster mode: the etcd holding the cluster (repeatable)",
+    )
+    p.add_argument("--bgp-local-as", type=int, help="this node's AS number")
+    p.add_argument(
+        "--bgp-peer",
+        action="append",
+        default=[],
+        type=_peer,
+        help="IP:ASN of a BGP peer (the top-of-rack) to announce pod CIDRs to",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/ciliate"))
     p.add_argument("--socket", type=Path, default=Path("/run/ciliate/agent.sock"))
@@ -55,7 +69,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 68 <= args.mtu <= 65535:
         p.error(f"--mtu {args.mtu}: must be between 68 and 65535")
+    if not args.pod_cidr and not args.etcd_endpoint:
+        p.error("give --pod-cidr (one node) or --etcd-endpoint (cluster mode)")
+    if args.etcd_endpoint and args.pod_cidr:
+        p.error(
+            "--pod-cidr and --etcd-endpoint exclude each other: the operator gives "
+            "pod CIDRs in cluster mode"
+        )
+    if args.etcd_endpoint and args.node_ip is None:
+        p.error("cluster mode needs --node-ip")
     return args
+
+
+def _peer(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    address, _, asn = text.rpartition(":")
+    try:
+        return ipaddress.IPv4Address(address), int(asn)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not IP:ASN (e.g. 192.168.100.1:65000)"
+        ) from None
 
 
 def _listen(path: Path) -> socket.socket:
@@ -103,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mtu=args.mtu,
         node_ip=args.node_ip,
         uplink=args.uplink,
+        etcd_endpoints=list(args.etcd_endpoint),
+        bgp_local_as=args.bgp_local_as,
+        bgp_peers=list(args.bgp_peer),
     )
     agent = NodeAgent(config)
     try:
@@ -114,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serving on %s (node %s, pod CIDRs %s)",
             config.socket,
             config.node_name,
-            ", ".join(map(str, config.pod_cidrs)),
+            ", ".join(map(str, agent.pod_cidrs)),
         )
         server = uvicorn.Server(
             uvicorn.Config(

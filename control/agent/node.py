@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ciliate.control.cluster import BgpConfig, ClusterError, ClusterIdentities, ClusterMember
 from ciliate.control.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.identity import IdentityAllocator
 from ciliate.control.ipam.host import HostIpam
@@ -42,7 +43,9 @@ class AgentConfig:
     mtu: int = 1500
     node_ip: ipaddress.IPv4Address | None = None
     uplink: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    etcd_endpoints: list[str] = field(default_factory=list)  # cluster mode when given
+    bgp_local_as: int | None = None
+    bgp_peers: list[tuple[ipaddress.IPv4Address, int]] = field(default_factory=list)
 
     @property
     def maps_dir(self) -> Path:
@@ -59,19 +62,27 @@ class NodeAgent:
         self.started = time.time()
         self._stack = contextlib.ExitStack()
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cluster: ClusterMember | None = None
+        self.pod_cidrs = list(config.pod_cidrs)
+        if config.etcd_endpoints:
+            self.cluster = self._join_cluster()
+            self.pod_cidrs = self.cluster.wait_for_pod_cidrs()
+            log.info("pod CIDRs from the operator: %s", ", ".join(map(str, self.pod_cidrs)))
         self.store = self._stack.enter_context(
             # Not fsynced per commit: a killed agent loses nothing (see SqliteStore),
             # and a power cut also ends every pod the last commits described.
             contextlib.closing(SqliteStore(config.state_dir / "state.db", synchronous="normal"))
         )
-        self.ipam = HostIpam(self.store, config.pod_cidrs)
-        self.identities = IdentityAllocator(self.store)
+        self.ipam = HostIpam(self.store, self.pod_cidrs)
+        self.identities: IdentityAllocator | ClusterIdentities = (
+            self.cluster.identities if self.cluster else IdentityAllocator(self.store)
+        )
         self.router_ip = self.ipam.router_ip
         self.node_ip = config.node_ip or self.router_ip
         self.datapath, self.fresh_maps = self._load_datapath()
         self._stack.callback(self.datapath.close)
         self.host = devices.ensure_host_devices(
-            router_ip=self.router_ip, pod_cidrs=config.pod_cidrs, mtu=config.mtu
+            router_ip=self.router_ip, pod_cidrs=self.pod_cidrs, mtu=config.mtu
         )
         self._attach_node_programs()
         self._write_node_ipcache()
@@ -81,17 +92,37 @@ class NodeAgent:
             identities=self.identities,
             datapath=self.datapath,
             mtu=config.mtu,
+            listener=self.cluster,
         )
         self._stack.callback(self.endpoints.close)
         counts = self.endpoints.reconcile(new_programs=True)
         log.info("endpoints reconciled: %s", counts)
         self.restore_counts = counts
+        if self.cluster is not None:
+            self.cluster.start_mirroring(self.datapath.ipcache)
+            self.cluster.start_bgp(self.pod_cidrs)
+
+    def _join_cluster(self) -> ClusterMember:
+        from ciliate.control.store.etcd import EtcdStore
+
+        if self.config.node_ip is None:
+            raise ClusterError("cluster mode needs --node-ip (the address peers reach)")
+        member = ClusterMember(
+            store=EtcdStore(self.config.etcd_endpoints),
+            node_name=self.config.node_name,
+            node_ip=self.config.node_ip,
+            workdir=self.config.state_dir,
+            bgp=BgpConfig(self.config.bgp_local_as or 65000, self.config.bgp_peers)
+            if self.config.bgp_peers
+            else None,
+        )
+        self._stack.callback(member.close)
+        member.register()
+        return member
 
     # -- datapath ------------------------------------------------------------------
     def _load_datapath(self) -> tuple[Datapath, bool]:
-        node = NodeConfig(
-            router_ip=self.router_ip, node_ip=self.node_ip, pod_cidrs=self.config.pod_cidrs
-        )
+        node = NodeConfig(router_ip=self.router_ip, node_ip=self.node_ip, pod_cidrs=self.pod_cidrs)
         maps_dir = self.config.maps_dir
         pins = {name: maps_dir / name for name in dpmaps.ALL}
         existing: dict[str, Map] = {}
@@ -137,7 +168,7 @@ class NodeAgent:
             ).close()
 
     def _write_node_ipcache(self) -> None:
-        for cidr in self.config.pod_cidrs:
+        for cidr in self.pod_cidrs:
             self.datapath.ipcache.upsert(IpcacheEntry(cidr, identity=0, node_ip=None, flags=1))
         for address in {self.router_ip, self.node_ip}:
             self.datapath.ipcache.upsert(

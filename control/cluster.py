@@ -1,0 +1,320 @@
+"""The agent's membership in a cluster: the shared store (etcd), the node
+object, pod CIDRs from the operator, cluster-wide identities, the other
+nodes and their endpoints mirrored into this node's ipcache, and the BGP
+announcement of this node's pod CIDRs.
+
+Cluster keys (JSON values), shared with the operator (control/operator.py):
+
+* ``cluster/nodes/<name>``     this agent: ``{"name", "nodeIP"}`` (deleted = node gone)
+* ``cluster/alive/<name>``     this agent, bound to a lease: the node is up
+* ``cluster/ipam/<name>``      the operator: ``{"podCIDRs": [...], "status": {"error"}}``
+* ``cluster/endpoints/<ip>``   the owning agent: ``{"identity", "nodeIP", "node"}``
+* ``cluster/bgp/<name>``       this agent: its BGP sessions, for ``ciliate node list``
+* ``identities/...``           IdentityAllocator, run in etcd transactions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ciliate.control.identity import Identity, IdentityAllocator, Labels
+from ciliate.control.store import Txn
+from ciliate.datapath.maps import Ipcache, IpcacheEntry
+
+log = logging.getLogger(__name__)
+
+NODES = "cluster/nodes/"
+ALIVE = "cluster/alive/"
+IPAM = "cluster/ipam/"
+ENDPOINTS = "cluster/endpoints/"
+BGP = "cluster/bgp/"
+REMOTE_NODE_IDENTITY = 6  # reserved:remote-node
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class ClusterStore(Protocol):
+    """What cluster mode needs of the shared store (EtcdStore provides it)."""
+
+    def get(self, key: str) -> bytes | None: ...
+    def list(self, prefix: str) -> Sequence[tuple[str, bytes]]: ...
+    def run_transaction(self, fn: Callable[[Txn], Any], *, retries: int = ...) -> Any: ...
+    def watch_prefix(self, prefix: str, *, start_revision: int | None = None) -> Any: ...
+    def lease(self, ttl: int) -> Any: ...
+    def put_with_lease(self, key: str, value: bytes, lease: Any) -> None: ...
+    def revision(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _dumps(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ClusterIdentities:
+    """Identities allocated cluster-wide: each acquire/release is its own
+    etcd transaction (retried on conflict), outside the node's local one."""
+
+    transactional = False
+
+    def __init__(self, store: ClusterStore) -> None:
+        self._store = store
+        self._alloc = IdentityAllocator(store)  # type: ignore[arg-type]
+
+    def acquire(self, txn: Txn | None, labels: Labels) -> Identity:
+        result: Identity = self._store.run_transaction(lambda t: self._alloc.acquire(t, labels))
+        return result
+
+    def release(self, txn: Txn | None, identity_id: int) -> bool:
+        released: bool = self._store.run_transaction(lambda t: self._alloc.release(t, identity_id))
+        return released
+
+    def get(self, identity_id: int) -> Identity | None:
+        return self._alloc.get(identity_id)
+
+    def list(self) -> list[Identity]:
+        return self._alloc.list()
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    local_as: int
+    peers: Sequence[tuple[ipaddress.IPv4Address, int]]
+
+
+class ClusterMember:
+    """Registers the node, waits for its pod CIDRs, keeps it alive, mirrors
+    the rest of the cluster into the ipcache and announces over BGP."""
+
+    def __init__(
+        self,
+        *,
+        store: ClusterStore,
+        node_name: str,
+        node_ip: ipaddress.IPv4Address,
+        workdir: Path,
+        bgp: BgpConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.node_ip = node_ip
+        self._workdir = workdir
+        self._bgp_config = bgp
+        self._speaker: Any = None
+        self._ipcache: Ipcache | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._remote_cidrs: dict[str, list[ipaddress.IPv4Network]] = {}
+        self._lease: Any = None
+        self.identities = ClusterIdentities(store)
+
+    # -- registration -------------------------------------------------------------
+    def register(self) -> None:
+        doc = {"name": self.node_name, "nodeIP": str(self.node_ip)}
+        self.store.run_transaction(lambda t: t.put(f"{NODES}{self.node_name}", _dumps(doc)))
+        self._lease = self.store.lease(10)
+        self.store.put_with_lease(
+            f"{ALIVE}{self.node_name}", _dumps({"since": time.time()}), self._lease
+        )
+        log.info("registered node %s (%s)", self.node_name, self.node_ip)
+
+    def wait_for_pod_cidrs(self, timeout: float = 60) -> list[ipaddress.IPv4Network]:
+        """The pod CIDRs the operator gave this node (IPv4 ones)."""
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            raw = self.store.get(f"{IPAM}{self.node_name}")
+            if raw is not None:
+                doc = json.loads(raw)
+                cidrs = [ipaddress.ip_network(c) for c in doc.get("podCIDRs", [])]
+                v4 = [c for c in cidrs if isinstance(c, ipaddress.IPv4Network)]
+                if v4:
+                    return v4
+                last_error = (doc.get("status") or {}).get("error")
+            time.sleep(0.1)
+        raise ClusterError(
+            f"the operator gave node {self.node_name} no pod CIDR within {timeout:.0f} s"
+            + (f": {last_error}" if last_error else ": is ciliate-operator running?")
+        )
+
+    # -- endpoints: published for the other nodes ------------------------------------
+    def endpoint_added(self, ip: str, identity: int) -> None:
+        doc = {"identity": identity, "nodeIP": str(self.node_ip), "node": self.node_name}
+        self.store.run_transaction(lambda t: t.put(f"{ENDPOINTS}{ip}", _dumps(doc)))
+
+    def endpoint_removed(self, ip: str) -> None:
+        self.store.run_transaction(lambda t: t.delete(f"{ENDPOINTS}{ip}"))
+
+    def endpoints_synced(self, live: Mapping[str, int]) -> None:
+        """After a restart: publish what lives here, unpublish what does not."""
+
+        def sync(t: Txn) -> None:
+            for key, raw in t.list(ENDPOINTS):
+                ip = key.removeprefix(ENDPOINTS)
+                if json.loads(raw).get("node") == self.node_name and ip not in live:
+                    t.delete(key)
+            for ip, identity in live.items():
+                t.put(
+                    f"{ENDPOINTS}{ip}",
+                    _dumps(
+                        {"identity": identity, "nodeIP": str(self.node_ip), "node": self.node_name}
+                    ),
+                )
+
+        self.store.run_transaction(sync)
+
+    # -- the rest of the cluster, into the ipcache -----------------------------------
+    def start_mirroring(self, ipcache: Ipcache) -> None:
+        self._ipcache = ipcache
+        self._resync()
+        for prefix in (IPAM, NODES, ENDPOINTS):
+            thread = threading.Thread(
+                target=self._watch, args=(prefix,), name=f"watch {prefix}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _watch(self, prefix: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with contextlib.closing(self.store.watch_prefix(prefix)) as watch:
+                    self._resync()  # anything missed before the watch started
+                    while not self._stop.is_set():
+                        event = watch.get(timeout=1.0)
+                        if event is not None:
+                            self._resync()
+            except Exception:
+                log.warning("watch on %s failed; retrying", prefix, exc_info=True)
+                self._stop.wait(1.0)
+
+    def _resync(self) -> None:
+        """Rebuild the remote part of the ipcache from the store (cheap: a
+        cluster has few nodes; endpoint changes are bursts)."""
+        if self._ipcache is None:
+            return
+        nodes = {k.removeprefix(NODES): json.loads(v) for k, v in self.store.list(NODES)}
+        wanted: dict[ipaddress.IPv4Network, IpcacheEntry] = {}
+        for key, raw in self.store.list(IPAM):
+            name = key.removeprefix(IPAM)
+            if name == self.node_name or name not in nodes:
+                continue
+            node_ip = ipaddress.IPv4Address(nodes[name]["nodeIP"])
+            for cidr in json.loads(raw).get("podCIDRs", []):
+                net = ipaddress.ip_network(cidr)
+                if isinstance(net, ipaddress.IPv4Network):
+                    wanted[net] = IpcacheEntry(net, 0, node_ip)
+            wanted[ipaddress.IPv4Network(f"{node_ip}/32")] = IpcacheEntry(
+                ipaddress.IPv4Network(f"{node_ip}/32"), REMOTE_NODE_IDENTITY, node_ip
+            )
+        for key, raw in self.store.list(ENDPOINTS):
+            doc = json.loads(raw)
+            if doc.get("node") == self.node_name:
+                continue
+            prefix = ipaddress.IPv4Network(f"{key.removeprefix(ENDPOINTS)}/32")
+            wanted[prefix] = IpcacheEntry(
+                prefix, int(doc["identity"]), ipaddress.IPv4Address(doc["nodeIP"])
+            )
+        current = {e.prefix: e for e in self._ipcache.list() if e.node_ip is not None}
+        for prefix, entry in wanted.items():
+            if current.get(prefix) != entry:
+                self._ipcache.upsert(entry)
+        for prefix in current.keys() - wanted.keys():
+            self._ipcache.delete(prefix)
+
+    # -- BGP --------------------------------------------------------------------------
+    def start_bgp(self, pod_cidrs: Sequence[ipaddress.IPv4Network]) -> None:
+        if self._bgp_config is None or not self._bgp_config.peers:
+            return
+        from ciliate.control.bgp import BgpSpeaker, Peer
+
+        self._speaker = BgpSpeaker(
+            router_id=self.node_ip,
+            local_as=self._bgp_config.local_as,
+            peers=[Peer(address=a, asn=asn) for a, asn in self._bgp_config.peers],
+            next_hop=self.node_ip,
+            workdir=self._workdir / "bgp",
+        )
+        self._speaker.__enter__()
+        self._speaker.set_prefixes(pod_cidrs)
+        thread = threading.Thread(target=self._publish_bgp, name="bgp state", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _publish_bgp(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self._put_bgp_state(_dumps(self.bgp_sessions()))
+            if self._stop.wait(2.0):
+                return
+
+    def _put_bgp_state(self, doc: bytes) -> None:
+        def put(t: Txn) -> None:
+            t.put(f"{BGP}{self.node_name}", doc)
+
+        self.store.run_transaction(put)
+
+    def bgp_sessions(self) -> dict[str, str]:
+        if self._speaker is None:
+            return {}
+        return {str(peer.address): str(state) for peer, state in self._speaker.sessions().items()}
+
+    # -- shutdown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop watching and speaking. The node stays registered: an agent
+        restart is not a node leaving (``ciliate node delete`` is)."""
+        self._stop.set()
+        if self._speaker is not None:
+            self._speaker.close()
+        for thread in self._threads:
+            thread.join(timeout=3)
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                self._lease.close()
+        self.store.close()
+
+
+def list_nodes(store: ClusterStore) -> list[dict[str, Any]]:
+    """Nodes with their pod CIDRs, liveness and BGP sessions (``ciliate node list``)."""
+    ipam = {k.removeprefix(IPAM): json.loads(v) for k, v in store.list(IPAM)}
+    alive = {k.removeprefix(ALIVE) for k, _ in store.list(ALIVE)}
+    bgp = {k.removeprefix(BGP): json.loads(v) for k, v in store.list(BGP)}
+    out = []
+    for key, raw in store.list(NODES):
+        name = key.removeprefix(NODES)
+        doc = json.loads(raw)
+        node_ipam = ipam.get(name, {})
+        out.append(
+            {
+                "name": name,
+                "nodeIP": doc.get("nodeIP"),
+                "podCIDRs": node_ipam.get("podCIDRs", []),
+                "ipamError": (node_ipam.get("status") or {}).get("error"),
+                "alive": name in alive,
+                "bgp": bgp.get(name, {}),
+            }
+        )
+    return out
+
+
+def delete_node(store: ClusterStore, name: str) -> None:
+    """The node leaves the cluster: the operator frees its pod CIDRs."""
+
+    def remove(t: Txn) -> None:
+        t.delete(f"{NODES}{name}")
+        t.delete(f"{ALIVE}{name}")
+        t.delete(f"{BGP}{name}")
+        for key, raw in t.list(ENDPOINTS):
+            if json.loads(raw).get("node") == name:
+                t.delete(key)
+
+    store.run_transaction(remove)

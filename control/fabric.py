@@ -1,0 +1,131 @@
+"""The lab's fabric process: what lives in the top-of-rack namespace (etcd,
+the operator, bird as the ToR router), held by one process that
+``ciliate lab up`` starts in the background and ``ciliate lab down`` stops
+with SIGTERM. etcd and bird die with it (they are started with a parent
+death signal), so one PID owns the whole fabric.
+
+    python -m ciliate.control.fabric --netns NS --workdir DIR --tor-ip IP \\
+        --node NAME=IP:ASN ... --cluster-cidr CIDR --mask-size N
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("ciliate.fabric")
+
+ETCD_PORT = 2379
+TOR_AS = 65000
+
+
+def _node(text: str) -> tuple[str, ipaddress.IPv4Address, int]:
+    name, _, rest = text.partition("=")
+    address, _, asn = rest.partition(":")
+    return name, ipaddress.IPv4Address(address), int(asn)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ciliate-fabric", description=__doc__.splitlines()[0])
+    p.add_argument("--netns", required=True)
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--tor-ip", type=ipaddress.IPv4Address, required=True)
+    p.add_argument("--node", action="append", default=[], type=_node)
+    p.add_argument("--cluster-cidr", action="append", required=True)
+    p.add_argument("--mask-size", type=int, default=24)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from ciliate.control.etcd_server import EtcdServer
+    from ciliate.control.tor import Neighbor, TorRouter
+
+    stop = threading.Event()
+    restart_etcd = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # SIGHUP restarts etcd (same data): the lab's way to test that agents
+    # and the operator ride out a restart of the cluster store.
+    signal.signal(signal.SIGHUP, lambda *_: restart_etcd.set())
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    endpoint = f"http://{args.tor_ip}:{ETCD_PORT}"
+    with contextlib.ExitStack() as stack:
+        etcd = stack.enter_context(
+            EtcdServer(
+                host=str(args.tor_ip),
+                client_port=ETCD_PORT,
+                peer_port=ETCD_PORT + 1,
+                workdir=args.workdir / "etcd",
+                netns=args.netns,
+                name="lab",
+            )
+        )
+        log.info("etcd on %s", endpoint)
+        operator_log = open(args.workdir / "operator.log", "ab")  # noqa: SIM115
+        stack.callback(operator_log.close)
+        operator = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{args.netns}",
+                sys.executable,
+                "-m",
+                "ciliate.control.operator",
+                "--etcd-endpoint",
+                endpoint,
+                *[a for c in args.cluster_cidr for a in ("--cluster-pool-ipv4-cidr", c)],
+                "--cluster-pool-ipv4-mask-size",
+                str(args.mask_size),
+            ],
+            stdout=operator_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        stack.callback(_stop_process, operator)
+        log.info("operator pid %d", operator.pid)
+        tor = stack.enter_context(
+            TorRouter(
+                netns=args.netns,
+                router_id=args.tor_ip,
+                local_as=TOR_AS,
+                neighbors=[Neighbor(address=ip, asn=asn, name=name) for name, ip, asn in args.node],
+                workdir=args.workdir / "bird",
+            )
+        )
+        log.info("bird up, pid %s", tor.pid)
+        (args.workdir / "ready").write_text(str(os.getpid()))
+        while not stop.wait(0.2):
+            if restart_etcd.is_set():
+                restart_etcd.clear()
+                log.info("restarting etcd")
+                etcd.stop()
+                etcd.start()
+                log.info("etcd is back")
+            if operator.poll() is not None:
+                log.error("the operator exited (%s)", operator.returncode)
+                return 1
+    log.info("fabric stopped")
+    return 0
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
