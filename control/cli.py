@@ -109,6 +109,26 @@ def _bench_traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cidr_alloc(args: argparse.Namespace) -> int:
+    from ciliate.bench import cidr_alloc
+    from ciliate.control import operator
+
+    cidr_alloc.print_table(operator.run_benchmark(args.nodes))
+    return 0
+
+
+def _bench_identity(args: argparse.Namespace) -> int:
+    from ciliate.bench import identity
+    from ciliate.control.etcd_server import EtcdIdentityBenchBackend
+
+    identity.print_table(
+        identity.run(
+            agents=args.agents, identities=args.identities, backend=EtcdIdentityBenchBackend()
+        )
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ciliate.control import demo
 
@@ -160,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tr.add_argument("--plot", default="bench-traffic.png", metavar="PNG")
     bench_tr.add_argument("--json", metavar="FILE")
     bench_tr.set_defaults(func=_bench_traffic)
+    bench_ca = bench.add_parser("cidr-alloc", help="pod CIDRs for N simulated nodes")
+    bench_ca.add_argument("--nodes", type=int, default=10_000)
+    bench_ca.set_defaults(func=_bench_cidr_alloc)
+    bench_id = bench.add_parser("identity", help="identity allocations per second through etcd")
+    bench_id.add_argument("--agents", type=int, default=3)
+    bench_id.add_argument("--identities", type=int, default=300)
+    bench_id.set_defaults(func=_bench_identity)
 
     demo = sub.add_parser("demo", help="load the datapath and show packets through it")
     demo.set_defaults(func=_demo)
