@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(operator_log.close)
         operator = subprocess.Popen(
             [
+                # Dies with the fabric, however the fabric ends.
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
                 "nsenter",
                 f"--net=/run/netns/{args.netns}",
                 sys.executable,

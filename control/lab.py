@@ -618,6 +618,8 @@ def down(*, name: str, console: Console) -> list[str]:
         if os.path.isdir(node.bpffs_root):
             shutil.rmtree(node.bpffs_root)
             removed.append(f"pins {node.bpffs_root}")
+    for pid in _sweep(state):
+        removed.append(f"leftover process {pid}")
     shutil.rmtree(state.directory, ignore_errors=True)
     removed.append(f"files {state.directory}")
     # Namespaces the lab recorded before a crash could save them.
@@ -626,6 +628,29 @@ def down(*, name: str, console: Console) -> list[str]:
             _run("ip", "netns", "del", leftover, check=False)
             removed.append(f"netns {leftover}")
     return removed
+
+
+def _sweep(state: LabState) -> list[int]:
+    """Processes this lab started that outlived their parent (a fabric or an
+    agent killed hard): recognised by the lab's own directory or namespace
+    prefix in their command line, which nothing else carries."""
+    marks = (state.directory, f"/run/netns/{state.prefix}-")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(mark in cmdline for mark in marks):
+            pid = int(entry.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            found.append(pid)
+    for pid in found:
+        _alive(pid)  # reap our own children
+    return found
 
 
 def _alive(pid: int) -> bool:
