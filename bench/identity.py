@@ -52,7 +52,8 @@ class IdentityAgent(Protocol):
 class IdentityBackend(Protocol):
     """Where identities are allocated; picklable (it is sent to the agent processes)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def serve(self) -> AbstractContextManager[str]:
         """Start the shared store for one run (in the parent); yields its endpoint."""
