@@ -137,7 +137,11 @@ def monitor(args: argparse.Namespace) -> int:
     from ciliate.datapath.events import Event
     from ciliate.loader import Map, RingBuffer
 
-    pin = Path(args.bpffs_root) / "maps" / "ciliate_events"
+    if args.bpffs_root:
+        pin = Path(args.bpffs_root) / "maps" / "ciliate_events"
+    else:  # where this agent pinned its maps
+        with _client(args) as c:
+            pin = Path(c.get("/v1/status")["datapath"]["maps_pinned_at"]) / "ciliate_events"
     seen = 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
 
@@ -218,6 +222,7 @@ def node_delete(args: argparse.Namespace) -> int:
 
 
 def _decode_packet(data: bytes) -> str:
+    import scapy.layers.inet  # noqa: F401 - binds IPv4, ICMP, TCP, UDP under Ether
     from scapy.layers.l2 import Ether
 
     try:
@@ -253,7 +258,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     delete.add_argument("name")
     delete.set_defaults(func=node_delete)
     mon = common(sub.add_parser("monitor", help="live drop and trace events"))
-    mon.add_argument("--bpffs-root", default="/sys/fs/bpf/ciliate")
+    mon.add_argument("--bpffs-root", help="default: where the agent pinned its maps")
     mon.add_argument("--count", type=int, help="stop after this many events")
     mon.add_argument("--timeout", type=float, help="stop after this many seconds")
     mon.add_argument("--drops-only", action="store_true", help="do not switch tracing on")

@@ -183,6 +183,8 @@ def create_pod_link(
     finally:
         os.close(ns_fd)
     try:
+        # IPv4 only: the node side sends no IPv6 chatter into the pod either.
+        _write_sysctl(f"net/ipv6/conf/{host_name}/disable_ipv6", "1")
         with enter_netns(netns), Rtnl() as pod:
             index = pod.link_index(pod_ifname)
             if index is None:
