@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ciliate.bench import podnet
+from ciliate.bench import podnet, report
 
 BASELINE = "bridge"
 
@@ -187,7 +187,6 @@ def _last(samples: dict[str, list[int]], op: str) -> str:
 
 
 def print_table(results: CniResults) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     b = results.baseline
@@ -212,14 +211,9 @@ def print_table(results: CniResults) -> None:
             ratio(r, "del_p50") + " / " + ratio(r, "del_p99"),
         )
     notes = [f"ratios are p50 / p99; warm-up pods per network: {results.warmup}"]
-    for name, reason in results.skipped.items():
-        table.add_row(name, "skipped", *[""] * (len(columns) - 2))
-        notes.append(f"{name} skipped: {reason}")
+    report.add_skipped(table, results.skipped, notes)
     table.caption = "\n".join(notes)
-    console = Console()
-    if not console.is_terminal:  # a file or a pipe: do not squeeze to 80 columns
-        console = Console(width=140)
-    console.print(table)
+    report.print_wide(table)
 
 
 def to_dict(results: CniResults) -> dict[str, object]:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ciliate.bench import podnet
+from ciliate.bench import podnet, report
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
@@ -414,7 +414,6 @@ def run(
 
 
 def print_table(results: TrafficResults) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     refs = [r for r in REFERENCES if results.get(r) is not None]
@@ -445,14 +444,9 @@ def print_table(results: TrafficResults) -> None:
         f"latency: sockperf UDP ping-pong, {results.latency}, client and server pinned"
         f" to CPU {results.cpu}; throughput: iperf3, one TCP stream, receiver side"
     ]
-    for name, reason in results.skipped.items():
-        table.add_row(name, "skipped", *[""] * (len(columns) - 2))
-        notes.append(f"{name} skipped: {reason}")
+    report.add_skipped(table, results.skipped, notes)
     table.caption = "\n".join(notes)
-    console = Console()
-    if not console.is_terminal:  # a file or a pipe: do not squeeze to 80 columns
-        console = Console(width=140)
-    console.print(table)
+    report.print_wide(table)
 
 
 def to_dict(results: TrafficResults) -> dict[str, object]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import struct
 import subprocess
@@ -164,12 +163,3 @@ class Testbed:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def leftover_namespaces(prefix: str) -> list[str]:
-    """Namespaces a crashed run may have left (for clean-up tooling)."""
-    return (
-        [n for n in os.listdir("/run/netns") if n.startswith(prefix + "-")]
-        if os.path.isdir("/run/netns")
-        else []
-    )

@@ -1,0 +1,21 @@
+"""Printing of benchmark tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_wide(table: Table) -> None:
+    """Print a table; to a file or a pipe at 140 columns, not squeezed to 80."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)
+    console.print(table)
+
+
+def add_skipped(table: Table, skipped: dict[str, str], notes: list[str]) -> None:
+    """A row, and a caption note, for each network that could not run."""
+    for name, reason in skipped.items():
+        table.add_row(name, "skipped", *[""] * (len(table.columns) - 2))
+        notes.append(f"{name} skipped: {reason}")
