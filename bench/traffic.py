@@ -15,8 +15,16 @@ alike):
   datapath). sockperf's default figure is one-way latency, i.e. half the
   round trip; ``full_rtt=True`` reports round trips.
 
-Figures are medians of the repeats with min and max, and ratios to
-``bridge`` and ``ptp`` measured in the same run.
+Figures are medians of the repeats with min and max. A ratio to ``bridge``
+or ``ptp`` is paired: each round's figure over the reference's figure of
+the same round (the two ran back to back), and the median of those; on a
+machine whose speed drifts between modes, that is far steadier than a
+ratio of medians.
+
+With ``profile_dir``, one more run of each tool per network is sampled by
+``perf`` (:mod:`ciliate.bench.cpuprofile`): the share of CPU time spent in
+the pod network's path against copies, protocol stacks and scheduling, and
+so the best ratio any datapath could reach on this machine.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ciliate.bench import podnet, report
+from ciliate.bench import cpuprofile, podnet, report
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
@@ -148,8 +156,11 @@ class NetworkTraffic:
     latency_p99_us: Spread
     latency_avg_us: Spread
     vs: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Ratios to each reference network of the run: {"bridge": {"throughput": …,
-    "latency_p50": …, "latency_p99": …}}."""
+    """Paired ratios to each reference network of the run, the median over the
+    rounds and its range: {"bridge": {"throughput": …, "throughput_min": …,
+    "throughput_max": …, "latency_p50": …, "latency_p50_min": …, …}}."""
+    cpu: dict[str, cpuprofile.CpuProfile] = field(default_factory=dict)
+    """Where the CPU went during one extra sampled run per tool: {"tcp": …, "udp": …}."""
 
 
 @dataclass
@@ -331,6 +342,7 @@ def run(
     full_rtt: bool = False,
     progress: Callable[[str], None] | None = _stderr,
     ciliate_setup: podnet.CiliateSetup | None = None,
+    profile_dir: Path | None = None,
 ) -> TrafficResults:
     """Throughput and latency between two pods of each network, ``repeats`` rounds.
 
@@ -340,6 +352,8 @@ def run(
     if repeats < 1 or seconds <= 0:
         raise ValueError("repeats must be >= 1 and seconds > 0")
     cpu = _default_cpu() if cpu is None else cpu
+    if profile_dir is not None:
+        cpuprofile.check_available()
     specs: list[str | podnet.NetworkDef] = [
         podnet.ciliate(setup=ciliate_setup) if (n == "ciliate" and ciliate_setup is not None) else n
         for n in networks
@@ -374,6 +388,7 @@ def run(
                         f"traffic: round {r + 1}/{repeats} {name}: {i.gbps:.2f} Gbit/s"
                         f" ({i.retransmits} retr), p50 {s.p50_us:.2f} us, p99 {s.p99_us:.2f} us"
                     )
+        profiles = _profile(pairs, seconds, cpu, full_rtt, profile_dir, progress)
 
     results = [
         NetworkTraffic(
@@ -386,6 +401,7 @@ def run(
             latency_p50_us=Spread.of([s.p50_us for s in pair.sockperf]),
             latency_p99_us=Spread.of([s.p99_us for s in pair.sockperf]),
             latency_avg_us=Spread.of([s.avg_us for s in pair.sockperf]),
+            cpu=profiles.get(name, {}),
         )
         for name, pair in pairs.items()
     ]
@@ -402,11 +418,49 @@ def run(
         if ref is None:
             continue
         for res in results:
-            res.vs[ref_name] = {
-                "throughput": res.throughput_gbps.median / ref.throughput_gbps.median,
-                "latency_p50": res.latency_p50_us.median / ref.latency_p50_us.median,
-                "latency_p99": res.latency_p99_us.median / ref.latency_p99_us.median,
-            }
+            res.vs[ref_name] = {}
+            for key, spread, ref_spread in (
+                ("throughput", res.throughput_gbps, ref.throughput_gbps),
+                ("latency_p50", res.latency_p50_us, ref.latency_p50_us),
+                ("latency_p99", res.latency_p99_us, ref.latency_p99_us),
+            ):
+                ratio = paired_ratio(spread.samples, ref_spread.samples)
+                res.vs[ref_name].update(
+                    {key: ratio.median, f"{key}_min": ratio.min, f"{key}_max": ratio.max}
+                )
+    return out
+
+
+def paired_ratio(values: Sequence[float], reference: Sequence[float]) -> Spread:
+    """Round-by-round ratios of two series measured back to back, as a spread."""
+    if len(values) != len(reference):
+        raise ValueError("paired series must have one figure per round each")
+    return Spread.of([v / r for v, r in zip(values, reference, strict=True)])
+
+
+def _profile(
+    pairs: Mapping[str, _Pair],
+    seconds: float,
+    cpu: int,
+    full_rtt: bool,
+    profile_dir: Path | None,
+    progress: Callable[[str], None] | None,
+) -> dict[str, dict[str, cpuprofile.CpuProfile]]:
+    """One more iperf3 and sockperf run per network, each sampled by perf."""
+    if profile_dir is None:
+        return {}
+    out: dict[str, dict[str, cpuprofile.CpuProfile]] = {}
+    for name, pair in pairs.items():
+        with cpuprofile.sampling(profile_dir, f"{name}-tcp") as tcp:
+            _iperf3(pair, seconds)
+        with cpuprofile.sampling(profile_dir, f"{name}-udp", cpus=str(cpu)) as udp:
+            _sockperf(pair, seconds, cpu, full_rtt)
+        out[name] = {"tcp": tcp[0], "udp": udp[0]}
+        if progress:
+            progress(
+                f"traffic: {name}: sampled; path {tcp[0].busy_share('path'):.1f}% of busy CPU"
+                f" (TCP), {udp[0].busy_share('path'):.1f}% (UDP)"
+            )
     return out
 
 
@@ -438,14 +492,57 @@ def print_table(results: TrafficResults) -> None:
         ]
         for ref in refs:
             v = r.vs.get(ref)
-            row.append(f"{v['throughput']:.2f} / {v['latency_p50']:.2f}" if v else "-")
+            row.append(_ratio_cell(v) if v else "-")
         table.add_row(*row)
     notes = [
         f"latency: sockperf UDP ping-pong, {results.latency}, client and server pinned"
-        f" to CPU {results.cpu}; throughput: iperf3, one TCP stream, receiver side"
+        f" to CPU {results.cpu}; throughput: iperf3, one TCP stream, receiver side;"
+        " ratios: median \\[range] of round-by-round ratios"
     ]
     report.add_skipped(table, results.skipped, notes)
     table.caption = "\n".join(notes)
+    report.print_wide(table)
+    if any(r.cpu for r in results.networks):
+        print_cpu_table(results)
+
+
+def _ratio_cell(v: Mapping[str, float]) -> str:
+    def one(key: str) -> str:
+        low, high = v.get(f"{key}_min"), v.get(f"{key}_max")
+        span = f" [{low:.2f}-{high:.2f}]" if low is not None and high is not None else ""
+        return f"{v[key]:.2f}{span}"
+
+    return f"{one('throughput')} / {one('latency_p50')}"
+
+
+def print_cpu_table(results: TrafficResults) -> None:
+    """Where the CPU went in the sampled runs, and the path-free bound of each."""
+    from rich.table import Table
+
+    table = Table(title="traffic: share of busy CPU time, % (perf samples, self time)")
+    columns = ["network", "tool", *cpuprofile.BUCKETS, "path-free bound", "top of path"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("network", "tool") else "right")
+    for r in results.networks:
+        for tool, profile in r.cpu.items():
+            bound = cpuprofile.path_free_bound(profile, throughput=tool == "tcp")
+            top = ", ".join(f"{sym} {share:.1f}" for sym, share in profile.top_path[:3])
+            table.add_row(
+                r.network,
+                "iperf3" if tool == "tcp" else "sockperf",
+                *(
+                    f"{profile.buckets.get(b, 0.0) if b == 'idle' else profile.busy_share(b):.1f}"
+                    for b in cpuprofile.BUCKETS
+                ),
+                f"x{bound:.2f}",
+                top,
+            )
+    table.caption = (
+        "path: veth, backlog and softirq dispatch, tc/BPF, redirects, bridge, netfilter,"
+        " forwarding; idle: % of all samples (sockperf: its CPU only); path-free bound:"
+        " the throughput factor (iperf3) or latency factor (sockperf) this network would"
+        " get if its path cost nothing"
+    )
     report.print_wide(table)
 
 

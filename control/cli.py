@@ -99,7 +99,12 @@ def _bench_traffic(args: argparse.Namespace) -> int:
     from ciliate.bench import podnet, traffic
 
     podnet.set_ciliate_setup(_ciliate_bench_setup)
-    results = traffic.run(networks=tuple(args.networks), seconds=args.seconds, repeats=args.repeats)
+    results = traffic.run(
+        networks=tuple(args.networks),
+        seconds=args.seconds,
+        repeats=args.repeats,
+        profile_dir=Path(args.profile) if args.profile else None,
+    )
     traffic.print_table(results)
     traffic.plot(results, Path(args.plot))
     print(f"plot written to {args.plot}")
@@ -176,9 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tr = bench.add_parser("traffic", help="pod-to-pod throughput and latency vs bridge, ptp")
     bench_tr.add_argument("--networks", nargs="+", default=["bridge", "ptp", "ciliate"])
     bench_tr.add_argument("--seconds", type=int, default=5)
-    bench_tr.add_argument("--repeats", type=int, default=3)
+    bench_tr.add_argument("--repeats", type=int, default=5)
     bench_tr.add_argument("--plot", default="bench-traffic.png", metavar="PNG")
     bench_tr.add_argument("--json", metavar="FILE")
+    bench_tr.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also sample one run per tool and network with perf (samples kept in DIR)"
+        " and show where the CPU went",
+    )
     bench_tr.set_defaults(func=_bench_traffic)
     bench_ca = bench.add_parser("cidr-alloc", help="pod CIDRs for N simulated nodes")
     bench_ca.add_argument("--nodes", type=int, default=10_000)
