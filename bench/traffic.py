@@ -378,15 +378,26 @@ def run(
         names = list(pairs)
         for r in range(repeats):
             k = r % len(names) if names else 0
-            for name in names[k:] + names[:k]:
+            order = names[k:] + names[:k]
+            # One tool at a time across the networks: the figures a ratio pairs
+            # are then taken seconds apart, not a whole round.
+            for name in order:
                 pair = pairs[name]
                 pair.iperf.append(_iperf3(pair, seconds))
-                pair.sockperf.append(_sockperf(pair, seconds, cpu, full_rtt))
                 if progress:
-                    i, s = pair.iperf[-1], pair.sockperf[-1]
+                    i = pair.iperf[-1]
                     progress(
                         f"traffic: round {r + 1}/{repeats} {name}: {i.gbps:.2f} Gbit/s"
-                        f" ({i.retransmits} retr), p50 {s.p50_us:.2f} us, p99 {s.p99_us:.2f} us"
+                        f" ({i.retransmits} retr)"
+                    )
+            for name in order:
+                pair = pairs[name]
+                pair.sockperf.append(_sockperf(pair, seconds, cpu, full_rtt))
+                if progress:
+                    s = pair.sockperf[-1]
+                    progress(
+                        f"traffic: round {r + 1}/{repeats} {name}: p50 {s.p50_us:.2f} us,"
+                        f" p99 {s.p99_us:.2f} us"
                     )
         profiles = _profile(pairs, seconds, cpu, full_rtt, profile_dir, progress)
 

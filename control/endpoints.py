@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from ciliate.control.cni import service as svc
@@ -83,6 +83,7 @@ class EndpointRecord:
     labels: dict[str, str] = field(default_factory=dict)
     attributes: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
+    netns_cookie: int = 0  # 0: not known yet (rows of older agents); found at restore
 
     @property
     def key(self) -> str:
@@ -256,6 +257,7 @@ class EndpointManager:
                 labels=dict(request.labels),
                 attributes=dict(request.attributes),
                 created=time.time(),
+                netns_cookie=link.netns_cookie,
             )
             self._write_maps(record)
             undo.callback(self._clear_maps, record)
@@ -289,6 +291,7 @@ class EndpointManager:
         )
 
     def _write_maps(self, record: EndpointRecord) -> None:
+        self._dp.endpoint_netns.write(record.address, record.netns_cookie)
         self._dp.endpoints.upsert(self._endpoint(record))
         self._dp.ipcache.upsert(
             IpcacheEntry(ipaddress.IPv4Network(f"{record.ip}/32"), record.identity, None)
@@ -296,6 +299,7 @@ class EndpointManager:
 
     def _clear_maps(self, record: EndpointRecord) -> None:
         self._dp.endpoints.delete(self._endpoint(record))
+        self._dp.endpoint_netns.clear(record.address)
         self._dp.ipcache.delete(ipaddress.IPv4Network(f"{record.ip}/32"))
 
     def _attach(self, record: EndpointRecord, *, replace: bool) -> None:
@@ -418,6 +422,10 @@ class EndpointManager:
                     self._remove(record)
                     counts["collected"] += 1
                     continue
+                if not record.netns_cookie:
+                    record = replace(record, netns_cookie=devices.netns_cookie(record.netns))
+                    with self._store.transaction() as txn:
+                        txn.put(record.key, _dumps(record.to_json()))
                 self._write_maps(record)
                 if new_programs or self._attached(record):
                     self._attach(record, replace=True)
@@ -451,6 +459,10 @@ class EndpointManager:
             if ep.ipv4 not in want_ip:
                 self._dp.endpoints.delete_by_ip(ep.ipv4)
                 pruned += 1
+        want_slots = {self._dp.node.endpoint_slot(address) for address in want_ip}
+        for slot in self._dp.endpoint_netns.used_slots() - want_slots:
+            self._dp.endpoint_netns.clear_slot(slot)
+            pruned += 1
         for entry in self._dp.ipcache.list():
             address = entry.prefix.network_address
             if (

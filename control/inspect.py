@@ -118,6 +118,7 @@ _MAP_COLUMNS = {
     "ipcache": ("prefix", "identity", "node_ip", "flags"),
     "endpoints": ("ip", "ifindex", "mac", "node_mac", "identity", "endpoint_id"),
     "metrics": ("description", "direction", "packets", "bytes"),
+    "sockets": ("local", "remote"),
 }
 
 

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 import secrets
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,7 @@ class PodLink:
     pod_ifname: str
     pod_mac: str
     mtu: int
+    netns_cookie: int  # the pod's network namespace (SO_NETNS_COOKIE)
 
 
 def create_pod_link(
@@ -195,10 +197,27 @@ def create_pod_link(
             pod.add_address(index=index, address=address)
             pod.add_route(dst=ipaddress.IPv4Network(f"{gateway}/32"), oif=index)
             pod.add_route(dst=ipaddress.IPv4Network("0.0.0.0/0"), oif=index, gateway=gateway)
+            cookie = current_netns_cookie()
     except BaseException:
         delete_link(ifindex)
         raise
-    return PodLink(host_name, ifindex, host_mac, pod_ifname, pod_mac, mtu)
+    return PodLink(host_name, ifindex, host_mac, pod_ifname, pod_mac, mtu, cookie)
+
+
+SO_NETNS_COOKIE = 71  # uapi/asm-generic/socket.h, Linux >= 5.14
+
+
+def current_netns_cookie() -> int:
+    """The cookie of this thread's network namespace: the id BPF programs see
+    through bpf_get_netns_cookie(), stable for the namespace's life."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def netns_cookie(netns: str) -> int:
+    """The cookie of the network namespace at ``netns`` (a path)."""
+    with enter_netns(netns):
+        return current_netns_cookie()
 
 
 def _add_veth(

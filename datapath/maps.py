@@ -23,7 +23,20 @@ ENDPOINTS_BY_DEV = "ciliate_ep_dev"
 METRICS = "ciliate_metrics"
 EVENTS = "ciliate_events"
 CONFIG = "ciliate_config"
-ALL = (IPCACHE, ENDPOINTS_BY_IP, ENDPOINTS_BY_DEV, METRICS, EVENTS, CONFIG)
+ENDPOINT_NETNS = "ciliate_ep_netns"
+SOCKHASH = "ciliate_sockhash"
+SOCK_STATE = "ciliate_sock_state"
+ALL = (
+    IPCACHE,
+    ENDPOINTS_BY_IP,
+    ENDPOINTS_BY_DEV,
+    METRICS,
+    EVENTS,
+    CONFIG,
+    ENDPOINT_NETNS,
+    SOCKHASH,
+    SOCK_STATE,
+)
 
 
 class RawMap(Protocol):
@@ -36,6 +49,7 @@ class RawMap(Protocol):
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None: ...
     def delete(self, key: bytes) -> bool: ...
     def items(self) -> Iterator[tuple[bytes, bytes | list[bytes]]]: ...
+    def keys(self) -> Iterator[bytes]: ...
     def lookup_batch_raw(self) -> Iterator[tuple[bytes, bytes, int]]: ...
     def clear(self) -> None: ...
 
@@ -282,6 +296,73 @@ class Metrics:
         zero = bytes(abi.sizeof("ciliate_metrics_value"))
         for key, _ in list(self._raw.items()):
             self._raw.update(key, zero)
+
+
+class EndpointNetns:
+    """ciliate_ep_netns: the network namespace cookie of each endpoint slot,
+    which socket-level forwarding checks a pod socket against."""
+
+    def __init__(
+        self, raw: RawMap, *, slot_of: Callable[[ipaddress.IPv4Address], int | None]
+    ) -> None:
+        self._raw = raw
+        self._slot_of = slot_of
+
+    def _key(self, addr: ipaddress.IPv4Address) -> bytes:
+        slot = self._slot_of(addr)
+        if slot is None:
+            raise ValueError(f"{addr} is not in this node's pod CIDRs")
+        return slot.to_bytes(4, "little")
+
+    def write(self, addr: ipaddress.IPv4Address, cookie: int) -> None:
+        self._raw.update(self._key(addr), cookie.to_bytes(8, "little"))
+
+    def get(self, addr: ipaddress.IPv4Address) -> int:
+        raw = self._raw.lookup(self._key(addr))
+        return 0 if raw is None else int.from_bytes(_single(raw), "little")
+
+    def clear(self, addr: ipaddress.IPv4Address) -> None:
+        self.write(addr, 0)
+
+    def used_slots(self) -> set[int]:
+        """Slots holding a cookie (one batch scan of the array)."""
+        used: set[int] = set()
+        for keys, values, count in self._raw.lookup_batch_raw():
+            for i in range(count):
+                if any(values[i * 8 : i * 8 + 8]):
+                    used.add(int.from_bytes(keys[i * 4 : i * 4 + 4], "little"))
+        return used
+
+    def clear_slot(self, slot: int) -> None:
+        self._raw.update(slot.to_bytes(4, "little"), bytes(8))
+
+
+@dataclass(frozen=True)
+class PodSocket:
+    """A socket in ciliate_sockhash: one end of a TCP connection between local pods."""
+
+    local: tuple[ipaddress.IPv4Address, int]
+    remote: tuple[ipaddress.IPv4Address, int]
+
+
+class SocketMap:
+    """ciliate_sockhash, read only: the kernel adds and removes its sockets."""
+
+    def __init__(self, raw: RawMap) -> None:
+        self._raw = raw
+
+    def list(self) -> list[PodSocket]:
+        sockets = []
+        keys = self._raw.keys()  # (a sockhash's values are socket cookies)
+        for key in keys:
+            f = abi.unpack("ciliate_sock_key", key)
+            sockets.append(
+                PodSocket(
+                    (_u32_ip(f["local_ip"]), f["local_port"]),
+                    (_u32_ip(f["remote_ip"]), f["remote_port"]),
+                )
+            )
+        return sorted(sockets, key=lambda s: (s.local, s.remote))
 
 
 class RuntimeConfig:

@@ -23,6 +23,7 @@ OBJECTS = {
     "lxc": "bpf_lxc.o",
     "host": "bpf_host.o",
     "uplink": "bpf_uplink.o",
+    "sock": "bpf_sock.o",
     "empty": "bench_empty.o",
 }
 

@@ -27,6 +27,8 @@ PROGRAMS = {
     "to_container": "lxc",
     "from_host": "host",
     "from_netdev": "uplink",
+    "sock_ops": "sock",
+    "sock_msg": "sock",
 }
 
 
@@ -98,6 +100,10 @@ class Datapath:
         self.ipcache = dpmaps.Ipcache(self.maps[dpmaps.IPCACHE])
         self.metrics = dpmaps.Metrics(self.maps[dpmaps.METRICS])
         self.config = dpmaps.RuntimeConfig(self.maps[dpmaps.CONFIG])
+        self.sockets = dpmaps.SocketMap(self.maps[dpmaps.SOCKHASH])
+        self.endpoint_netns = dpmaps.EndpointNetns(
+            self.maps[dpmaps.ENDPOINT_NETNS], slot_of=node.endpoint_slot
+        )
 
     @classmethod
     def load(
@@ -113,7 +119,7 @@ class Datapath:
         shared: dict[str, Map] = dict(existing_maps or {})
         loaded: dict[str, BpfObject] = {}
         with contextlib.ExitStack() as undo:
-            for kind in ("lxc", "host", "uplink"):
+            for kind in ("lxc", "host", "uplink", "sock"):
                 obj = BpfObject.open(directory / objects.OBJECTS[kind])
                 undo.callback(obj.close)
                 max_cidrs = obj.btf.datasec_vars(".rodata")["pod_cidr_first"][1] // 4

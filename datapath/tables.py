@@ -17,9 +17,19 @@ def _members(c_enum: str, prefix: str) -> dict[str, int]:
 
 
 def _reason_members() -> dict[str, int]:
-    members = _members("ciliate_drop_reason", "CILIATE_DROP_")
-    members["FORWARDED"] = members.pop("CILIATE_FORWARDED")
+    # Drops are CILIATE_DROP_*; the verdicts that are not drops (forwarded,
+    # forwarded socket to socket) are CILIATE_FORWARDED*.
+    members = {
+        name.removeprefix("CILIATE_DROP_").removeprefix("CILIATE_"): value
+        for name, value in abi.enum_members("ciliate_drop_reason").items()
+    }
     return dict(sorted(members.items(), key=lambda kv: kv[1]))
+
+
+def _c_name(reason_name: str) -> str:
+    if reason_name.startswith("FORWARDED"):
+        return f"CILIATE_{reason_name}"
+    return f"CILIATE_DROP_{reason_name}"
 
 
 # Functional enums: the members come from abi.h, not from this file.
@@ -31,13 +41,11 @@ Source = enum.IntEnum("Source", _members("ciliate_source", "CILIATE_SRC_"))  # t
 
 
 def describe_reason(reason: int) -> str:
-    if reason == 0:
-        return abi.description("CILIATE_FORWARDED")
     try:
         name = DropReason(reason).name
     except ValueError:
         return f"unknown reason {reason}"
-    return abi.description(f"CILIATE_DROP_{name}") or name.lower()
+    return abi.description(_c_name(name)) or name.lower()
 
 
 def describe_trace(point: int) -> str:

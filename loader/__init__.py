@@ -44,6 +44,7 @@ from .maps import Map, MapInfo, MapType, possible_cpus
 from .netns import enter_netns
 from .object import BpfObject, ProgInfo, Program, prog_info
 from .ringbuf import RingBuffer
+from .sock import attach_sk_msg, attach_sock_ops, cgroup2_root, detach_sk_msg
 from .tc import (
     TcAttachment,
     attach_tc,
@@ -77,10 +78,14 @@ __all__ = [
     "TcAttachment",
     "TestRunResult",
     "VerifierError",
+    "attach_sk_msg",
+    "attach_sock_ops",
     "attach_tc",
     "bump_memlock_rlimit",
+    "cgroup2_root",
     "clsact_program_id",
     "detach_pinned_link",
+    "detach_sk_msg",
     "enter_netns",
     "open_pinned_link",
     "possible_cpus",

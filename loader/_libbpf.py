@@ -62,6 +62,8 @@ LIBBPF_DEBUG = 2
 # enum bpf_attach_type (only the ones used here; TCX is newer than the 6.1 uapi headers)
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
+BPF_CGROUP_SOCK_OPS = 3
+BPF_SK_MSG_VERDICT = 7
 
 # enum bpf_link_type
 BPF_LINK_TYPE_TCX = 11
@@ -343,6 +345,8 @@ _LIBBPF: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
     "bpf_link_detach": (c_int, [c_int]),
+    "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint32]),
+    "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
     # tc (netlink) helpers
     "bpf_tc_hook_create": (c_int, [POINTER(bpf_tc_hook)]),
     "bpf_tc_hook_destroy": (c_int, [POINTER(bpf_tc_hook)]),

@@ -123,6 +123,13 @@ def create_app(agent: NodeAgent) -> FastAPI:
             for e in agent.datapath.endpoints.list()
         ]
 
+    @app.get("/v1/bpf/sockets", tags=["bpf"])
+    def bpf_sockets() -> list[dict[str, Any]]:
+        return [
+            {"local": f"{s.local[0]}:{s.local[1]}", "remote": f"{s.remote[0]}:{s.remote[1]}"}
+            for s in agent.datapath.sockets.list()
+        ]
+
     @app.get("/v1/bpf/metrics", tags=["bpf"])
     def bpf_metrics() -> list[dict[str, Any]]:
         return [

@@ -61,6 +61,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--uplink", help="the node's uplink device (attach from_netdev to it)")
     p.add_argument(
+        "--socket-forwarding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="forward TCP between pods of this node socket to socket, past the packet"
+        " path (sock_ops on the cgroup v2 root, sk_msg on a sockhash); default on",
+    )
+    p.add_argument(
+        "--cgroup-root",
+        type=Path,
+        help="the cgroup v2 directory whose sockets socket forwarding watches (default:"
+        " the root of the mounted cgroup v2 hierarchy)",
+    )
+    p.add_argument(
         "--i-am-the-node",
         action="store_true",
         help="allow running in the machine's root network namespace",
@@ -139,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         etcd_endpoints=list(args.etcd_endpoint),
         bgp_local_as=args.bgp_local_as,
         bgp_peers=list(args.bgp_peer),
+        socket_forwarding=args.socket_forwarding,
+        cgroup_root=args.cgroup_root,
     )
     agent = NodeAgent(config)
     try:

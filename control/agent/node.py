@@ -26,7 +26,16 @@ from ciliate.datapath import devices
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.maps import IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
-from ciliate.loader import LoaderError, Map, attach_tc
+from ciliate.loader import (
+    LoaderError,
+    Map,
+    attach_sk_msg,
+    attach_sock_ops,
+    attach_tc,
+    cgroup2_root,
+    detach_pinned_link,
+    update_pinned_link,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +55,16 @@ class AgentConfig:
     etcd_endpoints: list[str] = field(default_factory=list)  # cluster mode when given
     bgp_local_as: int | None = None
     bgp_peers: list[tuple[ipaddress.IPv4Address, int]] = field(default_factory=list)
+    socket_forwarding: bool = True
+    cgroup_root: Path | None = None  # None: the root of the cgroup v2 mount
 
     @property
     def maps_dir(self) -> Path:
         return self.bpffs_root / "maps"
+
+    @property
+    def sock_ops_link(self) -> Path:
+        return self.bpffs_root / "links" / "sock_ops"
 
     @property
     def del_queue_dir(self) -> Path:
@@ -85,6 +100,7 @@ class NodeAgent:
             router_ip=self.router_ip, pod_cidrs=self.pod_cidrs, mtu=config.mtu
         )
         self._attach_node_programs()
+        self.socket_forwarding = self._attach_socket_programs()
         self._write_node_ipcache()
         self.endpoints = EndpointManager(
             store=self.store,
@@ -166,6 +182,28 @@ class NodeAgent:
                 priority=FILTER_PRIORITY,
                 replace=True,
             ).close()
+
+    def _attach_socket_programs(self) -> str | None:
+        """sock_msg on the sockhash, sock_ops on the cgroup v2 root (a pinned
+        link, swapped to the new program on restart); the cgroup watched, or
+        None when socket forwarding is off."""
+        pin = self.config.sock_ops_link
+        if not self.config.socket_forwarding:
+            if pin.exists():
+                detach_pinned_link(pin)
+            return None
+        attach_sk_msg(self.datapath.program("sock_msg"), self.datapath.maps[dpmaps.SOCKHASH])
+        cgroup = str(self.config.cgroup_root) if self.config.cgroup_root else cgroup2_root()
+        if pin.exists():
+            update_pinned_link(pin, self.datapath.program("sock_ops"))
+        elif cgroup is None:
+            log.warning("no cgroup v2 hierarchy is mounted: TCP between pods takes the packet path")
+            return None
+        else:
+            pin.parent.mkdir(parents=True, exist_ok=True)
+            attach_sock_ops(self.datapath.program("sock_ops"), cgroup, pin)
+        log.info("socket forwarding between local pods: sockets under cgroup %s", cgroup)
+        return cgroup
 
     def _write_node_ipcache(self) -> None:
         for cidr in self.pod_cidrs:

@@ -23,6 +23,7 @@
  * Cilium's so they never look like a kernel errno. */
 enum ciliate_drop_reason {
 	CILIATE_FORWARDED = 0,                  /* forwarded */
+	CILIATE_FORWARDED_SOCKET = 1,           /* forwarded socket to socket (TCP between local pods) */
 	CILIATE_DROP_INVALID_SMAC = 130,        /* source MAC is not the endpoint's */
 	CILIATE_DROP_INVALID_SIP = 131,         /* source IP is not the endpoint's */
 	CILIATE_DROP_TTL_EXCEEDED = 132,        /* TTL expired on the way to a pod */
@@ -102,6 +103,23 @@ struct ciliate_endpoint {
 	__u16 flags;
 	__u8 mac[6];            /* the pod's eth0 */
 	__u8 node_mac[6];       /* the host-side veth: the pod's gateway MAC */
+};
+
+/* ciliate_sockhash: the TCP sockets of local pods talking to each other,
+ * by their 4-tuple as the socket sees it. */
+struct ciliate_sock_key {
+	__u32 local_ip;         /* network byte order */
+	__u32 remote_ip;        /* network byte order */
+	__u32 local_port;       /* host byte order */
+	__u32 remote_port;      /* host byte order */
+};
+
+/* ciliate_sock_state (socket storage): how a pod socket sends. */
+#define CILIATE_SOCK_F_STACK 1  /* sticks to the TCP stack: its first bytes went that way */
+
+struct ciliate_sock_state {
+	__u32 flags;
+	__u32 pad;
 };
 
 /* ciliate_metrics (per-CPU array): index reason * 2 + direction. */
