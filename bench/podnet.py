@@ -58,11 +58,12 @@ CLONE_NEWNET = 0x40000000
 Json = dict[str, Any]
 _T = TypeVar("_T")
 
-CiliateSetup = Callable[[str, Path], tuple[Path, Json, Callable[[], None]]]
-"""``ciliate_setup(node_netns_path, workdir) -> (bin_dir, netconf, cleanup)``.
+CiliateSetup = Callable[[str, Path, Sequence[str]], tuple[Path, Json, Callable[[], None]]]
+"""``ciliate_setup(node_netns_path, workdir, agent_args) -> (bin_dir, netconf, cleanup)``.
 
 Starts the agent in the node namespace at ``node_netns_path`` (state under
-``workdir``, a private directory removed afterwards) and returns the
+``workdir``, a private directory removed afterwards; ``agent_args`` added to
+its command line) and returns the
 directory holding ``ciliate-cni``, the network configuration to pass it (a
 netconf or a conflist) and a callable that stops the agent and removes what
 it made. Raise :class:`NotImplementedError` while not available: the
@@ -290,7 +291,9 @@ def ptp(*, name: str = "ptp", subnet: str = "10.98.0.0/24") -> NetworkDef:
     )
 
 
-def _ciliate_setup_unavailable(node_netns_path: str, workdir: Path) -> tuple[Path, Json, Any]:
+def _ciliate_setup_unavailable(
+    node_netns_path: str, workdir: Path, agent_args: Sequence[str]
+) -> tuple[Path, Json, Any]:
     raise NotImplementedError("no ciliate set-up hook registered (podnet.set_ciliate_setup)")
 
 
@@ -303,7 +306,13 @@ def set_ciliate_setup(hook: CiliateSetup | None) -> None:
     _ciliate_setup = hook or _ciliate_setup_unavailable
 
 
-def ciliate(*, name: str = "ciliate", setup: CiliateSetup | None = None) -> NetworkDef:
+def ciliate(
+    *,
+    name: str = "ciliate",
+    setup: CiliateSetup | None = None,
+    agent_args: Sequence[str] = (),
+    description: str = "ciliate-cni + agent: tc redirect_peer, TCP socket to socket",
+) -> NetworkDef:
     """ciliate: its agent in the node namespace, ``ciliate-cni`` as the plugin.
 
     ``setup`` defaults to the hook registered with :func:`set_ciliate_setup`."""
@@ -311,14 +320,12 @@ def ciliate(*, name: str = "ciliate", setup: CiliateSetup | None = None) -> Netw
     def prepare(ctx: NodeContext) -> PreparedNetwork:
         hook = setup or _ciliate_setup
         try:
-            bin_dir, config, cleanup = hook(ctx.netns_path, ctx.workdir)
+            bin_dir, config, cleanup = hook(ctx.netns_path, ctx.workdir, agent_args)
         except NotImplementedError as e:
             raise NetworkSkipped(f"ciliate set-up is not implemented yet: {e}") from e
         return PreparedNetwork(bin_dirs=(Path(bin_dir),), config=config, cleanup=cleanup)
 
-    return NetworkDef(
-        name=name, description="ciliate-cni + agent, tc redirect_peer", prepare=prepare
-    )
+    return NetworkDef(name=name, description=description, prepare=prepare)
 
 
 NETWORKS: dict[str, Callable[[], NetworkDef]] = {
@@ -328,6 +335,11 @@ NETWORKS: dict[str, Callable[[], NetworkDef]] = {
     ),
     "ptp": ptp,
     "ciliate": ciliate,
+    "ciliate-packet": lambda: ciliate(
+        name="ciliate-packet",
+        agent_args=("--no-socket-forwarding",),
+        description="ciliate without socket forwarding: every byte on the packet path",
+    ),
 }
 """The networks benchmarks know by name."""
 

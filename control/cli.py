@@ -69,7 +69,9 @@ def _bench_datapath(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ciliate_bench_setup(netns_path: str, workdir: Path) -> tuple[Path, dict[str, Any], Any]:
+def _ciliate_bench_setup(
+    netns_path: str, workdir: Path, agent_args: Sequence[str]
+) -> tuple[Path, dict[str, Any], Any]:
     """How the benchmarks bring ciliate up on their node: the agent in the
     node namespace, the CNI plugin and its conflist under ``workdir``."""
     import contextlib
@@ -77,7 +79,7 @@ def _ciliate_bench_setup(netns_path: str, workdir: Path) -> tuple[Path, dict[str
 
     stack = contextlib.ExitStack()
     _, bin_dir, conf_dir = stack.enter_context(
-        lab_cli.agent_in(netns_path, workdir, pod_cidr="10.244.70.0/24")
+        lab_cli.agent_in(netns_path, workdir, pod_cidr="10.244.70.0/24", agent_args=agent_args)
     )
     conflist = json.loads((conf_dir / "05-ciliate.conflist").read_text())
     return bin_dir, conflist, stack.close
@@ -179,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cni.add_argument("--json", metavar="FILE")
     bench_cni.set_defaults(func=_bench_cni)
     bench_tr = bench.add_parser("traffic", help="pod-to-pod throughput and latency vs bridge, ptp")
-    bench_tr.add_argument("--networks", nargs="+", default=["bridge", "ptp", "ciliate"])
+    bench_tr.add_argument(
+        "--networks",
+        nargs="+",
+        default=["bridge", "ptp", "ciliate-packet", "ciliate"],
+        help="of: bridge, bridge-nonf, ptp, ciliate, ciliate-packet (ciliate without"
+        " socket forwarding)",
+    )
     bench_tr.add_argument("--seconds", type=int, default=5)
     bench_tr.add_argument("--repeats", type=int, default=5)
     bench_tr.add_argument("--plot", default="bench-traffic.png", metavar="PNG")

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -483,7 +483,12 @@ def _wait_healthy(node: NodeState, proc: subprocess.Popen[bytes], timeout: float
 
 @contextlib.contextmanager
 def agent_in(
-    netns_path: str, workdir: Path, *, pod_cidr: str = "10.244.50.0/24", name: str = "node"
+    netns_path: str,
+    workdir: Path,
+    *,
+    pod_cidr: str = "10.244.50.0/24",
+    name: str = "node",
+    agent_args: Sequence[str] = (),
 ) -> Iterator[tuple[NodeState, Path, Path]]:
     """A ciliate node in an existing namespace (made by a test or benchmark):
     the CNI plugin and conflist installed under ``workdir``, the agent
@@ -502,6 +507,7 @@ def agent_in(
         bpffs_root=f"/sys/fs/bpf/{netns}",
         conf_dir=str(workdir / "net.d"),
         log=str(workdir / "agent.log"),
+        agent_args=["--pod-cidr", pod_cidr, *agent_args] if agent_args else [],
     )
     bin_dir = workdir / "bin"
     install.install(

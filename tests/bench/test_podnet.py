@@ -4,7 +4,7 @@ and DEL / close leave nothing behind (veths, host-local files, namespaces)."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -126,8 +126,10 @@ def test_ciliate_hook_gets_the_node_and_its_cleanup_runs(prefix: str) -> None:
     need(plugins=("bridge", "host-local"))
     calls: list[str] = []
 
-    def hook(node_netns_path: str, workdir: Path) -> tuple[Path, podnet.Json, Callable[[], None]]:
-        assert Path(node_netns_path).exists() and workdir.is_dir()
+    def hook(
+        node_netns_path: str, workdir: Path, agent_args: Sequence[str]
+    ) -> tuple[Path, podnet.Json, Callable[[], None]]:
+        assert Path(node_netns_path).exists() and workdir.is_dir() and agent_args == ()
         calls.append(node_netns_path)
         ctx = podnet.NodeContext("n", node_netns_path, workdir, prefix)
         netconf = podnet.bridge(name="ciliate").prepare(ctx).config
