@@ -578,7 +578,8 @@ def write_json(results: TrafficResults, path: Path) -> None:
 
 
 def plot(results: TrafficResults, png_path: Path) -> None:
-    """Two panels: TCP throughput (bars, min/max whiskers), UDP latency p50 (same)."""
+    """TCP throughput and UDP latency p50 (bars, min/max whiskers); with a
+    ``bridge`` in the run, a third panel of the paired ratios to it."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
@@ -587,7 +588,9 @@ def plot(results: TrafficResults, png_path: Path) -> None:
     names = [r.network for r in results.networks]
     xs = list(range(len(names)))
     colors = [f"C{i}" for i in xs]
-    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ref = "bridge" if results.get("bridge") is not None else None
+    fig, axes = plt.subplots(1, 3 if ref else 2, figsize=(15 if ref else 10, 4.2))
+    ax_t, ax_l = axes[0], axes[1]
     panels = (
         (
             ax_t,
@@ -617,6 +620,8 @@ def plot(results: TrafficResults, png_path: Path) -> None:
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
+    if ref:
+        _plot_ratios(axes[2], results, ref)
     fig.suptitle(
         f"pod -> pod on one node: median of {results.repeats} x {results.seconds:g}s,"
         " whiskers min/max"
@@ -626,3 +631,30 @@ def plot(results: TrafficResults, png_path: Path) -> None:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def _plot_ratios(ax: Any, results: TrafficResults, ref: str) -> None:
+    """Paired ratios to ``ref``, throughput and latency side by side per network."""
+    others = [r for r in results.networks if r.network != ref]
+    xs = list(range(len(others)))
+    width = 0.38
+    for offset, key, label, color in (
+        (-width / 2, "throughput", "throughput (higher is better)", "C2"),
+        (width / 2, "latency_p50", "latency p50 (lower is better)", "C3"),
+    ):
+        values = [r.vs[ref][key] for r in others]
+        err = [
+            [v - r.vs[ref][f"{key}_min"] for v, r in zip(values, others, strict=True)],
+            [r.vs[ref][f"{key}_max"] - v for v, r in zip(values, others, strict=True)],
+        ]
+        bars = ax.bar(
+            [x + offset for x in xs], values, width, yerr=err, capsize=4, color=color, label=label
+        )
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], label_type="center")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(xs, [r.network for r in others])
+    ax.set_ylabel(f"x {ref}")
+    ax.set_title(f"paired ratio to {ref} (median of rounds)")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.2)

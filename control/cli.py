@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="of: bridge, bridge-nonf, ptp, ciliate, ciliate-packet (ciliate without"
         " socket forwarding)",
     )
-    bench_tr.add_argument("--seconds", type=int, default=5)
-    bench_tr.add_argument("--repeats", type=int, default=5)
+    # Many short rounds: more pairs for the median ratio on a machine that drifts.
+    bench_tr.add_argument("--seconds", type=int, default=3)
+    bench_tr.add_argument("--repeats", type=int, default=9)
     bench_tr.add_argument("--plot", default="bench-traffic.png", metavar="PNG")
     bench_tr.add_argument("--json", metavar="FILE")
     bench_tr.add_argument(

@@ -64,3 +64,40 @@ def test_short_run_on_bridge() -> None:
     assert r.throughput_gbps.median > 0
     assert 0 < r.latency_p50_us.median <= r.latency_p99_us.median
     assert r.vs["bridge"]["throughput"] == 1.0
+
+
+def test_plot_with_a_reference_adds_the_ratio_panel(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = _results()
+    ciliate = traffic.NetworkTraffic(
+        network="ciliate",
+        description="ciliate",
+        mtu=1500,
+        pod_ips=("10.0.0.2", "10.0.0.3"),
+        throughput_gbps=traffic.Spread.of([22.0, 23.0, 24.0]),
+        retransmits=traffic.Spread.of([0.0, 0.0, 0.0]),
+        latency_p50_us=traffic.Spread.of([5.0, 5.1, 5.2]),
+        latency_p99_us=traffic.Spread.of([9.0, 9.1, 9.2]),
+        latency_avg_us=traffic.Spread.of([5.0, 5.1, 5.2]),
+        vs={
+            "bridge": {
+                "throughput": 1.2,
+                "throughput_min": 1.1,
+                "throughput_max": 1.3,
+                "latency_p50": 0.8,
+                "latency_p50_min": 0.7,
+                "latency_p50_max": 0.9,
+                "latency_p99": 0.9,
+            }
+        },
+    )
+    without_bridge = traffic.TrafficResults(
+        seconds=5, repeats=3, cpu=1, latency="one-way (RTT/2)", networks=[ciliate]
+    )
+    results.networks.append(ciliate)
+    narrow, wide = tmp_path / "one.png", tmp_path / "two.png"
+    traffic.plot(without_bridge, narrow)
+    traffic.plot(results, wide)
+    # A PNG's width is the big-endian u32 at offset 16: the ratio panel widens the figure.
+    width = lambda p: int.from_bytes(p.read_bytes()[16:20], "big")  # noqa: E731
+    assert width(wide) > width(narrow)
