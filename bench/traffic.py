@@ -10,7 +10,8 @@ alike):
   namespace, ``iperf3 -c … -t SECONDS -J`` in A's; the figure is the
   receiver's bits per second;
 - UDP ping-pong latency: ``sockperf server`` in B, ``sockperf ping-pong
-  --time SECONDS`` in A, both pinned to the same CPU with ``taskset`` (not
+  --time 1`` in A, SECONDS times per round with the networks interleaved
+  (:func:`_latency_slices`), both pinned to the same CPU with ``taskset`` (not
   pinned, latency is bimodal from cross-CPU wake-ups and hides the
   datapath). sockperf's default figure is one-way latency, i.e. half the
   round trip; ``full_rtt=True`` reports round trips.
@@ -390,9 +391,10 @@ def run(
                         f"traffic: round {r + 1}/{repeats} {name}: {i.gbps:.2f} Gbit/s"
                         f" ({i.retransmits} retr)"
                     )
+            slices = _latency_slices(pairs, order, seconds, cpu, full_rtt)
             for name in order:
                 pair = pairs[name]
-                pair.sockperf.append(_sockperf(pair, seconds, cpu, full_rtt))
+                pair.sockperf.append(merge_sockperf(slices[name]))
                 if progress:
                     s = pair.sockperf[-1]
                     progress(
@@ -440,6 +442,36 @@ def run(
                     {key: ratio.median, f"{key}_min": ratio.min, f"{key}_max": ratio.max}
                 )
     return out
+
+
+def _latency_slices(
+    pairs: Mapping[str, _Pair], order: Sequence[str], seconds: float, cpu: int, full_rtt: bool
+) -> dict[str, list[SockperfSample]]:
+    """One round's latency as 1 s runs, the networks interleaved A B C, C B A, ...:
+    on a machine that switches between speed modes every few seconds, the
+    figures one ratio pairs are then taken within a second or two of each
+    other, and the mirrored order cancels a steady drift."""
+    slices: dict[str, list[SockperfSample]] = {name: [] for name in order}
+    for i in range(max(1, round(seconds))):
+        for name in order if i % 2 == 0 else list(reversed(order)):
+            slices[name].append(_sockperf(pairs[name], 1, cpu, full_rtt))
+    return slices
+
+
+def merge_sockperf(samples: Sequence[SockperfSample]) -> SockperfSample:
+    """Several runs of one network as one: the median of each percentile and
+    of the average, the extremes of min and max, all observations."""
+    if not samples:
+        raise ValueError("no sockperf samples")
+    return SockperfSample(
+        avg_us=statistics.median(s.avg_us for s in samples),
+        p50_us=statistics.median(s.p50_us for s in samples),
+        p99_us=statistics.median(s.p99_us for s in samples),
+        min_us=min(s.min_us for s in samples),
+        max_us=max(s.max_us for s in samples),
+        observations=sum(s.observations for s in samples),
+        full_rtt=samples[0].full_rtt,
+    )
 
 
 def paired_ratio(values: Sequence[float], reference: Sequence[float]) -> Spread:

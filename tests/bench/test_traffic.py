@@ -101,3 +101,24 @@ def test_plot_with_a_reference_adds_the_ratio_panel(tmp_path: Path) -> None:
     # A PNG's width is the big-endian u32 at offset 16: the ratio panel widens the figure.
     width = lambda p: int.from_bytes(p.read_bytes()[16:20], "big")  # noqa: E731
     assert width(wide) > width(narrow)
+
+
+def test_latency_slices_merge_into_one_figure() -> None:
+    def sample(p50: float, lo: float, hi: float) -> traffic.SockperfSample:
+        return traffic.SockperfSample(
+            avg_us=p50,
+            p50_us=p50,
+            p99_us=2 * p50,
+            min_us=lo,
+            max_us=hi,
+            observations=10,
+            full_rtt=False,
+        )
+
+    merged = traffic.merge_sockperf(
+        [sample(3.0, 1.0, 9.0), sample(5.0, 2.0, 20.0), sample(4.0, 1.5, 8.0)]
+    )
+    assert (merged.p50_us, merged.p99_us, merged.avg_us) == (4.0, 8.0, 4.0)
+    assert (merged.min_us, merged.max_us, merged.observations) == (1.0, 20.0, 30)
+    with pytest.raises(ValueError, match="no sockperf samples"):
+        traffic.merge_sockperf([])
