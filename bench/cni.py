@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,10 +88,6 @@ class CniResults:
         return next((r for r in self.networks if r.network == name), None)
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def _ratios(r: NetworkResult, base: NetworkResult) -> dict[str, float]:
     return {
         "add_p50": r.add.p50_ms / base.add.p50_ms,
@@ -107,7 +102,7 @@ def run(
     pods: int = 50,
     networks: Sequence[str | podnet.NetworkDef] = ("bridge", "ciliate"),
     warmup: int = 1,
-    progress: Callable[[str], None] | None = _stderr,
+    progress: Callable[[str], None] | None = report.progress_to_stderr,
     ciliate_setup: podnet.CiliateSetup | None = None,
 ) -> CniResults:
     """ADD ``pods`` pods one after another on each network, then DEL them.
@@ -118,10 +113,7 @@ def run(
     listed in ``skipped``."""
     if pods < 1:
         raise ValueError("pods must be >= 1")
-    specs: list[str | podnet.NetworkDef] = [
-        podnet.ciliate(setup=ciliate_setup) if (n == "ciliate" and ciliate_setup is not None) else n
-        for n in networks
-    ]
+    specs = podnet.with_ciliate_setup(networks, ciliate_setup)
     skipped: dict[str, str] = {}
 
     def on_skip(name: str, reason: str) -> None:

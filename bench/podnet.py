@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import secrets
@@ -311,7 +312,7 @@ def ciliate(
     name: str = "ciliate",
     setup: CiliateSetup | None = None,
     agent_args: Sequence[str] = (),
-    description: str = "ciliate-cni + agent: tc redirect_peer, TCP socket to socket",
+    description: str = "ciliate-cni + agent",
 ) -> NetworkDef:
     """ciliate: its agent in the node namespace, ``ciliate-cni`` as the plugin.
 
@@ -328,20 +329,43 @@ def ciliate(
     return NetworkDef(name=name, description=description, prepare=prepare)
 
 
+CILIATE_VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "ciliate": ((), "ciliate-cni + agent: tc redirect_peer, TCP socket to socket"),
+    "ciliate-packet": (
+        ("--no-socket-forwarding",),
+        "ciliate without socket forwarding: every byte on the packet path",
+    ),
+}
+"""ciliate's networks by name: the agent's extra arguments and a description."""
+
+
+def ciliate_variant(name: str, setup: CiliateSetup | None = None) -> NetworkDef:
+    agent_args, description = CILIATE_VARIANTS[name]
+    return ciliate(name=name, setup=setup, agent_args=agent_args, description=description)
+
+
 NETWORKS: dict[str, Callable[[], NetworkDef]] = {
     "bridge": bridge,
     "bridge-nonf": lambda: bridge(
         name="bridge-nonf", subnet="10.97.0.0/24", nf_call_iptables=False
     ),
     "ptp": ptp,
-    "ciliate": ciliate,
-    "ciliate-packet": lambda: ciliate(
-        name="ciliate-packet",
-        agent_args=("--no-socket-forwarding",),
-        description="ciliate without socket forwarding: every byte on the packet path",
-    ),
+    **{name: functools.partial(ciliate_variant, name) for name in CILIATE_VARIANTS},
 }
 """The networks benchmarks know by name."""
+
+
+def with_ciliate_setup(
+    specs: Sequence[str | NetworkDef], setup: CiliateSetup | None
+) -> list[str | NetworkDef]:
+    """``specs`` with every ciliate network by name set up by ``setup`` (when given)
+    instead of the registered hook."""
+    return [
+        ciliate_variant(s, setup)
+        if setup is not None and isinstance(s, str) and s in CILIATE_VARIANTS
+        else s
+        for s in specs
+    ]
 
 
 def network(spec: str | NetworkDef) -> NetworkDef:

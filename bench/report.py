@@ -1,9 +1,16 @@
-"""Printing of benchmark tables."""
+"""Printing of benchmark tables and progress."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
+
+
+def progress_to_stderr(line: str) -> None:
+    """The default progress sink of the benchmarks: a line on stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def print_wide(table: Table) -> None:

@@ -36,7 +36,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -179,10 +178,6 @@ class TrafficResults:
 
 
 # --- running --------------------------------------------------------------------------------
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _default_cpu() -> int:
@@ -341,7 +336,7 @@ def run(
     repeats: int = 3,
     cpu: int | None = None,
     full_rtt: bool = False,
-    progress: Callable[[str], None] | None = _stderr,
+    progress: Callable[[str], None] | None = report.progress_to_stderr,
     ciliate_setup: podnet.CiliateSetup | None = None,
     profile_dir: Path | None = None,
 ) -> TrafficResults:
@@ -355,10 +350,7 @@ def run(
     cpu = _default_cpu() if cpu is None else cpu
     if profile_dir is not None:
         cpuprofile.check_available()
-    specs: list[str | podnet.NetworkDef] = [
-        podnet.ciliate(setup=ciliate_setup) if (n == "ciliate" and ciliate_setup is not None) else n
-        for n in networks
-    ]
+    specs = podnet.with_ciliate_setup(networks, ciliate_setup)
     skipped: dict[str, str] = {}
 
     def on_skip(name: str, reason: str) -> None:

@@ -48,7 +48,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from ipaddress import IPv4Address, IPv4Network, ip_network
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from ciliate.control.process import stop_child
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +421,7 @@ class BgpSpeaker:
         self._announced = []
         proc, self._proc = self._proc, None
         if proc is not None:
-            _stop(proc, self.stop_timeout)
+            stop_child(proc, timeout=self.stop_timeout, name="exabgp")
         self._stopping.set()
         with self._state_lock:
             conn, self._conn = self._conn, None
@@ -591,16 +592,3 @@ class BgpSpeaker:
                 return False
             time.sleep(0.02)
         return True
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM, wait, SIGKILL: by PID, this child only."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("exabgp %d ignored SIGTERM for %s s: killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait()

@@ -40,6 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from ciliate.control.process import stop_child
+
 __all__ = [
     "ETCD_BINARY",
     "EtcdIdentityBenchBackend",
@@ -377,14 +379,7 @@ class EtcdServer:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_child(proc, timeout=timeout, name="etcd")
         self._forget()
 
     def kill(self) -> None:

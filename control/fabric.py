@@ -22,6 +22,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from ciliate.control.process import stop_child
+
 log = logging.getLogger("ciliate.fabric")
 
 ETCD_PORT = 2379
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        stack.callback(_stop_process, operator)
+        stack.callback(stop_child, operator, timeout=10, name="operator")
         log.info("operator pid %d", operator.pid)
         tor = stack.enter_context(
             TorRouter(
@@ -119,16 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
     log.info("fabric stopped")
     return 0
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 if __name__ == "__main__":

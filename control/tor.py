@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -37,6 +36,8 @@ from ipaddress import IPv4Address, IPv4Network, ip_network
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from ciliate.control.process import stop_child
 
 log = logging.getLogger(__name__)
 
@@ -322,15 +323,7 @@ class TorRouter:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("bird %d ignored SIGTERM: killing it", proc.pid)
-                proc.kill()
-                proc.wait()
+        stop_child(proc, timeout=self.stop_timeout, name="bird")
         self.socket_path.unlink(missing_ok=True)
         self.pid_path.unlink(missing_ok=True)
 

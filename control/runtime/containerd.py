@@ -34,6 +34,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
+from ciliate.control.process import stop_child
 from ciliate.control.runtime.common import (
     REFERENCE_PLUGIN_DIR,
     RuntimeUnavailable,
@@ -477,13 +478,8 @@ disabled_plugins = [
                     errors.append(f"remove sandbox {sid}: {exc}")
         if self.cri is not None:
             self.cri.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_child(self.proc, timeout=15, name="containerd")
         for pid in self.shim_pids():  # only shims of this lab's socket
             errors.append(f"killed leftover shim {pid}")
             with contextlib.suppress(ProcessLookupError):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import os
 import secrets
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ciliate.control import lab
-from ciliate.datapath import abi
+from ciliate.datapath.maps import SocketMap
 from ciliate.loader import Map, cgroup2_root, enter_netns
 
 from .conftest import NodeLab, restart_agent
@@ -65,20 +64,11 @@ def connect(pod: lab.PodState, address: str, port: int) -> socket.socket:
 
 def sockhash(node_lab: NodeLab) -> set[tuple[str, str, int, int]]:
     """(local IP, remote IP, local port, remote port) of every socket in ciliate_sockhash."""
-    entries = set()
     with Map.open_pinned(Path(node_lab.node.bpffs_root) / "maps" / "ciliate_sockhash") as m:
-        keys = m.keys()  # a Map is not iterable itself
-        for key in keys:
-            f = abi.unpack("ciliate_sock_key", key)
-            entries.add(
-                (
-                    str(ipaddress.IPv4Address(f["local_ip"].to_bytes(4, "little"))),
-                    str(ipaddress.IPv4Address(f["remote_ip"].to_bytes(4, "little"))),
-                    f["local_port"],
-                    f["remote_port"],
-                )
-            )
-    return entries
+        return {
+            (str(s.local[0]), str(s.remote[0]), s.local[1], s.remote[1])
+            for s in SocketMap(m).list()
+        }
 
 
 def tuple_of(sock: socket.socket) -> tuple[str, str, int, int]:
