@@ -11,9 +11,8 @@ blocks, IPv6 ``fd00:10::/104`` in ``/120`` blocks: 65,536 of each):
   same store (a restart: every CIDR re-occupied, nothing written). The result is checked:
   every node has two CIDRs and no CIDR is held twice.
 
-The benchmark sits below the control plane (``control > bench``), so it does not import
-the allocator, the store or the operator: the caller passes them in as
-:class:`Subjects` (``ciliate.control.operator.bench_subjects()``).
+The code measured is the real one by default (:func:`real_subjects`: ``ClusterPool``,
+``SqliteStore``, ``Operator``); tests may pass other :class:`Subjects`.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ __all__ = [
     "Reconciler",
     "Subjects",
     "print_table",
+    "real_subjects",
     "run",
-    "set_subjects",
 ]
 
 IPV4_CIDR = "10.0.0.0/8"
@@ -86,13 +85,13 @@ class Subjects(Generic[_S, _P]):
     make_operator: Callable[[_S, _P], Reconciler]
 
 
-_subjects: Subjects[Any, Any] | None = None
+def real_subjects() -> Subjects[Any, Any]:
+    """The production code: ClusterPool, SqliteStore and the operator."""
+    from ciliate.control.ipam import ClusterPool
+    from ciliate.control.operator.reconciler import Operator
+    from ciliate.control.store.sqlite import SqliteStore
 
-
-def set_subjects(subjects: Subjects[Any, Any] | None) -> None:
-    """Register the default :class:`Subjects` for :func:`run` (None: none)."""
-    global _subjects
-    _subjects = subjects
+    return Subjects(make_pool=ClusterPool, open_store=SqliteStore, make_operator=Operator)
 
 
 def _pool(subjects: Subjects[_S, _P]) -> _P:
@@ -168,12 +167,7 @@ def _bench_operator(subjects: Subjects[_S, _P], nodes: int) -> dict[str, float]:
 
 def run(nodes: int = 10_000, *, subjects: Subjects[Any, Any] | None = None) -> dict[str, float]:
     """Both figures for ``nodes`` nodes; see the module documentation."""
-    chosen = subjects if subjects is not None else _subjects
-    if chosen is None:
-        raise RuntimeError(
-            "no code to measure: pass subjects=ciliate.control.operator.bench_subjects() "
-            "or register them with set_subjects()"
-        )
+    chosen = subjects if subjects is not None else real_subjects()
     if nodes < 1:
         raise ValueError("nodes must be at least 1")
     allocator_ms = _bench_allocator(chosen, nodes)

@@ -7,31 +7,31 @@ allocation is one optimistic transaction on the shared store (conflicts are retr
 the figure is the rate at which the cluster can hand out *new* identities, contention
 included. Afterwards the ids are checked: ``identities`` label sets, as many distinct ids.
 
-The bench sits below the control plane in the layers, so the store and the allocator
-come from a *backend* the control plane provides (:class:`IdentityBackend`, registered
-with :func:`set_identity_backend` or passed to :func:`run`):
-:class:`ciliate.control.etcd_server.EtcdIdentityBenchBackend` starts a private etcd on
-loopback and allocates with ``IdentityAllocator`` on ``EtcdStore``. The backend object is
+The store and the allocator come from a *backend* (:class:`IdentityBackend`); the
+default, :class:`EtcdIdentityBenchBackend`, starts a private etcd on loopback and
+allocates with the real ``IdentityAllocator`` on ``EtcdStore``. The backend object is
 pickled into the agent processes (``spawn``), so it must be picklable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
+    "EtcdIdentityBenchBackend",
     "IdentityAgent",
     "IdentityBackend",
     "print_table",
     "run",
-    "set_identity_backend",
 ]
 
 
@@ -62,15 +62,6 @@ class IdentityBackend(Protocol):
     def agent(self, endpoint: str) -> IdentityAgent:
         """Connect one agent to the store at ``endpoint`` (in an agent process)."""
         ...
-
-
-_backend: IdentityBackend | None = None
-
-
-def set_identity_backend(backend: IdentityBackend | None) -> None:
-    """Register the backend :func:`run` uses when none is passed."""
-    global _backend
-    _backend = backend
 
 
 def _stderr(message: str) -> None:
@@ -146,12 +137,7 @@ def run(
     return the rate and the latency of one allocation (retries included)."""
     if agents < 1 or identities < 1 or threads < 1:
         raise ValueError("agents, identities and threads must be >= 1")
-    chosen = backend if backend is not None else _backend
-    if chosen is None:
-        raise RuntimeError(
-            "no identity backend: pass backend= or register one with set_identity_backend "
-            "(the control plane provides ciliate.control.etcd_server.EtcdIdentityBenchBackend)"
-        )
+    chosen = backend if backend is not None else EtcdIdentityBenchBackend()
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run gRPC threads
     start = ctx.Barrier(agents + 1)
     results = ctx.Queue()
@@ -244,3 +230,52 @@ def print_table(result: Mapping[str, Any]) -> None:
     if not console.is_terminal:
         console = Console(width=120)
     console.print(table)
+
+
+# -- the default backend: the real allocator on a private etcd ---------------------
+
+
+class _EtcdIdentityAgent:
+    """One agent of the identity benchmark: IdentityAllocator on its own EtcdStore."""
+
+    def __init__(self, endpoint: str, prefix: str, retries: int) -> None:
+        from ciliate.control.identity.allocator import IdentityAllocator
+        from ciliate.control.store.etcd import EtcdStore
+
+        self._store = EtcdStore([endpoint], prefix=prefix)
+        self._allocator = IdentityAllocator(self._store)
+        self._retries = retries
+        self._store.revision()  # connect now, not inside the measured part
+
+    def acquire(self, labels: Mapping[str, str]) -> int:
+        identity = self._store.run_transaction(
+            lambda txn: self._allocator.acquire(txn, labels), retries=self._retries
+        )
+        return identity.id
+
+    def stats(self) -> Mapping[str, int]:
+        return self._store.stats
+
+    def close(self) -> None:
+        self._store.close()
+
+
+@dataclass(frozen=True)
+class EtcdIdentityBenchBackend:
+    """Identity allocation on a private etcd, for :mod:`ciliate.bench.identity`:
+    ``identity.run(backend=EtcdIdentityBenchBackend())``. Picklable (sent to the agent
+    processes)."""
+
+    name: str = "etcd"
+    prefix: str = "/ciliate-bench/"
+    retries: int = 1000
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        from ciliate.control.lab.etcd_server import EtcdServer
+
+        with EtcdServer() as server:
+            yield server.endpoint
+
+    def agent(self, endpoint: str) -> _EtcdIdentityAgent:
+        return _EtcdIdentityAgent(endpoint, self.prefix, self.retries)

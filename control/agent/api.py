@@ -147,7 +147,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
     def cluster_nodes() -> list[dict[str, Any]]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
-        from ciliate.control.cluster import list_nodes
+        from ciliate.control.cluster.member import list_nodes
 
         return list_nodes(agent.cluster.store)
 
@@ -155,7 +155,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
     def cluster_node_delete(name: str) -> dict[str, str]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
-        from ciliate.control.cluster import delete_node
+        from ciliate.control.cluster.member import delete_node
 
         delete_node(agent.cluster.store, name)
         return {"deleted": name}

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ciliate.control.cluster import BgpConfig, ClusterError, ClusterIdentities, ClusterMember
-from ciliate.control.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
-from ciliate.control.identity import IdentityAllocator
+from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
+from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterIdentities, ClusterMember
+from ciliate.control.identity.allocator import IdentityAllocator
 from ciliate.control.ipam.host import HostIpam
 from ciliate.control.store.sqlite import SqliteStore
 from ciliate.datapath import devices

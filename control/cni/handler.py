@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ciliate.control import identity
+from ciliate.control.identity import labels as identity
 
 from .service import (
     AddRequest,

@@ -20,7 +20,7 @@ class AddRequest:
     container_id: str
     ifname: str  # name of the interface inside the pod (CNI_IFNAME)
     netns: str  # path of the pod's network namespace (CNI_NETNS)
-    labels: Mapping[str, str]  # identity labels (ciliate.control.identity.labels_from_cni)
+    labels: Mapping[str, str]  # identity labels (identity.labels.labels_from_cni)
     mtu: int | None = None  # netconf "mtu"; None: the agent's default
     attributes: Mapping[str, str] = field(default_factory=dict)  # e.g. K8S_POD_NAME, for display
 

@@ -36,7 +36,7 @@ etcd limits a transaction to ``--max-txn-ops`` compares and as many writes (128 
 default; nested transactions count against the same budget, so splitting does not help).
 A transaction that read more keys (a ``list`` of a large prefix) or writes more is refused
 with a :class:`StoreError` that says so: run etcd with a larger ``--max-txn-ops``
-(:class:`~ciliate.control.etcd_server.EtcdServer` starts it with 8192).
+(:class:`~ciliate.control.lab.etcd_server.EtcdServer` starts it with 8192).
 
 Connection failures (etcd down, no leader, timeouts) raise :class:`StoreUnavailableError`:
 retry later. A commit that times out may or may not have been applied (etcd gives no

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ciliate.control.etcd_server import ETCD_BINARY, EtcdServer, etcd_available
+from ciliate.control.lab.etcd_server import ETCD_BINARY, EtcdServer, etcd_available
 
 __all__ = ["StoreFactory", "etcd_server", "private_etcd", "require_etcd", "store_factory"]
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.control import bgp, tor
+from ciliate.control.cluster import bgp
+from ciliate.control.lab import tor
 
 TOR_AS = 65000
 LINKS = IPv4Network("192.168.77.0/24")
@@ -341,7 +342,7 @@ def test_a_speaker_whose_owner_dies_stops_announcing(fabric: Fabric) -> None:
         import sys, time
         from ipaddress import IPv4Address, IPv4Network
         from pathlib import Path
-        from ciliate.control import bgp
+        from ciliate.control.cluster import bgp
         s = bgp.BgpSpeaker(
             router_id=IPv4Address("{node.ip}"), local_as={node.asn},
             peers=[bgp.Peer(IPv4Address("{node.tor_ip}"), {TOR_AS})],

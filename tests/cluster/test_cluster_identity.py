@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 
 from ciliate.bench import identity as identity_bench
-from ciliate.control.etcd_server import EtcdIdentityBenchBackend, EtcdServer
-from ciliate.control.identity import (
+from ciliate.bench.identity import EtcdIdentityBenchBackend
+from ciliate.control.identity.allocator import (
     ID_PREFIX,
     LABELS_PREFIX,
     IdentityAllocator,
     canonical_labels,
 )
+from ciliate.control.lab.etcd_server import EtcdServer
 from ciliate.control.store import decode_json
 from ciliate.control.store.etcd import EtcdStore
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
-from ciliate.control import lab
-from ciliate.control.client import AgentClient
+from ciliate.control.agent.client import AgentClient
+from ciliate.control.lab import lab
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from typing import TypeVar
 
 import pytest
 
-from ciliate.control.etcd_server import EtcdServer
 from ciliate.control.ipam.host import HostIpam
+from ciliate.control.lab.etcd_server import EtcdServer
 from ciliate.control.store import (
     StoreClosedError,
     StoreConflictError,

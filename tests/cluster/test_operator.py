@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from ciliate.bench import cidr_alloc
-from ciliate.control import operator as op
 from ciliate.control.ipam import ClusterPool
+from ciliate.control.operator import main as operator_main
+from ciliate.control.operator import reconciler as op
 from ciliate.control.store import SqliteStore, StoreConflictError
 from ciliate.control.store.base import KeyValues
 
@@ -680,7 +681,7 @@ VALID_V4 = ("--cluster-pool-ipv4-cidr", "10.0.0.0/8", *MASK_24)
 def test_cli_configuration_errors_exit_2_with_one_line(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert op.main(args) == 2
+    assert operator_main.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ciliate-operator: error: ")
     assert err.count("\n") == 1, err
@@ -688,9 +689,9 @@ def test_cli_configuration_errors_exit_2_with_one_line(
 
 
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert op.main(["--cluster-pool-ipv4-mask-size", "big"]) == 2
+    assert operator_main.main(["--cluster-pool-ipv4-mask-size", "big"]) == 2
     assert "invalid int value" in capsys.readouterr().err
-    assert op.main(["--kvstore", "consul"]) == 2
+    assert operator_main.main(["--kvstore", "consul"]) == 2
 
 
 def test_cli_runs_until_sigterm_and_allocates(tmp_path: Path) -> None:
@@ -700,7 +701,7 @@ def test_cli_runs_until_sigterm_and_allocates(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "ciliate.control.operator", "--kvstore", "sqlite"),
+            *(sys.executable, "-m", "ciliate.control.operator.main", "--kvstore", "sqlite"),
             *("--kvstore-path", str(db), "--poll-interval", "0.02"),
             *("--cluster-pool-ipv4-cidr", "10.244.0.0/16", *MASK_24),
             *("--cluster-pool-ipv6-cidr", "fd00:10:244::/56,fd00:10:245::/56"),
@@ -732,7 +733,7 @@ def test_cli_runs_until_sigterm_and_allocates(tmp_path: Path) -> None:
 
 
 def test_the_benchmark_runs_and_checks_its_result(capsys: pytest.CaptureFixture[str]) -> None:
-    results = op.run_benchmark(nodes=300)
+    results = cidr_alloc.run(nodes=300)
     assert results["nodes"] == 300
     for key in ("allocator_ms", "write_nodes_ms", "reconcile_ms", "resync_ms", "restart_ms"):
         assert results[key] > 0
@@ -741,6 +742,6 @@ def test_the_benchmark_runs_and_checks_its_result(capsys: pytest.CaptureFixture[
     assert "one reconcile" in capsys.readouterr().out
 
 
-def test_the_benchmark_needs_its_subjects() -> None:
-    with pytest.raises(RuntimeError, match="bench_subjects"):
-        cidr_alloc.run(10)
+def test_the_benchmark_measures_the_production_operator() -> None:
+    subjects = cidr_alloc.real_subjects()
+    assert subjects.make_operator is op.Operator

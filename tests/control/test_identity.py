@@ -1,4 +1,4 @@
-"""Behaviour of ciliate.control.identity: label sets to numeric security identities."""
+"""Behaviour of ciliate.control.identity.allocator: label sets to numeric security identities."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ciliate.control import identity as identity_module
-from ciliate.control.identity import (
+from ciliate.control.identity import allocator as identity_module
+from ciliate.control.identity.allocator import (
     MIN_ALLOCATED_ID,
     CniArgsError,
     Identity,
@@ -22,8 +22,8 @@ from ciliate.control.identity import (
     IdentityNotFoundError,
     Labels,
     canonical_labels,
-    labels_from_cni,
 )
+from ciliate.control.identity.labels import labels_from_cni
 from ciliate.control.store import SqliteStore, StoreDataError
 
 WEB = {"k8s:io.kubernetes.pod.namespace": "default", "k8s:app": "web"}

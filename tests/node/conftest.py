@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from ciliate.control import lab
-from ciliate.control.client import AgentClient
+from ciliate.control.agent.client import AgentClient
+from ciliate.control.lab import lab
 
 
 @dataclass

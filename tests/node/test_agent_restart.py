@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ciliate.control import lab
-from ciliate.control.endpoints import CRASH_STEPS
+from ciliate.control.agent.endpoints import CRASH_STEPS
+from ciliate.control.lab import lab
 
 from .conftest import NodeLab, restart_agent
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ciliate.control import lab
+from ciliate.control.lab import lab
 
 from .conftest import NodeLab
 

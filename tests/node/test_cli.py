@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from ciliate.control import lab
+from ciliate.control.lab import lab
 
 from .conftest import NodeLab
 
 
 def ciliate(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ciliate.control.cli", *args],
+        [sys.executable, "-m", "ciliate.control.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

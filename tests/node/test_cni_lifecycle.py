@@ -8,7 +8,7 @@ import ipaddress
 
 import pytest
 
-from ciliate.control import lab
+from ciliate.control.lab import lab
 
 from .conftest import NodeLab
 

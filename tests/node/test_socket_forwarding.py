@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.control import lab
+from ciliate.control.lab import lab
 from ciliate.datapath.maps import SocketMap
 from ciliate.loader import Map, cgroup2_root, enter_netns
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.control.runtime import RuntimeUnavailable
-from ciliate.control.runtime.containerd import ContainerdLab
-from ciliate.control.runtime.podman import PodmanLab
+from ciliate.control.lab.runtime import RuntimeUnavailable
+from ciliate.control.lab.runtime.containerd import ContainerdLab
+from ciliate.control.lab.runtime.podman import PodmanLab
 
 from . import plugins
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ciliate.control.runtime.common import read_trace
+from ciliate.control.lab.runtime.common import read_trace
 
 from .plugins import PluginSet
 

@@ -21,7 +21,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliate.control.runtime.common import REFERENCE_PLUGIN_DIR, network_name, reference_conflist
+from ciliate.control.lab.runtime.common import (
+    REFERENCE_PLUGIN_DIR,
+    network_name,
+    reference_conflist,
+)
 
 REFERENCE_SUBNET = "10.88.7.0/24"
 REFERENCE_BRIDGE = "crt0"
@@ -53,7 +57,7 @@ CiliateNode = Callable[[str, Path], "tuple[Path, Path] | AbstractContextManager[
 
 @contextlib.contextmanager
 def _ciliate_node(netns: str, tmp: Path) -> Iterator[tuple[Path, Path]]:
-    from ciliate.control import lab
+    from ciliate.control.lab import lab
 
     with lab.agent_in(netns, tmp / "ciliate", pod_cidr="10.244.60.0/24") as (_, bin_dir, conf):
         yield bin_dir, conf
@@ -135,7 +139,7 @@ def ciliate(node_netns: str, tmp_path: Path, hook: CiliateNode) -> Iterator[Plug
 
 def _agent_leftovers(conf_dir: Path) -> list[str]:
     """What the agent still holds: endpoints, IPs, endpoint map entries."""
-    from ciliate.control.client import AgentClient
+    from ciliate.control.agent.client import AgentClient
 
     plugin = json.loads((conf_dir / CILIATE_CONFLIST).read_text())["plugins"][0]
     with AgentClient(plugin["agentSocket"]) as agent:

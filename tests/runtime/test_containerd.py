@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.control.runtime.common import RuntimeUnavailable, traced_plugin_dir
-from ciliate.control.runtime.containerd import ContainerdLab
+from ciliate.control.lab.runtime.common import RuntimeUnavailable, traced_plugin_dir
+from ciliate.control.lab.runtime.containerd import ContainerdLab
 
 from . import plugins
 from .helpers import assert_nothing_left, assert_ping, assert_pod_ip, node_veths, plugin_calls

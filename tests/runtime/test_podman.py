@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.control.runtime.common import (
+from ciliate.control.lab.runtime.common import (
     REFERENCE_PLUGIN_DIR,
     CommandError,
     RuntimeUnavailable,
     reference_conflist,
     traced_plugin_dir,
 )
-from ciliate.control.runtime.podman import PodmanLab
+from ciliate.control.lab.runtime.podman import PodmanLab
 
 from . import plugins
 from .helpers import assert_nothing_left, assert_ping, assert_pod_ip, node_veths, plugin_calls

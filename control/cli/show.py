@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ciliate.control.client import DEFAULT_SOCKET, AgentClient
+from ciliate.control.agent.client import DEFAULT_SOCKET, AgentClient
 
 
 def _print(data: Any, output: str, *, columns: Sequence[str] = (), title: str = "") -> None:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ciliate.control import inspect
-from ciliate.control import lab as lab_cli
+from ciliate.control.cli import show
 from ciliate.control.cni import install as cni_install
+from ciliate.control.lab import lab as lab_cli
 
 
 def _bpf_build(args: argparse.Namespace) -> int:
@@ -118,26 +118,26 @@ def _bench_traffic(args: argparse.Namespace) -> int:
 
 def _bench_cidr_alloc(args: argparse.Namespace) -> int:
     from ciliate.bench import cidr_alloc
-    from ciliate.control import operator
 
-    cidr_alloc.print_table(operator.run_benchmark(args.nodes))
+    cidr_alloc.print_table(cidr_alloc.run(args.nodes))
     return 0
 
 
 def _bench_identity(args: argparse.Namespace) -> int:
     from ciliate.bench import identity
-    from ciliate.control.etcd_server import EtcdIdentityBenchBackend
 
     identity.print_table(
         identity.run(
-            agents=args.agents, identities=args.identities, backend=EtcdIdentityBenchBackend()
+            agents=args.agents,
+            identities=args.identities,
+            backend=identity.EtcdIdentityBenchBackend(),
         )
     )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ciliate.control import demo
+    from ciliate.control.lab import demo
 
     return demo.run_datapath_demo()
 
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_bpf_build)
     check = bpf.add_parser("check", help="load every program through the verifier")
     check.set_defaults(func=_bpf_check)
-    inspect.register_bpf(bpf)
-    inspect.register(sub)
+    show.register_bpf(bpf)
+    show.register(sub)
 
     cni_install.register(sub)
 

@@ -1,4 +1,4 @@
-"""``ciliate-operator``: cluster-pool IPAM for the whole cluster (DESIGN.md, point 3).
+"""The operator's reconciler: cluster-pool IPAM for the whole cluster (DESIGN.md, point 3).
 
 The operator hands every node its pod CIDRs. It watches the node objects the agents
 register in the cluster store and writes, for each, the IPAM object the agent reads:
@@ -65,28 +65,21 @@ a full resync runs every ``resync_interval`` seconds so a missed event cannot st
 
 from __future__ import annotations
 
-import argparse
 import functools
 import ipaddress
 import logging
 import os
 import queue
-import re
 import secrets
-import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
-from ciliate.bench import cidr_alloc
-from ciliate.control.ipam import ClusterPool, PoolConfigError, PoolError, PoolExhaustedError
+from ciliate.control.ipam import ClusterPool, PoolError, PoolExhaustedError
 from ciliate.control.store.base import (
     JsonIn,
     KeyValues,
@@ -107,12 +100,8 @@ __all__ = [
     "ReconcileResult",
     "Watch",
     "WatchEvent",
-    "bench_subjects",
-    "build_parser",
     "ipam_key",
-    "main",
     "node_key",
-    "run_benchmark",
 ]
 
 log = logging.getLogger("ciliate.operator")
@@ -704,175 +693,3 @@ class Operator:
             log.info("node %s deleted: released %s", node, ", ".join(cidrs) or "nothing")
         for node, cidrs in result.allocated.items():
             log.info("node %s: allocated %s", node, ", ".join(cidrs))
-
-
-# -- the benchmark's hooks ------------------------------------------------------------------
-
-
-def bench_subjects() -> cidr_alloc.Subjects[Any, ClusterPool]:
-    """What :mod:`ciliate.bench.cidr_alloc` measures: ClusterPool, SqliteStore, Operator."""
-    from ciliate.control.store.sqlite import SqliteStore
-
-    return cidr_alloc.Subjects(
-        make_pool=ClusterPool, open_store=SqliteStore, make_operator=Operator
-    )
-
-
-def run_benchmark(nodes: int = 10_000) -> dict[str, float]:
-    """``ciliate bench cidr-alloc``: :func:`ciliate.bench.cidr_alloc.run` on the real code."""
-    return cidr_alloc.run(nodes, subjects=bench_subjects())
-
-
-# -- ciliate-operator ---------------------------------------------------------------------
-
-# ClusterPool names its options as Python keywords; the command line has flags.
-_FLAG_NAMES = {
-    "ipv4_cidrs": "--cluster-pool-ipv4-cidr",
-    "ipv4_mask": "--cluster-pool-ipv4-mask-size",
-    "ipv6_cidrs": "--cluster-pool-ipv6-cidr",
-    "ipv6_mask": "--cluster-pool-ipv6-mask-size",
-}
-_FLAG_RE = re.compile(r"\b(" + "|".join(_FLAG_NAMES) + r")\b")
-
-
-def _as_flags(message: str) -> str:
-    return _FLAG_RE.sub(lambda m: _FLAG_NAMES[m.group(1)], message)
-
-
-def _split(values: Sequence[str] | None) -> list[str]:
-    """Repeated flags and comma-separated lists (as Cilium's string slices) alike."""
-    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ciliate-operator",
-        description="Cluster-pool IPAM: hands each node its pod CIDRs from the cluster CIDRs.",
-    )
-    pool = parser.add_argument_group("cluster pool")
-    pool.add_argument(
-        "--cluster-pool-ipv4-cidr",
-        action="append",
-        metavar="CIDR",
-        help="IPv4 cluster CIDR to carve node CIDRs from (repeatable, or comma-separated)",
-    )
-    pool.add_argument(
-        "--cluster-pool-ipv4-mask-size", type=int, metavar="BITS", help="IPv4 node CIDR prefix"
-    )
-    pool.add_argument(
-        "--cluster-pool-ipv6-cidr",
-        action="append",
-        metavar="CIDR",
-        help="IPv6 cluster CIDR to carve node CIDRs from (repeatable, or comma-separated)",
-    )
-    pool.add_argument(
-        "--cluster-pool-ipv6-mask-size", type=int, metavar="BITS", help="IPv6 node CIDR prefix"
-    )
-    kv = parser.add_argument_group("cluster store")
-    kv.add_argument("--kvstore", choices=("etcd", "sqlite"), default="etcd")
-    kv.add_argument(
-        "--etcd-endpoint",
-        action="append",
-        metavar="URL",
-        help="etcd endpoint (repeatable; default http://127.0.0.1:2379)",
-    )
-    kv.add_argument(
-        "--kvstore-path", type=Path, metavar="FILE", help="SQLite file (--kvstore sqlite)"
-    )
-    parser.add_argument(
-        "--resync-interval", type=float, default=30.0, metavar="S", help="full resync period"
-    )
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="how often to poll a store that cannot watch (sqlite)",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    return parser
-
-
-def _error(message: str) -> int:
-    print(f"ciliate-operator: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-
-
-def _open_store(args: argparse.Namespace) -> OperatorStore:
-    if args.kvstore == "sqlite":
-        from ciliate.control.store.sqlite import SqliteStore
-
-        return SqliteStore(args.kvstore_path)
-    from ciliate.control.store.etcd import EtcdStore
-
-    endpoints = _split(args.etcd_endpoint) or ["http://127.0.0.1:2379"]
-    store: OperatorStore = EtcdStore(endpoints)
-    return store
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        pool = ClusterPool(
-            ipv4_cidrs=_split(args.cluster_pool_ipv4_cidr),
-            ipv4_mask=args.cluster_pool_ipv4_mask_size,
-            ipv6_cidrs=_split(args.cluster_pool_ipv6_cidr),
-            ipv6_mask=args.cluster_pool_ipv6_mask_size,
-        )
-    except PoolConfigError as exc:
-        return _error(_as_flags(str(exc)))
-    if args.resync_interval <= 0 or args.poll_interval <= 0:
-        return _error("--resync-interval and --poll-interval must be positive")
-    if args.kvstore == "sqlite" and args.kvstore_path is None:
-        return _error("--kvstore sqlite needs --kvstore-path FILE")
-    if args.kvstore == "etcd" and args.kvstore_path is not None:
-        return _error("--kvstore-path is for --kvstore sqlite; etcd takes --etcd-endpoint")
-    try:
-        store = _open_store(args)
-    except ImportError as exc:
-        return _error(f"the etcd kvstore is not available ({exc}); use --kvstore sqlite")
-    except StoreError as exc:
-        print(f"ciliate-operator: cannot open the cluster store: {exc}", file=sys.stderr)
-        return 1
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    operator = Operator(
-        store, pool, resync_interval=args.resync_interval, poll_interval=args.poll_interval
-    )
-    v4 = ", ".join(map(str, pool.ipv4_cidrs)) or "-"
-    v6 = ", ".join(map(str, pool.ipv6_cidrs)) or "-"
-    log.info(
-        "cluster pool: IPv4 %s (/%s), IPv6 %s (/%s); kvstore %s",
-        v4,
-        args.cluster_pool_ipv4_mask_size,
-        v6,
-        args.cluster_pool_ipv6_mask_size,
-        args.kvstore,
-    )
-    try:
-        operator.run(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        close: Callable[[], None] | None = getattr(store, "close", None)
-        if close is not None:
-            close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

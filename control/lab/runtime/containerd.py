@@ -34,8 +34,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
-from ciliate.control.process import stop_child
-from ciliate.control.runtime.common import (
+from ciliate.control.lab.runtime.common import (
     REFERENCE_PLUGIN_DIR,
     RuntimeUnavailable,
     busybox_rootfs,
@@ -50,6 +49,7 @@ from ciliate.control.runtime.common import (
     remove_tree,
     run,
 )
+from ciliate.control.process import stop_child
 
 PACKAGES = {
     "/usr/bin/containerd": "containerd",

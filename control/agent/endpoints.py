@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from ciliate.control.cni import service as svc
-from ciliate.control.identity import Identity, IdentityAllocator, IdentityError
+from ciliate.control.identity.allocator import Identity, IdentityAllocator, IdentityError
 from ciliate.control.ipam.host import HostIpam, IpamExhaustedError
 from ciliate.control.store import Store, Txn
 from ciliate.datapath import devices

@@ -4,7 +4,7 @@ the operator, bird as the ToR router), held by one process that
 with SIGTERM. etcd and bird die with it (they are started with a parent
 death signal), so one PID owns the whole fabric.
 
-    python -m ciliate.control.fabric --netns NS --workdir DIR --tor-ip IP \\
+    python -m ciliate.control.lab.fabric --netns NS --workdir DIR --tor-ip IP \\
         --node NAME=IP:ASN ... --cluster-cidr CIDR --mask-size N
 """
 
@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from ciliate.control.etcd_server import EtcdServer
-    from ciliate.control.tor import Neighbor, TorRouter
+    from ciliate.control.lab.etcd_server import EtcdServer
+    from ciliate.control.lab.tor import Neighbor, TorRouter
 
     stop = threading.Event()
     restart_etcd = threading.Event()
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--net=/run/netns/{args.netns}",
                 sys.executable,
                 "-m",
-                "ciliate.control.operator",
+                "ciliate.control.operator.main",
                 "--etcd-endpoint",
                 endpoint,
                 *[a for c in args.cluster_cidr for a in ("--cluster-pool-ipv4-cidr", c)],

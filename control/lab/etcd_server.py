@@ -34,8 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -44,7 +43,6 @@ from ciliate.control.process import stop_child
 
 __all__ = [
     "ETCD_BINARY",
-    "EtcdIdentityBenchBackend",
     "EtcdServer",
     "EtcdServerError",
     "etcd_available",
@@ -415,50 +413,3 @@ def _kill_leftovers() -> None:
     for server in servers:
         with contextlib.suppress(Exception):
             server.kill()
-
-
-# -- the backend of ``ciliate bench identity`` ------------------------------------------
-
-
-class _EtcdIdentityAgent:
-    """One agent of the identity benchmark: IdentityAllocator on its own EtcdStore."""
-
-    def __init__(self, endpoint: str, prefix: str, retries: int) -> None:
-        from .identity import IdentityAllocator
-        from .store.etcd import EtcdStore
-
-        self._store = EtcdStore([endpoint], prefix=prefix)
-        self._allocator = IdentityAllocator(self._store)
-        self._retries = retries
-        self._store.revision()  # connect now, not inside the measured part
-
-    def acquire(self, labels: Mapping[str, str]) -> int:
-        identity = self._store.run_transaction(
-            lambda txn: self._allocator.acquire(txn, labels), retries=self._retries
-        )
-        return identity.id
-
-    def stats(self) -> Mapping[str, int]:
-        return self._store.stats
-
-    def close(self) -> None:
-        self._store.close()
-
-
-@dataclass(frozen=True)
-class EtcdIdentityBenchBackend:
-    """Identity allocation on a private etcd, for :mod:`ciliate.bench.identity`:
-    ``identity.run(backend=EtcdIdentityBenchBackend())``. Picklable (sent to the agent
-    processes)."""
-
-    name: str = "etcd"
-    prefix: str = "/ciliate-bench/"
-    retries: int = 1000
-
-    @contextlib.contextmanager
-    def serve(self) -> Iterator[str]:
-        with EtcdServer() as server:
-            yield server.endpoint
-
-    def agent(self, endpoint: str) -> _EtcdIdentityAgent:
-        return _EtcdIdentityAgent(endpoint, self.prefix, self.retries)

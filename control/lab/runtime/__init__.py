@@ -2,6 +2,6 @@
 for end-to-end tests of CNI plugins: the reference plugins now, ciliate's
 ``ciliate-cni`` the same way."""
 
-from ciliate.control.runtime.common import CommandError, RuntimeUnavailable
+from ciliate.control.lab.runtime.common import CommandError, RuntimeUnavailable
 
 __all__ = ["CommandError", "RuntimeUnavailable"]

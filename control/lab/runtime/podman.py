@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from ciliate.control.runtime.common import (
+from ciliate.control.lab.runtime.common import (
     REFERENCE_PLUGIN_DIR,
     RuntimeUnavailable,
     busybox_rootfs,

@@ -3,7 +3,7 @@ object, pod CIDRs from the operator, cluster-wide identities, the other
 nodes and their endpoints mirrored into this node's ipcache, and the BGP
 announcement of this node's pod CIDRs.
 
-Cluster keys (JSON values), shared with the operator (control/operator.py):
+Cluster keys (JSON values), shared with the operator (control/operator/reconciler.py):
 
 * ``cluster/nodes/<name>``     this agent: ``{"name", "nodeIP"}`` (deleted = node gone)
 * ``cluster/alive/<name>``     this agent, bound to a lease: the node is up
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ciliate.control.identity import Identity, IdentityAllocator, Labels
+from ciliate.control.identity.allocator import Identity, IdentityAllocator, Labels
 from ciliate.control.store import Txn
 from ciliate.datapath.maps import Ipcache, IpcacheEntry
 
@@ -235,7 +235,7 @@ class ClusterMember:
     def start_bgp(self, pod_cidrs: Sequence[ipaddress.IPv4Network]) -> None:
         if self._bgp_config is None or not self._bgp_config.peers:
             return
-        from ciliate.control.bgp import BgpSpeaker, Peer
+        from ciliate.control.cluster.bgp import BgpSpeaker, Peer
 
         self._speaker = BgpSpeaker(
             router_id=self.node_ip,

@@ -25,13 +25,19 @@ and value percent-encoded so that ``=``, ``;`` and ``%`` inside them stay unambi
 from __future__ import annotations
 
 import builtins
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from urllib.parse import quote
 
-from .store import Json, Reader, Store, StoreDataError, Txn, decode_json
+from ciliate.control.identity.labels import (
+    RESERVED_SOURCE,
+    CniArgsError,
+    IdentityError,
+    IdentityLabelsError,
+    Labels,
+)
+from ciliate.control.store import Json, Reader, Store, StoreDataError, Txn, decode_json
 
 __all__ = [
     "MAX_ALLOCATED_ID",
@@ -46,10 +52,7 @@ __all__ = [
     "IdentityNotFoundError",
     "Labels",
     "canonical_labels",
-    "labels_from_cni",
 ]
-
-Labels = Mapping[str, str]
 
 # Cilium's pkg/identity numbering.
 RESERVED_IDENTITIES: Mapping[int, str] = MappingProxyType(
@@ -70,31 +73,11 @@ MIN_ALLOCATED_ID = 256
 # Cilium's cluster-local range: 16 bits; the bits above carry the cluster id.
 MAX_ALLOCATED_ID = 0xFFFF
 
-K8S_SOURCE = "k8s:"
-RESERVED_SOURCE = "reserved:"
-NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
-POD_NAME_LABEL = "k8s:io.kubernetes.pod.name"
-
 ID_PREFIX = "identities/id/"
 LABELS_PREFIX = "identities/labels/"
 CURSOR_KEY = "identities/cursor"
 
-# Kubernetes name rules: namespaces are DNS-1123 labels, pod names DNS-1123 subdomains.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _SAFE = ":/"  # kept readable in canonical strings; quote() already keeps A-Za-z0-9_.-~
-
-
-class IdentityError(Exception):
-    """Base class for every identity error."""
-
-
-class IdentityLabelsError(IdentityError, ValueError):
-    """A label set cannot be given an identity (empty, wrong types, reserved labels)."""
-
-
-class CniArgsError(IdentityLabelsError):
-    """CNI_ARGS or the netconf labels do not parse; the message says where."""
 
 
 class IdentityNotFoundError(IdentityError, LookupError):
@@ -305,71 +288,3 @@ class IdentityAllocator:
             f"all {span} identities ({MIN_ALLOCATED_ID}..{MAX_ALLOCATED_ID}) are in use; "
             "too many distinct label sets -- drop per-pod labels that make every pod unique"
         )
-
-
-def labels_from_cni(*, cni_args: str, netconf_labels: Mapping[str, str] | None) -> dict[str, str]:
-    """The identity labels of a pod from a CNI invocation.
-
-    ``cni_args`` is the ``CNI_ARGS`` environment value (``K=V;K2=V2``); its
-    ``K8S_POD_NAMESPACE`` and ``K8S_POD_NAME`` become ``k8s:io.kubernetes.pod.namespace``
-    and ``k8s:io.kubernetes.pod.name`` (a namespace needs a pod name; a pod name alone,
-    as podman sends it, is fine); every other key
-    (``IgnoreUnknown``, ``K8S_POD_UID``, ...) is ignored. ``netconf_labels`` (the
-    netconf's ``args.cni.labels``) are added with their keys prefixed ``k8s:`` unless
-    they already are. Unlike Cilium, the pod name is part of the label set (so each pod
-    gets its own identity), as this project's design asks.
-    """
-    args = _parse_cni_args(cni_args)
-    labels: dict[str, str] = {}
-    namespace, name = args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")
-    if namespace is not None and name is None:
-        raise CniArgsError("CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME; give both")
-    if namespace is not None:
-        if not _DNS_LABEL.fullmatch(namespace):
-            raise CniArgsError(
-                f"K8S_POD_NAMESPACE {namespace!r} is not a Kubernetes namespace name"
-            )
-        labels[NAMESPACE_LABEL] = namespace
-    if name is not None:
-        if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
-            raise CniArgsError(f"K8S_POD_NAME {name!r} is not a Kubernetes pod name")
-        labels[POD_NAME_LABEL] = name
-    for key, value in (netconf_labels or {}).items():
-        if not isinstance(key, str) or not key.strip() or not isinstance(value, str):
-            raise CniArgsError(
-                f"netconf args.cni.labels must map non-empty strings to strings, "
-                f"not {key!r}: {value!r}"
-            )
-        if key.startswith(RESERVED_SOURCE):
-            raise CniArgsError(f"netconf label {key!r} uses the reserved source; it is the agent's")
-        canonical = key if key.startswith(K8S_SOURCE) else f"{K8S_SOURCE}{key}"
-        if canonical == K8S_SOURCE:
-            raise CniArgsError("netconf label 'k8s:' has no name after the source prefix")
-        if labels.get(canonical, value) != value:
-            raise CniArgsError(
-                f"netconf label {key!r}={value!r} contradicts CNI_ARGS ({labels[canonical]!r})"
-            )
-        labels[canonical] = value
-    return labels
-
-
-def _parse_cni_args(cni_args: str) -> dict[str, str]:
-    """``K=V;K2=V2`` as libcni reads it: exactly one ``=`` per pair; empty pairs (a
-    trailing ``;``) are skipped."""
-    if not isinstance(cni_args, str):
-        raise CniArgsError(f"CNI_ARGS must be a string, not {type(cni_args).__name__}")
-    args: dict[str, str] = {}
-    for position, pair in enumerate(cni_args.split(";"), start=1):
-        if not pair.strip():
-            continue
-        key, sep, value = pair.partition("=")
-        if not sep or "=" in value or not key.strip():
-            raise CniArgsError(
-                f"CNI_ARGS pair {position} ({pair!r}) is not KEY=VALUE; expected "
-                "'K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod;...'"
-            )
-        key = key.strip()
-        if args.get(key, value) != value:
-            raise CniArgsError(f"CNI_ARGS gives {key} twice with different values")
-        args[key] = value
-    return args

@@ -31,7 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ciliate.control.client import AgentClient
+from ciliate.control.agent.client import AgentClient
 
 LAB_ROOT = Path("/run/ciliate-lab")
 CNI_VERSION = "1.0.0"
@@ -282,7 +282,7 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
     """A ToR namespace (a bridge for the fabric, etcd, the operator, bird)
     and ``nodes`` node namespaces cabled to it, each running its agent in
     cluster mode: pod CIDRs from the operator, announced over BGP."""
-    from ciliate.control.fabric import ETCD_PORT, TOR_AS
+    from ciliate.control.lab.fabric import ETCD_PORT, TOR_AS
 
     if LabState.load(name) is not None:
         raise LabError(f"lab {name!r} is up: run `ciliate lab down --name {name}` first")
@@ -333,7 +333,7 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
             [
                 sys.executable,
                 "-m",
-                "ciliate.control.fabric",
+                "ciliate.control.lab.fabric",
                 "--netns",
                 tor,
                 "--workdir",
@@ -614,7 +614,7 @@ def down(*, name: str, console: Console) -> list[str]:
     for node in state.nodes:
         if node.agent_pid and _stop(node.agent_pid, node.socket):
             removed.append(f"agent pid {node.agent_pid}")
-    if state.fabric_pid and _stop(state.fabric_pid, "ciliate.control.fabric"):
+    if state.fabric_pid and _stop(state.fabric_pid, "ciliate.control.lab.fabric"):
         removed.append(f"fabric pid {state.fabric_pid} (etcd, operator, bird)")
     if state.tor_netns and _run("ip", "netns", "del", state.tor_netns, check=False).returncode == 0:
         removed.append(f"netns {state.tor_netns} (bridge, etcd, operator, bird)")

@@ -1,0 +1,1 @@
+"""``ciliate``: the command line (inspection, CNI install, benchmarks, lab)."""
