@@ -107,8 +107,8 @@ def run(
 ) -> CniResults:
     """ADD ``pods`` pods one after another on each network, then DEL them.
 
-    ``ciliate_setup`` overrides the hook registered with
-    :func:`ciliate.bench.podnet.set_ciliate_setup` for this run. Networks that
+    ``ciliate_setup`` overrides :func:`ciliate.bench.podnet.lab_ciliate_setup`
+    for this run. Networks that
     are not available (no plugin, hook not implemented) are skipped and
     listed in ``skipped``."""
     if pods < 1:

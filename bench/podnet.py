@@ -19,10 +19,10 @@ Each network is a small strategy object (:class:`NetworkDef`): a name, and a
 ``prepare`` step that returns the plugin directory, the configuration (a
 netconf or a conflist) and an optional cleanup. Definitions exist for the
 reference plugins (``bridge``, ``bridge-nonf``, ``ptp``; Debian
-``containernetworking-plugins``) and for ``ciliate``, whose set-up is a hook
-provided by the control plane (:data:`CiliateSetup`, registered with
-:func:`set_ciliate_setup`): until one is registered, ``ciliate`` is skipped
-with a clear message.
+``containernetworking-plugins``) and for ``ciliate``, whose set-up
+(:data:`CiliateSetup`) starts the lab's agent in the node namespace by
+default; a set-up that raises :class:`NotImplementedError` makes the network
+skipped with a clear message.
 
 Everything this module creates is named ``<prefix>-…`` with a per-run random
 prefix (``cbn-<hex>``) and is removed by :meth:`PodNetwork.close`, also on
@@ -292,19 +292,20 @@ def ptp(*, name: str = "ptp", subnet: str = "10.98.0.0/24") -> NetworkDef:
     )
 
 
-def _ciliate_setup_unavailable(
+def lab_ciliate_setup(
     node_netns_path: str, workdir: Path, agent_args: Sequence[str]
-) -> tuple[Path, Json, Any]:
-    raise NotImplementedError("no ciliate set-up hook registered (podnet.set_ciliate_setup)")
+) -> tuple[Path, Json, Callable[[], None]]:
+    """The default :data:`CiliateSetup`: the lab's agent in the node namespace
+    (``ciliate.control.lab.lab.agent_in``), the CNI plugin and its conflist under
+    ``workdir``."""
+    from ciliate.control.lab import lab
 
-
-_ciliate_setup: CiliateSetup = _ciliate_setup_unavailable
-
-
-def set_ciliate_setup(hook: CiliateSetup | None) -> None:
-    """Register how ``ciliate`` is set up on a node (None: back to unavailable)."""
-    global _ciliate_setup
-    _ciliate_setup = hook or _ciliate_setup_unavailable
+    stack = contextlib.ExitStack()
+    _, bin_dir, conf_dir = stack.enter_context(
+        lab.agent_in(node_netns_path, workdir, pod_cidr="10.244.70.0/24", agent_args=agent_args)
+    )
+    conflist = json.loads((conf_dir / "05-ciliate.conflist").read_text())
+    return bin_dir, conflist, stack.close
 
 
 def ciliate(
@@ -316,10 +317,10 @@ def ciliate(
 ) -> NetworkDef:
     """ciliate: its agent in the node namespace, ``ciliate-cni`` as the plugin.
 
-    ``setup`` defaults to the hook registered with :func:`set_ciliate_setup`."""
+    ``setup`` defaults to :func:`lab_ciliate_setup`."""
 
     def prepare(ctx: NodeContext) -> PreparedNetwork:
-        hook = setup or _ciliate_setup
+        hook = setup or lab_ciliate_setup
         try:
             bin_dir, config, cleanup = hook(ctx.netns_path, ctx.workdir, agent_args)
         except NotImplementedError as e:
@@ -359,7 +360,7 @@ def with_ciliate_setup(
     specs: Sequence[str | NetworkDef], setup: CiliateSetup | None
 ) -> list[str | NetworkDef]:
     """``specs`` with every ciliate network by name set up by ``setup`` (when given)
-    instead of the registered hook."""
+    instead of :func:`lab_ciliate_setup`."""
     return [
         ciliate_variant(s, setup)
         if setup is not None and isinstance(s, str) and s in CILIATE_VARIANTS

@@ -11,7 +11,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ciliate.control.cli import show
 from ciliate.control.cni import install as cni_install
@@ -69,26 +68,9 @@ def _bench_datapath(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ciliate_bench_setup(
-    netns_path: str, workdir: Path, agent_args: Sequence[str]
-) -> tuple[Path, dict[str, Any], Any]:
-    """How the benchmarks bring ciliate up on their node: the agent in the
-    node namespace, the CNI plugin and its conflist under ``workdir``."""
-    import contextlib
-    import json
-
-    stack = contextlib.ExitStack()
-    _, bin_dir, conf_dir = stack.enter_context(
-        lab_cli.agent_in(netns_path, workdir, pod_cidr="10.244.70.0/24", agent_args=agent_args)
-    )
-    conflist = json.loads((conf_dir / "05-ciliate.conflist").read_text())
-    return bin_dir, conflist, stack.close
-
-
 def _bench_cni(args: argparse.Namespace) -> int:
-    from ciliate.bench import cni, podnet
+    from ciliate.bench import cni
 
-    podnet.set_ciliate_setup(_ciliate_bench_setup)
     results = cni.run(pods=args.pods, networks=tuple(args.networks))
     cni.print_table(results)
     if args.json:
@@ -98,9 +80,8 @@ def _bench_cni(args: argparse.Namespace) -> int:
 
 
 def _bench_traffic(args: argparse.Namespace) -> int:
-    from ciliate.bench import podnet, traffic
+    from ciliate.bench import traffic
 
-    podnet.set_ciliate_setup(_ciliate_bench_setup)
     results = traffic.run(
         networks=tuple(args.networks),
         seconds=args.seconds,

@@ -110,19 +110,26 @@ def test_failed_add_is_followed_by_del_and_leaves_no_namespace(prefix: str) -> N
         assert [p.name for p in net.pods] == ["a"]
 
 
-def test_ciliate_is_skipped_while_its_hook_is_not_implemented(prefix: str) -> None:
+def test_ciliate_is_skipped_while_its_set_up_is_not_implemented(prefix: str) -> None:
     need(plugins=())
-    with pytest.raises(podnet.NetworkSkipped, match="not implemented"):
-        podnet.PodNetwork("ciliate", prefix=prefix).open()
+
+    def unavailable(
+        node_netns_path: str, workdir: Path, agent_args: Sequence[str]
+    ) -> tuple[Path, podnet.Json, Callable[[], None]]:
+        raise NotImplementedError("no agent here")
+
+    spec = podnet.ciliate(setup=unavailable)
+    with pytest.raises(podnet.NetworkSkipped, match="not implemented yet: no agent here"):
+        podnet.PodNetwork(spec, prefix=prefix).open()
     skipped: dict[str, str] = {}
     with podnet.pod_networks(
-        ["ciliate"], prefix=prefix, on_skip=lambda n, r: skipped.update({n: r})
+        [spec], prefix=prefix, on_skip=lambda n, r: skipped.update({n: r})
     ) as nets:
         assert nets == {}
-    assert "set_ciliate_setup" in skipped["ciliate"]
+    assert "no agent here" in skipped["ciliate"]
 
 
-def test_ciliate_hook_gets_the_node_and_its_cleanup_runs(prefix: str) -> None:
+def test_ciliate_set_up_gets_the_node_and_its_cleanup_runs(prefix: str) -> None:
     need(plugins=("bridge", "host-local"))
     calls: list[str] = []
 
@@ -135,13 +142,7 @@ def test_ciliate_hook_gets_the_node_and_its_cleanup_runs(prefix: str) -> None:
         netconf = podnet.bridge(name="ciliate").prepare(ctx).config
         return podnet.REFERENCE_PLUGIN_DIR, netconf, lambda: calls.append("cleanup")
 
-    podnet.set_ciliate_setup(hook)
-    try:
-        with podnet.PodNetwork("ciliate", prefix=prefix) as net:
-            net.add_pod("a")
-            assert calls == [net.node_netns_path]
-    finally:
-        podnet.set_ciliate_setup(None)
+    with podnet.PodNetwork(podnet.ciliate(setup=hook), prefix=prefix) as net:
+        net.add_pod("a")
+        assert calls == [net.node_netns_path]
     assert calls[-1] == "cleanup"
-    with pytest.raises(podnet.NetworkSkipped):
-        podnet.PodNetwork("ciliate", prefix=prefix).open()
