@@ -39,6 +39,9 @@ __all__ = [
     "StoreUnavailableError",
     "Txn",
     "TxnFinishedError",
+    "check_key",
+    "check_prefix",
+    "check_value",
     "decode_json",
     "encode_json",
 ]
@@ -83,6 +86,33 @@ class StoreKeyError(StoreError, ValueError):
 
 class StoreDataError(StoreError):
     """A stored value is not what its reader expects (not JSON, wrong shape)."""
+
+
+def check_key(key: str) -> None:
+    """Refuse a key every implementation could not keep: keys are non-empty printable
+    strings (portable to etcd and to CLI output; no NUL or lone surrogates, which SQLite
+    TEXT cannot hold faithfully)."""
+    if not isinstance(key, str) or not key or not key.isprintable():
+        raise StoreKeyError(f"store keys must be non-empty printable strings, not {key!r}")
+
+
+def check_prefix(prefix: str, *, allow_empty: bool) -> None:
+    """Refuse a prefix as :func:`check_key` does; the empty prefix (every key) only where
+    ``allow_empty`` (listing, never deleting)."""
+    if not isinstance(prefix, str) or not prefix.isprintable():
+        raise StoreKeyError(f"key prefixes must be printable strings, not {prefix!r}")
+    if not prefix and not allow_empty:
+        raise StoreKeyError("an empty prefix would delete every key; name what to delete")
+
+
+def check_value(value: bytes) -> bytes:
+    """The value as ``bytes`` (bytearray and memoryview are copied); anything else is a
+    caller's mistake."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"store values are bytes, not {type(value).__name__}")
 
 
 def encode_json(value: JsonIn) -> bytes:

@@ -87,6 +87,9 @@ from .base import (
     StoreUnavailableError,
     Txn,
     TxnFinishedError,
+    check_key,
+    check_prefix,
+    check_value,
 )
 
 __all__ = [
@@ -126,26 +129,6 @@ _UNAVAILABLE_DETAILS = ("no leader", "leader changed", "timed out", "too many re
 
 
 # -- keys --------------------------------------------------------------------------------
-
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key or not key.isprintable():
-        raise StoreKeyError(f"store keys must be non-empty printable strings, not {key!r}")
-
-
-def _check_prefix(prefix: str, *, allow_empty: bool) -> None:
-    if not isinstance(prefix, str) or not prefix.isprintable():
-        raise StoreKeyError(f"key prefixes must be printable strings, not {prefix!r}")
-    if not prefix and not allow_empty:
-        raise StoreKeyError("an empty prefix would delete every key; name what to delete")
-
-
-def _check_value(value: bytes) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"store values are bytes, not {type(value).__name__}")
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -597,7 +580,7 @@ class EtcdTxn(Txn):
 
     def get(self, key: str) -> bytes | None:
         self._check_open()
-        _check_key(key)
+        check_key(key)
         if key in self._writes:
             return self._writes[key]
         if key in self._values:
@@ -612,7 +595,7 @@ class EtcdTxn(Txn):
 
     def list(self, prefix: str) -> KeyValues:
         self._check_open()
-        _check_prefix(prefix, allow_empty=True)
+        check_prefix(prefix, allow_empty=True)
         if prefix not in self._ranges:
             full = self._store._full(prefix)
             items, revision = self._guarded(
@@ -646,8 +629,8 @@ class EtcdTxn(Txn):
     def put(self, key: str, value: bytes, *, lease: EtcdLease | None = None) -> None:
         """Create or replace ``key``; with ``lease`` it is deleted when the lease ends."""
         self._check_open()
-        _check_key(key)
-        data = _check_value(value)
+        check_key(key)
+        data = check_value(value)
         if lease is not None and lease._store is not self._store:
             raise StoreError("a lease can only be used with the store that granted it")
         self._writes[key] = data
@@ -664,7 +647,7 @@ class EtcdTxn(Txn):
 
     def delete_prefix(self, prefix: str) -> int:
         self._check_open()
-        _check_prefix(prefix, allow_empty=False)
+        check_prefix(prefix, allow_empty=False)
         items = self.list(prefix)
         for key, _ in items:
             self._writes[key] = None
@@ -941,12 +924,12 @@ class EtcdStore(Store):
     # -- reads of committed data -------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        _check_key(key)
+        check_key(key)
         value, _, _ = self._run(self._a_get(self._full(key), None), doing=f"get {key!r}")
         return value
 
     def list(self, prefix: str) -> KeyValues:
-        _check_prefix(prefix, allow_empty=True)
+        check_prefix(prefix, allow_empty=True)
         full = self._full(prefix)
         items, _ = self._run(self._a_range(full, _range_end(full), None), doing=f"list {prefix!r}")
         strip = len(self._prefix_bytes)
@@ -1013,7 +996,7 @@ class EtcdStore(Store):
     def watch_prefix(self, prefix: str, *, start_revision: int | None = None) -> EtcdWatch:
         """Watch every key under ``prefix`` (relative) from ``start_revision`` on
         (inclusive); by default from the first revision after now."""
-        _check_prefix(prefix, allow_empty=True)
+        check_prefix(prefix, allow_empty=True)
         if start_revision is None:
             start_revision = self.revision() + 1
         watch = EtcdWatch(self, prefix, start_revision)

@@ -39,10 +39,12 @@ from .base import (
     StoreClosedError,
     StoreDataError,
     StoreError,
-    StoreKeyError,
     StoreUnavailableError,
     Txn,
     TxnFinishedError,
+    check_key,
+    check_prefix,
+    check_value,
 )
 
 __all__ = ["SqliteStore", "SqliteTxn"]
@@ -74,28 +76,6 @@ def _translate(exc: sqlite3.Error, *, path: str, doing: str) -> StoreError:
     if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
         return StoreClosedError(f"store {path} was closed ({doing})")
     return StoreError(f"store {path}: {doing} failed: {exc}")
-
-
-def _check_key(key: str) -> None:
-    # Printable-only keeps keys portable to etcd/CLI output and rules out NUL and lone
-    # surrogates, which SQLite TEXT cannot hold faithfully.
-    if not isinstance(key, str) or not key or not key.isprintable():
-        raise StoreKeyError(f"store keys must be non-empty printable strings, not {key!r}")
-
-
-def _check_prefix(prefix: str, *, allow_empty: bool) -> None:
-    if not isinstance(prefix, str) or not prefix.isprintable():
-        raise StoreKeyError(f"key prefixes must be printable strings, not {prefix!r}")
-    if not prefix and not allow_empty:
-        raise StoreKeyError("an empty prefix would delete every key; name what to delete")
-
-
-def _check_value(value: bytes) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"store values are bytes, not {type(value).__name__}")
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -133,13 +113,13 @@ def _as_bytes(value: object) -> bytes:
 
 
 def _get(conn: sqlite3.Connection, key: str) -> bytes | None:
-    _check_key(key)
+    check_key(key)
     row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
     return None if row is None else _as_bytes(row[0])
 
 
 def _list(conn: sqlite3.Connection, prefix: str) -> KeyValues:
-    _check_prefix(prefix, allow_empty=True)
+    check_prefix(prefix, allow_empty=True)
     where, args = _range_clause(prefix)
     rows = conn.execute(f"SELECT key, value FROM kv WHERE {where} ORDER BY key", args)
     return [(key, _as_bytes(value)) for key, value in rows]
@@ -196,8 +176,8 @@ class SqliteTxn(Txn):
 
     def put(self, key: str, value: bytes) -> None:
         self._check_open()
-        _check_key(key)
-        data = _check_value(value)
+        check_key(key)
+        data = check_value(value)
         try:
             self._conn.execute(
                 "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?)"
@@ -210,7 +190,7 @@ class SqliteTxn(Txn):
 
     def delete(self, key: str) -> bool:
         self._check_open()
-        _check_key(key)
+        check_key(key)
         try:
             deleted = self._conn.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount
             if deleted:
@@ -221,7 +201,7 @@ class SqliteTxn(Txn):
 
     def delete_prefix(self, prefix: str) -> int:
         self._check_open()
-        _check_prefix(prefix, allow_empty=False)
+        check_prefix(prefix, allow_empty=False)
         where, args = _range_clause(prefix)
         try:
             deleted: int = self._conn.execute(f"DELETE FROM kv WHERE {where}", args).rowcount
