@@ -10,7 +10,10 @@ from typing import Any
 
 import httpx
 
-DEFAULT_SOCKET = Path(os.environ.get("CILIATE_SOCKET", "/run/ciliate/agent.sock"))
+from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET
+
+# CILIATE_SOCKET points the CLI at an agent elsewhere (a lab node).
+DEFAULT_SOCKET = Path(os.environ.get("CILIATE_SOCKET", DEFAULT_AGENT_SOCKET))
 
 
 class AgentUnreachableError(RuntimeError):

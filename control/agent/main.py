@@ -4,20 +4,29 @@ It refuses to run in the machine's root network namespace unless told this
 machine *is* the node (``--i-am-the-node``): the agent adds devices, routes
 and sysctls to the namespace it runs in, and the lab runs it inside a node
 namespace (``nsenter --net=/run/netns/<node> ciliate-agent ...``).
+
+Exit status: 0 when stopped by SIGTERM or SIGINT (after its own shutdown:
+requests in flight answered, queued veth deletions done, the socket
+removed); 2 for a configuration the node cannot run, including another
+agent already on the same state directory, socket directory or bpffs root
+(one line on stderr says what to fix); 1 for any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
+import json
 import logging
-import os
-import socket
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ciliate.control.cni import handler
+from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET
 
 if TYPE_CHECKING:
     from ciliate.control.agent.node import NodeAgent
@@ -51,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="IP:ASN of a BGP peer (the top-of-rack) to announce pod CIDRs to",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/ciliate"))
-    p.add_argument("--socket", type=Path, default=Path("/run/ciliate/agent.sock"))
+    p.add_argument("--socket", type=Path, default=Path(DEFAULT_AGENT_SOCKET))
     p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/ciliate"))
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument(
@@ -80,8 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if not 68 <= args.mtu <= 65535:
-        p.error(f"--mtu {args.mtu}: must be between 68 and 65535")
+    if not handler.MTU_MIN <= args.mtu <= handler.MTU_MAX:
+        p.error(f"--mtu {args.mtu}: must be between {handler.MTU_MIN} and {handler.MTU_MAX}")
     if not args.pod_cidr and not args.etcd_endpoint:
         p.error("give --pod-cidr (one node) or --etcd-endpoint (cluster mode)")
     if args.etcd_endpoint and args.pod_cidr:
@@ -104,19 +113,38 @@ def _peer(text: str) -> tuple[ipaddress.IPv4Address, int]:
         ) from None
 
 
-def _listen(path: Path) -> socket.socket:
-    """The API socket, mode 0600 from the start (umask around bind)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() or path.is_symlink():
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    return sock
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT arrived while the agent was starting: unwind
+    start-up (it releases what it opened) and exit 0, as a stop would."""
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT for the agent's whole life. While ``starting``: raise
+    ``_Stopped``, so start-up unwinds. Afterwards: only log. uvicorn installs
+    its own handlers while it runs and, after its graceful stop, raises the
+    signal again; under the default handler that second delivery would kill
+    the process before the agent's own shutdown (exit 143, a stale socket,
+    queued work dropped)."""
+
+    def __init__(self) -> None:
+        self.starting = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.starting:
+            log.info("%s during start-up: stopping", name)
+            raise _Stopped(name)
+        log.info("%s: shutting down", name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,17 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ciliate.datapath import devices
 
     if devices.in_root_netns() and not args.i_am_the_node:
-        print(
-            "ciliate-agent: refusing to configure the machine's root network namespace; "
-            "run it inside the node's namespace (nsenter --net=...) or pass --i-am-the-node",
-            file=sys.stderr,
+        return _refuse(
+            "refusing to configure the machine's root network namespace; "
+            "run it inside the node's namespace (nsenter --net=...) or pass --i-am-the-node"
         )
-        return 2
 
-    import uvicorn
-
-    from ciliate.control.agent.api import create_app
-    from ciliate.control.agent.node import AgentConfig, NodeAgent
+    from ciliate.control.agent.lock import AgentLockError
+    from ciliate.control.agent.node import AgentConfig, AgentConfigError, NodeAgent
 
     config = AgentConfig(
         node_name=args.node_name,
@@ -155,48 +179,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_forwarding=args.socket_forwarding,
         cgroup_root=args.cgroup_root,
     )
-    agent = NodeAgent(config)
-    try:
-        sock = _listen(config.socket)
-        # After listen: a relay that found no socket a moment ago has queued its
-        # DEL by now, and new calls wait in the backlog while we replay.
-        replay_del_queue(agent)
-        log.info(
-            "serving on %s (node %s, pod CIDRs %s)",
-            config.socket,
-            config.node_name,
-            ", ".join(map(str, agent.pod_cidrs)),
-        )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(agent),
-                fd=sock.fileno(),
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=5,
-            )
-        )
-        server.run()
-    finally:
-        with contextlib.suppress(OSError):
-            config.socket.unlink()
-        agent.close()
+    with _StopSignals() as signals:
+        try:
+            agent = NodeAgent(config)
+        except (AgentLockError, AgentConfigError) as exc:
+            return _refuse(str(exc))
+        except _Stopped:
+            log.info("stopped before serving")
+            return 0
+        signals.starting = False
+        try:
+            serve(agent)
+        finally:
+            agent.close()
     log.info("stopped; pods keep forwarding through the pinned programs and maps")
     return 0
+
+
+def _refuse(message: str) -> int:
+    print(f"ciliate-agent: {message}", file=sys.stderr)
+    return 2
+
+
+def serve(agent: NodeAgent) -> None:
+    """Replay the queued DELs, then answer the API until SIGTERM/SIGINT;
+    returns once requests in flight are answered."""
+    import uvicorn
+
+    from ciliate.control.agent.api import create_app
+
+    # The socket listens already: a relay that found no socket a moment ago
+    # has queued its DEL by now, and new calls wait in the backlog while we replay.
+    replay_del_queue(agent)
+    log.info(
+        "serving on %s (node %s, pod CIDRs %s)",
+        agent.config.socket,
+        agent.config.node_name,
+        ", ".join(map(str, agent.pod_cidrs)),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(agent),
+            fd=agent.api_socket.fileno(),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run()
 
 
 def replay_del_queue(agent: NodeAgent) -> int:
     """DELs the CNI relay queued while the agent was down, through the same
     handler as a live call. An entry goes once it succeeded or can never
     succeed (a malformed call); a temporary failure keeps it for next time."""
-    from ciliate.control.cni.handler import handle, read_del_queue, remove_from_queue
-
     replayed = 0
-    for entry in read_del_queue(agent.config.del_queue_dir):
-        response = handle(entry["env"], entry["stdin"].encode(), agent.endpoints)
+    for entry in handler.read_del_queue(agent.config.del_queue_dir):
+        response = handler.handle(entry["env"], entry["stdin"].encode(), agent.endpoints)
         if response.exit_code == 0 or _permanent(response.stdout):
-            remove_from_queue(entry["path"])
+            handler.remove_from_queue(entry["path"])
             replayed += 1
         else:
             log.warning(
@@ -207,14 +249,23 @@ def replay_del_queue(agent: NodeAgent) -> int:
     return replayed
 
 
-def _permanent(stdout: str) -> bool:
-    import json
+# Failures no retry can mend: the queued call itself is malformed.
+_PERMANENT_CODES = frozenset(
+    {
+        handler.CODE_INCOMPATIBLE_VERSION,
+        handler.CODE_INVALID_ENV,
+        handler.CODE_DECODING,
+        handler.CODE_INVALID_NETCONF,
+    }
+)
 
+
+def _permanent(stdout: str) -> bool:
     try:
         code = json.loads(stdout).get("code")
     except (ValueError, AttributeError):
         return False
-    return code in (1, 4, 6, 7)  # version, environment, decoding, netconf: retrying won't help
+    return code in _PERMANENT_CODES
 
 
 if __name__ == "__main__":

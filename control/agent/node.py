@@ -1,10 +1,23 @@
 """The node agent's components, wired together, and their start-up order.
 
-Start: store -> datapath (maps re-opened from their pins, so forwarding
-state survives) -> cilium_host/cilium_net and the pod CIDR routes -> the
-host and uplink programs (pinned links, swapped to the new programs) ->
-endpoints reconciled against the store -> the CNI DEL queue replayed.
-Stop: nothing is torn down; pods keep forwarding without the agent.
+Start: the lock on the node's paths (one agent per state directory, socket
+directory and bpffs root, see ``lock.py``) -> the configuration checked
+against the namespace (the uplink exists) -> cluster membership (cluster
+mode) -> store -> IPAM -> datapath (maps re-opened from their pins, so
+forwarding state survives) -> cilium_host/cilium_net and the pod CIDR
+routes -> the host and uplink programs (clsact filters at a fixed handle,
+their program replaced in place) -> socket forwarding (sock_ops through a
+pinned link, updated in place) -> endpoints reconciled against the store ->
+the API socket, bound last so that a relay calling during start-up queues
+its DEL or is told to try again.
+
+Every step that opens something registers its release at once: a failure
+half-way closes what was opened, in reverse, and releases the lock, so a
+retry starts clean.
+
+Stop: only this process's handles are closed (sockets, map and program fds,
+the store, the lock); nothing on the node is torn down, so pods keep
+forwarding without the agent.
 """
 
 from __future__ import annotations
@@ -12,22 +25,24 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
+from ciliate.control.agent.lock import AgentLock, Place
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterIdentities, ClusterMember
-from ciliate.control.identity.allocator import IdentityAllocator
-from ciliate.control.ipam.host import HostIpam
+from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllocator
+from ciliate.control.ipam.host import HostIpam, IpamConfigError
 from ciliate.control.store.sqlite import SqliteStore
-from ciliate.datapath import devices
+from ciliate.datapath import abi, devices
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.maps import IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
 from ciliate.loader import (
-    LoaderError,
     Map,
     attach_sk_msg,
     attach_sock_ops,
@@ -39,7 +54,12 @@ from ciliate.loader import (
 
 log = logging.getLogger(__name__)
 
-HOST_IDENTITY = 1
+_HOST_IDENTITY = next(i for i, name in RESERVED_IDENTITIES.items() if name == "host")
+
+
+class AgentConfigError(ValueError):
+    """The agent's configuration does not fit the node: the message names
+    the flag to fix."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +92,30 @@ class AgentConfig:
 
 
 class NodeAgent:
+    """A running agent: everything ``__init__`` opened is released by
+    :meth:`close`, or by ``__init__`` itself when a step fails."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.started = time.time()
         self._stack = contextlib.ExitStack()
-        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _start(self) -> None:
+        config = self.config
+        lock = AgentLock(
+            [
+                Place("state directory", config.state_dir),
+                Place("socket directory", config.socket.parent),
+                Place("bpffs root", config.bpffs_root),
+            ]
+        )
+        self._stack.callback(lock.release)
+        uplink_ifindex = self._uplink_ifindex()
         self.cluster: ClusterMember | None = None
         self.pod_cidrs = list(config.pod_cidrs)
         if config.etcd_endpoints:
@@ -88,7 +127,11 @@ class NodeAgent:
             # and a power cut also ends every pod the last commits described.
             contextlib.closing(SqliteStore(config.state_dir / "state.db", synchronous="normal"))
         )
-        self.ipam = HostIpam(self.store, self.pod_cidrs)
+        try:
+            self.ipam = HostIpam(self.store, self.pod_cidrs)
+        except IpamConfigError as exc:
+            where = "from the operator" if self.cluster else "(--pod-cidr)"
+            raise AgentConfigError(f"pod CIDRs {where}: {exc}") from exc
         self.identities: IdentityAllocator | ClusterIdentities = (
             self.cluster.identities if self.cluster else IdentityAllocator(self.store)
         )
@@ -99,7 +142,7 @@ class NodeAgent:
         self.host = devices.ensure_host_devices(
             router_ip=self.router_ip, pod_cidrs=self.pod_cidrs, mtu=config.mtu
         )
-        self._attach_node_programs()
+        self._attach_node_programs(uplink_ifindex)
         self.socket_forwarding = self._attach_socket_programs()
         self._write_node_ipcache()
         self.endpoints = EndpointManager(
@@ -110,6 +153,7 @@ class NodeAgent:
             mtu=config.mtu,
             listener=self.cluster,
         )
+        # Closing drains the queued veth deletions before the process goes.
         self._stack.callback(self.endpoints.close)
         counts = self.endpoints.reconcile(new_programs=True)
         log.info("endpoints reconciled: %s", counts)
@@ -117,22 +161,73 @@ class NodeAgent:
         if self.cluster is not None:
             self.cluster.start_mirroring(self.datapath.ipcache)
             self.cluster.start_bgp(self.pod_cidrs)
+        self.api_socket = self._listen()
+
+    def _uplink_ifindex(self) -> int | None:
+        """The uplink's ifindex, checked before anything is loaded: a typo in
+        --uplink is a configuration error, not a datapath one."""
+        name = self.config.uplink
+        if name is None:
+            return None
+        index = devices.ifindex_of(name)
+        if index is None:
+            raise AgentConfigError(
+                f"--uplink {name}: no such device in this network namespace "
+                f"(have: {', '.join(sorted(devices.link_names().values()))})"
+            )
+        return index
+
+    def _listen(self) -> socket.socket:
+        """The API socket, mode 0600 from the start (umask around bind). A
+        file already at the path is a killed agent's: we hold the lock on its
+        directory, so no live agent is serving on it."""
+        path = self.config.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(sock.close)
+        try:
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+        except OSError as exc:
+            raise AgentConfigError(
+                f"--socket {path}: cannot listen there ({exc.strerror or exc})"
+            ) from exc
+        bound = path.stat()
+        self._stack.callback(self._unlink_socket, (bound.st_dev, bound.st_ino))
+        sock.listen(128)
+        return sock
+
+    def _unlink_socket(self, bound: tuple[int, int]) -> None:
+        """Remove the socket file if it is still the one we bound."""
+        path = self.config.socket
+        with contextlib.suppress(FileNotFoundError):
+            st = path.stat()
+            if (st.st_dev, st.st_ino) == bound:
+                path.unlink()
 
     def _join_cluster(self) -> ClusterMember:
         from ciliate.control.store.etcd import EtcdStore
 
         if self.config.node_ip is None:
             raise ClusterError("cluster mode needs --node-ip (the address peers reach)")
-        member = ClusterMember(
-            store=EtcdStore(self.config.etcd_endpoints),
-            node_name=self.config.node_name,
-            node_ip=self.config.node_ip,
-            workdir=self.config.state_dir,
-            bgp=BgpConfig(self.config.bgp_local_as or 65000, self.config.bgp_peers)
-            if self.config.bgp_peers
-            else None,
-        )
-        self._stack.callback(member.close)
+        with contextlib.ExitStack() as undo:
+            store = EtcdStore(self.config.etcd_endpoints)
+            undo.callback(store.close)
+            member = ClusterMember(
+                store=store,
+                node_name=self.config.node_name,
+                node_ip=self.config.node_ip,
+                workdir=self.config.state_dir,
+                bgp=BgpConfig(self.config.bgp_local_as or 65000, self.config.bgp_peers)
+                if self.config.bgp_peers
+                else None,
+            )
+            undo.pop_all()
+        self._stack.callback(member.close)  # closes the store too
         member.register()
         return member
 
@@ -153,25 +248,26 @@ class NodeAgent:
         for pin in pins.values():  # a partial set is no state to trust
             with contextlib.suppress(FileNotFoundError):
                 pin.unlink()
-        datapath = Datapath.load(node)
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        for name, pin in pins.items():
-            datapath.maps[name].pin(pin)
+        with contextlib.ExitStack() as undo:
+            datapath = Datapath.load(node)
+            undo.callback(datapath.close)
+            maps_dir.mkdir(parents=True, exist_ok=True)
+            for name, pin in pins.items():
+                datapath.maps[name].pin(pin)
+                undo.callback(pin.unlink, missing_ok=True)  # no partial set left behind
+            undo.pop_all()
         log.info("datapath loaded, maps pinned under %s", maps_dir)
         return datapath, True
 
-    def _attach_node_programs(self) -> None:
+    def _attach_node_programs(self, uplink_ifindex: int | None) -> None:
         """from_host on cilium_host's egress, from_netdev on the uplink's
         ingress: clsact filters at a fixed place, replaced in place when the
         agent restarts (no moment without a program)."""
         hooks: list[tuple[int, Literal["ingress", "egress"], str]] = [
             (self.host.cilium_host_ifindex, "egress", "from_host")
         ]
-        if self.config.uplink:
-            index = devices.ifindex_of(self.config.uplink)
-            if index is None:
-                raise LoaderError(f"uplink {self.config.uplink} does not exist")
-            hooks.append((index, "ingress", "from_netdev"))
+        if uplink_ifindex is not None:
+            hooks.append((uplink_ifindex, "ingress", "from_netdev"))
         for ifindex, direction, program in hooks:
             attach_tc(
                 self.datapath.program(program),
@@ -207,13 +303,18 @@ class NodeAgent:
 
     def _write_node_ipcache(self) -> None:
         for cidr in self.pod_cidrs:
-            self.datapath.ipcache.upsert(IpcacheEntry(cidr, identity=0, node_ip=None, flags=1))
+            self.datapath.ipcache.upsert(
+                IpcacheEntry(
+                    cidr, identity=0, node_ip=None, flags=abi.constant("CILIATE_IPCACHE_F_LOCAL")
+                )
+            )
         for address in {self.router_ip, self.node_ip}:
             self.datapath.ipcache.upsert(
                 IpcacheEntry(
-                    ipaddress.IPv4Network(f"{address}/32"), identity=HOST_IDENTITY, node_ip=None
+                    ipaddress.IPv4Network(f"{address}/32"), identity=_HOST_IDENTITY, node_ip=None
                 )
             )
 
     def close(self) -> None:
+        """Release what start-up opened, in reverse; the lock goes last."""
         self._stack.close()

@@ -18,11 +18,14 @@ from typing import Any
 
 import pytest
 
+from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET
 from ciliate.datapath import objects
 
 from .fakes import FakeAgent
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "control" / "cni" / "shim" / "ciliate_cni.c"
+# What CMake passes when it builds the shim (see CMakeLists.txt).
+SHIM_DEFINES = [f'-DCILIATE_DEFAULT_AGENT_SOCKET="{DEFAULT_AGENT_SOCKET}"']
 CONTAINER_ID = "3f6940ab5ab43bc522569d15b23f8c1bbde1d7678b080398506924fc01d72755"
 
 
@@ -47,7 +50,8 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("no C compiler to build ciliate-cni")
     subprocess.run(
-        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SHIM_SOURCE)],
+        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", *SHIM_DEFINES]
+        + ["-o", str(out), str(SHIM_SOURCE)],
         check=True,
     )
     return out

@@ -11,7 +11,7 @@
  *   1. read the netconf from stdin (at most 1 MiB) and the CNI_* variables;
  *   2. CNI_COMMAND=VERSION is answered here, without the agent;
  *   3. find the agent socket: the netconf's top-level "agentSocket" string,
- *      else /run/ciliate/agent.sock;
+ *      else DEFAULT_SOCKET (the agent's default, passed in by CMake);
  *   4. send one request over that UNIX socket
  *
  *        POST /v1/cni HTTP/1.1
@@ -71,7 +71,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DEFAULT_SOCKET "/run/ciliate/agent.sock"
+/* The default socket is DEFAULT_AGENT_SOCKET in control/cni/defaults.py;
+ * CMake passes it, so the relay and the agent cannot disagree. */
+#ifndef CILIATE_DEFAULT_AGENT_SOCKET
+#error "define CILIATE_DEFAULT_AGENT_SOCKET (CMake reads it from control/cni/defaults.py)"
+#endif
+#define DEFAULT_SOCKET CILIATE_DEFAULT_AGENT_SOCKET
 #define QUEUE_DIR_NAME "cni-del-queue"
 #define LATEST_VERSION "1.1.0"
 #define MAX_STDIN (1024 * 1024)
@@ -1159,7 +1164,7 @@ static int run(struct input *in)
 		   in->socket_path.len == 0 || strlen(in->socket_path.data) != in->socket_path.len ||
 		   in->socket_path.len >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
 		cni_error(CNI_ERR_NETCONF, "agentSocket in the netconf must be a socket path",
-			  "a non-empty string of at most 107 bytes, e.g. \"/run/ciliate/agent.sock\"");
+			  "a non-empty string of at most 107 bytes, e.g. \"" DEFAULT_SOCKET "\"");
 		return 1;
 	}
 
