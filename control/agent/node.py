@@ -34,8 +34,9 @@ from typing import Literal
 
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.agent.lock import AgentLock, Place
-from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterIdentities, ClusterMember
+from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
 from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllocator
+from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.ipam.host import HostIpam, IpamConfigError
 from ciliate.control.store.sqlite import SqliteStore
 from ciliate.datapath import abi, devices
@@ -155,6 +156,10 @@ class NodeAgent:
         )
         # Closing drains the queued veth deletions before the process goes.
         self._stack.callback(self.endpoints.close)
+        if self.cluster is not None:
+            # The endpoint records say which identities this node holds; reconcile
+            # then releases those of the endpoints it collects.
+            self.cluster.identities.restore((r.identity, r.labels) for r in self.endpoints.list())
         counts = self.endpoints.reconcile(new_programs=True)
         log.info("endpoints reconciled: %s", counts)
         self.restore_counts = counts

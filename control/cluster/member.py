@@ -10,7 +10,7 @@ Cluster keys (JSON values), shared with the operator (control/operator/reconcile
 * ``cluster/ipam/<name>``      the operator: ``{"podCIDRs": [...], "status": {"error"}}``
 * ``cluster/endpoints/<ip>``   the owning agent: ``{"identity", "nodeIP", "node"}``
 * ``cluster/bgp/<name>``       this agent: its BGP sessions, for ``ciliate node list``
-* ``identities/...``           IdentityAllocator, run in etcd transactions
+* ``identities/...``           ClusterIdentities (control/identity/cluster.py)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ciliate.control.identity.allocator import Identity, IdentityAllocator, Labels
+from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.store import Txn
 from ciliate.datapath.maps import Ipcache, IpcacheEntry
 
@@ -61,31 +61,6 @@ def _dumps(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-class ClusterIdentities:
-    """Identities allocated cluster-wide: each acquire/release is its own
-    etcd transaction (retried on conflict), outside the node's local one."""
-
-    transactional = False
-
-    def __init__(self, store: ClusterStore) -> None:
-        self._store = store
-        self._alloc = IdentityAllocator(store)  # type: ignore[arg-type]
-
-    def acquire(self, txn: Txn | None, labels: Labels) -> Identity:
-        result: Identity = self._store.run_transaction(lambda t: self._alloc.acquire(t, labels))
-        return result
-
-    def release(self, txn: Txn | None, identity_id: int) -> bool:
-        released: bool = self._store.run_transaction(lambda t: self._alloc.release(t, identity_id))
-        return released
-
-    def get(self, identity_id: int) -> Identity | None:
-        return self._alloc.get(identity_id)
-
-    def list(self) -> list[Identity]:
-        return self._alloc.list()
-
-
 @dataclass(frozen=True)
 class BgpConfig:
     local_as: int
@@ -116,7 +91,7 @@ class ClusterMember:
         self._threads: list[threading.Thread] = []
         self._remote_cidrs: dict[str, list[ipaddress.IPv4Network]] = {}
         self._lease: Any = None
-        self.identities = ClusterIdentities(store)
+        self.identities = ClusterIdentities(store, node=node_name)
 
     # -- registration -------------------------------------------------------------
     def register(self) -> None:
