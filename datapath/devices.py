@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ciliate.datapath.netlink import NetlinkError, Rtnl
-from ciliate.loader import enter_netns
+from ciliate.loader import LoaderError, enter_netns
 
 CILIUM_HOST = "cilium_host"
 CILIUM_NET = "cilium_net"
@@ -31,8 +33,20 @@ HOST_IFNAME_PREFIX = "lxc"
 FIRST_POD_IFINDEX = 1024
 
 
+# <linux/nsfs.h>: NS_GET_NSTYPE = _IO(0xb7, 0x3); <linux/sched.h>: CLONE_NEWNET.
+_NS_GET_NSTYPE = 0xB703
+_CLONE_NEWNET = 0x40000000
+# Link names the kernel refuses: they would clash with /proc/sys/net/*/conf/{all,default}.
+RESERVED_IFNAMES = ("all", "default")
+
+
 class DeviceError(RuntimeError):
     """A device could not be created or configured."""
+
+
+class NetnsError(ValueError):
+    """A path that should name a pod's network namespace does not; the message
+    says why (it follows the path, e.g. ``CNI_NETNS '/x' is ...``)."""
 
 
 def random_mac() -> str:
@@ -56,22 +70,48 @@ def in_root_netns() -> bool:
         return False
 
 
+def check_pod_netns(path: str) -> None:
+    """Raise :class:`NetnsError` unless ``path`` is a network namespace other
+    than this process's own (the node's). A stat (is it on nsfs?) and an
+    ioctl (is it a *network* namespace?): a few microseconds."""
+    problem = _netns_problem(path, allow_own=False)
+    if problem is not None:
+        raise NetnsError(problem)
+
+
 def is_netns(path: str) -> bool:
     """Whether ``path`` is a network namespace (an nsfs file of type net)."""
-    import fcntl
+    return _netns_problem(path, allow_own=True) is None
 
-    ns_get_nstype = 0xB703  # _IO(0xb7, 0x3)
-    clone_newnet = 0x40000000
+
+def _netns_problem(path: str, *, allow_own: bool) -> str | None:
+    try:
+        st = os.stat(path)
+        own = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        return f"is not a network namespace: {exc.strerror}"
+    if st.st_dev != own.st_dev or not stat.S_ISREG(st.st_mode):
+        return (
+            "is not a network namespace (not a namespace file); expected e.g. "
+            "/run/netns/<name> or /proc/<pid>/ns/net"
+        )
+    if st.st_ino == own.st_ino and not allow_own:
+        return "is the agent's own network namespace, not the pod's"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError as exc:
+        return f"cannot be opened: {exc.strerror}"
     try:
-        return fcntl.ioctl(fd, ns_get_nstype) == clone_newnet
-    except OSError:
-        return False
+        nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError as exc:
+        if exc.errno != errno.ENOTTY:
+            return f"cannot be inspected: {exc.strerror}"
+        nstype = _CLONE_NEWNET  # a kernel without NS_GET_NSTYPE (< 4.11): nsfs is enough
     finally:
         os.close(fd)
+    if nstype != _CLONE_NEWNET:
+        return "is a namespace, but not a network namespace"
+    return None
 
 
 def _write_sysctl(path: str, value: str) -> None:
@@ -169,9 +209,11 @@ def create_pod_link(
     """The pod's veth: the node side ``host_name`` here, the pod side
     created directly in ``netns`` with its address and routes (the gateway
     on link, the default route through it). The node side takes the first
-    free ifindex of ``ifindex_candidates``. On failure nothing is left."""
+    free ifindex of ``ifindex_candidates``. Raises :class:`DeviceError`
+    saying which step failed; on failure nothing is left."""
     host_mac, pod_mac = random_mac(), random_mac()
-    ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    with _doing(f"open the pod's network namespace {netns}"):
+        ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
         ifindex = _add_veth(
             host_name=host_name,
@@ -181,27 +223,56 @@ def create_pod_link(
             candidates=ifindex_candidates,
             mtu=mtu,
             ns_fd=ns_fd,
+            netns=netns,
         )
     finally:
         os.close(ns_fd)
     try:
         # IPv4 only: the node side sends no IPv6 chatter into the pod either.
-        _write_sysctl(f"net/ipv6/conf/{host_name}/disable_ipv6", "1")
-        with enter_netns(netns), Rtnl() as pod:
+        with _doing(f"turn IPv6 off on {host_name}"):
+            _write_sysctl(f"net/ipv6/conf/{host_name}/disable_ipv6", "1")
+        with (
+            _doing(f"enter the pod's network namespace {netns}"),
+            enter_netns(netns),
+            Rtnl() as pod,
+        ):
             index = pod.link_index(pod_ifname)
             if index is None:
                 raise DeviceError(f"{pod_ifname} did not appear in {netns}")
             # The datapath is IPv4 only: no IPv6 link-local chatter to drop.
-            _write_sysctl(f"net/ipv6/conf/{pod_ifname}/disable_ipv6", "1")
-            pod.set_up(index)
-            pod.add_address(index=index, address=address)
-            pod.add_route(dst=ipaddress.IPv4Network(f"{gateway}/32"), oif=index)
-            pod.add_route(dst=ipaddress.IPv4Network("0.0.0.0/0"), oif=index, gateway=gateway)
+            with _doing(f"turn IPv6 off on {pod_ifname} in {netns}"):
+                _write_sysctl(f"net/ipv6/conf/{pod_ifname}/disable_ipv6", "1")
+            with _doing(f"bring {pod_ifname} up in {netns}"):
+                pod.set_up(index)
+            with _doing(f"give {pod_ifname} the address {address} in {netns}"):
+                pod.add_address(index=index, address=address)
+            for dst, via in (
+                (ipaddress.IPv4Network(f"{gateway}/32"), None),
+                (ipaddress.IPv4Network("0.0.0.0/0"), gateway),
+            ):
+                with _doing(f"add the route to {dst} in {netns}"):
+                    pod.add_route(dst=dst, oif=index, gateway=via)
             cookie = current_netns_cookie()
     except BaseException:
-        delete_link(ifindex)
+        _delete_link(ifindex)
         raise
     return PodLink(host_name, ifindex, host_mac, pod_ifname, pod_mac, mtu, cookie)
+
+
+@contextlib.contextmanager
+def _doing(what: str) -> Iterator[None]:
+    """Turn a kernel refusal during ``what`` into a DeviceError that names it."""
+    try:
+        yield
+    except DeviceError:
+        raise
+    except NetlinkError as exc:
+        hint = ""
+        if exc.errno == errno.EEXIST:
+            hint = " (it exists already: does the pod have another interface?)"
+        raise DeviceError(f"cannot {what}: {exc.strerror}{hint}") from exc
+    except (OSError, LoaderError) as exc:
+        raise DeviceError(f"cannot {what}: {exc}") from exc
 
 
 SO_NETNS_COOKIE = 71  # uapi/asm-generic/socket.h, Linux >= 5.14
@@ -229,6 +300,7 @@ def _add_veth(
     candidates: Iterable[int],
     mtu: int,
     ns_fd: int,
+    netns: str,
 ) -> int:
     with Rtnl() as rtnl:
         for ifindex in candidates:
@@ -246,18 +318,36 @@ def _add_veth(
                 if exc.errno == errno.EBUSY:
                     continue  # that ifindex is taken: try the next
                 if exc.errno == errno.EEXIST:
+                    if rtnl.link(host_name) is not None:
+                        raise DeviceError(
+                            f"cannot create veth {host_name}: the node already has a link of "
+                            "that name (an earlier veth of this container and interface)"
+                        ) from exc
                     raise DeviceError(
-                        f"cannot create {host_name}/{pod_ifname}: a link of that name exists "
-                        "(in the node or in the pod's namespace)"
+                        f"cannot create {pod_ifname} in {netns}: the pod's namespace already "
+                        f"has a link named {pod_ifname}"
                     ) from exc
                 raise DeviceError(f"cannot create veth {host_name}: {exc.strerror}") from exc
             return ifindex
     raise DeviceError("no free ifindex left for a pod veth (bpf/datapath.toml maps.max_ifindex)")
 
 
-def delete_link(ifindex: int) -> bool:
-    """Delete a link in the current namespace; False if already gone."""
+def _delete_link(ifindex: int) -> bool:
     with Rtnl() as rtnl:
+        return rtnl.delete_link(ifindex)
+
+
+def delete_pod_link(*, name: str, ifindex: int) -> bool:
+    """Delete the node side of a pod's veth (the pod side goes with it) if
+    the link called ``name`` is still that veth at ``ifindex``. After its
+    pod is gone, or when another agent has run, an ifindex may belong to an
+    unrelated link: nothing but the veth itself is ever deleted. False if
+    no such veth is there (already gone, or the name or index now names
+    something else)."""
+    with Rtnl() as rtnl:
+        link = rtnl.link(name)
+        if link is None or link.index != ifindex or link.kind != "veth":
+            return False
         return rtnl.delete_link(ifindex)
 
 

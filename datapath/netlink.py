@@ -13,10 +13,12 @@ opened in (open it inside ``enter_netns`` to configure a pod).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from types import TracebackType
 
 # uapi/linux/netlink.h, rtnetlink.h, if_link.h, if_addr.h, veth.h
@@ -30,7 +32,7 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
-NLA_F_NESTED = 0x8000
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 IFF_UP = 0x1
 RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
@@ -39,10 +41,20 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg
+_RTA = struct.Struct("=HH")  # rtattr: len, type
 
 
 class NetlinkError(OSError):
     """The kernel refused a request; errno is the kernel's."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the per-pod code needs to know of an existing link."""
+
+    index: int
+    name: str
+    kind: str  # IFLA_INFO_KIND ("veth", ...); "" for links without one (lo, physical)
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -59,6 +71,25 @@ def _name(name: str) -> bytes:
     if len(encoded) > 16:
         raise ValueError(f"interface name {name!r} is longer than 15 bytes")
     return encoded
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    """The rtattrs of a payload, by type (the nested flag masked off)."""
+    found: dict[int, bytes] = {}
+    offset = 0
+    while offset + _RTA.size <= len(data):
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < _RTA.size:
+            break  # malformed: stop rather than loop
+        found[kind & ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)] = data[
+            offset + _RTA.size : offset + length
+        ]
+        offset += (length + 3) & ~3
+    return found
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _mac(mac: str) -> bytes:
@@ -159,22 +190,35 @@ class Rtnl:
         try:
             self._request(RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0))
         except NetlinkError as exc:
-            if exc.errno == 19:  # ENODEV
+            if exc.errno == errno.ENODEV:
                 return False
             raise
         return True
 
-    def link_index(self, name: str) -> int | None:
-        """ifindex of a link by name, None if there is none."""
+    def link(self, name: str) -> Link | None:
+        """The link called ``name``, None if there is none."""
         try:
             reply = self._request(
                 RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
             )
         except NetlinkError as exc:
-            if exc.errno == 19:
+            if exc.errno == errno.ENODEV:
                 return None
             raise
-        return int(_IFINFO.unpack_from(reply)[2]) if reply else None
+        if not reply:
+            return None
+        attrs = _attrs(reply[_IFINFO.size :])
+        info = _attrs(attrs.get(IFLA_LINKINFO, b""))
+        return Link(
+            index=int(_IFINFO.unpack_from(reply)[2]),
+            name=_cstring(attrs.get(IFLA_IFNAME, b"")),
+            kind=_cstring(info.get(IFLA_INFO_KIND, b"")),
+        )
+
+    def link_index(self, name: str) -> int | None:
+        """ifindex of a link by name, None if there is none."""
+        found = self.link(name)
+        return None if found is None else found.index
 
     # -- addresses and routes --------------------------------------------------
     def add_address(self, *, index: int, address: ipaddress.IPv4Interface) -> None:

@@ -2,9 +2,25 @@
 service, and the reconciliation that makes restarts and crashes safe.
 
 ADD is one transaction: IP, identity, veth (pod side created in the pod's
-namespace), map entries, program attachments (tcx links, pinned) and the
-endpoint row. The store commits last; every earlier step registers its undo
-on an ExitStack, so a failure anywhere rolls back everything before it.
+namespace), map entries, program attachments and the endpoint row. The
+store commits last; every earlier step registers its undo on an ExitStack
+that is dropped only once the commit has succeeded, so a failure anywhere,
+the commit included, rolls back everything before it. A container gets one
+interface: ADD of a second CNI_IFNAME is refused. A pod whose labels are
+not known (no CNI_ARGS: podman without Kubernetes, plain runtimes) gets the
+reserved ``init`` identity, as Cilium gives it.
+
+DEL goes the other way: the store commits first (so a store that refuses
+leaves the endpoint whole and DEL can be retried), then the map entries go,
+then the veth (deleted by a worker behind DEL's answer: a deletion waits
+for an RCU grace period). An ADD of the same container and interface that
+arrives before the worker got to it deletes the old veth itself. A veth is
+only ever deleted by its name at its recorded ifindex: once a pod is gone
+the ifindex may belong to an unrelated link.
+
+Failures leave as typed ``ServiceError``s (see ``ciliate.control.cni.service``):
+a store error is "try again" (11), a netlink one a device error (100), a
+BPF map or attach one a datapath error (101).
 
 Programs are attached as clsact filters (a tcx link costs an RCU grace
 period, ~15 ms, per attach here; a filter ~0.15 ms). Filters belong to the
@@ -31,16 +47,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol
+from types import MappingProxyType
+from typing import Any, Literal, ParamSpec, Protocol
 
 from ciliate.control.cni import service as svc
-from ciliate.control.identity.allocator import Identity, IdentityAllocator, IdentityError
+from ciliate.control.identity.allocator import (
+    Identity,
+    IdentityAllocator,
+    IdentityError,
+    IdentityExhaustedError,
+)
+from ciliate.control.identity.labels import RESERVED_SOURCE
 from ciliate.control.ipam.host import HostIpam, IpamExhaustedError
-from ciliate.control.store import Store, Txn
+from ciliate.control.store import Store, StoreError, Txn
 from ciliate.datapath import devices
 from ciliate.datapath.maps import Endpoint, IpcacheEntry
+from ciliate.datapath.netlink import NetlinkError
 from ciliate.datapath.programs import Datapath
-from ciliate.loader import attach_tc, clsact_program_id
+from ciliate.loader import LoaderError, attach_tc, clsact_program_id
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +89,14 @@ HOOKS: tuple[tuple[Literal["ingress", "egress"], str], ...] = (
 # restart can replace its program in place.
 FILTER_HANDLE = 1
 FILTER_PRIORITY = 1
+# The label set of the reserved init identity: the identity of an endpoint
+# whose labels are not known (an ADD without CNI_ARGS).
+INIT_LABELS: Mapping[str, str] = MappingProxyType({f"{RESERVED_SOURCE}init": ""})
+# How long an ADD waits for the worker that is deleting the previous veth of
+# the same container and interface (one deletion takes ~16 ms).
+REAP_WAIT_S = 10.0
+
+_P = ParamSpec("_P")
 
 
 @dataclass(frozen=True)
@@ -148,8 +180,13 @@ class EndpointManager:
         self._ready = False
         # Deleting a veth waits for an RCU grace period (~16 ms here): DEL
         # answers once the endpoint is gone from the store and the maps, and
-        # this worker removes the link behind it.
-        self._reaper: queue.Queue[int | None] = queue.Queue()
+        # this worker removes the link behind it. Names queued and not yet
+        # deleted are in _reap_pending (host ifname -> ifindex), the one being
+        # deleted in _reap_busy, both guarded by _reap_cond.
+        self._reap_queue: queue.Queue[str | None] = queue.Queue()
+        self._reap_pending: dict[str, int] = {}
+        self._reap_busy: set[str] = set()
+        self._reap_cond = threading.Condition()
         self._reaper_thread = threading.Thread(target=self._reap, name="veth-reaper", daemon=True)
         self._reaper_thread.start()
 
@@ -159,7 +196,7 @@ class EndpointManager:
             raise svc.NotReadyError("the agent is still restoring its endpoints")
 
     def add(self, request: svc.AddRequest) -> svc.AddResult:
-        with self._lock:
+        with _as_service_errors("ADD"), self._lock:
             existing = self._load(request.container_id, request.ifname)
             if existing is not None:
                 if existing.netns != request.netns:
@@ -168,22 +205,33 @@ class EndpointManager:
                         f"{existing.netns}, not {request.netns}: DEL it first"
                     )
                 return self._result(existing)
-            if not devices.is_netns(request.netns):
-                raise svc.InvalidNetnsError(f"CNI_NETNS {request.netns} is not a network namespace")
+            for _, raw in self._store.list(f"{PREFIX}{request.container_id}/"):
+                other = EndpointRecord.from_json(_json(raw))
+                raise svc.SecondInterfaceError(
+                    f"CNI_IFNAME {request.ifname}: container {request.container_id} already has "
+                    f"{other.ifname} from ciliate, and ciliate gives a container one interface",
+                    details=f"DEL {other.ifname} first, or attach {request.ifname} with another "
+                    "plugin",
+                )
+            try:
+                devices.check_pod_netns(request.netns)
+            except devices.NetnsError as exc:
+                raise svc.InvalidNetnsError(f"CNI_NETNS {request.netns!r} {exc}") from None
             return self._result(self._create(request))
 
     def delete(self, *, container_id: str, ifname: str) -> None:
-        with self._lock:
+        with _as_service_errors("DEL"), self._lock:
             record = self._load(container_id, ifname)
             if record is None:
                 return  # already gone: DEL is idempotent
             self._remove(record)
 
     def check(self, *, container_id: str, ifname: str, netns: str) -> svc.AddResult:
-        record = self._load(container_id, ifname)
-        if record is None:
-            raise svc.UnknownContainerError(f"no endpoint for {container_id}/{ifname}")
-        problems = self._problems(record, netns=netns)
+        with _as_service_errors("CHECK"):
+            record = self._load(container_id, ifname)
+            if record is None:
+                raise svc.UnknownContainerError(f"no endpoint for {container_id}/{ifname}")
+            problems = self._problems(record, netns=netns)
         if problems:
             raise svc.CheckFailedError(
                 f"endpoint {container_id}/{ifname} is damaged: " + "; ".join(problems)
@@ -192,7 +240,7 @@ class EndpointManager:
 
     def gc(self, *, valid: set[tuple[str, str]]) -> int:
         removed = 0
-        with self._lock:
+        with _as_service_errors("GC"), self._lock:
             for record in self.list():
                 if (record.container_id, record.ifname) not in valid:
                     self._remove(record)
@@ -216,57 +264,70 @@ class EndpointManager:
     def _create(self, request: svc.AddRequest) -> EndpointRecord:
         owner = f"{request.container_id}/{request.ifname}"
         mtu = request.mtu or self._mtu
-        with contextlib.ExitStack() as undo, self._store.transaction() as txn:
-            try:
-                ip = self._ipam.allocate(txn, owner=owner)
-            except IpamExhaustedError as exc:
-                raise svc.PoolExhaustedError(str(exc)) from exc
-            _crash_point("ipam")
-            try:
-                identity = self._identities.acquire(txn, request.labels)
-            except IdentityError as exc:
-                raise svc.ServiceError(f"identity: {exc}") from exc
-            if not self._identities_local:
-                undo.callback(self._identities.release, txn, identity.id)
-            _crash_point("identity")
-            slot = self._dp.node.endpoint_slot(ip)
-            assert slot is not None, f"{ip} outside the pod CIDRs"
-            link = devices.create_pod_link(
-                netns=request.netns,
-                host_name=devices.host_ifname(request.container_id, request.ifname),
-                pod_ifname=request.ifname,
-                ifindex_candidates=self._ifindex_candidates(),
-                mtu=mtu,
-                address=ipaddress.IPv4Interface(f"{ip}/32"),
-                gateway=self._ipam.router_ip,
-            )
-            undo.callback(devices.delete_link, link.host_ifindex)
-            _crash_point("veth")
-            record = EndpointRecord(
-                container_id=request.container_id,
-                ifname=request.ifname,
-                netns=request.netns,
-                ip=str(ip),
-                host_ifname=link.host_ifname,
-                host_ifindex=link.host_ifindex,
-                host_mac=link.host_mac,
-                pod_mac=link.pod_mac,
-                mtu=mtu,
-                identity=identity.id,
-                endpoint_id=slot,
-                labels=dict(request.labels),
-                attributes=dict(request.attributes),
-                created=time.time(),
-                netns_cookie=link.netns_cookie,
-            )
-            self._write_maps(record)
-            undo.callback(self._clear_maps, record)
-            _crash_point("maps")
-            self._attach(record, replace=False)  # undone with the veth
-            _crash_point("attach")
-            txn.put(record.key, _dumps(record.to_json()))
-            _crash_point("row")
-            undo.pop_all()  # the transaction commits as the with-block closes
+        host_name = devices.host_ifname(request.container_id, request.ifname)
+        self._settle_reap(host_name)
+        with contextlib.ExitStack() as undo:
+            with self._store.transaction() as txn:
+                try:
+                    ip = self._ipam.allocate(txn, owner=owner)
+                except IpamExhaustedError as exc:
+                    raise svc.PoolExhaustedError(str(exc)) from exc
+                _crash_point("ipam")
+                try:
+                    identity = self._identities.acquire(txn, request.labels or INIT_LABELS)
+                except IdentityExhaustedError as exc:
+                    raise svc.TryAgainError(f"identity: {exc}") from exc
+                except IdentityError as exc:
+                    raise svc.ServiceError(f"identity: {exc}") from exc
+                if not self._identities_local:
+                    undo.callback(
+                        _best_effort,
+                        f"release identity {identity.id}",
+                        self._identities.release,
+                        txn,
+                        identity.id,
+                    )
+                _crash_point("identity")
+                slot = self._dp.node.endpoint_slot(ip)
+                assert slot is not None, f"{ip} outside the pod CIDRs"
+                link = devices.create_pod_link(
+                    netns=request.netns,
+                    host_name=host_name,
+                    pod_ifname=request.ifname,
+                    ifindex_candidates=self._ifindex_candidates(),
+                    mtu=mtu,
+                    address=ipaddress.IPv4Interface(f"{ip}/32"),
+                    gateway=self._ipam.router_ip,
+                )
+                undo.callback(self._delete_veth, link.host_ifname, link.host_ifindex)
+                _crash_point("veth")
+                record = EndpointRecord(
+                    container_id=request.container_id,
+                    ifname=request.ifname,
+                    netns=request.netns,
+                    ip=str(ip),
+                    host_ifname=link.host_ifname,
+                    host_ifindex=link.host_ifindex,
+                    host_mac=link.host_mac,
+                    pod_mac=link.pod_mac,
+                    mtu=mtu,
+                    identity=identity.id,
+                    endpoint_id=slot,
+                    labels=dict(request.labels),
+                    attributes=dict(request.attributes),
+                    created=time.time(),
+                    netns_cookie=link.netns_cookie,
+                )
+                self._write_maps(record, undo=undo)
+                _crash_point("maps")
+                self._attach(record, replace=False)  # undone with the veth
+                _crash_point("attach")
+                txn.put(record.key, _dumps(record.to_json()))
+                _crash_point("row")
+            # The transaction has committed (a failed commit raised above, the
+            # IP and a local identity rolled back with it, and the undo stack
+            # removed the rest): the endpoint exists, nothing is undone now.
+            undo.pop_all()
         log.info(
             "endpoint %s: %s on %s (ifindex %d)", owner, ip, link.host_ifname, link.host_ifindex
         )
@@ -290,17 +351,33 @@ class EndpointManager:
             endpoint_id=record.endpoint_id,
         )
 
-    def _write_maps(self, record: EndpointRecord) -> None:
+    def _write_maps(self, record: EndpointRecord, *, undo: contextlib.ExitStack | None) -> None:
+        """The endpoint's entries in ep_netns, ep_ip/ep_dev and the ipcache;
+        each write registers its own removal on ``undo`` (when given) as soon
+        as it has succeeded."""
+        endpoint, prefix = self._endpoint(record), ipaddress.IPv4Network(f"{record.ip}/32")
         self._dp.endpoint_netns.write(record.address, record.netns_cookie)
-        self._dp.endpoints.upsert(self._endpoint(record))
-        self._dp.ipcache.upsert(
-            IpcacheEntry(ipaddress.IPv4Network(f"{record.ip}/32"), record.identity, None)
-        )
+        if undo is not None:
+            undo.callback(
+                _best_effort, "clear ep_netns", self._dp.endpoint_netns.clear, record.address
+            )
+        self._dp.endpoints.upsert(endpoint)
+        if undo is not None:
+            undo.callback(_best_effort, "clear ep_ip/ep_dev", self._dp.endpoints.delete, endpoint)
+        self._dp.ipcache.upsert(IpcacheEntry(prefix, record.identity, None))
+        if undo is not None:
+            undo.callback(_best_effort, "clear the ipcache entry", self._dp.ipcache.delete, prefix)
 
     def _clear_maps(self, record: EndpointRecord) -> None:
-        self._dp.endpoints.delete(self._endpoint(record))
-        self._dp.endpoint_netns.clear(record.address)
-        self._dp.ipcache.delete(ipaddress.IPv4Network(f"{record.ip}/32"))
+        """Every entry of the endpoint, each removal tried even when another
+        fails (what is left, reconcile prunes at the next start)."""
+        _best_effort("clear ep_ip/ep_dev", self._dp.endpoints.delete, self._endpoint(record))
+        _best_effort("clear ep_netns", self._dp.endpoint_netns.clear, record.address)
+        _best_effort(
+            "clear the ipcache entry",
+            self._dp.ipcache.delete,
+            ipaddress.IPv4Network(f"{record.ip}/32"),
+        )
 
     def _attach(self, record: EndpointRecord, *, replace: bool) -> None:
         """from_container on the veth's ingress, to_container on its egress;
@@ -349,18 +426,28 @@ class EndpointManager:
 
     # -- DEL ----------------------------------------------------------------------------
     def _remove(self, record: EndpointRecord) -> None:
+        # The store first: if it refuses (busy, full, read-only), this raises
+        # and the endpoint stays whole, to be deleted by a retried DEL.
         with self._store.transaction() as txn:
             self._ipam.release(txn, owner=record.owner)
             if self._identities_local:
                 with contextlib.suppress(IdentityError):
                     self._identities.release(txn, record.identity)
             txn.delete(record.key)
-            self._clear_maps(record)
+        # Committed: the endpoint is gone. What follows cannot make DEL fail;
+        # anything it leaves behind is removed by reconcile at the next start.
+        self._clear_maps(record)
         if not self._identities_local:
-            with contextlib.suppress(IdentityError):
-                self._identities.release(None, record.identity)  # type: ignore[arg-type]
+            _best_effort(
+                f"release identity {record.identity}",
+                self._identities.release,
+                None,  # type: ignore[arg-type]
+                record.identity,
+            )
         self._notify(lambda listener: listener.endpoint_removed(record.ip))
-        self._reaper.put(record.host_ifindex)
+        with self._reap_cond:
+            self._reap_pending[record.host_ifname] = record.host_ifindex
+        self._reap_queue.put(record.host_ifname)
         log.info("endpoint %s removed (%s)", record.owner, record.ip)
 
     def _notify(self, call: Callable[[EndpointListener], None]) -> None:
@@ -372,20 +459,39 @@ class EndpointManager:
             log.warning("could not publish an endpoint change", exc_info=True)
 
     def _reap(self) -> None:
-        while (ifindex := self._reaper.get()) is not None:
+        while (name := self._reap_queue.get()) is not None:
+            with self._reap_cond:
+                ifindex = self._reap_pending.pop(name, None)
+                if ifindex is None:
+                    continue  # an ADD of the same attachment deleted it already
+                self._reap_busy.add(name)
             try:
-                devices.delete_link(ifindex)
-            except Exception:
-                log.exception("could not delete veth %d", ifindex)
+                self._delete_veth(name, ifindex)
             finally:
-                self._reaper.task_done()
+                with self._reap_cond:
+                    self._reap_busy.discard(name)
+                    self._reap_cond.notify_all()
 
-    def wait_reaped(self) -> None:
-        """Block until every queued veth deletion has run (tests, shutdown)."""
-        self._reaper.join()
+    def _settle_reap(self, host_name: str) -> None:
+        """Before an ADD creates ``host_name``: if a DEL of the same container
+        and interface left that veth to the worker, delete it now (or wait
+        for the worker that is deleting it), so the names do not clash."""
+        with self._reap_cond:
+            self._reap_cond.wait_for(lambda: host_name not in self._reap_busy, REAP_WAIT_S)
+            ifindex = self._reap_pending.pop(host_name, None)
+        if ifindex is not None:
+            self._delete_veth(host_name, ifindex)
+
+    @staticmethod
+    def _delete_veth(name: str, ifindex: int) -> None:
+        try:
+            if not devices.delete_pod_link(name=name, ifindex=ifindex):
+                log.info("veth %s (ifindex %d) is gone already or no longer ours", name, ifindex)
+        except Exception:
+            log.exception("could not delete veth %s (ifindex %d)", name, ifindex)
 
     def close(self) -> None:
-        self._reaper.put(None)
+        self._reap_queue.put(None)
         self._reaper_thread.join(timeout=5)
 
     # -- CHECK, restore, GC -------------------------------------------------------------
@@ -426,7 +532,7 @@ class EndpointManager:
                     record = replace(record, netns_cookie=devices.netns_cookie(record.netns))
                     with self._store.transaction() as txn:
                         txn.put(record.key, _dumps(record.to_json()))
-                self._write_maps(record)
+                self._write_maps(record, undo=None)
                 if new_programs or self._attached(record):
                     self._attach(record, replace=True)
                 counts["restored"] += 1
@@ -436,8 +542,8 @@ class EndpointManager:
                     name.startswith(devices.HOST_IFNAME_PREFIX)
                     and ifindex not in live_ifindexes
                     and ifindex >= devices.FIRST_POD_IFINDEX
+                    and devices.delete_pod_link(name=name, ifindex=ifindex)
                 ):
-                    devices.delete_link(ifindex)
                     counts["stale_veths"] += 1
             counts["stale_map_entries"] = self._prune_maps()
             live = {r.ip: r.identity for r in self.list()}
@@ -475,6 +581,45 @@ class EndpointManager:
                 self._dp.ipcache.delete(entry.prefix)
                 pruned += 1
         return pruned
+
+
+@contextlib.contextmanager
+def _as_service_errors(operation: str) -> Iterator[None]:
+    """Failures of the parts below (store, netlink, BPF maps and programs)
+    as the typed errors the CNI handler reports, each with what to do."""
+    try:
+        yield
+    except svc.ServiceError:
+        raise
+    except StoreError as exc:
+        raise svc.StoreFailedError(
+            f"{operation}: the node's state store refused the change: {exc}",
+            details="nothing was changed; retry later, and if it persists check the agent's "
+            "state directory (full? read-only?) and its log",
+        ) from exc
+    except (devices.DeviceError, NetlinkError) as exc:
+        raise svc.DeviceFailedError(
+            f"{operation}: {exc}",
+            details="what the call had done was rolled back; fix what the message names and retry",
+        ) from exc
+    except LoaderError as exc:
+        raise svc.DatapathFailedError(
+            f"{operation}: a BPF map or program operation failed: {exc}",
+            details="what the call had done was rolled back; the agent's log has the details, "
+            "and restarting the agent reloads the datapath",
+        ) from exc
+
+
+def _best_effort(
+    what: str, call: Callable[_P, object], *args: _P.args, **kwargs: _P.kwargs
+) -> None:
+    """One step of a rollback or clean-up: a failure is logged, and the steps
+    after it still run (the error that caused the rollback is what the
+    caller sees)."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        log.exception("could not %s (reconcile removes what is left at the next start)", what)
 
 
 def _json(raw: bytes) -> dict[str, Any]:

@@ -9,20 +9,39 @@ versions (0.3.1, 0.4.0, 1.0.0, 1.1.0), the result format of each version and
 the error codes; the agent behind :class:`~.service.EndpointService` only
 deals in endpoints.
 
-Errors, and the CNI code each becomes (the message always says what to fix):
+Errors, and the CNI code each becomes (the message always says what
+happened and what to do):
 
-* a variable the command needs is missing or invalid (``CNI_CONTAINERID``,
-  ``CNI_IFNAME``, ``CNI_NETNS``, ``CNI_ARGS``, an unknown ``CNI_COMMAND``): 4
-* the netconf is not JSON (or not UTF-8, or not an object): 6
-* no ``cniVersion``, or one ciliate does not speak; CHECK before 0.4.0; GC
-  and STATUS before 1.1.0: 1
-* the netconf is invalid (``name``, ``type``, ``mtu``, ``args.cni.labels``,
-  a ``prevResult`` on ADD, a ``prevResult`` missing on CHECK, malformed
-  ``cni.dev/valid-attachments``): 7
-* :class:`~.service.ServiceError` from the agent: its ``cni_code``
-  (3, 4, 11, 50, 999 ...)
-* anything else: 999 with the exception's text (the traceback goes to the
-  log, never to the runtime)
+====  =====================================================================
+code  when
+====  =====================================================================
+1     no ``cniVersion``, or one ciliate does not speak; CHECK before 0.4.0;
+      GC and STATUS before 1.1.0
+3     CHECK of a container the agent has no endpoint for
+4     a variable the command needs is missing or invalid (``CNI_COMMAND``,
+      ``CNI_CONTAINERID``, ``CNI_NETNS`` not a network namespace,
+      ``CNI_IFNAME`` not a name the kernel takes, ``CNI_ARGS``); a second
+      ``CNI_IFNAME`` for a container that has a ciliate interface already
+6     the netconf is not JSON (not UTF-8, not an object, nested too deeply)
+7     the netconf is invalid (``name``, ``type``, ``mtu``,
+      ``args.cni.labels``, a ``prevResult`` on ADD, none on CHECK,
+      malformed ``cni.dev/valid-attachments``)
+11    try again later: the agent's state store is busy, full, read-only or
+      unreachable (nothing was changed); the node's pod IPs or identities
+      are used up; the agent is not reachable (answered by the ``ciliate-cni``
+      relay itself, which queues a DEL to replay later)
+50    STATUS while the agent is still restoring its endpoints (the relay
+      also answers 50 to STATUS when the agent is not reachable)
+100   the kernel refused a device step (veth, address, route), e.g. the
+      pod's namespace has a link of that name; ADD was rolled back
+101   a BPF map write or program attachment failed; ADD was rolled back
+999   a bug: an exception nothing above describes, with its text (the
+      traceback goes to the agent's log, never to the runtime); CHECK of a
+      damaged endpoint
+====  =====================================================================
+
+Codes from the agent arrive as :class:`~.service.ServiceError` subclasses
+carrying their ``cni_code`` (the tree is in ``service``'s docstring).
 
 The shim's HTTP contract (``POST /v1/cni``) is served by the agent with
 :func:`handle_request`; the DELs the shim queued while the agent was down are
@@ -31,20 +50,18 @@ read with :func:`read_del_queue` and dropped with :func:`remove_from_queue`.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import ipaddress
 import json
 import logging
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 from ciliate.control.identity import labels as identity
+from ciliate.datapath import devices
 
 from .service import (
     AddRequest,
@@ -89,17 +106,13 @@ _SINCE: Mapping[str, str] = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 # CNI spec: container IDs and network names start with an alphanumeric, then
 # alphanumerics, '_', '.', '-'.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-_IFNAME_MAX = 15  # IFNAMSIZ - 1
+_IFNAME_MAX = 15  # bytes: IFNAMSIZ - 1
 MTU_MIN, MTU_MAX = 68, 65535
 # CNI_ARGS keys kept as endpoint attributes (for display).
 _ATTRIBUTE_KEYS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
 _VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 # libcni also sends the name from a draft of the 1.1 spec, with the same value.
 _VALID_ATTACHMENTS_DRAFT = "cni.dev/attachments"
-
-# <linux/nsfs.h>: NS_GET_NSTYPE = _IO(0xb7, 0x3); <linux/sched.h>: CLONE_NEWNET.
-_NS_GET_NSTYPE = 0xB703
-_CLONE_NEWNET = 0x40000000
 
 CODE_INCOMPATIBLE_VERSION = 1
 CODE_INVALID_ENV = 4
@@ -261,7 +274,7 @@ def _version(stdin: bytes) -> CniResponse:
     version = LATEST_VERSION
     try:
         given = json.loads(stdin).get("cniVersion") if stdin.strip() else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         given = None
     if isinstance(given, str) and given in SUPPORTED_VERSIONS:
         version = given
@@ -380,6 +393,8 @@ def _show(value: object) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    except RecursionError:
+        text = "<nested too deeply to show>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -398,6 +413,12 @@ def _parse_netconf(stdin: bytes) -> dict[str, Any]:
             CODE_DECODING,
             f"the netconf on stdin is not valid JSON: {exc.msg} "
             f"(line {exc.lineno}, column {exc.colno})",
+        ) from None
+    except RecursionError:
+        raise _CniError(
+            CODE_DECODING,
+            "the netconf on stdin nests arrays or objects too deeply to decode; a netconf "
+            "needs a few levels",
         ) from None
     if not isinstance(netconf, dict):
         raise _CniError(
@@ -481,66 +502,31 @@ def _attachment(env: Mapping[str, str]) -> tuple[str, str]:
             f"CNI_CONTAINERID {container_id!r} has invalid characters: it may only hold "
             "letters, digits, '_', '.' and '-', starting with a letter or digit",
         )
+    # The kernel's rules (dev_valid_name), plus '%' (a name template the
+    # kernel would fill in: "eth%d" becomes eth0) and the names of the
+    # sysctl directories it refuses.
     if (
-        len(ifname) > _IFNAME_MAX
-        or ifname in (".", "..")
-        or any(c in "/:" or c.isspace() for c in ifname)
+        not ifname.isprintable()  # also rules out lone surrogates, which have no UTF-8
+        or len(ifname.encode()) > _IFNAME_MAX
+        or ifname in (".", "..", *devices.RESERVED_IFNAMES)
+        or any(c in "/:%" or c.isspace() for c in ifname)
     ):
         raise _CniError(
             CODE_INVALID_ENV,
             f"CNI_IFNAME {ifname!r} is not a valid interface name: at most {_IFNAME_MAX} "
-            "characters, not '.' or '..', without '/', ':' or whitespace",
+            "bytes in UTF-8, not '.', '..', 'all' or 'default', without '/', ':', '%', "
+            "whitespace or control characters",
         )
     return container_id, ifname
 
 
 def _check_netns(path: str) -> str:
-    """CNI_NETNS must name a network namespace other than the agent's own.
-
-    A stat (is it on nsfs?) and an ioctl (is it a *network* namespace?): a few
-    microseconds.
-    """
+    """CNI_NETNS must name a network namespace other than the agent's own."""
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise InvalidNetnsError(
-            f"CNI_NETNS {path!r} is not a network namespace: {exc.strerror}"
-        ) from None
-    own = _own_netns()
-    if st.st_dev != own.st_dev or not stat.S_ISREG(st.st_mode):
-        raise InvalidNetnsError(
-            f"CNI_NETNS {path!r} is not a network namespace (not a namespace file); "
-            "expected e.g. /run/netns/<name> or /proc/<pid>/ns/net"
-        )
-    if st.st_ino == own.st_ino:
-        raise InvalidNetnsError(
-            f"CNI_NETNS {path!r} is the agent's own network namespace, not the pod's"
-        )
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise InvalidNetnsError(f"CNI_NETNS {path!r} cannot be opened: {exc.strerror}") from None
-    try:
-        nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
-    except OSError as exc:
-        if exc.errno != errno.ENOTTY:
-            raise
-        nstype = _CLONE_NEWNET  # a kernel without NS_GET_NSTYPE (< 4.11): nsfs is enough
-    finally:
-        os.close(fd)
-    if nstype != _CLONE_NEWNET:
-        raise InvalidNetnsError(f"CNI_NETNS {path!r} is a namespace, but not a network namespace")
+        devices.check_pod_netns(path)
+    except devices.NetnsError as exc:
+        raise InvalidNetnsError(f"CNI_NETNS {path!r} {exc}") from None
     return path
-
-
-_own_netns_stat: os.stat_result | None = None
-
-
-def _own_netns() -> os.stat_result:
-    global _own_netns_stat
-    if _own_netns_stat is None:
-        _own_netns_stat = os.stat("/proc/self/ns/net")
-    return _own_netns_stat
 
 
 def _labels(cni_args: str, netconf: Mapping[str, Any]) -> dict[str, str]:
@@ -640,6 +626,8 @@ def decode_request(body: bytes) -> tuple[dict[str, str], bytes]:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("the body nests too deeply to decode") from None
     if not isinstance(document, dict):
         raise ValueError("the body must be a JSON object")
     env, stdin = document.get("env"), document.get("stdin")

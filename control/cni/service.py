@@ -4,7 +4,20 @@ The handler (``ciliate.control.cni.handler``) speaks CNI: environment,
 netconf, spec versions, result formats, error codes. The agent implements
 ``EndpointService`` and speaks endpoints: IPs, veths, maps. Errors cross
 this boundary as ``ServiceError`` subclasses that carry the CNI error code
-the handler reports.
+the handler reports; the agent translates its own failures (store, netlink,
+BPF maps) into them with ``raise ... from``::
+
+    ServiceError (999: a bug; nothing else should reach the runtime as 999)
+    +-- InvalidNetnsError (4)       CNI_NETNS is not a network namespace
+    +-- SecondInterfaceError (4)    CNI_IFNAME names a second interface of one container
+    +-- UnknownContainerError (3)   CHECK of a container the agent does not know
+    +-- TryAgainError (11)          temporary: retry the call later
+    |   +-- PoolExhaustedError      no pod IP left (capacity may come back)
+    |   +-- StoreFailedError        the state store is busy, full, read-only or down
+    +-- NotReadyError (50)          the agent is still restoring its endpoints
+    +-- DeviceFailedError (100)     the kernel refused a veth, address or route
+    +-- DatapathFailedError (101)   a BPF map write or program attachment failed
+    +-- CheckFailedError (999)      CHECK found the endpoint damaged
 """
 
 from __future__ import annotations
@@ -61,10 +74,35 @@ class TryAgainError(ServiceError):
     cni_code = 11
 
 
-class PoolExhaustedError(ServiceError):
-    """No address left in the node's pod CIDRs."""
+class PoolExhaustedError(TryAgainError):
+    """No address left in the node's pod CIDRs (the runtime retries; capacity
+    may come back)."""
 
-    cni_code = 11  # the runtime retries; capacity may come back
+
+class StoreFailedError(TryAgainError):
+    """The node's state store could not take the change (busy, full,
+    read-only, unreachable): nothing was changed; retry once it is fixed."""
+
+
+class SecondInterfaceError(ServiceError):
+    """ADD of another CNI_IFNAME for a container that has a ciliate interface
+    already: ciliate gives a container one interface (code 4)."""
+
+    cni_code = 4
+
+
+class DeviceFailedError(ServiceError):
+    """The kernel refused to create or configure the pod's veth, address or
+    routes (plugin-specific code 100); nothing was left behind."""
+
+    cni_code = 100
+
+
+class DatapathFailedError(ServiceError):
+    """Writing the endpoint into the BPF maps or attaching its programs failed
+    (plugin-specific code 101); nothing was left behind."""
+
+    cni_code = 101
 
 
 class NotReadyError(ServiceError):
