@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from ciliate.control.identity import allocator as identity_module
 from ciliate.control.identity.allocator import (
+    MAX_ALLOCATED_ID,
     MIN_ALLOCATED_ID,
     CniArgsError,
     Identity,
@@ -57,12 +59,27 @@ def release(allocator: IdentityAllocator, store: SqliteStore, identity_id: int) 
 
 
 class TestAllocation:
-    def test_the_first_allocated_identity_is_256(
+    def test_ids_are_drawn_from_256_to_65535(
         self, allocator: IdentityAllocator, store: SqliteStore
     ) -> None:
         web = acquire(allocator, store, WEB)
-        assert web == Identity(id=MIN_ALLOCATED_ID, labels=WEB, refcount=1, reserved=False)
-        assert MIN_ALLOCATED_ID == 256
+        assert web == Identity(id=web.id, labels=WEB, refcount=1, reserved=False)
+        assert (MIN_ALLOCATED_ID, MAX_ALLOCATED_ID) == (256, 65535)
+        assert MIN_ALLOCATED_ID <= web.id <= MAX_ALLOCATED_ID
+
+    def test_ids_are_drawn_at_random_not_in_sequence(self, store: SqliteStore) -> None:
+        # A cursor would make every allocation in the cluster touch one key.
+        allocator = IdentityAllocator(store, rng=random.Random(7))
+        ids = [acquire(allocator, store, {"k8s:app": f"a{i}"}).id for i in range(8)]
+        assert ids != sorted(ids)
+        assert store.list("identities/cursor") == []
+
+    def test_a_crowded_range_still_finds_the_last_free_id(
+        self, allocator: IdentityAllocator, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(identity_module, "MAX_ALLOCATED_ID", 263)
+        ids = {acquire(allocator, store, {"k8s:app": f"a{i}"}).id for i in range(8)}
+        assert ids == set(range(256, 264))
 
     def test_the_same_labels_get_the_same_id_whatever_their_order(
         self, allocator: IdentityAllocator, store: SqliteStore
@@ -104,7 +121,6 @@ class TestAllocation:
             raise RuntimeError
         assert allocator.lookup(WEB) is None
         assert store.list("identities/") == []
-        assert acquire(allocator, store, WEB).id == 256
 
     def test_an_empty_label_set_is_refused_in_favour_of_the_init_identity(
         self, allocator: IdentityAllocator, store: SqliteStore
@@ -151,30 +167,50 @@ class TestReferenceCounting:
         assert release(allocator, store, web.id) is True
         assert allocator.get(web.id) is None
         assert allocator.lookup(WEB) is None
-        assert store.list("identities/id/") == []
+        assert [i for i in allocator.list() if not i.reserved] == []
         assert store.list("identities/labels/") == []
+        assert store.list("identities/refs/") == []
 
-    def test_a_freed_id_is_not_reused_at_once(
-        self, allocator: IdentityAllocator, store: SqliteStore
+    def test_a_freed_id_stays_quarantined_then_comes_back(
+        self, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        monkeypatch.setattr(identity_module, "MAX_ALLOCATED_ID", 257)  # two ids
+        now = [1000.0]
+        allocator = IdentityAllocator(store, quarantine=60.0, clock=lambda: now[0])
         web = acquire(allocator, store, WEB)
-        release(allocator, store, web.id)
-        assert acquire(allocator, store, DB).id == web.id + 1
-        assert acquire(allocator, store, WEB).id == web.id + 2, "same labels, new id"
+        assert release(allocator, store, web.id) is True
+        assert store.get_json(f"identities/id/{web.id}") == {"labels": WEB, "until": 1060.0}
+        db = acquire(allocator, store, DB)
+        assert db.id != web.id, "a removed id is not handed out during its quarantine"
+        with pytest.raises(IdentityExhaustedError, match="quarantined"):
+            acquire(allocator, store, {"k8s:app": "third"})
+        now[0] = 1060.0
+        assert acquire(allocator, store, {"k8s:app": "third"}).id == web.id
 
-    def test_after_the_range_wraps_the_search_skips_ids_still_in_use(
-        self, allocator: IdentityAllocator, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        monkeypatch.setattr(identity_module, "MAX_ALLOCATED_ID", 259)
-        ids = [acquire(allocator, store, {"k8s:app": f"a{i}"}).id for i in range(4)]
-        assert ids == [256, 257, 258, 259]
-        release(allocator, store, 257)
-        assert acquire(allocator, store, {"k8s:app": "new"}).id == 257
+    def test_each_node_holds_its_own_references(self, store: SqliteStore) -> None:
+        node_a = IdentityAllocator(store, node="a")
+        node_b = IdentityAllocator(store, node="b")
+        web = acquire(node_a, store, WEB)
+        assert acquire(node_b, store, WEB).id == web.id
+        assert acquire(node_b, store, WEB).refcount == 2  # node b's own count
+        assert store.get_json(f"identities/refs/{web.id}/a") == {"refcount": 1}
+        assert store.get_json(f"identities/refs/{web.id}/b") == {"refcount": 2}
+        current = node_a.get(web.id)
+        assert current is not None and current.refcount == 3
+        assert release(node_a, store, web.id) is False, "node b still holds it"
+        assert release(node_b, store, web.id) is False
+        assert release(node_b, store, web.id) is True
+        assert node_a.lookup(WEB) is None
+
+    def test_node_names_cannot_break_the_key_layout(self, store: SqliteStore) -> None:
+        for bad in ("", "a/b", "tab\t"):
+            with pytest.raises(ValueError, match="node names"):
+                IdentityAllocator(store, node=bad)
 
     def test_releasing_an_id_that_is_not_allocated_is_an_error(
         self, allocator: IdentityAllocator, store: SqliteStore
     ) -> None:
-        with store.transaction() as txn, pytest.raises(IdentityNotFoundError, match="4242"):
+        with store.transaction() as txn, pytest.raises(IdentityNotFoundError, match=r"4242.*local"):
             allocator.release(txn, 4242)
 
     def test_a_rolled_back_release_keeps_the_reference(
@@ -202,8 +238,9 @@ class TestReservedIdentities:
         assert all(i < 256 for i in reserved)
 
     def test_list_puts_reserved_first_then_allocated_by_id(
-        self, allocator: IdentityAllocator, store: SqliteStore
+        self, allocator: IdentityAllocator, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        monkeypatch.setattr(identity_module, "MAX_ALLOCATED_ID", 267)
         for i in range(12):  # ids 256..267: "267" sorts before "30" as text, not as numbers
             acquire(allocator, store, {"k8s:app": f"a{i}"})
         listed = allocator.list()
@@ -230,18 +267,22 @@ class TestStoreLayout:
     def test_identities_are_stored_by_id_and_indexed_by_labels(
         self, allocator: IdentityAllocator, store: SqliteStore
     ) -> None:
-        acquire(allocator, store, WEB)
-        assert store.get_json("identities/id/256") == {"labels": WEB, "refcount": 1}
+        web = acquire(allocator, store, WEB)
+        assert store.get_json(f"identities/id/{web.id}") == {"labels": WEB}
         canonical = "k8s:app=web;k8s:io.kubernetes.pod.namespace=default"
-        assert store.get_json(f"identities/labels/{canonical}") == {"id": 256}
+        assert store.get_json(f"identities/labels/{canonical}") == {"id": web.id}
+        assert store.get_json(f"identities/refs/{web.id}/local") == {"refcount": 1}
 
     def test_a_damaged_index_is_reported_not_papered_over(
         self, allocator: IdentityAllocator, store: SqliteStore
     ) -> None:
-        acquire(allocator, store, WEB)
+        web = acquire(allocator, store, WEB)
         with store.transaction() as txn:
-            txn.put_json("identities/id/256", {"labels": DB, "refcount": 1})
-        with store.transaction() as txn, pytest.raises(StoreDataError, match="points at id 256"):
+            txn.put_json(f"identities/id/{web.id}", {"labels": DB})
+        with (
+            store.transaction() as txn,
+            pytest.raises(StoreDataError, match=f"points at id {web.id}"),
+        ):
             allocator.acquire(txn, WEB)
 
     def test_identities_are_hashable_values(self) -> None:
@@ -273,7 +314,7 @@ class TestInvariants:
     ) -> None:
         refs: dict[str, int] = {}  # canonical labels -> live references
         ids: dict[str, int] = {}  # canonical labels -> the id they have while live
-        newest = MIN_ALLOCATED_ID - 1  # no wrap-round within one example
+        used: set[int] = set()  # every id handed out (all still in quarantine)
         with tempfile.TemporaryDirectory(dir=tmp_path) as scratch:
             path = Path(scratch) / "agent.db"
             store = SqliteStore(path)
@@ -292,8 +333,8 @@ class TestInvariants:
                         if key in ids:
                             assert got.id == ids[key]
                         else:
-                            assert got.id > newest, "a freed id came back at once"
-                            newest = got.id
+                            assert got.id not in used, "a freed id came back at once"
+                            used.add(got.id)
                             ids[key] = got.id
                         refs[key] = refs.get(key, 0) + 1
                         assert got.refcount == refs[key]
