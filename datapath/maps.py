@@ -1,4 +1,6 @@
-"""Typed access to the datapath maps: endpoints, ipcache, metrics, config.
+"""The datapath maps: which exist (the ``[maps]`` tables of
+``bpf/datapath.toml``, the same tables maps.h is rendered from) and typed
+access to endpoints, ipcache, metrics, config and sockets.
 
 Each class wraps the raw byte-level ``ciliate.loader.Map`` (or several) and
 speaks in addresses, MACs and dataclasses; the byte layouts come from
@@ -7,16 +9,57 @@ abi.h through ``ciliate.datapath.abi``.
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from ciliate.datapath import abi
+from ciliate.datapath import abi, objects, render
+from ciliate.datapath.render import MapSpec, Shape
 from ciliate.datapath.tables import Direction
 
-# Map names, as declared in bpf/src/maps.h.j2.
+
+def shape_path() -> Path:
+    """bpf/datapath.toml from the checkout when running from one, else the
+    copy installed beside the objects it built."""
+    root = objects.source_root()
+    if root is not None:
+        return root / "bpf" / "datapath.toml"
+    return Path(str(importlib.resources.files("ciliate.datapath") / "datapath.toml"))
+
+
+@functools.cache
+def shape() -> Shape:
+    return render.load_shape(shape_path())
+
+
+def spec(name: str) -> MapSpec:
+    for candidate in shape().all_maps:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no map {name!r} in {shape_path()}")
+
+
+def type_size(type_name: str) -> int:
+    """Bytes of a key or value type named in the table."""
+    scalar = render.SCALAR_TYPES.get(type_name)
+    return scalar if scalar is not None else abi.sizeof(type_name)
+
+
+def max_entries(map_spec: MapSpec) -> int:
+    """max_entries as compiled: a number, or a product of abi.h #defines."""
+    if isinstance(map_spec.max_entries, int):
+        return map_spec.max_entries
+    return math.prod(abi.constant(name.strip()) for name in map_spec.max_entries.split("*"))
+
+
+# Names of the maps Python code reaches by name (a test checks each is in
+# the table).
 IPCACHE = "ciliate_ipcache"
 ENDPOINTS_BY_IP = "ciliate_ep_ip"
 ENDPOINTS_BY_DEV = "ciliate_ep_dev"
@@ -26,17 +69,15 @@ CONFIG = "ciliate_config"
 ENDPOINT_NETNS = "ciliate_ep_netns"
 SOCKHASH = "ciliate_sockhash"
 SOCK_STATE = "ciliate_sock_state"
-ALL = (
-    IPCACHE,
-    ENDPOINTS_BY_IP,
-    ENDPOINTS_BY_DEV,
-    METRICS,
-    EVENTS,
-    CONFIG,
-    ENDPOINT_NETNS,
-    SOCKHASH,
-    SOCK_STATE,
-)
+POLICY = "ciliate_policy"
+POLICY_STATE = "ciliate_policy_state"
+CONNTRACK = "ciliate_ct"
+# Every map the built datapath has (those of enabled features): what the
+# agent pins.
+ALL = tuple(m.name for m in shape().maps)
+
+# ipcache flags (abi.h CILIATE_IPCACHE_F_*).
+IPCACHE_F_LOCAL = abi.constant("CILIATE_IPCACHE_F_LOCAL")
 
 
 class RawMap(Protocol):

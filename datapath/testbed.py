@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from ciliate.datapath.events import Event
-from ciliate.datapath.maps import Endpoint, IpcacheEntry
+from ciliate.datapath.maps import IPCACHE_F_LOCAL, Endpoint, IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
 from ciliate.loader import Program, RingBuffer, TestRunResult, enter_netns
 
@@ -128,7 +128,9 @@ class Testbed:
         """Both pods as endpoints, their CIDR local, a remote node's CIDR known."""
         for i, pod in enumerate((self.pod_a, self.pod_b), start=1):
             self.datapath.endpoints.upsert(pod.endpoint(identity=1000 + i, endpoint_id=i))
-        self.datapath.ipcache.upsert(IpcacheEntry(POD_CIDR, identity=0, node_ip=None, flags=1))
+        self.datapath.ipcache.upsert(
+            IpcacheEntry(POD_CIDR, identity=0, node_ip=None, flags=IPCACHE_F_LOCAL)
+        )
         self.datapath.ipcache.upsert(
             IpcacheEntry(REMOTE_POD_CIDR, identity=0, node_ip=REMOTE_NODE_IP)
         )

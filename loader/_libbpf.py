@@ -260,10 +260,6 @@ class btf_member(Structure):
     _fields_ = [("name_off", c_uint32), ("type", c_uint32), ("offset", c_uint32)]
 
 
-class btf_array(Structure):
-    _fields_ = [("type", c_uint32), ("index_type", c_uint32), ("nelems", c_uint32)]
-
-
 class btf_var_secinfo(Structure):
     _fields_ = [("type", c_uint32), ("offset", c_uint32), ("size", c_uint32)]
 

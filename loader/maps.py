@@ -486,10 +486,6 @@ class Map:
             raise _map_error("bpf_obj_pin", -ret, f"map {self.name!r} at {os.fsdecode(raw)}")
         self._pinned.append(os.fsdecode(raw))
 
-    @property
-    def pinned_paths(self) -> list[str]:
-        return list(self._pinned)
-
     def unpin(self) -> None:
         """Remove the pins this Map created (and only those); no-op when there are none."""
         while self._pinned:

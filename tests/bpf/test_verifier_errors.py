@@ -23,8 +23,15 @@ def broken_lxc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     if objects.source_root() is None:
         pytest.skip("needs a source checkout")
     src = tmp_path_factory.mktemp("broken-src")
-    # The whole build: the BPF objects and the CNI relay CMake also builds.
-    for item in ("CMakeLists.txt", "bpf", "datapath", "control/cni/shim"):
+    # The whole build: the BPF objects and the CNI relay CMake also builds
+    # (with the default agent socket it reads from defaults.py).
+    for item in (
+        "CMakeLists.txt",
+        "bpf",
+        "datapath",
+        "control/cni/shim",
+        "control/cni/defaults.py",
+    ):
         (src / item).parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (ROOT / item).is_dir() else shutil.copy
         copy(ROOT / item, src / item)

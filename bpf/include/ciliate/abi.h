@@ -34,6 +34,7 @@ enum ciliate_drop_reason {
 	CILIATE_DROP_NO_ENDPOINT_FOR_IFINDEX = 137, /* packet on a pod veth with no endpoint record */
 	CILIATE_DROP_INVALID_ARP = 138,         /* ARP that is not Ethernet/IPv4 */
 	CILIATE_DROP_REDIRECT_FAILED = 139,     /* redirect helper refused the target */
+	CILIATE_DROP_POLICY_DENIED = 140,       /* policy denied */
 };
 
 /* Where a forwarded packet went (trace events). */
@@ -54,6 +55,15 @@ enum ciliate_direction {
 enum ciliate_event_type {
 	CILIATE_EVENT_DROP = 1,
 	CILIATE_EVENT_TRACE = 2,
+	CILIATE_EVENT_POLICY = 3,       /* a new connection allowed by policy (traced) */
+};
+
+/* Reserved identities the datapath itself assigns (Cilium's numbering; the
+ * control plane's table in ciliate.control.identity holds them all). */
+enum ciliate_reserved_identity {
+	CILIATE_IDENTITY_ANY = 0,       /* policy entries: any peer */
+	CILIATE_IDENTITY_HOST = 1,      /* this node: always allowed into its pods */
+	CILIATE_IDENTITY_WORLD = 2,     /* no ipcache prefix matches */
 };
 
 /* Source files that can raise a drop; events carry the id and the line.
@@ -136,18 +146,101 @@ struct ciliate_runtime_config {
 	__u32 pad;
 };
 
-/* ciliate_events (ring buffer): one record per drop or trace. */
+/*
+ * ciliate_policy (LPM trie): one entry per (endpoint, direction, peer
+ * identity, protocol, port block). The trie matches the bytes after
+ * prefixlen from the first bit on, so every field is in network byte order
+ * and the fields that may be wildcarded come last: an entry's prefix always
+ * covers endpoint, direction and identity (CILIATE_POLICY_PREFIX_FIXED
+ * bits), then the protocol (8 bits, absent = any protocol), then the
+ * leading bits of the port (absent = any port; a range is split into
+ * aligned blocks, one entry each). Identity 0 entries apply to any peer
+ * and are looked up second. The direction byte also carries the entries'
+ * generation, so a new policy is written beside the live one and switched
+ * on with one write of the endpoint's state.
+ */
+#define CILIATE_POLICY_PREFIX_FIXED 56  /* identity, endpoint id, direction */
+#define CILIATE_POLICY_PREFIX_PROTO 64  /* ... + protocol */
+#define CILIATE_POLICY_PREFIX_FULL 80   /* ... + port */
+#define CILIATE_POLICY_DIR_GENERATION 2 /* direction byte: bit 0 direction, bit 1 generation */
+
+struct ciliate_policy_key {
+	__u32 prefixlen;
+	__u32 identity;         /* peer identity, network byte order; 0 = any peer */
+	__u16 endpoint_id;      /* network byte order */
+	__u8 direction;         /* enum ciliate_direction | generation */
+	__u8 protocol;          /* IPPROTO_*; 0 = any (prefix stops before it) */
+	__u16 dport;            /* network byte order */
+	__u16 pad;
+};
+
+#define CILIATE_POLICY_F_DENY 1         /* deny wins over any allow */
+
+struct ciliate_policy_value {
+	__u32 flags;            /* CILIATE_POLICY_F_* */
+};
+
+/* ciliate_policy_state (array by endpoint id): whether policy applies. A
+ * direction that no policy selects is not enforced: everything passes. */
+#define CILIATE_POLICY_INGRESS 1        /* ingress enforced */
+#define CILIATE_POLICY_EGRESS 2         /* egress enforced */
+#define CILIATE_POLICY_GENERATION 4     /* entries of generation 1 are live (else 0) */
+
+struct ciliate_policy_state {
+	__u32 flags;            /* CILIATE_POLICY_* */
+	__u32 revision;         /* bumped on every change; 0 = never had policy */
+};
+
+/*
+ * ciliate_ct (LRU hash): one entry per connection, found from either
+ * direction: the key holds the two ends in a fixed order (the lower
+ * address, then port, first), the entry says which end opened it. Entries
+ * carry the policy revision of each local end when the connection was last
+ * verified; a packet finding a revision that moved re-checks the policy.
+ */
+struct ciliate_ct_key {
+	__u32 addr_lo;          /* network byte order */
+	__u32 addr_hi;
+	__u16 port_lo;          /* network byte order; ICMP echo: the id at one end, 0 at the other */
+	__u16 port_hi;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+#define CILIATE_CT_F_ORIG_HI 1          /* the connection was opened from (addr_hi, port_hi) */
+#define CILIATE_CT_F_SEEN_REPLY 2       /* the other end has answered */
+#define CILIATE_CT_F_CLOSING 4          /* TCP FIN or RST seen */
+
+/* Lifetimes (seconds) of an entry after its last packet, Cilium's values. */
+#define CILIATE_CT_LIFETIME_TCP 21600   /* established TCP */
+#define CILIATE_CT_LIFETIME_SYN 60      /* TCP not answered yet */
+#define CILIATE_CT_LIFETIME_CLOSE 10    /* TCP after FIN or RST */
+#define CILIATE_CT_LIFETIME_NONTCP 60   /* UDP, ICMP echo, others */
+
+struct ciliate_ct_entry {
+	__u64 expires_ns;       /* bpf_ktime_get_ns() after which the entry is dead */
+	__u32 orig_revision;    /* opener's policy revision when verified (local opener) */
+	__u32 reply_revision;   /* other end's policy revision when verified (local) */
+	__u32 flags;            /* CILIATE_CT_F_* */
+	__u32 pad;
+};
+
+/* ciliate_events (ring buffer): one record per drop, trace or policy verdict. */
 struct ciliate_event {
 	__u8 type;              /* enum ciliate_event_type */
 	__u8 reason;            /* drop reason or trace point */
-	__u8 direction;         /* enum ciliate_direction */
+	__u8 direction;         /* enum ciliate_direction (of the policy, for policy records) */
 	__u8 source;            /* enum ciliate_source of the drop site */
 	__u16 line;             /* line of the drop site */
 	__u16 cap_len;          /* bytes of the packet copied into data */
 	__u32 ifindex;          /* device the program runs on */
 	__u32 target_ifindex;   /* redirect target, 0 if none */
 	__u32 orig_len;         /* packet length */
-	__u32 pad;
+	__u32 src_identity;     /* policy: the sender's identity (0 = not looked up) */
+	__u32 dst_identity;     /* policy: the receiver's identity */
+	__u16 dport;            /* policy: destination port, host byte order */
+	__u8 protocol;          /* policy: IPPROTO_* */
+	__u8 pad;
 	__u64 ktime_ns;
 	__u8 data[64];          /* CILIATE_EVENT_CAPTURE_LEN: packet start */
 };

@@ -8,6 +8,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "ciliate/abi.h"
+#include "config.h" /* rendered from bpf/datapath.toml */
 
 /* uapi/linux/pkt_cls.h and if_ether.h are #defines, absent from BTF. */
 #define TC_ACT_OK 0

@@ -9,10 +9,6 @@
 
 #include "ciliate/common.h"
 
-#ifndef CILIATE_MAX_POD_CIDRS
-#define CILIATE_MAX_POD_CIDRS 4
-#endif /* CILIATE_MAX_POD_CIDRS */
-
 /* Router and node IP in network byte order. */
 const volatile __u32 router_ip = 0;
 const volatile __u32 node_ip = 0;
