@@ -1,0 +1,77 @@
+"""The errors of the object layer, shaped like the Kubernetes API server's.
+
+::
+
+    ObjectsError
+    ├── DocumentError        the input is not YAML/JSON objects (names the document)
+    ├── ObjectInvalidError   one object failed validation (a list of FieldError)
+    ├── UnknownKindError     kind/apiVersion this store does not keep
+    ├── ObjectNotFoundError  get/delete of an object that is not there
+    └── NamespaceNotFoundError  a namespaced object whose Namespace does not exist
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = [
+    "DocumentError",
+    "FieldError",
+    "NamespaceNotFoundError",
+    "ObjectInvalidError",
+    "ObjectNotFoundError",
+    "ObjectsError",
+    "UnknownKindError",
+]
+
+
+class ObjectsError(Exception):
+    """Base class of every object-layer error."""
+
+
+class DocumentError(ObjectsError, ValueError):
+    """The input does not parse as Kubernetes objects."""
+
+
+class UnknownKindError(ObjectsError, ValueError):
+    """A kind (or kind name on the command line) this store does not keep."""
+
+
+class ObjectNotFoundError(ObjectsError, LookupError):
+    """The object does not exist."""
+
+
+class NamespaceNotFoundError(ObjectsError, LookupError):
+    """A namespaced object refers to a Namespace that does not exist."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One field's problem, in the API server's words: ``path: Type: detail``.
+
+    ``kind`` is one of the API server's error types: ``Required value``,
+    ``Invalid value``, ``Unsupported value``, ``Forbidden``, ``Duplicate value``.
+    """
+
+    path: str
+    kind: str
+    detail: str
+    value: object = None
+
+    def __str__(self) -> str:
+        if self.kind in ("Invalid value", "Unsupported value", "Duplicate value"):
+            shown = json.dumps(self.value, default=str)
+            return f"{self.path}: {self.kind}: {shown}: {self.detail}"
+        return f"{self.path}: {self.kind}: {self.detail}"
+
+
+class ObjectInvalidError(ObjectsError, ValueError):
+    """An object failed validation; ``errors`` names every field at fault."""
+
+    def __init__(self, *, kind: str, name: str, errors: list[FieldError]) -> None:
+        self.kind = kind
+        self.name = name
+        self.errors = list(errors)
+        joined = ", ".join(str(e) for e in self.errors)
+        super().__init__(f'{kind} "{name}" is invalid: {joined}')

@@ -1,0 +1,701 @@
+"""Validation and defaulting of objects, as the Kubernetes API server does it.
+
+``validate(raw)`` returns the object as it will be stored (defaults applied:
+``policyTypes``, port protocols, the namespace's ``kubernetes.io/metadata.name``
+label, ``metadata.namespace: default``), or raises
+:class:`~ciliate.control.objects.errors.ObjectInvalidError` naming every field at
+fault with its path (``spec.ingress[0].ports[1].port``), in the API server's words.
+
+Policy specs are checked strictly (an unknown field is an error, as ``kubectl``'s
+strict field validation reports it): a misspelt ``podSelecter`` would otherwise
+silently open or close traffic. Pods and Namespaces keep fields ciliate does not
+read (images, commands, ...) as they are.
+
+CiliumNetworkPolicy is kept to L3/L4: L7 rules, FQDNs, services, groups, node
+selectors and ICMP rules are refused by name, never ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ciliate.control.objects.errors import FieldError, ObjectInvalidError
+from ciliate.control.objects.kinds import Kind, kind_for_document
+
+__all__ = [
+    "CILIUM_ENTITIES",
+    "NAMESPACE_NAME_LABEL",
+    "PROTOCOLS",
+    "parse_cidr",
+    "validate",
+]
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+CILIUM_PROTOCOLS = (*PROTOCOLS, "ANY")
+CILIUM_ENTITIES = ("host", "remote-node", "world", "cluster", "all")
+# Cilium label sources a selector key may carry (``k8s:app``); a bare key means any.
+CILIUM_SOURCES = ("k8s", "any", "reserved", "unspec", "container", "cidr")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
+
+_NP_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
+_SELECTOR_FIELDS = {"matchLabels", "matchExpressions"}
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+_CNP_RULE_FIELDS = {"endpointSelector", "ingress", "ingressDeny", "egress", "egressDeny"}
+_CNP_RULE_IGNORED = {"description", "labels"}
+_CNP_UNSUPPORTED_RULE = {
+    "nodeSelector": "node (host) policies",
+    "enableDefaultDeny": "enableDefaultDeny",
+}
+_CNP_PEER = {
+    "ingress": ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"),
+    "egress": ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities"),
+}
+_CNP_UNSUPPORTED_PEER = {
+    "fromRequires": "fromRequires",
+    "toRequires": "toRequires",
+    "fromGroups": "fromGroups (cloud groups)",
+    "toGroups": "toGroups (cloud groups)",
+    "fromNodes": "fromNodes",
+    "toNodes": "toNodes",
+    "toServices": "toServices",
+    "toFQDNs": "toFQDNs (DNS-based policy)",
+    "icmps": "ICMP rules",
+    "authentication": "mutual authentication",
+}
+_CNP_PORT_RULE_UNSUPPORTED = {
+    "rules": "L7 rules (ciliate enforces L3/L4 only)",
+    "terminatingTLS": "TLS interception",
+    "originatingTLS": "TLS interception",
+    "serverNames": "serverNames (TLS SNI)",
+    "listener": "Envoy listeners",
+}
+
+
+class _Errors:
+    """Collects field errors; each helper returns a usable default after an error,
+    so one pass reports every problem, as the API server does."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldError] = []
+
+    def required(self, path: str, detail: str = "") -> None:
+        self.items.append(FieldError(path, "Required value", detail))
+
+    def invalid(self, path: str, value: object, detail: str) -> None:
+        self.items.append(FieldError(path, "Invalid value", detail, value))
+
+    def unsupported(self, path: str, value: object, supported: tuple[str, ...]) -> None:
+        listed = ", ".join(f'"{s}"' for s in supported)
+        self.items.append(
+            FieldError(path, "Unsupported value", f"supported values: {listed}", value)
+        )
+
+    def forbidden(self, path: str, detail: str) -> None:
+        self.items.append(FieldError(path, "Forbidden", detail))
+
+    def duplicate(self, path: str, value: object) -> None:
+        self.items.append(FieldError(path, "Duplicate value", "may not be repeated", value))
+
+    def unknown_fields(self, path: str, raw: dict[str, Any], allowed: set[str]) -> None:
+        for key in sorted(set(raw) - allowed):
+            where = f"{path}.{key}" if path else key
+            self.items.append(FieldError(where, "Forbidden", f'unknown field "{key}"'))
+
+    def mapping(self, path: str, value: object, *, required: bool = False) -> dict[str, Any]:
+        if value is None:
+            if required:
+                self.required(path)
+            return {}
+        if not isinstance(value, dict):
+            self.invalid(path, value, "must be an object")
+            return {}
+        return value
+
+    def sequence(self, path: str, value: object) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.invalid(path, value, "must be a list")
+            return []
+        return value
+
+    def string(self, path: str, value: object, *, required: bool = False) -> str | None:
+        if value is None:
+            if required:
+                self.required(path)
+            return None
+        if not isinstance(value, str):
+            self.invalid(path, value, "must be a string")
+            return None
+        return value
+
+    def integer(self, path: str, value: object) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.invalid(path, value, "must be an integer")
+            return None
+        return value
+
+
+def validate(raw: object) -> dict[str, Any]:
+    """The object as stored, or :class:`ObjectInvalidError` naming each bad field."""
+    if not isinstance(raw, dict):
+        raise ObjectInvalidError(
+            kind="Object",
+            name="",
+            errors=[FieldError("<document>", "Invalid value", "must be an object", raw)],
+        )
+    kind = kind_for_document(kind=raw.get("kind"), api_version=raw.get("apiVersion"))
+    raw = copy.deepcopy(raw)  # defaults are filled in place; the caller's document stays
+    errs = _Errors()
+    metadata = _metadata(errs, kind, raw.get("metadata"))
+    obj: dict[str, Any] = {
+        key: value for key, value in raw.items() if key not in ("apiVersion", "kind", "metadata")
+    }
+    obj = {"apiVersion": kind.api_version, "kind": kind.name, "metadata": metadata, **obj}
+    _VALIDATORS[kind.name](errs, obj)
+    if errs.items:
+        raise ObjectInvalidError(
+            kind=f"{kind.name}.{kind.group}" if kind.group else kind.name,
+            name=str(metadata.get("name", "")),
+            errors=errs.items,
+        )
+    return obj
+
+
+def _metadata(errs: _Errors, kind: Kind, raw: object) -> dict[str, Any]:
+    meta = dict(errs.mapping("metadata", raw, required=True))
+    for field in _SERVER_FIELDS:
+        meta.pop(field, None)  # set by the store, never by the client
+    name = errs.string("metadata.name", meta.get("name"), required=True)
+    if name is not None:
+        _check_name(errs, "metadata.name", name, dns_label=kind.name == "Namespace")
+    if kind.namespaced:
+        namespace = errs.string("metadata.namespace", meta.get("namespace")) or "default"
+        _check_name(errs, "metadata.namespace", namespace, dns_label=True)
+        meta["namespace"] = namespace
+    else:
+        meta.pop("namespace", None)  # the API server clears it on cluster-scoped kinds
+    labels = _labels(errs, "metadata.labels", meta.get("labels"))
+    if kind.name == "Namespace" and name is not None:
+        labels[NAMESPACE_NAME_LABEL] = name  # always set, as Kubernetes does
+    meta["labels"] = labels
+    annotations = errs.mapping("metadata.annotations", meta.get("annotations"))
+    if annotations:
+        for key, value in annotations.items():
+            if not isinstance(value, str):
+                errs.invalid(f"metadata.annotations[{key}]", value, "must be a string")
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    return meta
+
+
+def _check_name(errs: _Errors, path: str, name: str, *, dns_label: bool) -> None:
+    if not name:
+        errs.required(path, "name or generateName is required")
+        return
+    if dns_label:
+        if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+            errs.invalid(
+                path,
+                name,
+                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters"
+                " or '-', and must start and end with an alphanumeric character"
+                " (at most 63 characters)",
+            )
+    elif len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        errs.invalid(
+            path,
+            name,
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric"
+            " characters, '-' or '.', and must start and end with an alphanumeric character",
+        )
+
+
+def _qualified_name_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return "prefix part must be a lowercase RFC 1123 subdomain"
+    if not name:
+        return "name part must be non-empty"
+    if len(name) > 63:
+        return "name part must be no more than 63 characters"
+    if not _QUALIFIED_NAME.fullmatch(name):
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must"
+            " start and end with an alphanumeric character"
+        )
+    return None
+
+
+def _label_value_problem(value: str) -> str | None:
+    if len(value) > 63:
+        return "must be no more than 63 characters"
+    if value and not _QUALIFIED_NAME.fullmatch(value):
+        return (
+            "a valid label must be an empty string or consist of alphanumeric characters,"
+            " '-', '_' or '.', and must start and end with an alphanumeric character"
+        )
+    return None
+
+
+def _label_key_problem(key: str, *, cilium: bool) -> str | None:
+    if cilium:
+        source, colon, rest = key.partition(":")
+        if colon and source in CILIUM_SOURCES:
+            if source == "reserved" and rest:
+                return None  # reserved:host, reserved:world ...
+            key = rest
+    return _qualified_name_problem(key)
+
+
+def _labels(errs: _Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for key, value in errs.mapping(path, raw).items():
+        problem = _label_key_problem(key, cilium=cilium) if isinstance(key, str) else "not a string"
+        if problem:
+            errs.invalid(f"{path}", key, problem)
+            continue
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            errs.invalid(f"{path}[{key}]", value, "must be a string")
+            continue
+        if (problem := _label_value_problem(value)) is not None:
+            errs.invalid(f"{path}[{key}]", value, problem)
+            continue
+        labels[key] = value
+    return labels
+
+
+def _selector(errs: _Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, Any]:
+    sel = errs.mapping(path, raw)
+    errs.unknown_fields(path, sel, _SELECTOR_FIELDS)
+    out: dict[str, Any] = {}
+    match_labels = _labels(errs, f"{path}.matchLabels", sel.get("matchLabels"), cilium=cilium)
+    if match_labels:
+        out["matchLabels"] = match_labels
+    expressions = []
+    for i, expr in enumerate(
+        errs.sequence(f"{path}.matchExpressions", sel.get("matchExpressions"))
+    ):
+        at = f"{path}.matchExpressions[{i}]"
+        expr = errs.mapping(at, expr)
+        errs.unknown_fields(at, expr, {"key", "operator", "values"})
+        key = errs.string(f"{at}.key", expr.get("key"), required=True)
+        if key is not None and (problem := _label_key_problem(key, cilium=cilium)):
+            errs.invalid(f"{at}.key", key, problem)
+        operator = errs.string(f"{at}.operator", expr.get("operator"), required=True)
+        values = [
+            v
+            for j, v in enumerate(errs.sequence(f"{at}.values", expr.get("values")))
+            if errs.string(f"{at}.values[{j}]", v) is not None
+        ]
+        if operator is not None and operator not in _SELECTOR_OPERATORS:
+            errs.unsupported(f"{at}.operator", operator, _SELECTOR_OPERATORS)
+        elif operator in ("In", "NotIn") and not values:
+            errs.required(f"{at}.values", "must be specified when `operator` is 'In' or 'NotIn'")
+        elif operator in ("Exists", "DoesNotExist") and values:
+            errs.forbidden(
+                f"{at}.values", "may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
+            )
+        expressions.append({"key": key, "operator": operator, "values": values})
+    if expressions:
+        out["matchExpressions"] = expressions
+    return out
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR as the API server reads it: host bits may be set (``10.0.0.7/24``)."""
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _cidr(errs: _Errors, path: str, raw: object, *, bare_ip: bool = False) -> str | None:
+    text = errs.string(path, raw, required=True)
+    if text is None:
+        return None
+    if "/" not in text and not bare_ip:
+        errs.invalid(path, text, "must be a valid CIDR (e.g. 10.0.0.0/16)")
+        return None
+    try:
+        return str(parse_cidr(text))
+    except ValueError:
+        errs.invalid(path, text, "must be a valid CIDR (e.g. 10.0.0.0/16)")
+        return None
+
+
+def _cidr_with_except(
+    errs: _Errors, path: str, raw: object, *, cilium: bool = False
+) -> dict[str, Any]:
+    cidr_field = "cidr"
+    block = errs.mapping(path, raw, required=True)
+    errs.unknown_fields(
+        path, block, {cidr_field, "except"} | ({"cidrGroupRef"} if cilium else set())
+    )
+    if cilium and "cidrGroupRef" in block:
+        errs.forbidden(f"{path}.cidrGroupRef", "CiliumCIDRGroup references are not supported")
+    cidr = _cidr(errs, f"{path}.{cidr_field}", block.get(cidr_field))
+    excepts: list[str] = []
+    for i, item in enumerate(errs.sequence(f"{path}.except", block.get("except"))):
+        at = f"{path}.except[{i}]"
+        text = _cidr(errs, at, item)
+        if text is None or cidr is None:
+            continue
+        inner, outer = parse_cidr(text), parse_cidr(cidr)
+        if (
+            inner.version != outer.version
+            or not inner.subnet_of(outer)  # type: ignore[arg-type]
+            or inner.prefixlen <= outer.prefixlen
+        ):
+            errs.invalid(at, item, f"must be a strict subset of `{cidr_field}`")
+            continue
+        excepts.append(text)
+    out: dict[str, Any] = {cidr_field: cidr}
+    if excepts:
+        out["except"] = excepts
+    return out
+
+
+def _port_name_problem(name: str) -> str | None:
+    if len(name) > 15:
+        return "must be no more than 15 characters"
+    if not _PORT_NAME.fullmatch(name):
+        return "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"
+    if "--" in name:
+        return "must not contain consecutive hyphens"
+    if not re.search(r"[a-z]", name):
+        return "must contain at least one letter (a-z)"
+    return None
+
+
+def _protocol(
+    errs: _Errors, path: str, raw: object, *, allowed: tuple[str, ...], default: str
+) -> str:
+    value = errs.string(path, raw)
+    if value is None:
+        return default
+    if value not in allowed:
+        errs.unsupported(path, value, allowed)
+        return default
+    return value
+
+
+# -- Namespace, Pod --------------------------------------------------------------
+
+
+def _validate_namespace(errs: _Errors, obj: dict[str, Any]) -> None:
+    errs.mapping("spec", obj.get("spec"))
+
+
+def _validate_pod(errs: _Errors, obj: dict[str, Any]) -> None:
+    spec = errs.mapping("spec", obj.get("spec"), required=True)
+    containers = errs.sequence("spec.containers", spec.get("containers"))
+    if "spec" in obj and not containers:
+        errs.required("spec.containers")
+    names: set[str] = set()
+    for i, raw_container in enumerate(containers):
+        at = f"spec.containers[{i}]"
+        container = errs.mapping(at, raw_container)
+        name = errs.string(f"{at}.name", container.get("name"), required=True)
+        if name is not None:
+            if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+                errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+            elif name in names:
+                errs.duplicate(f"{at}.name", name)
+            names.add(name)
+        port_names: set[str] = set()
+        ports = []
+        for j, raw_port in enumerate(errs.sequence(f"{at}.ports", container.get("ports"))):
+            pat = f"{at}.ports[{j}]"
+            port = dict(errs.mapping(pat, raw_port))
+            number = errs.integer(f"{pat}.containerPort", port.get("containerPort"))
+            if number is None and "containerPort" not in port:
+                errs.required(f"{pat}.containerPort")
+            elif number is not None and not 1 <= number <= 65535:
+                errs.invalid(
+                    f"{pat}.containerPort", number, "must be between 1 and 65535, inclusive"
+                )
+            port["protocol"] = _protocol(
+                errs, f"{pat}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+            )
+            port_name = errs.string(f"{pat}.name", port.get("name"))
+            if port_name:
+                if (problem := _port_name_problem(port_name)) is not None:
+                    errs.invalid(f"{pat}.name", port_name, problem)
+                elif port_name in port_names:
+                    errs.duplicate(f"{pat}.name", port_name)
+                port_names.add(port_name)
+            ports.append(port)
+        if ports:
+            container = {**container, "ports": ports}
+        if isinstance(raw_container, dict):
+            containers[i] = container
+    status = errs.mapping("status", obj.get("status"))
+    if (ip := errs.string("status.podIP", status.get("podIP"))) is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            errs.invalid("status.podIP", ip, "must be a valid IP address")
+
+
+# -- NetworkPolicy -----------------------------------------------------------------
+
+
+def _np_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+    ports = []
+    for i, item in enumerate(errs.sequence(path, raw)):
+        at = f"{path}[{i}]"
+        port = errs.mapping(at, item)
+        errs.unknown_fields(at, port, {"protocol", "port", "endPort"})
+        out: dict[str, Any] = {
+            "protocol": _protocol(
+                errs, f"{at}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+            )
+        }
+        value = port.get("port")
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int | str)):
+            errs.invalid(f"{at}.port", value, "must be a port number or a port name")
+        elif isinstance(value, int):
+            if not 1 <= value <= 65535:
+                errs.invalid(f"{at}.port", value, "must be between 1 and 65535, inclusive")
+            out["port"] = value
+        elif isinstance(value, str):
+            if (problem := _port_name_problem(value)) is not None:
+                errs.invalid(f"{at}.port", value, problem)
+            out["port"] = value
+        end = errs.integer(f"{at}.endPort", port.get("endPort"))
+        if end is not None:
+            if value is None:
+                errs.required(f"{at}.port", "must be specified when endPort is specified")
+            elif isinstance(value, str):
+                errs.forbidden(f"{at}.endPort", "may not be specified when `port` is non-numeric")
+            elif isinstance(value, int) and end < value:
+                errs.invalid(f"{at}.endPort", end, "must be greater than or equal to `port`")
+            elif end > 65535:
+                errs.invalid(f"{at}.endPort", end, "must be between 1 and 65535, inclusive")
+            out["endPort"] = end
+        ports.append(out)
+    return ports
+
+
+def _np_peers(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+    peers = []
+    for i, item in enumerate(errs.sequence(path, raw)):
+        at = f"{path}[{i}]"
+        peer = errs.mapping(at, item)
+        errs.unknown_fields(at, peer, {"podSelector", "namespaceSelector", "ipBlock"})
+        present = [
+            k for k in ("podSelector", "namespaceSelector", "ipBlock") if peer.get(k) is not None
+        ]
+        if not present:
+            errs.required(at, "must specify a peer")
+        elif "ipBlock" in present and len(present) > 1:
+            errs.forbidden(at, "may not specify both ipBlock and another peer")
+        out: dict[str, Any] = {}
+        for key in ("podSelector", "namespaceSelector"):
+            if peer.get(key) is not None:
+                out[key] = _selector(errs, f"{at}.{key}", peer[key])
+        if peer.get("ipBlock") is not None:
+            out["ipBlock"] = _cidr_with_except(errs, f"{at}.ipBlock", peer["ipBlock"])
+        peers.append(out)
+    return peers
+
+
+def _validate_network_policy(errs: _Errors, obj: dict[str, Any]) -> None:
+    spec = errs.mapping("spec", obj.get("spec"), required=True)
+    errs.unknown_fields("spec", spec, _NP_SPEC_FIELDS)
+    out: dict[str, Any] = {
+        "podSelector": _selector(errs, "spec.podSelector", spec.get("podSelector"))
+    }
+    ingress, egress = [], []
+    for i, item in enumerate(errs.sequence("spec.ingress", spec.get("ingress"))):
+        rule = errs.mapping(f"spec.ingress[{i}]", item)
+        errs.unknown_fields(f"spec.ingress[{i}]", rule, {"from", "ports"})
+        out_rule: dict[str, Any] = {}
+        if rule.get("ports"):
+            out_rule["ports"] = _np_ports(errs, f"spec.ingress[{i}].ports", rule["ports"])
+        if rule.get("from"):
+            out_rule["from"] = _np_peers(errs, f"spec.ingress[{i}].from", rule["from"])
+        ingress.append(out_rule)
+    for i, item in enumerate(errs.sequence("spec.egress", spec.get("egress"))):
+        rule = errs.mapping(f"spec.egress[{i}]", item)
+        errs.unknown_fields(f"spec.egress[{i}]", rule, {"to", "ports"})
+        out_rule = {}
+        if rule.get("ports"):
+            out_rule["ports"] = _np_ports(errs, f"spec.egress[{i}].ports", rule["ports"])
+        if rule.get("to"):
+            out_rule["to"] = _np_peers(errs, f"spec.egress[{i}].to", rule["to"])
+        egress.append(out_rule)
+    types = []
+    for i, item in enumerate(errs.sequence("spec.policyTypes", spec.get("policyTypes"))):
+        if item not in ("Ingress", "Egress"):
+            errs.unsupported(f"spec.policyTypes[{i}]", item, ("Ingress", "Egress"))
+        elif item in types:
+            errs.duplicate(f"spec.policyTypes[{i}]", item)
+        else:
+            types.append(item)
+    if not types and not (isinstance(spec.get("policyTypes"), list) and spec["policyTypes"]):
+        # The API server's defaulting: Ingress always, Egress when egress rules exist.
+        types = ["Ingress", "Egress"] if egress else ["Ingress"]
+    out["policyTypes"] = types
+    # Absent and empty lists mean the same (deny all once isolated); keep them explicit.
+    out["ingress"] = ingress
+    out["egress"] = egress
+    obj["spec"] = out
+
+
+# -- CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy ---------------------------
+
+
+def _cnp_port(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
+    port = errs.mapping(path, raw)
+    errs.unknown_fields(path, port, {"port", "endPort", "protocol"})
+    out: dict[str, Any] = {
+        "protocol": _protocol(
+            errs, f"{path}.protocol", port.get("protocol"), allowed=CILIUM_PROTOCOLS, default="ANY"
+        )
+    }
+    value = port.get("port", "0")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        errs.invalid(f"{path}.port", value, "must be a port number or a port name")
+        value = "0"
+    if value.isdigit():
+        number = int(value)
+        if not 0 <= number <= 65535:
+            errs.invalid(f"{path}.port", value, "must be between 0 and 65535, inclusive")
+        out["port"] = str(number)
+    else:
+        named = value.lower()  # Cilium compares port names case-insensitively
+        if (problem := _port_name_problem(named)) is not None:
+            errs.invalid(f"{path}.port", value, problem)
+        out["port"] = named
+    end = errs.integer(f"{path}.endPort", port.get("endPort"))
+    if end is not None:
+        if not out["port"].isdigit():
+            errs.forbidden(f"{path}.endPort", "may not be specified when `port` is a name")
+        elif end < int(out["port"]) or end > 65535:
+            errs.invalid(f"{path}.endPort", end, "must be between `port` and 65535, inclusive")
+        out["endPort"] = end
+    return out
+
+
+def _cnp_to_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+    rules = []
+    for i, item in enumerate(errs.sequence(path, raw)):
+        at = f"{path}[{i}]"
+        rule = errs.mapping(at, item)
+        for key, what in _CNP_PORT_RULE_UNSUPPORTED.items():
+            if key in rule:
+                errs.forbidden(f"{at}.{key}", f"{what} are not supported by ciliate")
+        errs.unknown_fields(at, rule, {"ports", *_CNP_PORT_RULE_UNSUPPORTED})
+        ports = [
+            _cnp_port(errs, f"{at}.ports[{j}]", p)
+            for j, p in enumerate(errs.sequence(f"{at}.ports", rule.get("ports")))
+        ]
+        rules.append({"ports": ports})
+    return rules
+
+
+def _cnp_direction(
+    errs: _Errors, path: str, raw: object, *, direction: str
+) -> list[dict[str, Any]]:
+    peers = _CNP_PEER[direction]
+    rules = []
+    for i, item in enumerate(errs.sequence(path, raw)):
+        at = f"{path}[{i}]"
+        rule = errs.mapping(at, item)
+        for key, what in _CNP_UNSUPPORTED_PEER.items():
+            if key in rule:
+                errs.forbidden(f"{at}.{key}", f"{what} is not supported by ciliate (L3/L4 only)")
+        errs.unknown_fields(at, rule, {*peers, "toPorts", *_CNP_UNSUPPORTED_PEER})
+        endpoints_key, cidr_key, cidrset_key, entities_key = peers
+        out: dict[str, Any] = {}
+        if endpoints_key in rule:
+            out[endpoints_key] = [
+                _selector(errs, f"{at}.{endpoints_key}[{j}]", sel, cilium=True)
+                for j, sel in enumerate(errs.sequence(f"{at}.{endpoints_key}", rule[endpoints_key]))
+            ]
+        if cidr_key in rule:
+            out[cidr_key] = [
+                c
+                for j, item2 in enumerate(errs.sequence(f"{at}.{cidr_key}", rule[cidr_key]))
+                if (c := _cidr(errs, f"{at}.{cidr_key}[{j}]", item2, bare_ip=True)) is not None
+            ]
+        if cidrset_key in rule:
+            out[cidrset_key] = [
+                _cidr_with_except(errs, f"{at}.{cidrset_key}[{j}]", block, cilium=True)
+                for j, block in enumerate(errs.sequence(f"{at}.{cidrset_key}", rule[cidrset_key]))
+            ]
+        if entities_key in rule:
+            entities = []
+            for j, entity in enumerate(errs.sequence(f"{at}.{entities_key}", rule[entities_key])):
+                if entity not in CILIUM_ENTITIES:
+                    errs.unsupported(f"{at}.{entities_key}[{j}]", entity, CILIUM_ENTITIES)
+                else:
+                    entities.append(entity)
+            out[entities_key] = entities
+        if "toPorts" in rule:
+            out["toPorts"] = _cnp_to_ports(errs, f"{at}.toPorts", rule["toPorts"])
+        rules.append(out)
+    return rules
+
+
+def _cnp_rule(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
+    rule = errs.mapping(path, raw, required=True)
+    for key, what in _CNP_UNSUPPORTED_RULE.items():
+        if key in rule:
+            errs.forbidden(f"{path}.{key}", f"{what} is not supported by ciliate")
+    errs.unknown_fields(
+        path, rule, _CNP_RULE_FIELDS | _CNP_RULE_IGNORED | set(_CNP_UNSUPPORTED_RULE)
+    )
+    if "endpointSelector" not in rule and "nodeSelector" not in rule:
+        errs.required(f"{path}.endpointSelector", "a rule selects the endpoints it applies to")
+    out: dict[str, Any] = {
+        "endpointSelector": _selector(
+            errs, f"{path}.endpointSelector", rule.get("endpointSelector"), cilium=True
+        )
+    }
+    for key in ("ingress", "ingressDeny", "egress", "egressDeny"):
+        if key in rule:
+            direction = "ingress" if key.startswith("ingress") else "egress"
+            out[key] = _cnp_direction(errs, f"{path}.{key}", rule[key], direction=direction)
+    if isinstance(rule.get("description"), str):
+        out["description"] = rule["description"]
+    return out
+
+
+def _validate_cilium_policy(errs: _Errors, obj: dict[str, Any]) -> None:
+    if obj.get("spec") is None and obj.get("specs") is None:
+        errs.required("spec", "a Cilium policy needs `spec` or `specs`")
+        return
+    if obj.get("spec") is not None:
+        obj["spec"] = _cnp_rule(errs, "spec", obj["spec"])
+    if obj.get("specs") is not None:
+        obj["specs"] = [
+            _cnp_rule(errs, f"specs[{i}]", rule)
+            for i, rule in enumerate(errs.sequence("specs", obj["specs"]))
+        ]
+    obj.pop("status", None)
+
+
+_VALIDATORS: dict[str, Callable[[_Errors, dict[str, Any]], None]] = {
+    "Namespace": _validate_namespace,
+    "Pod": _validate_pod,
+    "NetworkPolicy": _validate_network_policy,
+    "CiliumNetworkPolicy": _validate_cilium_policy,
+    "CiliumClusterwideNetworkPolicy": _validate_cilium_policy,
+}
