@@ -1,8 +1,9 @@
 """The agent's HTTP API (FastAPI), served on a UNIX socket.
 
 FastAPI describes every route in the OpenAPI document it serves at
-``/openapi.json`` and answers an invalid request with a 422 whose detail
-names the field. ``/v1/cni`` is what the ``ciliate-cni`` relay calls.
+``/openapi.json``, the 4xx answers included, and answers an invalid request
+with a 422 whose detail names the field. Request bodies are strict (see
+``schema.py``). ``/v1/cni`` is what the ``ciliate-cni`` relay calls.
 """
 
 from __future__ import annotations
@@ -10,26 +11,33 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Response
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from ciliate.control.agent import metrics
 from ciliate.control.agent.node import NodeAgent
+from ciliate.control.agent.schema import ApiModel, Text, errors, printable
 from ciliate.datapath import tables
 
 
-class CniRequest(BaseModel):
-    env: dict[str, str] = Field(description="the CNI_* environment of the plugin call")
-    stdin: str = Field(description="the network configuration the runtime sent on stdin")
+class CniRequest(ApiModel):
+    env: dict[Text, Text] = Field(description="the CNI_* environment of the plugin call")
+    stdin: Text = Field(description="the network configuration the runtime sent on stdin")
 
 
-class CniResponse(BaseModel):
+class CniResponse(ApiModel):
     exit_code: int
     stdout: str
 
 
-class DatapathConfig(BaseModel):
+class DatapathConfig(ApiModel):
     trace: bool = Field(description="send a trace event for every forwarded packet")
+
+
+_NOT_IN_CLUSTER = {404: "This agent is not in a cluster"}
 
 
 def create_app(agent: NodeAgent) -> FastAPI:
@@ -38,7 +46,16 @@ def create_app(agent: NodeAgent) -> FastAPI:
         version="0.1.0",
         description="Node agent: endpoints, IPAM, identities and the BPF datapath of one node.",
     )
-    app.add_middleware(metrics.LatencyMiddleware, histogram=metrics.register(agent))
+    registry = metrics.AgentMetrics(agent)
+    app.add_middleware(metrics.LatencyMiddleware, histogram=registry.latency)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, with text it could not encode made printable
+        # (the refused value is echoed back, lone surrogate and all).
+        return JSONResponse(
+            status_code=422, content={"detail": printable(jsonable_encoder(exc.errors()))}
+        )
 
     @app.post("/v1/cni", response_model=CniResponse, tags=["cni"])
     def cni(body: CniRequest) -> CniResponse:
@@ -75,7 +92,11 @@ def create_app(agent: NodeAgent) -> FastAPI:
     def endpoints() -> list[dict[str, Any]]:
         return [r.to_json() for r in agent.endpoints.list()]
 
-    @app.get("/v1/endpoints/{endpoint_id}", tags=["endpoints"])
+    @app.get(
+        "/v1/endpoints/{endpoint_id}",
+        tags=["endpoints"],
+        responses=errors({404: "No endpoint with that id"}),
+    )
     def endpoint(endpoint_id: int) -> dict[str, Any]:
         record = agent.endpoints.get(endpoint_id)
         if record is None:
@@ -143,7 +164,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
             for r in agent.datapath.metrics.rows()
         ]
 
-    @app.get("/v1/cluster/nodes", tags=["cluster"])
+    @app.get("/v1/cluster/nodes", tags=["cluster"], responses=errors(_NOT_IN_CLUSTER))
     def cluster_nodes() -> list[dict[str, Any]]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
@@ -151,7 +172,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
         return list_nodes(agent.cluster.store)
 
-    @app.delete("/v1/cluster/nodes/{name}", tags=["cluster"])
+    @app.delete("/v1/cluster/nodes/{name}", tags=["cluster"], responses=errors(_NOT_IN_CLUSTER))
     def cluster_node_delete(name: str) -> dict[str, str]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
@@ -167,7 +188,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
     @app.get("/metrics", tags=["node"], response_class=Response)
     def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = registry.render()
         return Response(content=body, media_type=content_type)
 
     return app

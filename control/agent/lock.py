@@ -57,7 +57,9 @@ class Place:
 
 
 class AgentLock:
-    """Exclusive flocks on a set of directories, taken all or none."""
+    """Exclusive flocks on a set of directories, taken all or none. When
+    one cannot be taken, the others are dropped and the directories this
+    call created are removed again."""
 
     def __init__(self, places: Sequence[Place]) -> None:
         self._fds: list[int] = []
@@ -65,7 +67,7 @@ class AgentLock:
             undo.callback(self.release)
             seen: set[tuple[int, int]] = set()
             for place in places:
-                fd = _open_dir(place)
+                fd = _open_dir(place, undo)
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) in seen:
                     # Two flags naming one directory: a second flock on another
@@ -88,7 +90,12 @@ class AgentLock:
             os.close(self._fds.pop())
 
 
-def _open_dir(place: Place) -> int:
+def _open_dir(place: Place, undo: contextlib.ExitStack) -> int:
+    """Open the directory, creating it (and its missing parents) if needed;
+    ``undo`` removes what was created, innermost first."""
+    missing = [p for p in (place.path, *place.path.parents) if not p.exists()]
+    for created in reversed(missing):  # outermost registered first, so undone last
+        undo.callback(_remove_empty_dir, created)
     try:
         place.path.mkdir(parents=True, exist_ok=True, mode=place.mode)
         # O_CLOEXEC: a child (exabgp, a helper) must not inherit the lock and
@@ -98,6 +105,11 @@ def _open_dir(place: Place) -> int:
         raise LockPathError(
             f"{place.what} {place.path}: cannot create or open it ({exc.strerror or exc})"
         ) from exc
+
+
+def _remove_empty_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (someone else's now), or gone
+        path.rmdir()
 
 
 def lock_holder(st: os.stat_result) -> int | None:

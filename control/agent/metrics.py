@@ -1,5 +1,6 @@
 """Prometheus metrics of the agent: endpoints, IPAM usage, API latency and
-the datapath counters of ciliate_metrics, read when scraped."""
+the datapath counters of ciliate_metrics, read when scraped. Every label
+takes a bounded set of values, whatever clients send."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from ciliate.datapath import tables
 if TYPE_CHECKING:
     from ciliate.control.agent.node import NodeAgent
 
-REGISTRY = CollectorRegistry()
+# Label values for requests outside the API: one series each, whatever the
+# client sends (each distinct label value is a series kept for good).
+UNMATCHED_PATH = "unmatched"
+OTHER_METHOD = "other"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _NodeCollector(Collector):
@@ -57,20 +62,24 @@ class _NodeCollector(Collector):
         yield nbytes
 
 
-def register(agent: NodeAgent) -> Histogram:
-    """Register the node collector; return the API latency histogram."""
-    REGISTRY.register(_NodeCollector(agent))
-    return Histogram(
-        "ciliate_api_request_seconds",
-        "Agent API latency",
-        ["method", "path", "status"],
-        registry=REGISTRY,
-        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
-    )
+class AgentMetrics:
+    """The agent's registry: the node collector (read when scraped) and the
+    API latency histogram. One per app, so an app can be built twice in a
+    process (tests) without clashing series."""
 
+    def __init__(self, agent: NodeAgent) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_NodeCollector(agent))
+        self.latency = Histogram(
+            "ciliate_api_request_seconds",
+            "Agent API latency by method, route template and status",
+            ["method", "path", "status"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+        )
 
-def render() -> tuple[bytes, str]:
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class LatencyMiddleware:
@@ -98,8 +107,10 @@ class LatencyMiddleware:
         try:
             await self._app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", scope.get("path", ""))
-            self._histogram.labels(scope.get("method", ""), path, str(status)).observe(
-                time.perf_counter() - started
-            )
+            # The route's template ("/v1/endpoints/{endpoint_id}"), never the
+            # path sent: junk paths would each add a series for good.
+            path = getattr(scope.get("route"), "path", UNMATCHED_PATH)
+            method = scope.get("method", "")
+            self._histogram.labels(
+                method if method in _METHODS else OTHER_METHOD, path, str(status)
+            ).observe(time.perf_counter() - started)
