@@ -315,19 +315,21 @@ def _add_veth(
                     peer_netns_fd=ns_fd,
                 )
             except NetlinkError as exc:
-                if exc.errno == errno.EBUSY:
-                    continue  # that ifindex is taken: try the next
-                if exc.errno == errno.EEXIST:
-                    if rtnl.link(host_name) is not None:
-                        raise DeviceError(
-                            f"cannot create veth {host_name}: the node already has a link of "
-                            "that name (an earlier veth of this container and interface)"
-                        ) from exc
+                if exc.errno not in (errno.EBUSY, errno.EEXIST):
+                    raise DeviceError(f"cannot create veth {host_name}: {exc.strerror}") from exc
+                # A taken ifindex is EBUSY on older kernels and EEXIST on newer
+                # ones (6.18 here), like a taken name: find out which it is.
+                if rtnl.link(host_name) is not None:
                     raise DeviceError(
-                        f"cannot create {pod_ifname} in {netns}: the pod's namespace already "
-                        f"has a link named {pod_ifname}"
+                        f"cannot create veth {host_name}: the node already has a link of "
+                        "that name (an earlier veth of this container and interface)"
                     ) from exc
-                raise DeviceError(f"cannot create veth {host_name}: {exc.strerror}") from exc
+                if exc.errno == errno.EBUSY or rtnl.link_at(ifindex) is not None:
+                    continue  # that ifindex is taken: try the next
+                raise DeviceError(
+                    f"cannot create {pod_ifname} in {netns}: the pod's namespace already "
+                    f"has a link named {pod_ifname}"
+                ) from exc
             return ifindex
     raise DeviceError("no free ifindex left for a pod veth (bpf/datapath.toml maps.max_ifindex)")
 

@@ -197,10 +197,15 @@ class Rtnl:
 
     def link(self, name: str) -> Link | None:
         """The link called ``name``, None if there is none."""
+        return self._get_link(_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)))
+
+    def link_at(self, index: int) -> Link | None:
+        """The link with ifindex ``index``, None if there is none."""
+        return self._get_link(_IFINFO.pack(0, 0, index, 0, 0))
+
+    def _get_link(self, request: bytes) -> Link | None:
         try:
-            reply = self._request(
-                RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
-            )
+            reply = self._request(RTM_GETLINK, 0, request)
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
