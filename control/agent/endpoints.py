@@ -200,9 +200,10 @@ class EndpointManager:
             existing = self._load(request.container_id, request.ifname)
             if existing is not None:
                 if existing.netns != request.netns:
-                    raise svc.ServiceError(
-                        f"container {request.container_id} already has {request.ifname} in "
-                        f"{existing.netns}, not {request.netns}: DEL it first"
+                    raise svc.InvalidNetnsError(
+                        f"CNI_NETNS {request.netns!r}: container {request.container_id} already "
+                        f"has {request.ifname} in {existing.netns}",
+                        details=f"DEL {request.ifname} of the container first",
                     )
                 return self._result(existing)
             for _, raw in self._store.list(f"{PREFIX}{request.container_id}/"):

@@ -8,7 +8,7 @@ the handler reports; the agent translates its own failures (store, netlink,
 BPF maps) into them with ``raise ... from``::
 
     ServiceError (999: a bug; nothing else should reach the runtime as 999)
-    +-- InvalidNetnsError (4)       CNI_NETNS is not a network namespace
+    +-- InvalidNetnsError (4)       CNI_NETNS is not a (or not the container's) netns
     +-- SecondInterfaceError (4)    CNI_IFNAME names a second interface of one container
     +-- UnknownContainerError (3)   CHECK of a container the agent does not know
     +-- TryAgainError (11)          temporary: retry the call later
@@ -63,7 +63,8 @@ class ServiceError(Exception):
 
 
 class InvalidNetnsError(ServiceError):
-    """CNI_NETNS is not a network namespace (or does not exist)."""
+    """CNI_NETNS is not a network namespace (or does not exist), or not the
+    one the container's endpoint is in (code 4)."""
 
     cni_code = 4
 

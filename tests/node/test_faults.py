@@ -366,3 +366,14 @@ def test_a_netconf_nested_too_deeply_is_a_decoding_error(node_lab: NodeLab) -> N
     assert (exit_code, error["code"]) == (1, 6), error
     assert "too deeply" in error["msg"], error
     assert node_lab.get("/v1/healthz") == {"status": "ok"}
+
+
+def test_a_repeated_add_naming_another_namespace_is_refused_as_code_4(node_lab: NodeLab) -> None:
+    pod, other = node_lab.pod(), node_lab.pod()
+    node_lab.add(pod)
+    before = snapshot(node_lab)
+    error = add_error(node_lab, pod, CNI_NETNS=f"/run/netns/{other.netns}")
+    assert error["code"] == 4
+    assert "CNI_NETNS" in error["msg"] and pod.netns in error["msg"], error
+    assert snapshot(node_lab) == before
+    node_lab.cni(pod, "DEL")
