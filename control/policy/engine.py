@@ -1,0 +1,544 @@
+"""The policy engine: Kubernetes and Cilium policies in, per-endpoint entries out.
+
+``compute(PolicyInput(...))`` resolves every policy against the known pods and their
+identities and returns, for each (local) endpoint, whether ingress and egress are
+enforced and the :class:`~.model.PolicyEntry` list the datapath needs, with the rule
+each entry comes from, plus the CIDR identities for the ipcache.
+
+Kubernetes NetworkPolicy semantics:
+
+* a pod is isolated for a direction only once a policy selecting it lists that
+  direction in ``policyTypes`` (defaulted at validation as the API server does);
+  the rules of all policies selecting it are ORed;
+* an absent or empty ``from``/``to`` means every peer; absent ``ingress``/``egress``
+  rules with the type listed means nothing is allowed;
+* a peer with ``podSelector`` and ``namespaceSelector`` needs both; ``podSelector``
+  alone means the policy's namespace; ``ipBlock`` (with ``except``) covers CIDR
+  identities and the pods and nodes inside it (:mod:`.cidr`);
+* ports: absent = every port of every protocol; a port without number = every port
+  of its protocol; numbers, ``endPort`` ranges and named ports (resolved against the
+  destination pod's container ports: the endpoint's own on ingress, each peer
+  identity's pods' on egress); TCP, UDP and SCTP (entries carry protocol 132; the
+  datapath reads SCTP ports at the same offsets as TCP/UDP);
+* traffic from the node itself (identity 1, kubelet probes) is always allowed in.
+
+Cilium (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy), L3/L4: an endpoint is
+enforced for a direction once a rule selecting it has (non-empty) ``ingress`` or
+``ingressDeny`` (``egress``/``egressDeny``); a namespaced policy selects endpoints and
+``fromEndpoints`` peers of its own namespace unless the selector names a namespace;
+entities map to reserved identities (host 1, world 2 and every CIDR identity,
+remote-node 6, cluster = every pod identity + the cluster's reserved ones, all = any);
+a rule with only ``toPorts`` allows every peer on those ports, an empty rule allows
+nothing; protocol ``ANY`` with a port covers TCP, UDP and SCTP. Deny entries win over
+allow entries; an allow entry a deny entry fully covers is dropped, since it can never
+apply (which also keeps the datapath's longest-prefix lookup from preferring it).
+
+Endpoint selectors match pods' identity labels; a ``reserved:`` key in a selector
+matches the reserved identity of that name. Because the datapath decides by identity,
+pods with equal labels are treated alike: an ``ipBlock`` lets a pod identity in only if
+none of its pods sits in an ``except``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ciliate.control.identity.labels import (
+    K8S_SOURCE,
+    NAMESPACE_LABEL,
+    NAMESPACE_LABELS_PREFIX,
+    RESERVED_SOURCE,
+)
+from ciliate.control.policy.cidr import CidrBlock, CidrIdentities, expand_block
+from ciliate.control.policy.model import (
+    ANY_IDENTITY,
+    CLUSTER_RESERVED_IDENTITIES,
+    HOST_IDENTITY,
+    PROTOCOL_NUMBERS,
+    REMOTE_NODE_IDENTITY,
+    WORLD_IDENTITY,
+    Direction,
+    EndpointPolicy,
+    PodEndpoint,
+    PolicyEntry,
+    PolicyResult,
+    RuleRef,
+)
+from ciliate.control.policy.selectors import Selector
+
+__all__ = ["HOST_DEFAULT", "PolicyInput", "compute"]
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+HOST_DEFAULT = RuleRef("default", "traffic from the node itself (kubelet probes) is always allowed")
+_RESERVED_LABELS: Mapping[int, Mapping[str, str]] = {
+    HOST_IDENTITY: {f"{RESERVED_SOURCE}host": ""},
+    WORLD_IDENTITY: {f"{RESERVED_SOURCE}world": ""},
+    REMOTE_NODE_IDENTITY: {f"{RESERVED_SOURCE}remote-node": ""},
+}
+_ALL_PROTOCOLS = tuple(PROTOCOL_NUMBERS.values())
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """Everything the engine reads.
+
+    ``pods``: every pod of the cluster with its identity (and IP, ports, when known);
+    ``policies``: validated NetworkPolicy, CiliumNetworkPolicy and
+    CiliumClusterwideNetworkPolicy objects; ``node_identities``: node addresses with
+    their identity (this node's: host, 1; the others': remote-node, 6), for ipBlocks.
+    """
+
+    pods: Sequence[PodEndpoint]
+    policies: Sequence[Mapping[str, Any]]
+    node_identities: Mapping[ipaddress.IPv4Address, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Port:
+    protocol: int  # 0: any (Cilium ANY with no port)
+    port: int = 0
+    end: int = 0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class _Rule:
+    direction: Direction
+    deny: bool
+    origin: RuleRef
+    peers: frozenset[int]
+    ports: tuple[_Port, ...]  # empty: every port of every protocol
+
+
+@dataclass(frozen=True)
+class _Policy:
+    name: str
+    selects: Callable[[PodEndpoint], bool]
+    isolates: frozenset[Direction]
+    rules: tuple[_Rule, ...]
+
+
+@dataclass(frozen=True)
+class _K8sView:
+    """A pod identity as Kubernetes selectors see it."""
+
+    namespace: str | None
+    pod_labels: Mapping[str, str]
+    namespace_labels: Mapping[str, str]
+
+
+def _k8s_view(labels: Mapping[str, str]) -> _K8sView:
+    namespace = labels.get(NAMESPACE_LABEL)
+    pod_labels: dict[str, str] = {}
+    namespace_labels: dict[str, str] = {}
+    for key, value in labels.items():
+        if key.startswith(NAMESPACE_LABELS_PREFIX):
+            namespace_labels[key[len(NAMESPACE_LABELS_PREFIX) :]] = value
+        elif key.startswith(K8S_SOURCE) and key != NAMESPACE_LABEL:
+            pod_labels[key[len(K8S_SOURCE) :]] = value
+    if namespace is not None:
+        namespace_labels.setdefault(NAMESPACE_NAME_LABEL, namespace)
+    return _K8sView(namespace, pod_labels, namespace_labels)
+
+
+class _Universe:
+    """The identities peers can resolve to, and what is known about them."""
+
+    def __init__(self, inp: PolicyInput, cidr_ids: Mapping[ipaddress.IPv4Network, int]) -> None:
+        self.pods = list(inp.pods)
+        self.node_identities = dict(inp.node_identities)
+        self.cidr_ids = dict(cidr_ids)
+        self.labels: dict[int, Mapping[str, str]] = {}
+        self.pods_of: dict[int, list[PodEndpoint]] = defaultdict(list)
+        for pod in self.pods:
+            self.labels.setdefault(pod.identity, pod.labels)
+            self.pods_of[pod.identity].append(pod)
+        self.k8s = {identity: _k8s_view(labels) for identity, labels in self.labels.items()}
+
+    def pod_identities(self) -> set[int]:
+        return set(self.labels)
+
+    def named_ports(self, identity: int, name: str, protocol: int) -> set[tuple[int, int]]:
+        """(protocol, port) of the container ports called ``name`` on ``identity``'s
+        pods; ``protocol`` 0 (Cilium ANY) takes any protocol."""
+        return {
+            (port.protocol, port.port)
+            for pod in self.pods_of.get(identity, ())
+            for port in pod.ports
+            if port.name == name and protocol in (0, port.protocol)
+        }
+
+    def block(self, block: CidrBlock, *, match_pods: bool) -> set[int]:
+        return expand_block(
+            block,
+            cidr_ids=self.cidr_ids,
+            pods=self.pods,
+            node_identities=self.node_identities,
+            match_pods=match_pods,
+        )
+
+
+def _policy_name(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    where = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{obj['kind']} {where}{meta['name']}"
+
+
+# -- prefixes ---------------------------------------------------------------------
+
+
+def _blocks_of(obj: Mapping[str, Any]) -> Iterable[tuple[str, list[str]]]:
+    """Every (cidr, excepts) a policy names."""
+    if obj["kind"] == "NetworkPolicy":
+        spec = obj["spec"]
+        for rule in spec.get("ingress", []):
+            for peer in rule.get("from", []):
+                if "ipBlock" in peer:
+                    yield peer["ipBlock"]["cidr"], peer["ipBlock"].get("except", [])
+        for rule in spec.get("egress", []):
+            for peer in rule.get("to", []):
+                if "ipBlock" in peer:
+                    yield peer["ipBlock"]["cidr"], peer["ipBlock"].get("except", [])
+        return
+    for rule in _cilium_rules(obj):
+        for key in ("ingress", "ingressDeny", "egress", "egressDeny"):
+            for section in rule[1].get(key, []):
+                for cidr in section.get("fromCIDR", []) + section.get("toCIDR", []):
+                    yield cidr, []
+                for block in section.get("fromCIDRSet", []) + section.get("toCIDRSet", []):
+                    yield block["cidr"], block.get("except", [])
+
+
+def _v4(text: str) -> ipaddress.IPv4Network | None:
+    network = ipaddress.ip_network(text, strict=False)
+    return network if isinstance(network, ipaddress.IPv4Network) else None
+
+
+def _policy_prefixes(inp: PolicyInput) -> set[ipaddress.IPv4Network]:
+    """The prefixes that need a CIDR identity: every IPv4 prefix a policy names but /0
+    (world itself) and the host prefixes of pods and nodes (their own identities)."""
+    hosts = {pod.ip for pod in inp.pods if pod.ip is not None} | set(inp.node_identities)
+    prefixes = set()
+    for obj in inp.policies:
+        for cidr, excepts in _blocks_of(obj):
+            for text in (cidr, *excepts):
+                network = _v4(text)
+                if network is None or network.prefixlen == 0:
+                    continue
+                if network.prefixlen == 32 and network.network_address in hosts:
+                    continue
+                prefixes.add(network)
+    return prefixes
+
+
+# -- ports ------------------------------------------------------------------------
+
+
+def _np_ports(raw: Sequence[Mapping[str, Any]]) -> tuple[_Port, ...]:
+    ports = []
+    for port in raw:
+        protocol = PROTOCOL_NUMBERS[port["protocol"]]
+        value = port.get("port")
+        if value is None:
+            ports.append(_Port(protocol))
+        elif isinstance(value, str):
+            ports.append(_Port(protocol, name=value))
+        else:
+            end = port.get("endPort", 0)
+            ports.append(_Port(protocol, value, end if end != value else 0))
+    return tuple(ports)
+
+
+def _cilium_ports(raw: Sequence[Mapping[str, Any]]) -> tuple[_Port, ...]:
+    ports: list[_Port] = []
+    for port_rule in raw:
+        for port in port_rule.get("ports", []):
+            name = port["protocol"]
+            value = port.get("port", "0")
+            if not value.isdigit():
+                protocol = PROTOCOL_NUMBERS.get(name, 0)
+                ports.append(_Port(protocol, name=value))
+                continue
+            number, end = int(value), port.get("endPort", 0)
+            end = end if number and end != number else 0
+            if name == "ANY":
+                if number == 0:
+                    ports.append(_Port(0))
+                else:
+                    ports.extend(_Port(p, number, end) for p in _ALL_PROTOCOLS)
+            else:
+                ports.append(_Port(PROTOCOL_NUMBERS[name], number, end))
+    return tuple(ports)
+
+
+# -- Kubernetes NetworkPolicy ----------------------------------------------------------
+
+
+def _np_peers(
+    peers: Sequence[Mapping[str, Any]], *, namespace: str, universe: _Universe
+) -> frozenset[int]:
+    if not peers:
+        return frozenset([ANY_IDENTITY])
+    ids: set[int] = set()
+    for peer in peers:
+        if "ipBlock" in peer:
+            cidr = _v4(peer["ipBlock"]["cidr"])
+            if cidr is None:
+                continue  # IPv6: the datapath carries IPv4 only
+            excepts = tuple(n for e in peer["ipBlock"].get("except", []) if (n := _v4(e)))
+            ids |= universe.block(CidrBlock(cidr, excepts), match_pods=True)
+            continue
+        pod_sel = Selector.parse(peer.get("podSelector"))
+        ns_sel = Selector.parse(peer["namespaceSelector"]) if "namespaceSelector" in peer else None
+        for identity, view in universe.k8s.items():
+            if view.namespace is None:
+                continue
+            if ns_sel is None:
+                if view.namespace != namespace:
+                    continue
+            elif not ns_sel.matches(view.namespace_labels):
+                continue
+            if pod_sel.matches(view.pod_labels):
+                ids.add(identity)
+    return frozenset(ids)
+
+
+def _network_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy]:
+    name = _policy_name(obj)
+    namespace = obj["metadata"]["namespace"]
+    spec = obj["spec"]
+    selector = Selector.parse(spec.get("podSelector"))
+    types = set(spec.get("policyTypes", ["Ingress"]))
+    rules: list[_Rule] = []
+    isolates: set[Direction] = set()
+    if "Ingress" in types:
+        isolates.add("ingress")
+        for i, rule in enumerate(spec.get("ingress", [])):
+            rules.append(
+                _Rule(
+                    "ingress",
+                    False,
+                    RuleRef(name, f"spec.ingress[{i}]"),
+                    _np_peers(rule.get("from", []), namespace=namespace, universe=universe),
+                    _np_ports(rule.get("ports", [])),
+                )
+            )
+    if "Egress" in types:
+        isolates.add("egress")
+        for i, rule in enumerate(spec.get("egress", [])):
+            rules.append(
+                _Rule(
+                    "egress",
+                    False,
+                    RuleRef(name, f"spec.egress[{i}]"),
+                    _np_peers(rule.get("to", []), namespace=namespace, universe=universe),
+                    _np_ports(rule.get("ports", [])),
+                )
+            )
+
+    def selects(pod: PodEndpoint) -> bool:
+        view = _k8s_view(pod.labels)
+        return view.namespace == namespace and selector.matches(view.pod_labels)
+
+    return [_Policy(name, selects, frozenset(isolates), tuple(rules))]
+
+
+# -- Cilium -----------------------------------------------------------------------------
+
+
+def _cilium_rules(obj: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    rules = []
+    if obj.get("spec") is not None:
+        rules.append(("spec", obj["spec"]))
+    for i, rule in enumerate(obj.get("specs") or []):
+        rules.append((f"specs[{i}]", rule))
+    return rules
+
+
+def _names_namespace_or_reserved(selector: Selector) -> bool:
+    for key in selector.label_keys():
+        source, colon, bare = key.partition(":")
+        if not colon:
+            bare = key
+        if colon and source == "reserved":
+            return True
+        if bare == NAMESPACE_LABEL.removeprefix(K8S_SOURCE) or bare.startswith(
+            NAMESPACE_LABELS_PREFIX.removeprefix(K8S_SOURCE)
+        ):
+            return True
+    return False
+
+
+def _cilium_peers(
+    section: Mapping[str, Any],
+    *,
+    direction: Direction,
+    namespace: str | None,
+    universe: _Universe,
+) -> frozenset[int]:
+    prefix = "from" if direction == "ingress" else "to"
+    endpoints, cidrs = section.get(f"{prefix}Endpoints"), section.get(f"{prefix}CIDR")
+    cidr_sets, entities = section.get(f"{prefix}CIDRSet"), section.get(f"{prefix}Entities")
+    if endpoints is None and cidrs is None and cidr_sets is None and entities is None:
+        # No L3 part: toPorts alone allows every peer on those ports; {} allows nothing.
+        return frozenset([ANY_IDENTITY]) if section.get("toPorts") else frozenset()
+    ids: set[int] = set()
+    for raw in endpoints or []:
+        selector = Selector.parse(raw, cilium=True)
+        restrict = namespace is not None and not _names_namespace_or_reserved(selector)
+        for identity, labels in universe.labels.items():
+            if restrict and labels.get(NAMESPACE_LABEL) != namespace:
+                continue
+            if selector.matches(labels):
+                ids.add(identity)
+        for identity, labels in _RESERVED_LABELS.items():
+            if any(
+                k.startswith(RESERVED_SOURCE) for k in selector.label_keys()
+            ) and selector.matches(labels):
+                ids.add(identity)
+    blocks = [CidrBlock(n) for c in cidrs or [] if (n := _v4(c))]
+    for raw in cidr_sets or []:
+        if (cidr := _v4(raw["cidr"])) is not None:
+            blocks.append(CidrBlock(cidr, tuple(n for e in raw.get("except", []) if (n := _v4(e)))))
+    for block in blocks:
+        ids |= universe.block(block, match_pods=False)
+    for entity in entities or []:
+        if entity == "all":
+            ids.add(ANY_IDENTITY)
+        elif entity == "host":
+            ids.add(HOST_IDENTITY)
+        elif entity == "remote-node":
+            ids.add(REMOTE_NODE_IDENTITY)
+        elif entity == "world":
+            ids |= {WORLD_IDENTITY, *universe.cidr_ids.values()}
+        elif entity == "cluster":
+            ids |= universe.pod_identities() | set(CLUSTER_RESERVED_IDENTITIES)
+    return frozenset(ids)
+
+
+def _cilium_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy]:
+    name = _policy_name(obj)
+    namespace = obj["metadata"].get("namespace") if obj["kind"] == "CiliumNetworkPolicy" else None
+    policies = []
+    for path, rule in _cilium_rules(obj):
+        selector = Selector.parse(rule.get("endpointSelector"), cilium=True)
+        isolates: set[Direction] = set()
+        rules: list[_Rule] = []
+        for key in ("ingress", "ingressDeny", "egress", "egressDeny"):
+            direction: Direction = "ingress" if key.startswith("ingress") else "egress"
+            sections = rule.get(key, [])
+            if sections:
+                isolates.add(direction)
+            for i, section in enumerate(sections):
+                rules.append(
+                    _Rule(
+                        direction,
+                        key.endswith("Deny"),
+                        RuleRef(name, f"{path}.{key}[{i}]"),
+                        _cilium_peers(
+                            section, direction=direction, namespace=namespace, universe=universe
+                        ),
+                        _cilium_ports(section.get("toPorts", [])),
+                    )
+                )
+
+        def selects(pod: PodEndpoint, selector: Selector = selector) -> bool:
+            if namespace is not None and pod.labels.get(NAMESPACE_LABEL) != namespace:
+                return False
+            return selector.matches(pod.labels)
+
+        policies.append(_Policy(f"{name} {path}", selects, frozenset(isolates), tuple(rules)))
+    return policies
+
+
+# -- entries ------------------------------------------------------------------------------
+
+
+def _entries(rule: _Rule, endpoint: PodEndpoint, universe: _Universe) -> Iterable[PolicyEntry]:
+    direction, deny = rule.direction, rule.deny
+    if not rule.ports:
+        for peer in rule.peers:
+            yield PolicyEntry(direction, peer, deny=deny)
+        return
+    for port in rule.ports:
+        if port.name is None:
+            for peer in rule.peers:
+                yield PolicyEntry(direction, peer, port.protocol, port.port, port.end, deny)
+        elif direction == "ingress":
+            # The destination is the endpoint itself: its own container ports.
+            own = {
+                (p.protocol, p.port)
+                for p in endpoint.ports
+                if p.name == port.name and port.protocol in (0, p.protocol)
+            }
+            for peer in rule.peers:
+                for protocol, number in own:
+                    yield PolicyEntry(direction, peer, protocol, number, 0, deny)
+        else:
+            # The destination is the peer: each peer identity's pods say what the name is.
+            for peer in rule.peers:
+                targets = universe.pod_identities() if peer == ANY_IDENTITY else {peer}
+                for target in targets:
+                    for protocol, number in universe.named_ports(target, port.name, port.protocol):
+                        yield PolicyEntry(direction, target, protocol, number, 0, deny)
+
+
+def _prune_shadowed_allows(entries: set[PolicyEntry]) -> set[PolicyEntry]:
+    denies = [e for e in entries if e.deny]
+    if not denies:
+        return entries
+    return {e for e in entries if e.deny or not any(d.covers_entry(e) for d in denies)}
+
+
+def compute(
+    inp: PolicyInput,
+    *,
+    local: Collection[str] | None = None,
+    cidr_identities: CidrIdentities | None = None,
+) -> PolicyResult:
+    """Each endpoint's policy (only ``local`` ones, ``"namespace/name"``, if given) and
+    the CIDR identities. Pass the same ``cidr_identities`` to successive calls to keep
+    a prefix's identity stable while policies change."""
+    allocator = cidr_identities if cidr_identities is not None else CidrIdentities()
+    cidr_ids = allocator.assign(_policy_prefixes(inp))
+    universe = _Universe(inp, cidr_ids)
+    policies: list[_Policy] = []
+    for obj in inp.policies:
+        if obj["kind"] == "NetworkPolicy":
+            policies.extend(_network_policy(obj, universe))
+        elif obj["kind"] in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
+            policies.extend(_cilium_policy(obj, universe))
+        else:
+            raise ValueError(f"{_policy_name(obj)} is not a policy kind")
+    wanted = None if local is None else set(local)
+    endpoints: dict[str, EndpointPolicy] = {}
+    for pod in inp.pods:
+        if wanted is not None and pod.ref not in wanted:
+            continue
+        isolated_by: dict[Direction, list[str]] = {"ingress": [], "egress": []}
+        origins: dict[PolicyEntry, list[RuleRef]] = defaultdict(list)
+        for policy in policies:
+            if not policy.selects(pod):
+                continue
+            for direction in sorted(policy.isolates):
+                isolated_by[direction].append(policy.name)
+            for rule in policy.rules:
+                for entry in _entries(rule, pod, universe):
+                    if rule.origin not in origins[entry]:
+                        origins[entry].append(rule.origin)
+        if isolated_by["ingress"]:
+            host = PolicyEntry("ingress", HOST_IDENTITY)
+            origins[host].append(HOST_DEFAULT)
+        kept = _prune_shadowed_allows(set(origins))
+        endpoints[pod.ref] = EndpointPolicy(
+            ingress_enforced=bool(isolated_by["ingress"]),
+            egress_enforced=bool(isolated_by["egress"]),
+            entries=tuple(sorted(kept)),
+            origins={e: tuple(origins[e]) for e in sorted(kept)},
+            isolated_by={d: tuple(names) for d, names in isolated_by.items() if names},
+        )
+    return PolicyResult(endpoints=endpoints, cidr_identities=cidr_ids)
