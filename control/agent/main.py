@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(agent)
         finally:
             agent.close()
-    log.info("stopped; pods keep forwarding through the pinned programs and maps")
+    log.info("stopped; pods keep forwarding through the attached programs and pinned maps")
     return 0
 
 
