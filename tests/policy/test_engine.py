@@ -1,0 +1,145 @@
+"""The entries the engine hands the datapath, in the datapath's terms: which
+directions are enforced, the host's standing allow, named ports resolved per peer,
+ipBlocks as CIDR identities and pod identities, stable CIDR identities, and pods
+with equal labels sharing an identity."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ciliate.control.policy.cidr import CidrIdentities
+from ciliate.control.policy.engine import HOST_DEFAULT, compute
+from ciliate.control.policy.inputs import input_from_objects
+from ciliate.control.policy.model import CIDR_IDENTITY_BASE, PolicyEntry
+
+from .engine_runner import by_kind
+from .model import Stage, default_pod_ips, match_labels, netpol, pod_object
+
+IPS = default_pod_ips()
+TCP, UDP = 6, 17
+
+
+def compute_stage(*policies: dict[str, Any], extra: list[dict[str, Any]] | None = None) -> Any:
+    objects = Stage(list(policies), []).objects(IPS) + (extra or [])
+    inp = input_from_objects(by_kind(objects))
+    return inp, compute(inp)
+
+
+def identity(inp: Any, ref: str) -> int:
+    return int(next(p.identity for p in inp.pods if p.ref == ref))
+
+
+def test_only_selected_directions_are_enforced_and_the_host_is_always_let_in() -> None:
+    _, result = compute_stage(netpol("deny", "x", match_labels(pod="a"), ingress=[]))
+    xa = result.endpoints["x/a"]
+    assert (xa.ingress_enforced, xa.egress_enforced) == (True, False)
+    assert xa.entries == (PolicyEntry("ingress", 1),)
+    assert xa.origins[PolicyEntry("ingress", 1)] == (HOST_DEFAULT,)
+    assert xa.isolated_by == {"ingress": ("NetworkPolicy x/deny",)}
+    xb = result.endpoints["x/b"]
+    assert (xb.ingress_enforced, xb.egress_enforced, xb.entries) == (False, False, ())
+
+
+def test_peers_become_identities_and_ports_become_entries() -> None:
+    policy = netpol(
+        "web",
+        "x",
+        match_labels(pod="a"),
+        ingress=[
+            {
+                "from": [{"podSelector": match_labels(pod="b")}],
+                "ports": [{"port": 80}, {"protocol": "UDP", "port": 81, "endPort": 90}],
+            }
+        ],
+    )
+    inp, result = compute_stage(policy)
+    xb = identity(inp, "x/b")
+    assert set(result.endpoints["x/a"].entries) == {
+        PolicyEntry("ingress", 1),
+        PolicyEntry("ingress", xb, TCP, 80),
+        PolicyEntry("ingress", xb, UDP, 81, 90),
+    }
+
+
+def test_named_egress_ports_resolve_against_each_destination() -> None:
+    # y/b serves its "serve-80-tcp" on 8080: the egress entry for it says 8080.
+    moved = pod_object("y/b", ip=IPS["y/b"])
+    moved["spec"]["containers"][0]["ports"][0]["containerPort"] = 8080
+    objects = [
+        o
+        for o in Stage([], []).objects(IPS)
+        if o["metadata"].get("name") != "b" or o["metadata"].get("namespace") != "y"
+    ]
+    policy = netpol(
+        "named", "x", match_labels(pod="a"), egress=[{"ports": [{"port": "serve-80-tcp"}]}]
+    )
+    inp = input_from_objects(by_kind([*objects, moved, policy]))
+    result = compute(inp)
+    entries = set(result.endpoints["x/a"].entries)
+    assert PolicyEntry("egress", identity(inp, "y/b"), TCP, 8080) in entries
+    assert PolicyEntry("egress", identity(inp, "y/a"), TCP, 80) in entries
+    assert not any(e.identity == 0 for e in entries)
+
+
+def test_ip_blocks_take_cidr_identities_and_pods_inside() -> None:
+    policy = netpol(
+        "cidr",
+        "x",
+        match_labels(pod="a"),
+        egress=[
+            {
+                "to": [
+                    {
+                        "ipBlock": {
+                            "cidr": "10.244.1.0/24",
+                            "except": ["10.244.1.11/32", "10.244.1.128/25"],
+                        }
+                    }
+                ]
+            }
+        ],
+    )
+    inp, result = compute_stage(policy)
+    # 10.244.1.11 is y/b's address: it keeps its pod identity, no CIDR identity for it.
+    assert set(result.cidr_identities) == {
+        ipaddress.IPv4Network("10.244.1.0/24"),
+        ipaddress.IPv4Network("10.244.1.128/25"),
+    }
+    allowed = {e.identity for e in result.endpoints["x/a"].entries if e.direction == "egress"}
+    assert allowed == {
+        result.cidr_identities[ipaddress.IPv4Network("10.244.1.0/24")],
+        identity(inp, "y/a"),
+        identity(inp, "y/c"),
+    }
+
+
+def test_cidr_identities_stay_put_while_their_prefix_is_named() -> None:
+    allocator = CidrIdentities()
+
+    def ids(*cidrs: str) -> dict[str, int]:
+        policy = netpol("c", "x", {}, egress=[{"to": [{"ipBlock": {"cidr": c}} for c in cidrs]}])
+        objects = Stage([policy], []).objects(IPS)
+        result = compute(input_from_objects(by_kind(objects)), cidr_identities=allocator)
+        return {str(k): v for k, v in result.cidr_identities.items()}
+
+    first = ids("192.0.2.0/24", "198.51.100.0/24")
+    assert sorted(first.values()) == [CIDR_IDENTITY_BASE, CIDR_IDENTITY_BASE + 1]
+    second = ids("198.51.100.0/24", "203.0.113.0/24")
+    assert second["198.51.100.0/24"] == first["198.51.100.0/24"]
+    assert second["203.0.113.0/24"] == first["192.0.2.0/24"]  # the freed id is reused
+
+
+def test_pods_with_equal_labels_share_an_identity_and_an_except_protects_both() -> None:
+    twin = pod_object("x/twin", ip="10.244.0.99", labels={"pod": "b"})
+    policy = netpol(
+        "cidr",
+        "x",
+        match_labels(pod="a"),
+        egress=[{"to": [{"ipBlock": {"cidr": "10.244.0.0/24", "except": ["10.244.0.99/32"]}}]}],
+    )
+    inp, result = compute_stage(policy, extra=[twin])
+    assert identity(inp, "x/twin") == identity(inp, "x/b")
+    allowed = {e.identity for e in result.endpoints["x/a"].entries}
+    assert identity(inp, "x/b") not in allowed  # its twin is excepted
+    assert identity(inp, "x/c") in allowed
