@@ -19,7 +19,10 @@ from types import TracebackType
 
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath import objects
-from ciliate.loader import BpfObject, LoaderError, Map, Program
+from ciliate.datapath.conntrack import Conntrack
+from ciliate.datapath.policy import Policy
+from ciliate.datapath.render import MapSpec
+from ciliate.loader import BpfObject, LoaderError, Map, MapError, Program
 
 # Entry points and the object each lives in.
 PROGRAMS = {
@@ -81,6 +84,29 @@ class NodeConfig:
         }
 
 
+@dataclass(frozen=True)
+class PinnedLoad:
+    """What :meth:`Datapath.load_pinned` did."""
+
+    datapath: Datapath
+    reused: list[str]  # maps re-opened from their pins
+    created: list[str]  # maps created and pinned now
+
+
+def _check_pinned_layout(pinned: Map, spec: MapSpec, pin: Path) -> None:
+    want_key = dpmaps.type_size(spec.key) if spec.key else 0
+    want_value = dpmaps.type_size(spec.value) if spec.value else 0
+    if (pinned.key_size, pinned.value_size) != (want_key, want_value) or (
+        spec.type != "SK_STORAGE" and pinned.max_entries != dpmaps.max_entries(spec)
+    ):
+        raise MapError(
+            f"pinned map {pin} has key/value/entries {pinned.key_size}/{pinned.value_size}/"
+            f"{pinned.max_entries}, the datapath expects {want_key}/{want_value}/"
+            f"{dpmaps.max_entries(spec)}: a layout change needs a new map name "
+            f"({spec.name}_v2) in bpf/datapath.toml, or remove the stale pin"
+        )
+
+
 class Datapath:
     """Loaded programs and typed maps of one node (a context manager)."""
 
@@ -104,6 +130,25 @@ class Datapath:
         self.endpoint_netns = dpmaps.EndpointNetns(
             self.maps[dpmaps.ENDPOINT_NETNS], slot_of=node.endpoint_slot
         )
+        self._policy: Policy | None = None
+        self._conntrack: Conntrack | None = None
+        if dpmaps.shape().enabled("policy"):
+            self._policy = Policy(self.maps[dpmaps.POLICY], self.maps[dpmaps.POLICY_STATE])
+            self._conntrack = Conntrack(self.maps[dpmaps.CONNTRACK])
+
+    @property
+    def policy(self) -> Policy:
+        """Per-endpoint policy (ciliate_policy, ciliate_policy_state)."""
+        if self._policy is None:
+            raise LoaderError("the datapath was built without [features] policy")
+        return self._policy
+
+    @property
+    def conntrack(self) -> Conntrack:
+        """The connection tracker of the policy stage (ciliate_ct)."""
+        if self._conntrack is None:
+            raise LoaderError("the datapath was built without [features] policy")
+        return self._conntrack
 
     @classmethod
     def load(
@@ -135,6 +180,35 @@ class Datapath:
             undo.pop_all()
         return cls(loaded, config)
 
+    @classmethod
+    def load_pinned(cls, config: NodeConfig, maps_dir: Path) -> PinnedLoad:
+        """Load every object on the maps pinned under ``maps_dir`` (the
+        agent's restart): each map of the table whose pin exists is
+        re-opened and reused, so forwarding state survives; a map without a
+        pin (the first start, or a map or feature newer than the agent that
+        pinned the others) is created and pinned. A pin whose layout differs
+        from the table is refused: a changed layout needs a new map name
+        (ciliate_<thing>_v2). On failure the new pins are removed again."""
+        pins = {name: maps_dir / name for name in dpmaps.ALL}
+        existing: dict[str, Map] = {}
+        with contextlib.ExitStack() as opened:
+            for name, pin in pins.items():
+                if not pin.exists():
+                    continue
+                existing[name] = opened.enter_context(Map.open_pinned(pin))
+                _check_pinned_layout(existing[name], dpmaps.spec(name), pin)
+            # The objects dup the fds they reuse; ours close with this block.
+            datapath = cls.load(config, existing_maps=existing)
+        created = [name for name in pins if name not in existing]
+        with contextlib.ExitStack() as undo:
+            undo.callback(datapath.close)
+            maps_dir.mkdir(parents=True, exist_ok=True)
+            for name in created:
+                datapath.maps[name].pin(pins[name])
+                undo.callback(pins[name].unlink, missing_ok=True)
+            undo.pop_all()
+        return PinnedLoad(datapath=datapath, reused=sorted(existing), created=created)
+
     def program(self, name: str) -> Program:
         try:
             return self.programs[name]
@@ -142,11 +216,15 @@ class Datapath:
             raise LoaderError(f"no program {name!r}; have {sorted(self.programs)}") from None
 
     def reset_maps(self) -> None:
-        """Empty endpoints, ipcache and metrics; switch tracing off."""
+        """Empty endpoints, ipcache, metrics, policy and conntrack; switch
+        tracing off."""
         self.endpoints.clear()
         self.ipcache.clear()
         self.metrics.clear()
         self.config.set_trace(False)
+        if self._policy is not None and self._conntrack is not None:
+            self._policy.clear_all()
+            self._conntrack.flush()
 
     def close(self) -> None:
         for obj in reversed(list(self._objects.values())):

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from types import TracebackType
 
+from ciliate.datapath import abi
 from ciliate.datapath.events import Event
 from ciliate.datapath.maps import IPCACHE_F_LOCAL, Endpoint, IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
@@ -30,6 +31,7 @@ NODE_IP = ipaddress.IPv4Address("192.168.200.2")
 REMOTE_POD_CIDR = ipaddress.IPv4Network("10.244.2.0/24")
 REMOTE_NODE_IP = ipaddress.IPv4Address("192.168.200.3")
 WORLD_IP = ipaddress.IPv4Address("198.51.100.7")  # TEST-NET-2: never routed here
+HOST_IDENTITY = abi.constant("CILIATE_IDENTITY_HOST")
 
 # struct __sk_buff (uapi/linux/bpf.h, stable ABI): ifindex at byte 40. The
 # test run binds the skb to that device, so the programs see a real ifindex.
@@ -125,7 +127,9 @@ class Testbed:
         self.events()
 
     def add_pods(self) -> None:
-        """Both pods as endpoints, their CIDR local, a remote node's CIDR known."""
+        """Both pods as endpoints (identities 1001 and 1002, endpoint ids 1
+        and 2), their CIDR local, a remote node's CIDR known, the node's own
+        addresses as the host identity (as the agent writes them)."""
         for i, pod in enumerate((self.pod_a, self.pod_b), start=1):
             self.datapath.endpoints.upsert(pod.endpoint(identity=1000 + i, endpoint_id=i))
         self.datapath.ipcache.upsert(
@@ -134,6 +138,12 @@ class Testbed:
         self.datapath.ipcache.upsert(
             IpcacheEntry(REMOTE_POD_CIDR, identity=0, node_ip=REMOTE_NODE_IP)
         )
+        for address in (ROUTER_IP, NODE_IP):
+            self.datapath.ipcache.upsert(
+                IpcacheEntry(
+                    ipaddress.IPv4Network(f"{address}/32"), identity=HOST_IDENTITY, node_ip=None
+                )
+            )
 
     # -- running ----------------------------------------------------------
     def run(

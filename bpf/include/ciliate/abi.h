@@ -79,6 +79,8 @@ enum ciliate_source {
 	CILIATE_SRC_ARP_H = 6,
 	CILIATE_SRC_LXC_H = 7,
 	CILIATE_SRC_FORWARD_H = 8,
+	CILIATE_SRC_POLICY_H = 9,
+	CILIATE_SRC_CONNTRACK_H = 10,
 };
 
 /* ciliate_ipcache (LPM trie): prefix -> who owns it. */

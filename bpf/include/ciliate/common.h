@@ -44,6 +44,10 @@ static __always_inline __u8 ciliate_source_id(const char *name)
 		return CILIATE_SRC_LXC_H;
 	if (!__builtin_strcmp(name, "forward.h"))
 		return CILIATE_SRC_FORWARD_H;
+	if (!__builtin_strcmp(name, "policy.h"))
+		return CILIATE_SRC_POLICY_H;
+	if (!__builtin_strcmp(name, "conntrack.h"))
+		return CILIATE_SRC_CONNTRACK_H;
 	return CILIATE_SRC_UNKNOWN;
 }
 
@@ -62,10 +66,17 @@ static __always_inline __u8 ciliate_source_id(const char *name)
 #define DROP_LINE(ret) ((__u16)((-(ret) >> 8) & 0xffff))
 #define DROP_SOURCE(ret) ((__u8)((-(ret) >> 24) & 0x7f))
 
-/* What the single exit reports for a forwarded packet. */
+/* What the single exit reports: where a forwarded packet went, and what
+ * the policy stage decided about it (for drop and policy events). */
 struct trace_info {
 	__u8 point;             /* enum ciliate_trace_point, 0 = none */
+	__u8 policy;            /* 1: the policy fields below are set */
+	__u8 policy_dir;        /* enum ciliate_direction of the last policy looked at */
+	__u8 protocol;
+	__u16 dport;            /* host byte order */
 	__u32 target_ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
 };
 
 #endif /* CILIATE_COMMON_H */

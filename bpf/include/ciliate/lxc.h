@@ -9,6 +9,7 @@
 #include "ciliate/ipv4.h"
 #include "ciliate/arp.h"
 #include "ciliate/forward.h"
+#include "ciliate/policy.h"
 #include "maps.h"
 
 static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
@@ -31,6 +32,9 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 		return DROP(CILIATE_DROP_INVALID_SIP);
 
 	if (ip->daddr == router_ip || ip->daddr == node_ip) {
+		ret = policy_check(ctx, ip, ep, ep->identity, NULL, CILIATE_IDENTITY_HOST, trace);
+		if (IS_DROP(ret))
+			return ret;
 		trace->point = CILIATE_TRACE_TO_STACK;
 		return TC_ACT_OK;
 	}
@@ -40,10 +44,18 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 		 * anything else straight back to cilium_host. */
 		if (!dst)
 			return DROP(CILIATE_DROP_UNKNOWN_ENDPOINT);
+		/* The receiver's ingress is decided here too: redirect_peer
+		 * skips its veth's programs. */
+		ret = policy_check(ctx, ip, ep, ep->identity, dst, dst->identity, trace);
+		if (IS_DROP(ret))
+			return ret;
 		return forward_to_pod(ctx, eth, ip, dst, trace);
 	}
 
 	owner = lookup_ipcache(ip->daddr);
+	ret = policy_check(ctx, ip, ep, ep->identity, NULL, ipcache_identity(owner), trace);
+	if (IS_DROP(ret))
+		return ret;
 	trace->point = owner && owner->node_ip ? CILIATE_TRACE_TO_REMOTE : CILIATE_TRACE_TO_STACK;
 	return TC_ACT_OK;
 }

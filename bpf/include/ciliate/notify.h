@@ -34,7 +34,8 @@ static __always_inline bool trace_enabled(void)
 }
 
 static __always_inline void send_event(struct __sk_buff *ctx, __u8 type, __u8 reason,
-				       __u8 dir, __u8 source, __u16 line, __u32 target)
+				       __u8 dir, __u8 source, __u16 line,
+				       const struct trace_info *trace)
 {
 	struct ciliate_event *ev;
 	__u32 cap = ctx->len;
@@ -48,8 +49,12 @@ static __always_inline void send_event(struct __sk_buff *ctx, __u8 type, __u8 re
 	ev->source = source;
 	ev->line = line;
 	ev->ifindex = ctx->ifindex;
-	ev->target_ifindex = target;
+	ev->target_ifindex = type == CILIATE_EVENT_TRACE ? trace->target_ifindex : 0;
 	ev->orig_len = ctx->len;
+	ev->src_identity = trace->src_identity;
+	ev->dst_identity = trace->dst_identity;
+	ev->dport = trace->dport;
+	ev->protocol = trace->protocol;
 	ev->pad = 0;
 	ev->ktime_ns = bpf_ktime_get_ns();
 	if (cap > CILIATE_EVENT_CAPTURE_LEN)
@@ -65,9 +70,14 @@ static __always_inline int ciliate_exit(struct __sk_buff *ctx, int ret, __u8 dir
 					const struct trace_info *trace)
 {
 	if (IS_DROP(ret)) {
+		/* A policy drop counts in the direction of the policy that
+		 * denied it: local delivery decides the receiver's ingress in
+		 * the sender's egress program. */
+		if (DROP_REASON(ret) == CILIATE_DROP_POLICY_DENIED)
+			dir = trace->policy_dir;
 		metrics_count(DROP_REASON(ret), dir, ctx->len);
 		send_event(ctx, CILIATE_EVENT_DROP, DROP_REASON(ret), dir,
-			   DROP_SOURCE(ret), DROP_LINE(ret), 0);
+			   DROP_SOURCE(ret), DROP_LINE(ret), trace);
 		return TC_ACT_SHOT;
 	}
 	/* Traffic the program only let pass (trace point 0) is not ours to count. */
@@ -75,8 +85,7 @@ static __always_inline int ciliate_exit(struct __sk_buff *ctx, int ret, __u8 dir
 		return ret;
 	metrics_count(CILIATE_FORWARDED, dir, ctx->len);
 	if (trace_enabled())
-		send_event(ctx, CILIATE_EVENT_TRACE, trace->point, dir, 0, 0,
-			   trace->target_ifindex);
+		send_event(ctx, CILIATE_EVENT_TRACE, trace->point, dir, 0, 0, trace);
 	return ret;
 }
 
