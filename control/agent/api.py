@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from ciliate.control.agent import metrics
+from ciliate.control.agent import metrics, objects_api
 from ciliate.control.agent.node import NodeAgent
 from ciliate.control.agent.schema import ApiModel, Text, errors, printable
 from ciliate.datapath import tables
@@ -191,6 +191,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
         body, content_type = registry.render()
         return Response(content=body, media_type=content_type)
 
+    app.include_router(objects_api.create_router(agent.store))
     return app
 
 
