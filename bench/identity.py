@@ -6,10 +6,13 @@ each agent from ``threads`` threads (a node running several CNI ADDs at a time).
 allocation is one optimistic transaction on the shared store (conflicts are retried), so
 the figure is the rate at which the cluster can hand out *new* identities, contention
 included. Afterwards the ids are checked: ``identities`` label sets, as many distinct ids.
+Each agent allocates through the agent's own code, ``ClusterIdentities`` (random
+candidate ids created if absent, the node's reference under its lease), so the latency
+is the one a CNI ADD with a new label set pays.
 
 The store and the allocator come from a *backend* (:class:`IdentityBackend`); the
 default, :class:`EtcdIdentityBenchBackend`, starts a private etcd on loopback and
-allocates with the real ``IdentityAllocator`` on ``EtcdStore``. The backend object is
+allocates with the real ``ClusterIdentities`` on ``EtcdStore``. The backend object is
 pickled into the agent processes (``spawn``), so it must be picklable.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -236,27 +240,27 @@ def print_table(result: Mapping[str, Any]) -> None:
 
 
 class _EtcdIdentityAgent:
-    """One agent of the identity benchmark: IdentityAllocator on its own EtcdStore."""
+    """One agent of the identity benchmark: ClusterIdentities on its own EtcdStore."""
 
     def __init__(self, endpoint: str, prefix: str, retries: int) -> None:
-        from ciliate.control.identity.allocator import IdentityAllocator
+        from ciliate.control.identity.cluster import ClusterIdentities
         from ciliate.control.store.etcd import EtcdStore
 
         self._store = EtcdStore([endpoint], prefix=prefix)
-        self._allocator = IdentityAllocator(self._store)
-        self._retries = retries
-        self._store.revision()  # connect now, not inside the measured part
+        self._identities = ClusterIdentities(
+            self._store, node=f"bench-{os.getpid()}", retries=retries
+        )
+        # Connect and take the node's lease now, not inside the measured part.
+        self._identities.resync()
 
     def acquire(self, labels: Mapping[str, str]) -> int:
-        identity = self._store.run_transaction(
-            lambda txn: self._allocator.acquire(txn, labels), retries=self._retries
-        )
-        return identity.id
+        return self._identities.acquire(None, labels).id
 
     def stats(self) -> Mapping[str, int]:
         return self._store.stats
 
     def close(self) -> None:
+        self._identities.close()
         self._store.close()
 
 

@@ -366,7 +366,10 @@ class IdentityAllocator:
         if (reserved := reserved_identity(canonical, checked)) is not None:
             return reserved
         index = labels_key(canonical)
-        doc = txn.get_json(index)
+        # The index and a first candidate id in one read (one round trip on etcd).
+        candidate = self._rng.randint(MIN_ALLOCATED_ID, MAX_ALLOCATED_ID)
+        raw_index, _ = txn.get_many([index, id_key(candidate)])
+        doc = decode_json(index, raw_index)
         if doc is not None:
             identity_id = _int_field(index, doc, "id")
             record = read_record(txn, identity_id)
@@ -376,7 +379,7 @@ class IdentityAllocator:
                     f"{_describe(record)}"
                 )
             return Identity(id=identity_id, labels=checked, refcount=0)
-        identity_id = self._free_id(txn)
+        identity_id = self._free_id(txn, first=candidate)
         txn.put_json(id_key(identity_id), {"labels": checked})
         txn.put_json(index, {"id": identity_id})
         return Identity(id=identity_id, labels=checked, refcount=0)
@@ -466,14 +469,14 @@ class IdentityAllocator:
 
     # -- choosing an id --------------------------------------------------------------------
 
-    def _free_id(self, txn: Txn) -> int:
-        """A random id that is neither live nor quarantined. Random draws first (each read
-        is one key, so concurrent allocations rarely touch the same keys); when the range
-        is crowded, one listing of every record."""
+    def _free_id(self, txn: Txn, *, first: int) -> int:
+        """A random id that is neither live nor quarantined, trying ``first`` first.
+        Random draws (each read is one key, so concurrent allocations rarely touch the
+        same keys); when the range is crowded, one listing of every record."""
         low, high = MIN_ALLOCATED_ID, MAX_ALLOCATED_ID
         now = self._clock()
-        for _ in range(RANDOM_PROBES):
-            candidate = self._rng.randint(low, high)
+        for probe in range(RANDOM_PROBES):
+            candidate = first if probe == 0 else self._rng.randint(low, high)
             record = read_record(txn, candidate)
             if record is None or _expired(record, now):
                 return candidate

@@ -21,6 +21,7 @@ from .base import (
     StoreUnavailableError,
     Txn,
     TxnFinishedError,
+    Values,
     decode_json,
     encode_json,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "StoreUnavailableError",
     "Txn",
     "TxnFinishedError",
+    "Values",
     "WatchEvent",
     "WatchEventType",
     "decode_json",

@@ -39,6 +39,7 @@ __all__ = [
     "StoreUnavailableError",
     "Txn",
     "TxnFinishedError",
+    "Values",
     "check_key",
     "check_prefix",
     "check_value",
@@ -53,6 +54,7 @@ JsonIn: TypeAlias = Mapping[str, "JsonIn"] | Sequence["JsonIn"] | str | int | fl
 
 # A module-level name because ``list`` is shadowed inside classes that define list().
 KeyValues: TypeAlias = list[tuple[str, bytes]]
+Values: TypeAlias = list[bytes | None]
 
 
 class StoreError(Exception):
@@ -148,6 +150,11 @@ class Reader(Protocol):
     def get_json(self, key: str) -> Json:
         """The JSON value of ``key``, or ``None`` if it does not exist."""
         return decode_json(key, self.get(key))
+
+    def get_many(self, keys: Sequence[str]) -> Values:
+        """The values of ``keys`` (``None`` where absent), in order; a store may read them
+        in one round trip (etcd does)."""
+        return [self.get(key) for key in keys]
 
 
 class Txn(Reader, Protocol):

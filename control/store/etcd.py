@@ -87,6 +87,7 @@ from .base import (
     StoreUnavailableError,
     Txn,
     TxnFinishedError,
+    Values,
     check_key,
     check_prefix,
     check_value,
@@ -593,6 +594,27 @@ class EtcdTxn(Txn):
         self._mods[key] = mod
         return value
 
+    def get_many(self, keys: Sequence[str]) -> Values:
+        """Several keys in one round trip: one etcd Txn of range reads at the
+        transaction's read revision (each key is then compared at commit, as by ``get``)."""
+        self._check_open()
+        for key in keys:
+            check_key(key)
+        unknown = [
+            k for k in dict.fromkeys(keys) if k not in self._writes and k not in self._values
+        ]
+        if len(unknown) > 1:
+            store = self._store
+            found, revision = self._guarded(
+                store._a_get_many([store._full(k) for k in unknown], self.read_revision),
+                f"get {len(unknown)} keys",
+            )
+            self._note_revision(revision)
+            for key, (value, mod) in zip(unknown, found, strict=True):
+                self._values[key] = value
+                self._mods[key] = mod
+        return [self.get(key) for key in keys]
+
     def list(self, prefix: str) -> KeyValues:
         self._check_open()
         check_prefix(prefix, allow_empty=True)
@@ -849,6 +871,27 @@ class EtcdStore(Store):
             return None, 0, header
         kv = response.kvs[0]
         return bytes(kv.value), int(kv.mod_revision), header
+
+    async def _a_get_many(
+        self, keys: Sequence[bytes], revision: int | None
+    ) -> tuple[list[tuple[bytes | None, int]], int]:
+        """(value or None, mod_revision or 0) of each key, read in one Txn at ``revision``
+        (None: latest), and the revision read at."""
+        at = revision or 0
+        response = await self._kv_stub.Txn(
+            rpc.TxnRequest(
+                success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=key, revision=at))
+                    for key in keys
+                ]
+            ),
+            timeout=self._timeout,
+        )
+        found: list[tuple[bytes | None, int]] = []
+        for op in response.responses:
+            kvs = op.response_range.kvs
+            found.append((bytes(kvs[0].value), int(kvs[0].mod_revision)) if kvs else (None, 0))
+        return found, at or int(response.header.revision)
 
     async def _a_range(
         self, key: bytes, end: bytes, revision: int | None

@@ -151,6 +151,21 @@ def test_transaction_reads_one_snapshot(store_factory: StoreFactory) -> None:
     # read-only: nothing to commit, so no conflict either
 
 
+def test_get_many_reads_the_snapshot_and_guards_every_key(store_factory: StoreFactory) -> None:
+    store, other = store_factory(), store_factory()
+    store.run_transaction(lambda txn: txn.put("a", b"1"))
+    with store.transaction() as txn:
+        assert txn.get("a") == b"1"  # fixes the read revision
+        other.run_transaction(lambda t: (t.put("a", b"2"), t.put("b", b"2")))
+        assert txn.get_many(["a", "b", "c"]) == [b"1", None, None]  # same snapshot
+    # a key read as absent by get_many that another writer creates makes the commit fail
+    with pytest.raises(StoreConflictError), store.transaction() as txn:
+        assert txn.get_many(["c", "d"]) == [None, None]
+        other.run_transaction(lambda t: t.put("d", b"other"))
+        txn.put("c", b"mine")
+    assert store.get_many(["a", "b", "c", "d"]) == [b"2", b"2", None, b"other"]
+
+
 def test_interleaved_transactions_one_conflict(store_factory: StoreFactory) -> None:
     first, second = store_factory(), store_factory()
     first.run_transaction(lambda txn: txn.put_json("counter", 0))

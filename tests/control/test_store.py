@@ -87,6 +87,13 @@ class TestReadsAndWrites:
         put(store, "x", b"2")
         assert store.list("") == [("x", b"2"), ("y", b"1")]
 
+    def test_get_many_reads_several_keys_in_order(self, store: SqliteStore) -> None:
+        with store.transaction() as txn:
+            txn.put("b", b"2")
+            txn.put("a", b"1")
+            assert txn.get_many(["b", "missing", "a"]) == [b"2", None, b"1"]
+        assert store.get_many(["a", "b", "missing"]) == [b"1", b"2", None]
+
     def test_delete_reports_whether_the_key_existed(self, store: SqliteStore) -> None:
         put(store, "k", b"v")
         with store.transaction() as txn:
