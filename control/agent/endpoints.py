@@ -206,18 +206,17 @@ class EndpointManager:
                         details=f"DEL {request.ifname} of the container first",
                     )
                 return self._result(existing)
-            for _, raw in self._store.list(f"{PREFIX}{request.container_id}/"):
-                other = EndpointRecord.from_json(_json(raw))
+            others = self._store.list(f"{PREFIX}{request.container_id}/")
+            if others:
+                other = EndpointRecord.from_json(_json(others[0][1]))
                 raise svc.SecondInterfaceError(
                     f"CNI_IFNAME {request.ifname}: container {request.container_id} already has "
                     f"{other.ifname} from ciliate, and ciliate gives a container one interface",
                     details=f"DEL {other.ifname} first, or attach {request.ifname} with another "
                     "plugin",
                 )
-            try:
-                devices.check_pod_netns(request.netns)
-            except devices.NetnsError as exc:
-                raise svc.InvalidNetnsError(f"CNI_NETNS {request.netns!r} {exc}") from None
+            # CNI_NETNS was checked by the handler (devices.check_pod_netns); a
+            # namespace gone since fails to open in create_pod_link.
             return self._result(self._create(request))
 
     def delete(self, *, container_id: str, ifname: str) -> None:
