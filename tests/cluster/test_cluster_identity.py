@@ -1,8 +1,9 @@
-"""Cluster-wide identity allocation: IdentityAllocator on EtcdStore, driven through
-``run_transaction`` by three agents (separate processes, own store connections) at once.
+"""Cluster-wide identity allocation: ClusterIdentities on EtcdStore, three agents
+(separate processes, own store connections, own node names) at once.
 
-One label set must never get two ids, one id never name two label sets, and every
-reference taken must be counted exactly once -- also when releases race."""
+One label set must never get two ids, one id never name two label sets; every node holds
+exactly one reference key per identity its endpoints use; when the last references go,
+the GC removes exactly those identities."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import queue
 import random
 import secrets
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +23,13 @@ from ciliate.bench.identity import EtcdIdentityBenchBackend
 from ciliate.control.identity.allocator import (
     ID_PREFIX,
     LABELS_PREFIX,
+    REFS_PREFIX,
     IdentityAllocator,
+    IdRecord,
     canonical_labels,
 )
+from ciliate.control.identity.cluster import ClusterIdentities
+from ciliate.control.identity.gc import IdentityGc
 from ciliate.control.lab.etcd_server import EtcdServer
 from ciliate.control.store import decode_json
 from ciliate.control.store.etcd import EtcdStore
@@ -56,34 +60,33 @@ def plan(agent: int) -> list[int]:
     return [rng.randrange(LABEL_SETS) for _ in range(ACQUISITIONS)]
 
 
+def node_name(agent: int) -> str:
+    return f"agent-{agent}"
+
+
 def agent_main(
     endpoint: str, prefix: str, agent: int, acquired: Any, released: Any, results: Any
 ) -> None:
     """One agent process: acquire concurrently, wait, release concurrently, report."""
     try:
         store = EtcdStore([endpoint], prefix=prefix)
-        allocator = IdentityAllocator(store)
-        store.revision()  # connected before the race starts
+        identities = ClusterIdentities(store, node=node_name(agent))
+        identities.resync()  # connected, with its lease, before the race starts
         indices = plan(agent)
 
         def acquire(n: int) -> tuple[int, int]:
-            ident = store.run_transaction(
-                lambda txn: allocator.acquire(txn, label_set(n)), retries=1000
-            )
-            return n, ident.id
+            return n, identities.acquire(None, label_set(n)).id
 
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
             ids = list(pool.map(acquire, indices))
         acquired.wait(120)  # every agent has acquired; the parent checks the store
         released.wait(120)  # ... and lets us release
 
-        def release(pair: tuple[int, int]) -> bool:
-            return store.run_transaction(lambda txn: allocator.release(txn, pair[1]), retries=1000)
-
         mine = [pair for pair in ids if pair[0] in RELEASED]
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
-            freed = list(pool.map(release, mine))
-        results.put({"agent": agent, "ids": ids, "freed": sum(freed), "stats": store.stats})
+            last = list(pool.map(lambda pair: identities.release(None, pair[1]), mine))
+        results.put({"agent": agent, "ids": ids, "last": sum(last), "stats": store.stats})
+        identities.close()
         store.close()
     except BaseException as exc:
         acquired.abort()
@@ -91,37 +94,34 @@ def agent_main(
         results.put({"agent": agent, "error": repr(exc)})
 
 
-def snapshot(store: EtcdStore) -> tuple[dict[str, int], dict[int, tuple[str, int]]]:
-    """(canonical labels -> id, id -> (canonical labels, refcount)) as stored."""
+def snapshot(store: EtcdStore) -> tuple[dict[str, int], dict[int, str], dict[int, set[str]]]:
+    """(canonical labels -> id, live id -> canonical labels, id -> nodes holding it)."""
     by_labels: dict[str, int] = {}
     for key, raw in store.list(LABELS_PREFIX):
         doc = decode_json(key, raw)
         assert isinstance(doc, dict) and isinstance(doc["id"], int)
         by_labels[key[len(LABELS_PREFIX) :]] = doc["id"]
-    by_id: dict[int, tuple[str, int]] = {}
+    by_id: dict[int, str] = {}
     for key, raw in store.list(ID_PREFIX):
-        doc = decode_json(key, raw)
-        assert isinstance(doc, dict)
-        labels, refcount = doc["labels"], doc["refcount"]
-        assert isinstance(labels, dict) and isinstance(refcount, int)
-        by_id[int(key[len(ID_PREFIX) :])] = (
-            canonical_labels({k: str(v) for k, v in labels.items()}),
-            refcount,
-        )
-    return by_labels, by_id
+        record = IdRecord.parse(key, decode_json(key, raw))
+        if not record.tombstone:
+            by_id[int(key[len(ID_PREFIX) :])] = canonical_labels(record.labels)
+    holders: dict[int, set[str]] = {}
+    for key, _ in store.list(REFS_PREFIX):
+        identity_id, node = key[len(REFS_PREFIX) :].split("/")
+        holders.setdefault(int(identity_id), set()).add(node)
+    return by_labels, by_id, holders
 
 
-def check_bijective(
-    by_labels: dict[str, int], by_id: dict[int, tuple[str, int]], expected: Counter[int]
-) -> None:
-    wanted = {canonical_labels(label_set(n)): count for n, count in expected.items() if count}
-    assert set(by_labels) == set(wanted)  # exactly the label sets still referenced
+def check(store: EtcdStore, users: dict[int, set[str]]) -> None:
+    """The store holds exactly the label sets in ``users`` (label set -> nodes using it),
+    one id each, both ways, each held by exactly its users."""
+    by_labels, by_id, holders = snapshot(store)
+    wanted = {canonical_labels(label_set(n)): nodes for n, nodes in users.items() if nodes}
+    assert set(by_labels) == set(wanted)  # exactly the label sets still used
     assert len(set(by_labels.values())) == len(by_labels)  # no id names two label sets
-    assert {i: labels for i, (labels, _) in by_id.items()} == {
-        i: labels for labels, i in by_labels.items()
-    }  # the index and the records agree: one label set, one id, both ways
-    for labels, identity_id in by_labels.items():
-        assert by_id[identity_id][1] == wanted[labels], labels  # every reference counted
+    assert by_id == {i: labels for labels, i in by_labels.items()}  # index and records agree
+    assert {by_id[i]: nodes for i, nodes in holders.items()} == wanted  # references
 
 
 def wait(barrier: Any, results: Any) -> None:
@@ -136,7 +136,9 @@ def wait(barrier: Any, results: Any) -> None:
         pytest.fail(f"an agent failed: {errors}")
 
 
-def test_three_agents_allocate_consistently(etcd_server: EtcdServer) -> None:
+def test_three_agents_allocate_consistently_and_the_gc_removes_what_they_dropped(
+    etcd_server: EtcdServer,
+) -> None:
     prefix = f"/ident-{secrets.token_hex(4)}/"
     ctx = multiprocessing.get_context("spawn")  # never fork a process running gRPC
     acquired, released = ctx.Barrier(AGENTS + 1), ctx.Barrier(AGENTS + 1)
@@ -153,32 +155,42 @@ def test_three_agents_allocate_consistently(etcd_server: EtcdServer) -> None:
         proc.start()
     store = EtcdStore([etcd_server.endpoint], prefix=prefix)
     try:
-        expected = Counter(n for agent in range(AGENTS) for n in plan(agent))
+        users: dict[int, set[str]] = {n: set() for n in range(LABEL_SETS)}
+        for agent in range(AGENTS):
+            for n in plan(agent):
+                users[n].add(node_name(agent))
         wait(acquired, results)
-        check_bijective(*snapshot(store), expected)
+        check(store, users)
 
         wait(released, results)
         reports = [results.get(timeout=120) for _ in procs]
         errors = [r["error"] for r in reports if "error" in r]
         assert not errors
 
-        # every agent got the same id for the same label set, and that is the stored one
+        # every agent got the same id for the same label set, distinct ones for distinct
         first: dict[int, int] = {}
         for report in reports:
             for n, identity_id in report["ids"]:
                 assert first.setdefault(n, identity_id) == identity_id
         assert len(set(first.values())) == len(first) == LABEL_SETS
 
-        # phase two: releasing every reference of label sets 0..4 freed each exactly once
-        assert sum(r["freed"] for r in reports) == len(RELEASED)
-        for n in RELEASED:
-            expected[n] = 0
-        by_labels, by_id = snapshot(store)
-        check_bijective(by_labels, by_id, expected)
-        assert IdentityAllocator(store).lookup(label_set(0)) is None
-        kept = IdentityAllocator(store).lookup(label_set(7))
-        assert kept is not None and kept.id == first[7] and kept.refcount == expected[7]
-        assert sum(r["stats"]["conflicts"] for r in reports) > 0  # they did race
+        # phase two: each agent's last release of a label set dropped its reference once
+        expected_last = sum(
+            len({n for n in plan(agent) if n in RELEASED}) for agent in range(AGENTS)
+        )
+        assert sum(r["last"] for r in reports) == expected_last
+        _, by_id, holders = snapshot(store)
+        dropped = {first[n] for n in RELEASED if users[n]}
+        assert dropped and dropped <= set(by_id), "released, not yet collected"
+        assert not dropped & set(holders)
+
+        result = IdentityGc(store, grace=0.0).run_once()
+        assert sorted(result.removed) == sorted(dropped)
+        check(store, {n: set() if n in RELEASED else nodes for n, nodes in users.items()})
+        allocator = IdentityAllocator(store)
+        assert allocator.lookup(label_set(0)) is None
+        kept = allocator.lookup(label_set(7))
+        assert kept is not None and kept.id == first[7] and kept.refcount == len(users[7])
     finally:
         store.close()
         for proc in procs:
