@@ -43,9 +43,12 @@ code  when
 Codes from the agent arrive as :class:`~.service.ServiceError` subclasses
 carrying their ``cni_code`` (the tree is in ``service``'s docstring).
 
-The shim's HTTP contract (``POST /v1/cni``) is served by the agent with
-:func:`handle_request`; the DELs the shim queued while the agent was down are
-read with :func:`read_del_queue` and dropped with :func:`remove_from_queue`.
+The shim's HTTP contract (``POST /v1/cni``: ``{"env", "stdin"}`` in,
+``{"exit_code", "stdout"}`` out) is served by the agent's API, which calls
+:func:`handle`; :func:`handle_request` is the same contract without a web
+framework (the CNI tests' fake agent). The DELs the shim queued while the
+agent was down are read with :func:`read_del_queue` and dropped with
+:func:`remove_from_queue`.
 """
 
 from __future__ import annotations
