@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ciliate.control.cli import objects as objects_cli
 from ciliate.control.cli import show
 from ciliate.control.cni import install as cni_install
 from ciliate.control.lab import lab as lab_cli
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_bpf_check)
     show.register_bpf(bpf)
     show.register(sub)
+    objects_cli.register(sub)
 
     cni_install.register(sub)
 

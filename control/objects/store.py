@@ -61,7 +61,7 @@ class ObjectRef:
         return object_key(self.kind, name=self.name, namespace=self.namespace)
 
     def __str__(self) -> str:
-        where = f" in namespace {self.namespace!r}" if self.namespace else ""
+        where = f' in namespace "{self.namespace}"' if self.namespace else ""
         return f'{self.kind.qualified} "{self.name}"{where}'
 
 
