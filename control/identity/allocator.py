@@ -53,7 +53,7 @@ from ciliate.control.identity.labels import (
     IdentityLabelsError,
     Labels,
 )
-from ciliate.control.store import Json, Reader, StoreDataError, Txn, decode_json
+from ciliate.control.store import Json, JsonIn, Reader, StoreDataError, Txn, decode_json
 
 __all__ = [
     "DEFAULT_QUARANTINE",
@@ -78,6 +78,7 @@ __all__ = [
     "check_node_name",
     "id_key",
     "labels_key",
+    "new_identity",
     "parse_id",
     "read_record",
     "ref_count",
@@ -267,6 +268,14 @@ class IdRecord:
         return cls(labels=_labels_field(key, doc), until=None if until is None else float(until))
 
 
+def new_identity(labels: Mapping[str, str], identity_id: int) -> dict[str, JsonIn]:
+    """The keys a new identity is made of: its record and its label index."""
+    return {
+        id_key(identity_id): {"labels": dict(labels)},
+        labels_key(canonical_labels(labels)): {"id": identity_id},
+    }
+
+
 def read_record(reader: Reader, identity_id: int) -> IdRecord | None:
     key = id_key(identity_id)
     doc = reader.get_json(key)
@@ -367,7 +376,7 @@ class IdentityAllocator:
             return reserved
         index = labels_key(canonical)
         # The index and a first candidate id in one read (one round trip on etcd).
-        candidate = self._rng.randint(MIN_ALLOCATED_ID, MAX_ALLOCATED_ID)
+        candidate = self.draw()
         raw_index, _ = txn.get_many([index, id_key(candidate)])
         doc = decode_json(index, raw_index)
         if doc is not None:
@@ -380,9 +389,13 @@ class IdentityAllocator:
                 )
             return Identity(id=identity_id, labels=checked, refcount=0)
         identity_id = self._free_id(txn, first=candidate)
-        txn.put_json(id_key(identity_id), {"labels": checked})
-        txn.put_json(index, {"id": identity_id})
+        for key, value in new_identity(checked, identity_id).items():
+            txn.put_json(key, value)
         return Identity(id=identity_id, labels=checked, refcount=0)
+
+    def draw(self) -> int:
+        """A candidate id, at random from the whole range (free or not)."""
+        return self._rng.randint(MIN_ALLOCATED_ID, MAX_ALLOCATED_ID)
 
     def revive(self, txn: Txn, identity_id: int, labels: Labels) -> bool:
         """Make ``identity_id`` name ``labels`` again (a node that held it while the store

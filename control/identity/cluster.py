@@ -17,9 +17,12 @@ counts its endpoints per identity in memory. So:
 * after an agent restart, :meth:`ClusterIdentities.restore` is told which identities the
   node's endpoints use (the endpoint records are the truth) and re-takes them.
 
-Every store operation runs through ``run_transaction`` (optimistic, retried on conflict);
-acquire and release are serialised per label set on this node, so the threads of one node
-never conflict with each other on a reference key.
+A label set new to the node costs one round trip when it is new to the cluster too: the
+identity's record, its index and the node's reference are created together if all are
+absent, at a random id (``EtcdStore.create``). Otherwise (the label set exists, the id was
+taken) a transaction reads and decides (``run_transaction``: optimistic, retried on
+conflict; two round trips). Acquire and release are serialised per label set on this
+node, so the threads of one node never conflict with each other on a reference key.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
@@ -43,6 +46,7 @@ from ciliate.control.identity.allocator import (
     canonical_labels,
     check_labels,
     check_node_name,
+    new_identity,
     ref_key,
     reserved_identities,
     reserved_identity,
@@ -75,6 +79,12 @@ class ClusterIdentityStore(Protocol):
 
     def run_transaction(self, fn: Callable[[Txn], _T], *, retries: int = ...) -> _T: ...
     def lease(self, ttl: int) -> Any: ...
+
+
+class _Creating(Protocol):
+    def __call__(
+        self, writes: Mapping[str, bytes], *, absent: Sequence[str], leases: Mapping[str, Any]
+    ) -> bool: ...
 
 
 class _LeaseTxn(Protocol):
@@ -147,7 +157,7 @@ class ClusterIdentities:
                     return Identity(id=held.identity_id, labels=checked, refcount=held.refs)
             try:
                 lease = self._ensure_lease()
-                identity = self._store.run_transaction(
+                identity = self._create(checked, lease) or self._store.run_transaction(
                     lambda t: self._take(t, checked, lease), retries=self._retries
                 )
             except StoreUnavailableError as exc:
@@ -288,6 +298,21 @@ class ClusterIdentities:
             lease = self._lease
         self._start_thread()
         return lease
+
+    def _create(self, labels: dict[str, str], lease: Any) -> Identity | None:
+        """The common case in one round trip, on a store that can create keys if absent:
+        the label set is new and a random id is free. ``None`` otherwise (the label set
+        exists, the id is taken or quarantined): then a transaction reads and decides."""
+        create = cast(_Creating | None, getattr(self._store, "create", None))
+        if create is None:
+            return None
+        candidate = self._alloc.draw()
+        writes = {key: encode_json(doc) for key, doc in new_identity(labels, candidate).items()}
+        ref = ref_key(candidate, self.node)
+        writes[ref] = encode_json({"node": self.node})
+        if not create(writes, absent=list(writes), leases={ref: lease}):
+            return None
+        return Identity(id=candidate, labels=labels, refcount=0)
 
     def _take(self, txn: Txn, labels: dict[str, str], lease: Any) -> Identity:
         identity = self._alloc.allocate(txn, labels)

@@ -166,6 +166,18 @@ def test_get_many_reads_the_snapshot_and_guards_every_key(store_factory: StoreFa
     assert store.get_many(["a", "b", "c", "d"]) == [b"2", b"2", None, b"other"]
 
 
+def test_create_writes_only_if_every_named_key_is_absent(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    assert store.create({"a": b"1", "b": b"1"}, absent=["a", "b"]) is True
+    assert store.create({"c": b"2", "b": b"2"}, absent=["c", "b"]) is False
+    assert store.get_many(["a", "b", "c"]) == [b"1", b"1", None]  # nothing of the loser
+    lease = store.lease(2)
+    assert store.create({"leased": b"x"}, absent=["leased"], leases={"leased": lease})
+    assert lease.keys() == ["leased"]
+    lease.revoke()
+    assert store.get("leased") is None  # it was bound to the lease
+
+
 def test_interleaved_transactions_one_conflict(store_factory: StoreFactory) -> None:
     first, second = store_factory(), store_factory()
     first.run_transaction(lambda txn: txn.put_json("counter", 0))
