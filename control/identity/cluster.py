@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -183,11 +184,13 @@ class ClusterIdentities:
             return False
         with self._lock:
             held = self._held.get(identity_id)
-        if held is None or held.refs <= 0:
+        if held is None:
             log.debug("identity %d released but not held by node %s", identity_id, self.node)
             return False
         with self._stripe(held.canonical):
             with self._lock:
+                if held.refs <= 0:
+                    return False  # a concurrent release took the last one
                 held.refs -= 1
                 if held.refs > 0:
                     return False
@@ -240,10 +243,8 @@ class ClusterIdentities:
         for held in entries:
             with self._stripe(held.canonical):
                 if held.refs > 0:
-                    self._store.run_transaction(
-                        lambda t, h=held: self._rewrite(t, h, lease),  # type: ignore[misc]
-                        retries=self._retries,
-                    )
+                    rewrite = functools.partial(self._rewrite, held=held, lease=lease)
+                    self._store.run_transaction(rewrite, retries=self._retries)
                 elif held.written is not None:
                     self._drop(held)
         self._synced_lease = lease.id
@@ -323,7 +324,7 @@ class ClusterIdentities:
         value = encode_json({"node": self.node})
         cast(_LeaseTxn, txn).put(ref_key(identity_id, self.node), value, lease=lease)
 
-    def _rewrite(self, txn: Txn, held: _Held, lease: Any) -> None:
+    def _rewrite(self, txn: Txn, *, held: _Held, lease: Any) -> None:
         if not self._alloc.revive(txn, held.identity_id, held.labels):
             log.error(
                 "identity %d of node %s now names other labels; its pods keep the old "

@@ -200,6 +200,22 @@ def test_three_agents_allocate_consistently_and_the_gc_removes_what_they_dropped
                 proc.join()
 
 
+def test_threads_of_one_node_count_their_references_exactly(etcd_server: EtcdServer) -> None:
+    prefix = f"/ident-{secrets.token_hex(4)}/"
+    with EtcdStore([etcd_server.endpoint], prefix=prefix) as store:
+        node = ClusterIdentities(store, node="n1")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ids = set(pool.map(lambda _: node.acquire(None, label_set(1)).id, range(40)))
+            assert len(ids) == 1
+            (identity_id,) = ids
+            assert node.held() == {identity_id: 40}
+            last = list(pool.map(lambda _: node.release(None, identity_id), range(41)))
+        assert last.count(True) == 1, "one release was the node's last, one more did nothing"
+        assert node.held() == {}
+        assert snapshot(store)[2] == {}, "the node's reference is gone"
+        node.close()
+
+
 def test_identity_bench_smoke(require_etcd: None) -> None:
     result = identity_bench.run(
         agents=2, identities=20, threads=2, backend=EtcdIdentityBenchBackend(), progress=None
