@@ -10,13 +10,15 @@ is the world identity itself: an address no prefix covers is world.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ciliate.control.policy.model import CIDR_IDENTITY_BASE, WORLD_IDENTITY, PodEndpoint
 
-__all__ = ["CidrBlock", "CidrIdentities", "expand_block"]
+__all__ = ["BlockIndex", "CidrBlock", "CidrIdentities"]
 
 Network = ipaddress.IPv4Network
 
@@ -52,35 +54,60 @@ class CidrIdentities:
         return dict(sorted(self._ids.items(), key=lambda item: item[1]))
 
 
-def expand_block(
-    block: CidrBlock,
-    *,
-    cidr_ids: Mapping[Network, int],
-    pods: Sequence[PodEndpoint],
-    node_identities: Mapping[ipaddress.IPv4Address, int],
-    match_pods: bool,
-) -> set[int]:
-    """The peer identities a CIDR peer allows (see the module documentation).
+class BlockIndex:
+    """What CIDR peers can expand to, indexed by address so a block finds the prefixes
+    and hosts inside it by bisection, not by scanning them all."""
 
-    With ``match_pods`` (Kubernetes ipBlock), pods and nodes inside the block count with
-    their own identities. Identities are shared by pods with equal labels, so an
-    identity counts only if one of its pods is inside and none of its pods is inside
-    an ``except``: an excepted pod is never let in through a labelmate.
-    """
-    ids: set[int] = set()
-    if block.cidr.prefixlen == 0 and not any(e.prefixlen == 0 for e in block.excepts):
-        ids.add(WORLD_IDENTITY)
-    for prefix, identity in cidr_ids.items():
-        if prefix.subnet_of(block.cidr) and not any(prefix.subnet_of(e) for e in block.excepts):
-            ids.add(identity)
-    if match_pods:
-        inside: set[int] = set()
-        excepted: set[int] = set()
-        members = [(pod.ip, pod.identity) for pod in pods if pod.ip is not None]
-        members += list(node_identities.items())
-        for address, identity in members:
-            if address is None or address not in block.cidr:
+    def __init__(
+        self,
+        *,
+        cidr_ids: Mapping[Network, int],
+        pods: Sequence[PodEndpoint],
+        node_identities: Mapping[ipaddress.IPv4Address, int],
+    ) -> None:
+        self._prefixes = sorted(
+            (int(p.network_address), p.prefixlen, identity) for p, identity in cidr_ids.items()
+        )
+        hosts = [(int(pod.ip), pod.identity) for pod in pods if pod.ip is not None]
+        hosts += [(int(address), identity) for address, identity in node_identities.items()]
+        self._hosts = sorted(hosts)
+
+    @staticmethod
+    def _span(network: Network) -> tuple[int, int]:
+        return int(network.network_address), int(network.broadcast_address)
+
+    def expand(self, block: CidrBlock, *, match_pods: bool) -> set[int]:
+        """The peer identities a CIDR peer allows (see the module documentation).
+
+        With ``match_pods`` (Kubernetes ipBlock), pods and nodes inside the block count
+        with their own identities. Identities are shared by pods with equal labels, so
+        an identity counts only if one of its pods is inside and none of its pods is
+        inside an ``except``: an excepted pod is never let in through a labelmate.
+        """
+        ids: set[int] = set()
+        if block.cidr.prefixlen == 0 and not any(e.prefixlen == 0 for e in block.excepts):
+            ids.add(WORLD_IDENTITY)
+        low, high = self._span(block.cidr)
+        excepts = [(self._span(e), e.prefixlen) for e in block.excepts]
+        start = bisect.bisect_left(self._prefixes, (low, -1, -1))
+        for address, length, identity in itertools.islice(self._prefixes, start, None):
+            if address > high:
+                break
+            if length < block.cidr.prefixlen:
                 continue
-            (inside if block.holds(address) else excepted).add(identity)
-        ids |= inside - excepted
-    return ids
+            if any(lo <= address <= hi and length >= e_len for (lo, hi), e_len in excepts):
+                continue  # inside an except: the prefix is excluded
+            ids.add(identity)
+        if match_pods:
+            inside: set[int] = set()
+            excepted: set[int] = set()
+            start = bisect.bisect_left(self._hosts, (low, -1))
+            for address, identity in itertools.islice(self._hosts, start, None):
+                if address > high:
+                    break
+                if any(lo <= address <= hi for (lo, hi), _ in excepts):
+                    excepted.add(identity)
+                else:
+                    inside.add(identity)
+            ids |= inside - excepted
+        return ids

@@ -53,7 +53,7 @@ from ciliate.control.identity.labels import (
     NAMESPACE_LABELS_PREFIX,
     RESERVED_SOURCE,
 )
-from ciliate.control.policy.cidr import CidrBlock, CidrIdentities, expand_block
+from ciliate.control.policy.cidr import BlockIndex, CidrBlock, CidrIdentities
 from ciliate.control.policy.model import (
     ANY_IDENTITY,
     CLUSTER_RESERVED_IDENTITIES,
@@ -61,6 +61,7 @@ from ciliate.control.policy.model import (
     PROTOCOL_NUMBERS,
     REMOTE_NODE_IDENTITY,
     WORLD_IDENTITY,
+    ContainerPort,
     Direction,
     EndpointPolicy,
     PodEndpoint,
@@ -158,6 +159,17 @@ class _Universe:
             self.labels.setdefault(pod.identity, pod.labels)
             self.pods_of[pod.identity].append(pod)
         self.k8s = {identity: _k8s_view(labels) for identity, labels in self.labels.items()}
+        self._views: dict[int, _K8sView] = {}
+        self.blocks = BlockIndex(
+            cidr_ids=self.cidr_ids, pods=self.pods, node_identities=self.node_identities
+        )
+
+    def view_of(self, pod: PodEndpoint) -> _K8sView:
+        """The pod's labels as Kubernetes selectors see them (computed once per pod)."""
+        view = self._views.get(id(pod))
+        if view is None:
+            view = self._views[id(pod)] = _k8s_view(pod.labels)
+        return view
 
     def pod_identities(self) -> set[int]:
         return set(self.labels)
@@ -173,13 +185,7 @@ class _Universe:
         }
 
     def block(self, block: CidrBlock, *, match_pods: bool) -> set[int]:
-        return expand_block(
-            block,
-            cidr_ids=self.cidr_ids,
-            pods=self.pods,
-            node_identities=self.node_identities,
-            match_pods=match_pods,
-        )
+        return self.blocks.expand(block, match_pods=match_pods)
 
 
 def _policy_name(obj: Mapping[str, Any]) -> str:
@@ -341,7 +347,7 @@ def _network_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy
             )
 
     def selects(pod: PodEndpoint) -> bool:
-        view = _k8s_view(pod.labels)
+        view = universe.view_of(pod)
         return view.namespace == namespace and selector.matches(view.pod_labels)
 
     return [_Policy(name, selects, frozenset(isolates), tuple(rules))]
@@ -494,6 +500,51 @@ def _prune_shadowed_allows(entries: set[PolicyEntry]) -> set[PolicyEntry]:
     return {e for e in entries if e.deny or not any(d.covers_entry(e) for d in denies)}
 
 
+def _entry_key(entry: PolicyEntry) -> tuple[str, int, int, int, int, bool]:
+    # A plain tuple key: much cheaper than the dataclass's generated ordering.
+    return (entry.direction, entry.identity, entry.protocol, entry.port, entry.port_end, entry.deny)
+
+
+def _depends_on_endpoint(rule: _Rule) -> bool:
+    """Whether the rule's entries differ by endpoint (named ingress ports)."""
+    return rule.direction == "ingress" and any(p.name is not None for p in rule.ports)
+
+
+def _endpoint_policy(
+    selected: Sequence[_Policy],
+    pod: PodEndpoint,
+    universe: _Universe,
+    rule_entries: dict[int, list[PolicyEntry]],
+) -> EndpointPolicy:
+    isolated_by: dict[Direction, list[str]] = {"ingress": [], "egress": []}
+    origins: dict[PolicyEntry, list[RuleRef]] = {}
+    for policy in selected:
+        for direction in sorted(policy.isolates):
+            isolated_by[direction].append(policy.name)
+        for rule in policy.rules:
+            if _depends_on_endpoint(rule):
+                entries: Iterable[PolicyEntry] = _entries(rule, pod, universe)
+            else:
+                cached = rule_entries.get(id(rule))
+                if cached is None:
+                    cached = rule_entries[id(rule)] = list(_entries(rule, pod, universe))
+                entries = cached
+            for entry in entries:
+                refs = origins.setdefault(entry, [])
+                if rule.origin not in refs:
+                    refs.append(rule.origin)
+    if isolated_by["ingress"]:
+        origins.setdefault(PolicyEntry("ingress", HOST_IDENTITY), []).append(HOST_DEFAULT)
+    kept = sorted(_prune_shadowed_allows(set(origins)), key=_entry_key)
+    return EndpointPolicy(
+        ingress_enforced=bool(isolated_by["ingress"]),
+        egress_enforced=bool(isolated_by["egress"]),
+        entries=tuple(kept),
+        origins={e: tuple(origins[e]) for e in kept},
+        isolated_by={d: tuple(names) for d, names in isolated_by.items() if names},
+    )
+
+
 def compute(
     inp: PolicyInput,
     *,
@@ -502,7 +553,11 @@ def compute(
 ) -> PolicyResult:
     """Each endpoint's policy (only ``local`` ones, ``"namespace/name"``, if given) and
     the CIDR identities. Pass the same ``cidr_identities`` to successive calls to keep
-    a prefix's identity stable while policies change."""
+    a prefix's identity stable while policies change.
+
+    Endpoints selected by the same policies share one computed result (and so one
+    object), unless a named ingress port makes their entries differ by their own
+    container ports; each rule's entries are computed once."""
     allocator = cidr_identities if cidr_identities is not None else CidrIdentities()
     cidr_ids = allocator.assign(_policy_prefixes(inp))
     universe = _Universe(inp, cidr_ids)
@@ -516,29 +571,17 @@ def compute(
             raise ValueError(f"{_policy_name(obj)} is not a policy kind")
     wanted = None if local is None else set(local)
     endpoints: dict[str, EndpointPolicy] = {}
+    rule_entries: dict[int, list[PolicyEntry]] = {}
+    shared: dict[tuple[tuple[int, ...], tuple[ContainerPort, ...] | None], EndpointPolicy] = {}
+    per_endpoint = [any(_depends_on_endpoint(r) for r in p.rules) for p in policies]
     for pod in inp.pods:
         if wanted is not None and pod.ref not in wanted:
             continue
-        isolated_by: dict[Direction, list[str]] = {"ingress": [], "egress": []}
-        origins: dict[PolicyEntry, list[RuleRef]] = defaultdict(list)
-        for policy in policies:
-            if not policy.selects(pod):
-                continue
-            for direction in sorted(policy.isolates):
-                isolated_by[direction].append(policy.name)
-            for rule in policy.rules:
-                for entry in _entries(rule, pod, universe):
-                    if rule.origin not in origins[entry]:
-                        origins[entry].append(rule.origin)
-        if isolated_by["ingress"]:
-            host = PolicyEntry("ingress", HOST_IDENTITY)
-            origins[host].append(HOST_DEFAULT)
-        kept = _prune_shadowed_allows(set(origins))
-        endpoints[pod.ref] = EndpointPolicy(
-            ingress_enforced=bool(isolated_by["ingress"]),
-            egress_enforced=bool(isolated_by["egress"]),
-            entries=tuple(sorted(kept)),
-            origins={e: tuple(origins[e]) for e in sorted(kept)},
-            isolated_by={d: tuple(names) for d, names in isolated_by.items() if names},
-        )
+        chosen = tuple(i for i, policy in enumerate(policies) if policy.selects(pod))
+        selected = [policies[i] for i in chosen]
+        own_ports = any(per_endpoint[i] for i in chosen)
+        signature = (chosen, pod.ports if own_ports else None)
+        if signature not in shared:
+            shared[signature] = _endpoint_policy(selected, pod, universe, rule_entries)
+        endpoints[pod.ref] = shared[signature]
     return PolicyResult(endpoints=endpoints, cidr_identities=cidr_ids)

@@ -143,3 +143,21 @@ def test_pods_with_equal_labels_share_an_identity_and_an_except_protects_both() 
     allowed = {e.identity for e in result.endpoints["x/a"].entries}
     assert identity(inp, "x/b") not in allowed  # its twin is excepted
     assert identity(inp, "x/c") in allowed
+
+
+def test_a_named_ingress_port_resolves_per_endpoint_even_under_one_policy() -> None:
+    moved = pod_object("x/b", ip=IPS["x/b"])
+    moved["spec"]["containers"][0]["ports"][0]["containerPort"] = 8080
+    objects = [o for o in Stage([], []).objects(IPS) if not _is(o, "x", "b")]
+    policy = netpol("named", "x", {}, ingress=[{"ports": [{"port": "serve-80-tcp"}]}])
+    result = compute(input_from_objects(by_kind([*objects, moved, policy])))
+    assert PolicyEntry("ingress", 0, TCP, 80) in result.endpoints["x/a"].entries
+    assert PolicyEntry("ingress", 0, TCP, 8080) in result.endpoints["x/b"].entries
+    assert PolicyEntry("ingress", 0, TCP, 80) not in result.endpoints["x/b"].entries
+    # Pods whose ports agree share one computed policy.
+    assert result.endpoints["x/a"] is result.endpoints["x/c"]
+
+
+def _is(obj: dict[str, Any], namespace: str, name: str) -> bool:
+    meta = obj["metadata"]
+    return bool(meta.get("namespace") == namespace and meta.get("name") == name)
