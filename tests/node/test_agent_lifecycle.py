@@ -11,14 +11,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ciliate.control.lab import lab
+from ciliate.control.lab.etcd_server import EtcdServer
 
+from ..cluster import etcd_fixtures
 from .conftest import NodeLab
+
+require_etcd = etcd_fixtures.require_etcd
 
 RETRY_HELPER = Path(__file__).with_name("agent_start_retry.py")
 
@@ -244,3 +249,32 @@ def test_sigterm_runs_the_agents_shutdown(fresh_lab: NodeLab) -> None:
     assert "SIGTERM: shutting down" in log
     assert "stopped; pods keep forwarding" in log
     assert fresh_lab.pod_links() == []  # the queued veth deletions ran before exit
+
+
+@pytest.mark.usefixtures("require_etcd")
+def test_sigterm_during_start_up_unwinds_it_and_exits_0(fresh_lab: NodeLab) -> None:
+    """In cluster mode with no operator, start-up waits for pod CIDRs: a
+    stop then must not wait for it, nor leave the lock or the membership."""
+    node = fresh_lab.node
+    lab.stop_agent(node)
+    with EtcdServer(netns=node.netns) as etcd:
+        node.agent_args = [
+            *("--etcd-endpoint", etcd.endpoint, "--node-ip", "192.168.100.9"),
+        ]
+        start = len(Path(node.log).read_text())
+        proc = lab.start_agent(node, wait=False)
+        fresh_lab.state.save()
+        deadline = time.monotonic() + 30
+        while "registered node" not in Path(node.log).read_text()[start:]:
+            assert proc.poll() is None and time.monotonic() < deadline, Path(node.log).read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        node.agent_pid = None
+        log = Path(node.log).read_text()[start:]
+        assert "SIGTERM during start-up: stopping" in log
+        assert "stopped before serving" in log
+    node.agent_args = []
+    lab.start_agent(node)  # nothing held: the next agent starts at once
+    fresh_lab.state.save()
+    assert fresh_lab.api.healthy()
