@@ -133,6 +133,17 @@ class IdentityGc:
             if stop.wait(interval):
                 return
 
+    def start(
+        self, stop: threading.Event, *, interval: float = DEFAULT_INTERVAL
+    ) -> threading.Thread:
+        """:meth:`run` in a daemon thread (the operator's IPAM loop keeps its own)."""
+        thread = threading.Thread(
+            target=self.run, args=(stop,), kwargs={"interval": interval}, name="identity-gc"
+        )
+        thread.daemon = True
+        thread.start()
+        return thread
+
     def _attempt(self, step: Callable[[Txn, int], bool], identity_id: int) -> bool:
         """Run one step in its own transaction; a conflict means someone changed the
         identity meanwhile: leave it to the next pass, which sees the change."""

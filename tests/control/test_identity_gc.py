@@ -3,6 +3,8 @@ removed, when, and what never is."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +143,17 @@ def test_a_reference_taken_after_the_gc_looked_keeps_the_identity(
 def test_a_negative_grace_period_is_refused(store: SqliteStore) -> None:
     with pytest.raises(ValueError, match="grace"):
         IdentityGc(store, grace=-1)
+
+
+def test_the_background_loop_collects_and_stops_when_told(store: SqliteStore) -> None:
+    web = hold(store, WEB)
+    drop(store, web)
+    stop = threading.Event()
+    thread = IdentityGc(store, grace=0.0).start(stop, interval=0.05)
+    deadline = time.monotonic() + 30
+    while IdentityAllocator(store).lookup(WEB) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert IdentityAllocator(store).lookup(WEB) is None
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
