@@ -337,10 +337,8 @@ class IdentityAllocator:
         identity = self.allocate(txn, labels)
         if identity.reserved:
             return identity
-        key = ref_key(identity.id, self.node)
-        raw = txn.get(key)
-        count = (0 if raw is None else ref_count(key, raw)) + 1
-        txn.put_json(key, {"refcount": count})
+        count = self._node_count(txn, identity.id) + 1
+        txn.put_json(ref_key(identity.id, self.node), {"refcount": count})
         return Identity(id=identity.id, labels=identity.labels, refcount=count)
 
     def release(self, txn: Txn, identity_id: int) -> bool:
@@ -351,12 +349,11 @@ class IdentityAllocator:
         if identity_id in RESERVED_IDENTITIES:
             return False
         key = ref_key(identity_id, self.node)
-        raw = txn.get(key)
-        if raw is None:
+        count = self._node_count(txn, identity_id) - 1
+        if count < 0:
             raise IdentityNotFoundError(
                 f"identity {identity_id} is not allocated to node {self.node!r}"
             )
-        count = ref_count(key, raw) - 1
         if count > 0:
             txn.put_json(key, {"refcount": count})
             return False
@@ -364,6 +361,24 @@ class IdentityAllocator:
         if txn.list(refs_prefix(identity_id)):
             return False  # other nodes still hold it
         return self.remove(txn, identity_id)
+
+    def _node_count(self, txn: Txn, identity_id: int) -> int:
+        """This node's references to the identity (0: none)."""
+        key = ref_key(identity_id, self.node)
+        raw = txn.get(key)
+        if raw is not None:
+            return ref_count(key, raw)
+        if self.node != LOCAL_NODE:
+            return 0
+        # A store written before references were per node kept one node's count in the
+        # identity's record: take it over (the record loses it).
+        record_key = id_key(identity_id)
+        doc = txn.get_json(record_key)
+        legacy = doc.get("refcount") if isinstance(doc, dict) else None
+        if not isinstance(legacy, int) or isinstance(legacy, bool) or legacy <= 0:
+            return 0
+        txn.put_json(record_key, {"labels": _labels_field(record_key, doc)})
+        return legacy
 
     # -- the building blocks (also for cluster nodes and the GC) -------------------------
 

@@ -202,6 +202,19 @@ class TestReferenceCounting:
         assert release(node_b, store, web.id) is True
         assert node_a.lookup(WEB) is None
 
+    def test_a_store_from_before_per_node_references_keeps_its_counts(
+        self, allocator: IdentityAllocator, store: SqliteStore
+    ) -> None:
+        canonical = canonical_labels(WEB)
+        with store.transaction() as txn:  # the old layout: the count in the record
+            txn.put_json("identities/id/300", {"labels": WEB, "refcount": 2})
+            txn.put_json(f"identities/labels/{canonical}", {"id": 300})
+            txn.put_json("identities/cursor", {"id": 300})
+        assert acquire(allocator, store, WEB).refcount == 3
+        assert store.get_json("identities/id/300") == {"labels": WEB}
+        assert [release(allocator, store, 300) for _ in range(3)] == [False, False, True]
+        assert allocator.lookup(WEB) is None
+
     def test_node_names_cannot_break_the_key_layout(self, store: SqliteStore) -> None:
         for bad in ("", "a/b", "tab\t"):
             with pytest.raises(ValueError, match="node names"):
