@@ -47,6 +47,8 @@ from ciliate.control.identity.allocator import (
     canonical_labels,
     check_labels,
     check_node_name,
+    id_key,
+    labels_key,
     new_identity,
     ref_key,
     reserved_identities,
@@ -70,8 +72,9 @@ _T = TypeVar("_T")
 DEFAULT_LEASE_TTL = 15
 # Seconds between checks whether the node's references need writing again.
 DEFAULT_RESYNC_INTERVAL = 2.0
-# Seconds between full re-checks of every reference even when nothing looked wrong.
-FULL_RESYNC_INTERVAL = 60.0
+# Seconds between full re-checks of every reference when nothing looked wrong (a lost
+# lease or a failed write triggers one at once): a safety net, cheap for the store.
+FULL_RESYNC_INTERVAL = 600.0
 _STRIPES = 64
 
 
@@ -325,6 +328,9 @@ class ClusterIdentities:
         cast(_LeaseTxn, txn).put(ref_key(identity_id, self.node), value, lease=lease)
 
     def _rewrite(self, txn: Txn, *, held: _Held, lease: Any) -> None:
+        ref = ref_key(held.identity_id, self.node)
+        # Everything the checks below read, in one round trip.
+        txn.get_many([id_key(held.identity_id), labels_key(held.canonical), ref])
         if not self._alloc.revive(txn, held.identity_id, held.labels):
             log.error(
                 "identity %d of node %s now names other labels; its pods keep the old "
@@ -333,7 +339,7 @@ class ClusterIdentities:
                 self.node,
             )
             return
-        if held.written != lease.id or txn.get(ref_key(held.identity_id, self.node)) is None:
+        if held.written != lease.id or txn.get(ref) is None:
             self._put_ref(txn, held.identity_id, lease)
             held.written = lease.id
 
