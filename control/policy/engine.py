@@ -68,6 +68,7 @@ from ciliate.control.policy.model import (
     PolicyEntry,
     PolicyResult,
     RuleRef,
+    covers_entry,
 )
 from ciliate.control.policy.selectors import Selector
 
@@ -468,7 +469,7 @@ def _entries(rule: _Rule, endpoint: PodEndpoint, universe: _Universe) -> Iterabl
     direction, deny = rule.direction, rule.deny
     if not rule.ports:
         for peer in rule.peers:
-            yield PolicyEntry(direction, peer, deny=deny)
+            yield PolicyEntry(direction, peer, 0, deny=deny)
         return
     for port in rule.ports:
         if port.name is None:
@@ -497,7 +498,7 @@ def _prune_shadowed_allows(entries: set[PolicyEntry]) -> set[PolicyEntry]:
     denies = [e for e in entries if e.deny]
     if not denies:
         return entries
-    return {e for e in entries if e.deny or not any(d.covers_entry(e) for d in denies)}
+    return {e for e in entries if e.deny or not any(covers_entry(d, e) for d in denies)}
 
 
 def _entry_key(entry: PolicyEntry) -> tuple[str, int, int, int, int, bool]:
@@ -534,7 +535,7 @@ def _endpoint_policy(
                 if rule.origin not in refs:
                     refs.append(rule.origin)
     if isolated_by["ingress"]:
-        origins.setdefault(PolicyEntry("ingress", HOST_IDENTITY), []).append(HOST_DEFAULT)
+        origins.setdefault(PolicyEntry("ingress", HOST_IDENTITY, 0), []).append(HOST_DEFAULT)
     kept = sorted(_prune_shadowed_allows(set(origins)), key=_entry_key)
     return EndpointPolicy(
         ingress_enforced=bool(isolated_by["ingress"]),

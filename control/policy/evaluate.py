@@ -23,6 +23,8 @@ from ciliate.control.policy.model import (
     PodEndpoint,
     PolicyEntry,
     PolicyResult,
+    covers,
+    describe,
 )
 
 __all__ = ["Ipcache", "Trace", "Verdict", "decide", "parse_port", "trace"]
@@ -98,7 +100,7 @@ def decide(
                 entry.direction == direction
                 and entry.deny == deny
                 and entry.identity in (0, peer_identity)
-                and entry.covers(protocol=protocol, port=port)
+                and covers(entry, protocol=protocol, port=port)
             ):
                 return entry
         return None
@@ -109,11 +111,11 @@ def decide(
 
     if (deny := matching(True)) is not None:
         return Verdict(
-            False, direction, endpoint, peer_identity, deny, f"{origin(deny)} ({deny.describe()})"
+            False, direction, endpoint, peer_identity, deny, f"{origin(deny)} ({describe(deny)})"
         )
     if (allow := matching(False)) is not None:
         return Verdict(
-            True, direction, endpoint, peer_identity, allow, f"{origin(allow)} ({allow.describe()})"
+            True, direction, endpoint, peer_identity, allow, f"{origin(allow)} ({describe(allow)})"
         )
     isolating = ", ".join(policy.isolated_by.get(direction, ())) or "a policy"
     proto = PROTOCOL_NAMES.get(protocol, str(protocol))

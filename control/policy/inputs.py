@@ -15,7 +15,7 @@ from ciliate.control.identity.labels import security_labels
 from ciliate.control.policy.engine import PolicyInput
 from ciliate.control.policy.model import PROTOCOL_NUMBERS, ContainerPort, PodEndpoint
 
-__all__ = ["POLICY_KINDS", "input_from_objects", "pod_labels"]
+__all__ = ["POLICY_KINDS", "input_from_objects", "pod_labels", "pod_ports"]
 
 POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 FIRST_STAND_IN_IDENTITY = 256
@@ -35,7 +35,8 @@ def pod_labels(
     )
 
 
-def _ports(pod: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
+def pod_ports(pod: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
+    """A Pod object's named container ports (what named policy ports resolve to)."""
     return tuple(
         ContainerPort(port["name"], port["containerPort"], PROTOCOL_NUMBERS[port["protocol"]])
         for container in pod.get("spec", {}).get("containers", [])
@@ -75,7 +76,7 @@ def input_from_objects(
                 identity=identity_of(labels),
                 labels=labels,
                 ip=ip,
-                ports=_ports(pod),
+                ports=pod_ports(pod),
             )
         )
     policies = [obj for kind in POLICY_KINDS for obj in objects.get(kind, [])]

@@ -1,7 +1,8 @@
 """The data the policy engine reads and writes.
 
-``PolicyEntry`` is the datapath's interface (``ciliate.datapath`` implements the same
-shape): one entry per (direction, peer identity, protocol, port range, allow/deny).
+``PolicyEntry`` is the datapath's own (:mod:`ciliate.datapath.policy`), so the engine's
+output goes into the maps as it is: one entry per (direction, peer identity, protocol,
+port range, allow/deny).
 Semantics the datapath implements and :mod:`.evaluate` reproduces: a packet passes a
 direction if that direction is not enforced, or if no deny entry matches it (with its
 peer identity or identity 0) and some allow entry does. ``port`` 0 is any port;
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from ciliate.datapath.policy import PolicyEntry
+
 __all__ = [
     "ANY_IDENTITY",
     "CIDR_IDENTITY_BASE",
@@ -31,6 +34,10 @@ __all__ = [
     "PolicyEntry",
     "PolicyResult",
     "RuleRef",
+    "covers",
+    "covers_entry",
+    "describe",
+    "last_port",
 ]
 
 Direction = Literal["ingress", "egress"]
@@ -51,47 +58,40 @@ PROTOCOL_NAMES: Mapping[int, str] = MappingProxyType(
 )
 
 
-@dataclass(frozen=True, order=True)
-class PolicyEntry:
-    direction: Direction
-    identity: int  # peer identity; 0 = any peer
-    protocol: int = 0  # 0 any, 6 TCP, 17 UDP, 132 SCTP
-    port: int = 0  # 0 any
-    port_end: int = 0  # inclusive range end; 0 = just `port`
-    deny: bool = False
+def last_port(entry: PolicyEntry) -> int:
+    return entry.port_end or entry.port
 
-    @property
-    def last_port(self) -> int:
-        return self.port_end or self.port
 
-    def covers(self, *, protocol: int, port: int) -> bool:
-        """Whether a packet of ``protocol`` to ``port`` falls in this entry's L4 part."""
-        if self.protocol not in (0, protocol):
-            return False
-        return self.port == 0 or self.port <= port <= self.last_port
+def covers(entry: PolicyEntry, *, protocol: int, port: int) -> bool:
+    """Whether a packet of ``protocol`` to ``port`` falls in the entry's L4 part."""
+    if entry.protocol not in (0, protocol):
+        return False
+    return entry.port == 0 or entry.port <= port <= last_port(entry)
 
-    def covers_entry(self, other: PolicyEntry) -> bool:
-        """Whether every packet ``other`` matches is matched by this entry too."""
-        if self.direction != other.direction or self.identity not in (0, other.identity):
-            return False
-        if self.protocol not in (0, other.protocol):
-            return False
-        if self.port == 0:
-            return True
-        return other.port != 0 and self.port <= other.port and other.last_port <= self.last_port
 
-    def describe(self) -> str:
-        peer = "any peer" if self.identity == ANY_IDENTITY else f"identity {self.identity}"
-        proto = PROTOCOL_NAMES.get(self.protocol, str(self.protocol)) if self.protocol else "any"
-        ports = (
-            "any port"
-            if self.port == 0
-            else (
-                f"port {self.port}" if not self.port_end else f"ports {self.port}-{self.port_end}"
-            )
-        )
-        verb = "deny" if self.deny else "allow"
-        return f"{verb} {self.direction} {peer} {proto} {ports}"
+def covers_entry(outer: PolicyEntry, inner: PolicyEntry) -> bool:
+    """Whether every packet ``inner`` matches is matched by ``outer`` too."""
+    if outer.direction != inner.direction or outer.identity not in (0, inner.identity):
+        return False
+    if outer.protocol not in (0, inner.protocol):
+        return False
+    if outer.port == 0:
+        return True
+    return inner.port != 0 and outer.port <= inner.port and last_port(inner) <= last_port(outer)
+
+
+def describe(entry: PolicyEntry) -> str:
+    """``allow ingress identity 257 TCP port 80``."""
+    peer = "any peer" if entry.identity == ANY_IDENTITY else f"identity {entry.identity}"
+    proto = PROTOCOL_NAMES.get(entry.protocol, str(entry.protocol)) if entry.protocol else "any"
+    if entry.port == 0:
+        ports = "any port"
+    elif entry.port_end:
+        ports = f"ports {entry.port}-{entry.port_end}"
+    else:
+        ports = f"port {entry.port}"
+    verb = "deny" if entry.deny else "allow"
+    return f"{verb} {entry.direction} {peer} {proto} {ports}"
 
 
 @dataclass(frozen=True)

@@ -324,6 +324,6 @@ def test_an_allow_fully_covered_by_a_deny_is_dropped() -> None:
     )
     b = world.pods["x/b"].identity
     entries = world.result.endpoints["x/a"].entries
-    assert PolicyEntry("ingress", b, deny=True) in entries
+    assert PolicyEntry("ingress", b, 0, deny=True) in entries
     assert PolicyEntry("ingress", b, TCP, 80) not in entries
     assert not world.allowed("x/b", "x/a")

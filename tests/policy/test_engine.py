@@ -34,8 +34,8 @@ def test_only_selected_directions_are_enforced_and_the_host_is_always_let_in() -
     _, result = compute_stage(netpol("deny", "x", match_labels(pod="a"), ingress=[]))
     xa = result.endpoints["x/a"]
     assert (xa.ingress_enforced, xa.egress_enforced) == (True, False)
-    assert xa.entries == (PolicyEntry("ingress", 1),)
-    assert xa.origins[PolicyEntry("ingress", 1)] == (HOST_DEFAULT,)
+    assert xa.entries == (PolicyEntry("ingress", 1, 0),)
+    assert xa.origins[PolicyEntry("ingress", 1, 0)] == (HOST_DEFAULT,)
     assert xa.isolated_by == {"ingress": ("NetworkPolicy x/deny",)}
     xb = result.endpoints["x/b"]
     assert (xb.ingress_enforced, xb.egress_enforced, xb.entries) == (False, False, ())
@@ -56,7 +56,7 @@ def test_peers_become_identities_and_ports_become_entries() -> None:
     inp, result = compute_stage(policy)
     xb = identity(inp, "x/b")
     assert set(result.endpoints["x/a"].entries) == {
-        PolicyEntry("ingress", 1),
+        PolicyEntry("ingress", 1, 0),
         PolicyEntry("ingress", xb, TCP, 80),
         PolicyEntry("ingress", xb, UDP, 81, 90),
     }
