@@ -43,10 +43,11 @@ def default_pod_ips() -> dict[str, str]:
 
 
 def namespace_object(name: str, extra_labels: Mapping[str, str] | None = None) -> Json:
+    """Upstream labels its namespaces ``ns: <name>``; a stage's labels are added."""
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": name, "labels": dict(extra_labels or {})},
+        "metadata": {"name": name, "labels": {"ns": name, **(extra_labels or {})}},
     }
 
 
@@ -197,7 +198,10 @@ class Probe:
 
 @dataclass(frozen=True)
 class Stage:
-    """One state of a case: the policies in force, label changes, what to probe."""
+    """One state of a case: the policies in force, label changes, what to probe.
+
+    ``pod_labels`` replace a pod's labels (``pod=<name>`` by default);
+    ``namespace_labels`` are added to a namespace's."""
 
     policies: Sequence[Json]
     probes: Sequence[Probe]
