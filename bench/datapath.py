@@ -18,7 +18,16 @@ of its last run, so a figure never silently measures another path:
   255 allows 250 repeats;
 - an ARP request turns into a reply, so it runs once per call, against an
   empty program also run once per call;
-- events are drained after each call so the ring buffer never fills.
+- events are drained after each call so the ring buffer never fills;
+- policy cases run with N rules in force on the receiver's ingress and
+  the sender's egress (one of them allowing the flow, the others for
+  other identities and ports). An established flow has its conntrack
+  entry made before the measurement; a first packet runs once per call
+  and its conntrack entry is deleted after each call, so every packet
+  opens a new connection. Each policy case is also given as a ratio to
+  the no-policy path at the same repeat count, and the 10,000-rule cases
+  to the 10-rule ones, paired round by round (rounds interleave every
+  case, so drift hits all alike).
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ciliate.datapath import objects
 from ciliate.datapath.maps import Endpoint
+from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.testbed import REMOTE_POD_CIDR, ROUTER_IP, Testbed
 from ciliate.loader import BpfObject, Program
 
@@ -47,6 +57,9 @@ class Case:
     expect: int
     packet: Callable[[Testbed], bytes]
     trace: bool = False
+    policy_rules: int = 0  # rules in force on each end (0: no policy)
+    first_packet: bool = False  # every packet opens a new connection
+    compare: tuple[str, ...] = ()  # other cases this one is a ratio to
 
 
 def _from_a(tb: Testbed, dst: object, **ip: object) -> bytes:
@@ -121,7 +134,70 @@ CASES = [
         lambda tb: _from_a(tb, tb.pod_b.ip),
         trace=True,
     ),
+    Case(
+        "local_delivery_1",
+        "pod -> local pod, one packet per run (first-packet baseline)",
+        "from_container",
+        1,
+        TC_ACT_REDIRECT,
+        lambda tb: _from_a(tb, tb.pod_b.ip),
+    ),
+    *(
+        Case(
+            f"policy_{kind}_{rules}",
+            f"pod -> local pod, {rules:,} rules, {what}",
+            "from_container",
+            1 if kind == "first" else 250,
+            TC_ACT_REDIRECT,
+            lambda tb: _from_a(tb, tb.pod_b.ip),
+            policy_rules=rules,
+            first_packet=kind == "first",
+            compare=(
+                "local_delivery_1" if kind == "first" else "local_delivery",
+                *((f"policy_{kind}_10",) if rules > 10 else ()),
+            ),
+        )
+        for kind, what in (
+            ("established", "established flow"),
+            ("first", "first packet of a flow"),
+        )
+        for rules in (10, 10_000)
+    ),
 ]
+
+# The benchmark flow's ends: pod A (endpoint 1, identity 1001) sends UDP
+# 4000 -> 5000 to pod B (endpoint 2, identity 1002).
+_A_EP, _A_ID, _B_EP, _B_ID = 1, 1001, 2, 1002
+_UDP, _TCP = 17, 6
+
+
+def write_policy(tb: Testbed, rules: int) -> None:
+    """`rules` entries on B's ingress and on A's egress, one of each allowing
+    the benchmark flow; 0 removes every policy."""
+    tb.datapath.conntrack.flush()
+    if rules == 0:
+        tb.datapath.policy.clear(_A_EP)
+        tb.datapath.policy.clear(_B_EP)
+        return
+
+    def others(direction: str) -> list[PolicyEntry]:
+        return [
+            PolicyEntry(direction, 100_000 + i, _TCP, 80 + i % 7)  # type: ignore[arg-type]
+            for i in range(rules - 1)
+        ]
+
+    tb.datapath.policy.replace(
+        _B_EP,
+        [*others("ingress"), PolicyEntry("ingress", _A_ID, _UDP, 5000)],
+        ingress_enforced=True,
+        egress_enforced=False,
+    )
+    tb.datapath.policy.replace(
+        _A_EP,
+        [*others("egress"), PolicyEntry("egress", _B_ID, _UDP, 5000)],
+        ingress_enforced=False,
+        egress_enforced=True,
+    )
 
 
 def add_bench_pods(tb: Testbed) -> None:
@@ -150,7 +226,8 @@ class Result:
     ns_min: float
     ns_max: float
     empty_ns_median: float
-    ratio: float
+    ratio: float  # to the empty program
+    vs: dict[str, float] = field(default_factory=dict)  # to other cases of the run
 
 
 def _measure(
@@ -161,24 +238,46 @@ def _measure(
     ifindex: int,
     repeat: int,
     expect: int,
-    packets_per_round: int,
-    rounds: int,
-) -> list[float]:
-    calls = max(1, packets_per_round // repeat)
-    per_round = []
-    for _ in range(rounds):
-        total_ns = 0
-        for _ in range(calls):
-            result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
-            if result.retval != expect:
-                raise RuntimeError(
-                    f"{prog.name}: verdict {result.retval}, expected {expect}: "
-                    "the packet left the path under test"
-                )
-            total_ns += result.duration_ns * repeat
-            tb.events()
-        per_round.append(total_ns / (calls * repeat))
-    return per_round
+    packets: int,
+    after_call: Callable[[], None] | None = None,
+) -> float:
+    """Mean ns/packet over about `packets` packets."""
+    calls = max(1, packets // repeat)
+    total_ns = 0
+    for _ in range(calls):
+        result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
+        if result.retval != expect:
+            raise RuntimeError(
+                f"{prog.name}: verdict {result.retval}, expected {expect}: "
+                "the packet left the path under test"
+            )
+        total_ns += result.duration_ns * repeat
+        tb.events()
+        if after_call is not None:
+            after_call()
+    return total_ns / (calls * repeat)
+
+
+def prepare(tb: Testbed, case: Case, packet: bytes) -> Callable[[], None] | None:
+    """Put the datapath in the case's state (tracing; for an established
+    flow, its conntrack entry); the hook to run after each call (a first
+    packet: delete the entry it made), if any."""
+    tb.datapath.config.set_trace(case.trace)
+    if not case.policy_rules:
+        return None
+    conntrack = tb.datapath.conntrack
+    conntrack.flush()
+    tb.run(case.program, packet, ifindex=tb.pod_a.lxc.ifindex)
+    tb.events()
+    ((way, _, _),) = list(conntrack.entries())
+    if not case.first_packet:
+        return None
+
+    def forget_connection() -> None:
+        conntrack.delete(way)
+
+    forget_connection()
+    return forget_connection
 
 
 def run(
@@ -187,55 +286,74 @@ def run(
     packets_per_round: int = 100_000,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
-    results = []
+    figures: dict[str, list[float]] = {case.name: [] for case in CASES}
+    empty_figures: dict[int, list[float]] = {case.repeat: [] for case in CASES}
     with Testbed(prefix="cbb") as tb, BpfObject.open(objects.object_path("empty")) as empty_obj:
         empty_obj.load()
         empty = empty_obj.program("empty")
         add_bench_pods(tb)
-        baselines: dict[int, list[float]] = {}
-        for case in CASES:
-            if progress:
-                progress(case.name)
-            tb.datapath.config.set_trace(case.trace)
-            packet = case.packet(tb)
-            ifindex = tb.pod_a.lxc.ifindex
-            if case.repeat not in baselines:
-                baselines[case.repeat] = _measure(
-                    tb,
-                    empty,
-                    packet,
-                    ifindex=ifindex,
-                    repeat=case.repeat,
-                    expect=TC_ACT_OK,
-                    packets_per_round=packets_per_round,
-                    rounds=rounds,
+        ifindex = tb.pod_a.lxc.ifindex
+        # Rounds outermost: every case and baseline is measured once per
+        # round, so a drift of the machine shows in all of them alike.
+        for round_no in range(1, rounds + 1):
+            for rules in sorted({case.policy_rules for case in CASES}):
+                write_policy(tb, rules)
+                for case in (c for c in CASES if c.policy_rules == rules):
+                    if progress:
+                        progress(f"round {round_no}/{rounds}: {case.name}")
+                    packet = case.packet(tb)
+                    after_call = prepare(tb, case, packet)
+                    figures[case.name].append(
+                        _measure(
+                            tb,
+                            tb.datapath.program(case.program),
+                            packet,
+                            ifindex=ifindex,
+                            repeat=case.repeat,
+                            expect=case.expect,
+                            packets=packets_per_round,
+                            after_call=after_call,
+                        )
+                    )
+            tb.datapath.config.set_trace(False)
+            for repeat, per_round in empty_figures.items():
+                per_round.append(
+                    _measure(
+                        tb,
+                        empty,
+                        _from_a(tb, tb.pod_b.ip),
+                        ifindex=ifindex,
+                        repeat=repeat,
+                        expect=TC_ACT_OK,
+                        packets=packets_per_round,
+                    )
                 )
-            figures = _measure(
-                tb,
-                tb.datapath.program(case.program),
-                packet,
-                ifindex=ifindex,
+        write_policy(tb, 0)
+    results = []
+    for case in CASES:
+        mine = figures[case.name]
+        results.append(
+            Result(
+                name=case.name,
+                description=case.description,
                 repeat=case.repeat,
-                expect=case.expect,
-                packets_per_round=packets_per_round,
-                rounds=rounds,
+                ns_median=statistics.median(mine),
+                ns_min=min(mine),
+                ns_max=max(mine),
+                empty_ns_median=statistics.median(empty_figures[case.repeat]),
+                ratio=_paired_ratio(mine, empty_figures[case.repeat]),
+                vs={other: _paired_ratio(mine, figures[other]) for other in case.compare},
             )
-            base = statistics.median(baselines[case.repeat])
-            median = statistics.median(figures)
-            results.append(
-                Result(
-                    name=case.name,
-                    description=case.description,
-                    repeat=case.repeat,
-                    ns_median=median,
-                    ns_min=min(figures),
-                    ns_max=max(figures),
-                    empty_ns_median=base,
-                    ratio=median / base,
-                )
-            )
-        tb.datapath.config.set_trace(False)
+        )
     return results
+
+
+def _paired_ratio(figures: list[float], baseline: list[float]) -> float:
+    """Median of the round-by-round ratios."""
+    return statistics.median(a / b for a, b in zip(figures, baseline, strict=True))
+
+
+_NUMERIC = frozenset({"repeat", "median", "min", "max", "empty", "x empty"})
 
 
 def print_table(results: list[Result]) -> None:
@@ -243,8 +361,8 @@ def print_table(results: list[Result]) -> None:
     from rich.table import Table
 
     table = Table(title="datapath: ns/packet through BPF_PROG_TEST_RUN (median of rounds)")
-    for column in ("path", "what", "repeat", "median", "min", "max", "empty", "x empty"):
-        table.add_column(column, justify="left" if column in ("path", "what") else "right")
+    for column in ("path", "what", "repeat", "median", "min", "max", "empty", "x empty", "x other"):
+        table.add_column(column, justify="right" if column in _NUMERIC else "left")
     for r in results:
         table.add_row(
             r.name,
@@ -255,6 +373,7 @@ def print_table(results: list[Result]) -> None:
             f"{r.ns_max:.1f}",
             f"{r.empty_ns_median:.1f}",
             f"{r.ratio:.2f}",
+            "\n".join(f"{ratio:.2f} x {other}" for other, ratio in r.vs.items()),
         )
     Console().print(table)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ciliate.bench.datapath import CASES, TC_ACT_OK, Case, add_bench_pods
+from ciliate.bench.datapath import CASES, TC_ACT_OK, Case, add_bench_pods, prepare, write_policy
 from ciliate.datapath import objects
 from ciliate.datapath.testbed import Testbed
 from ciliate.loader import BpfObject, Program
@@ -37,7 +37,8 @@ def _bench(
     benchmark: pytest.FixtureRequest, tb: Testbed, prog: Program, case: Case, expect: int
 ) -> None:
     packet = case.packet(tb)
-    tb.datapath.config.set_trace(case.trace)
+    write_policy(tb, case.policy_rules)
+    after_call = prepare(tb, case, packet)
     durations: list[int] = []
 
     def once() -> None:
@@ -45,6 +46,8 @@ def _bench(
         assert result.retval == expect
         durations.append(result.duration_ns)
         tb.events()
+        if after_call is not None:
+            after_call()
 
     benchmark.pedantic(once, rounds=200, iterations=1, warmup_rounds=5)  # type: ignore[attr-defined]
     durations.sort()

@@ -1,22 +1,32 @@
 """The connection tracker (ciliate_ct) seen from user space: list, garbage
 collection of expired entries, flush.
 
-The programs keep one entry per connection, keyed by its two ends in a
-fixed order, and judge a packet of a live connection without a policy
-lookup (bpf/include/ciliate/conntrack.h). The map is an LRU hash, so a full
-table makes room by itself; :meth:`Conntrack.gc` removes entries whose
-lifetime has passed, which the programs already treat as absent.
+The programs keep one entry per connection in a set-associative table (a
+connection's key hashes to a set of CILIATE_CT_WAYS ways), keyed by its two
+ends in a fixed order, and judge a packet of a live connection without a
+policy lookup (bpf/include/ciliate/conntrack.h). An expired way is free for
+the datapath already; :meth:`Conntrack.gc` clears expired ways so listings
+show only live connections.
+
+Deadlines are in jiffies (the programs' clock: bpf_jiffies64() is one
+load); :func:`now` and :func:`hz` read the kernel's jiffies counter and
+CONFIG_HZ from /proc.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import ipaddress
-import time
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
 
+WAYS = abi.constant("CILIATE_CT_WAYS")
 _F_ORIG_HI = abi.constant("CILIATE_CT_F_ORIG_HI")
 _F_SEEN_REPLY = abi.constant("CILIATE_CT_F_SEEN_REPLY")
 _F_CLOSING = abi.constant("CILIATE_CT_F_CLOSING")
@@ -26,11 +36,42 @@ LIFETIMES = {
     "close": abi.constant("CILIATE_CT_LIFETIME_CLOSE"),
     "nontcp": abi.constant("CILIATE_CT_LIFETIME_NONTCP"),
 }
+_ENTRY = abi.sizeof("ciliate_ct_entry")
+_SET = abi.sizeof("ciliate_ct_set")
+_KEY = abi.sizeof("ciliate_ct_key")
+_EMPTY_KEY = bytes(_KEY)
 
 
-def monotonic_ns() -> int:
-    """The clock of bpf_ktime_get_ns(), which the entries' deadlines use."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+_JIFFIES = re.compile(rb"^jiffies: (\d+)$", re.M)
+_CONFIG_HZ = re.compile(rb"^CONFIG_HZ=(\d+)$", re.M)
+
+
+class ClockError(RuntimeError):
+    """The kernel's jiffies or HZ cannot be read."""
+
+
+def now() -> int:
+    """The kernel's jiffies counter, the clock of the entries' deadlines."""
+    try:
+        match = _JIFFIES.search(Path("/proc/timer_list").read_bytes())
+    except OSError as exc:
+        raise ClockError(f"cannot read jiffies from /proc/timer_list: {exc}") from exc
+    if match is None:
+        raise ClockError("/proc/timer_list has no jiffies line")
+    return int(match.group(1))
+
+
+@functools.cache
+def hz() -> int:
+    """CONFIG_HZ, as libbpf resolved it for the programs (/proc/config.gz)."""
+    try:
+        config = gzip.decompress(Path("/proc/config.gz").read_bytes())
+    except OSError as exc:
+        raise ClockError(f"cannot read CONFIG_HZ from /proc/config.gz: {exc}") from exc
+    match = _CONFIG_HZ.search(config)
+    if match is None:
+        raise ClockError("/proc/config.gz has no CONFIG_HZ")
+    return int(match.group(1))
 
 
 def _addr(value: int) -> ipaddress.IPv4Address:
@@ -48,7 +89,7 @@ class Connection:
     protocol: int
     src: tuple[ipaddress.IPv4Address, int]  # the opener (ICMP echo: its id)
     dst: tuple[ipaddress.IPv4Address, int]
-    expires_in: float  # seconds from now; <= 0: expired, awaiting gc
+    expires_in: float  # seconds from now; <= 0: expired (a free way)
     seen_reply: bool
     closing: bool
     orig_revision: int  # the opener's policy revision when last verified
@@ -59,60 +100,116 @@ class Connection:
         return self.expires_in <= 0
 
 
+@dataclass(frozen=True)
+class Way:
+    """Where an entry sits: its set (the array index) and way."""
+
+    set_index: int
+    way: int
+
+
 class Conntrack:
     """ciliate_ct."""
 
     def __init__(self, raw: RawMap) -> None:
         self._raw = raw
 
-    def _entries(self) -> list[tuple[bytes, dict[str, int]]]:
-        out = []
-        for key, value in self._raw.items():
-            if isinstance(value, list):
-                raise TypeError("ciliate_ct values are not per-CPU")
-            out.append((key, abi.unpack("ciliate_ct_entry", value)))
-        return out
+    def _used_sets(self) -> Iterator[tuple[int, bytes]]:
+        """(set index, set bytes) of every set with a way in use: one batch
+        scan, empty chunks skipped at C speed."""
+        for keys, values, count in self._raw.lookup_batch_raw():
+            if not values[: count * _SET].strip(b"\x00"):
+                continue
+            for i in range(count):
+                value = values[i * _SET : (i + 1) * _SET]
+                if value.strip(b"\x00"):
+                    yield int.from_bytes(keys[i * 4 : i * 4 + 4], "little"), value
 
-    def list(self) -> list[Connection]:
-        now = monotonic_ns()
+    def entries(self) -> Iterator[tuple[Way, dict[str, int], dict[str, int]]]:
+        """Every way holding a key (live or expired): where, key, entry."""
+        for index, value in self._used_sets():
+            for way in range(WAYS):
+                raw = value[way * _ENTRY : (way + 1) * _ENTRY]
+                if raw[:_KEY] != _EMPTY_KEY:
+                    yield (
+                        Way(index, way),
+                        abi.unpack("ciliate_ct_key", raw[:_KEY]),
+                        abi.unpack("ciliate_ct_entry", raw),
+                    )
+
+    def list(self, *, include_expired: bool = True) -> list[Connection]:
+        ticks, per_second = now(), hz()
         connections = []
-        for key, entry in self._entries():
-            k = abi.unpack("ciliate_ct_key", key)
-            lo = (_addr(k["addr_lo"]), _port(k["port_lo"]))
-            hi = (_addr(k["addr_hi"]), _port(k["port_hi"]))
+        for _, key, entry in self.entries():
+            lo = (_addr(key["addr_lo"]), _port(key["port_lo"]))
+            hi = (_addr(key["addr_hi"]), _port(key["port_hi"]))
             opener_hi = bool(entry["flags"] & _F_ORIG_HI)
-            connections.append(
-                Connection(
-                    protocol=k["protocol"],
-                    src=hi if opener_hi else lo,
-                    dst=lo if opener_hi else hi,
-                    expires_in=(entry["expires_ns"] - now) / 1e9,
-                    seen_reply=bool(entry["flags"] & _F_SEEN_REPLY),
-                    closing=bool(entry["flags"] & _F_CLOSING),
-                    orig_revision=entry["orig_revision"],
-                    reply_revision=entry["reply_revision"],
-                )
+            connection = Connection(
+                protocol=key["protocol"],
+                src=hi if opener_hi else lo,
+                dst=lo if opener_hi else hi,
+                expires_in=(entry["expires"] - ticks) / per_second,
+                seen_reply=bool(entry["flags"] & _F_SEEN_REPLY),
+                closing=bool(entry["flags"] & _F_CLOSING),
+                orig_revision=entry["orig_revision"],
+                reply_revision=entry["reply_revision"],
             )
+            if include_expired or not connection.expired:
+                connections.append(connection)
         return sorted(connections, key=lambda c: (c.protocol, c.src, c.dst))
 
+    def _rewrite(self, index: int, *, expired_before: int) -> int:
+        """Clear the ways of set `index` that expired before `expired_before`;
+        returns how many went. The set is
+        read again just before it is written back: the datapath may have
+        used it meanwhile (a way it fills in that instant is lost, and its
+        connection judged again as new)."""
+        key = index.to_bytes(4, "little")
+        raw = self._raw.lookup(key)
+        if not isinstance(raw, bytes):
+            return 0
+        value = bytearray(raw)
+        cleared = 0
+        for way in range(WAYS):
+            at = way * _ENTRY
+            if bytes(value[at : at + _KEY]) == _EMPTY_KEY:
+                continue
+            entry = abi.unpack("ciliate_ct_entry", bytes(value[at : at + _ENTRY]))
+            if entry["expires"] <= expired_before:
+                value[at : at + _ENTRY] = bytes(_ENTRY)
+                cleared += 1
+        if cleared:
+            self._raw.update(key, bytes(value))
+        return cleared
+
     def gc(self) -> int:
-        """Remove expired entries; returns how many went."""
-        now = monotonic_ns()
-        removed = 0
-        for key, entry in self._entries():
-            if entry["expires_ns"] > now:
-                continue
-            # Read again just before deleting: a packet may have revived it.
-            value = self._raw.lookup(key)
-            if not isinstance(value, bytes):
-                continue
-            if abi.unpack("ciliate_ct_entry", value)["expires_ns"] <= now:
-                removed += self._raw.delete(key)
-        return removed
+        """Clear expired ways; returns how many went."""
+        ticks = now()
+        stale = {way.set_index for way, _, entry in self.entries() if entry["expires"] <= ticks}
+        return sum(self._rewrite(index, expired_before=ticks) for index in sorted(stale))
 
     def flush(self) -> int:
-        """Remove every entry (connections are judged afresh); returns how many went."""
+        """Forget every connection (each is judged afresh); returns how many went."""
         removed = 0
-        for key in list(self._raw.keys()):
-            removed += self._raw.delete(key)
+        for index, _ in list(self._used_sets()):
+            removed += self._rewrite(index, expired_before=2**64 - 1)
         return removed
+
+    def delete(self, way: Way) -> None:
+        """Forget the connection in one way (it is judged afresh)."""
+        self._patch(way, 0, bytes(_ENTRY))
+
+    def set_expiry(self, way: Way, expires: int) -> None:
+        """Move one entry's deadline, in jiffies (tests age connections with it)."""
+        offset = abi.offsetof("ciliate_ct_entry", "expires")
+        self._patch(way, offset, expires.to_bytes(8, "little"))
+
+    def _patch(self, way: Way, offset: int, data: bytes) -> None:
+        key = way.set_index.to_bytes(4, "little")
+        raw = self._raw.lookup(key)
+        if not isinstance(raw, bytes):
+            raise KeyError(f"no conntrack set {way.set_index}")
+        value = bytearray(raw)
+        at = way.way * _ENTRY + offset
+        value[at : at + len(data)] = data
+        self._raw.update(key, bytes(value))

@@ -388,10 +388,26 @@ class PodSocket:
 
 
 class SocketMap:
-    """ciliate_sockhash, read only: the kernel adds and removes its sockets."""
+    """ciliate_sockhash: the kernel adds its sockets (sock_ops) and removes
+    them when they close; user space lists them and evicts one whose
+    connection policy no longer allows (its next bytes take the packet path)."""
 
     def __init__(self, raw: RawMap) -> None:
         self._raw = raw
+
+    @staticmethod
+    def _key(sock: PodSocket) -> bytes:
+        return abi.pack(
+            "ciliate_sock_key",
+            local_ip=_ip_u32(sock.local[0]),
+            remote_ip=_ip_u32(sock.remote[0]),
+            local_port=sock.local[1],
+            remote_port=sock.remote[1],
+        )
+
+    def delete(self, sock: PodSocket) -> bool:
+        """Evict one socket; False when it was not (or no longer) mapped."""
+        return self._raw.delete(self._key(sock))
 
     def list(self) -> list[PodSocket]:
         sockets = []

@@ -23,6 +23,7 @@ STRUCTS = [
     "ciliate_policy_state",
     "ciliate_ct_key",
     "ciliate_ct_entry",
+    "ciliate_ct_set",
 ]
 BPF_ROOT = Path(__file__).resolve().parents[2] / "bpf"
 

@@ -15,8 +15,8 @@ import ipaddress
 import pytest
 
 from ciliate.datapath import abi
-from ciliate.datapath.conntrack import LIFETIMES, monotonic_ns
-from ciliate.datapath.maps import IpcacheEntry
+from ciliate.datapath.conntrack import LIFETIMES, hz, now
+from ciliate.datapath.maps import IpcacheEntry, PodSocket
 from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.tables import Direction, DropReason, EventType
 from ciliate.datapath.testbed import (
@@ -360,11 +360,9 @@ def test_icmp_echo_replies_pass_by_their_id(tb: Testbed) -> None:
 
 def _age(tb: Testbed, seconds: float) -> None:
     """Move every conntrack entry's deadline `seconds` into the past."""
-    raw = tb.datapath.maps["ciliate_ct"]
-    for key, value in list(raw.items()):
-        entry = abi.unpack("ciliate_ct_entry", value)  # type: ignore[arg-type]
-        entry["expires_ns"] = monotonic_ns() - int(seconds * 1e9)
-        raw.update(key, abi.pack("ciliate_ct_entry", **entry))
+    ct = tb.datapath.conntrack
+    for way, _, _ in list(ct.entries()):
+        ct.set_expiry(way, now() - int(seconds * hz()))
 
 
 def test_gc_removes_expired_entries_and_an_expired_entry_is_no_connection(tb: Testbed) -> None:
@@ -414,3 +412,8 @@ def test_ten_thousand_rules(tb: Testbed) -> None:
     assert len(tb.datapath.policy.entries(B_EP)) == 10_001
     # The old generation is gone: only the live entries remain in the trie.
     assert sum(1 for _ in tb.datapath.maps["ciliate_policy"]) == 10_001
+
+
+def test_evicting_a_socket_that_is_not_mapped_says_so(tb: Testbed) -> None:
+    sock = PodSocket((tb.pod_a.ip, 40000), (tb.pod_b.ip, 80))
+    assert tb.datapath.sockets.delete(sock) is False

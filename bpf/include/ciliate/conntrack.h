@@ -6,10 +6,25 @@
  * known, live connection skips the policy lookups, unless the policy of
  * one of its local ends changed since the connection was verified.
  *
- * Garbage collection: the map is an LRU hash, so a full table drops its
- * least recently used entries; an entry past its lifetime counts as absent
- * on lookup and is overwritten by the next new connection of that tuple;
- * user space removes expired entries (ciliate.datapath.conntrack.gc()).
+ * The table is set-associative (abi.h): a key hashes to a set of
+ * CILIATE_CT_WAYS entries. Garbage collection is built in: an entry past
+ * its lifetime counts as absent and its way is taken by the next new
+ * connection of the set; with every way of the set alive, the one that
+ * expires first gives way (the role LRU plays in a hash map). User space
+ * frees expired ways too (ciliate.datapath.conntrack.gc()).
+ *
+ * Time is jiffies: bpf_jiffies64() is inlined into one load, where even
+ * the coarse clock is a helper call (measured: 0.15x of the local
+ * delivery path). Deadlines are in jiffies, lifetimes seconds * CONFIG_HZ
+ * (read by libbpf from the kernel config); user space reads both from
+ * /proc (ciliate.datapath.conntrack).
+ *
+ * Concurrency: ways are written in place by any CPU. A reader racing with
+ * a writer of the same way may see a mix of old and new fields; the
+ * writer stores the key last, after a compiler barrier, so a matching key
+ * comes with its fields (the JIT keeps the store order, x86 does not
+ * reorder stores), and a torn key matches nothing: the packet is judged as
+ * a new connection.
  */
 #ifndef CILIATE_CONNTRACK_H
 #define CILIATE_CONNTRACK_H
@@ -30,7 +45,13 @@
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
-#define NSEC_PER_SEC 1000000000ULL
+/* Ticks per second, resolved by libbpf at load (/proc/config.gz). */
+extern const unsigned int CONFIG_HZ __kconfig;
+
+_Static_assert((CILIATE_SIZE_CT_SETS & (CILIATE_SIZE_CT_SETS - 1)) == 0,
+	       "bpf/datapath.toml sizes.ct_sets must be a power of 2");
+
+#define ct_barrier() asm volatile("" ::: "memory")
 
 /* The packet as the tracker and the policy see it. */
 struct ct_packet {
@@ -113,13 +134,52 @@ static __always_inline void ct_key(const struct ct_packet *pkt, struct ciliate_c
 	*from_hi = swap;
 }
 
-/* A live entry of the packet's connection, or NULL. */
-static __always_inline struct ciliate_ct_entry *ct_lookup(const struct ciliate_ct_key *key,
+/* The set of a key: a multiplicative hash of the tuple (no seed: the
+ * table outlives the agent that loads the programs). */
+static __always_inline struct ciliate_ct_set *ct_set_of(const struct ciliate_ct_key *key)
+{
+	__u64 h = ((__u64)key->addr_lo << 32 | key->addr_hi) * 0x9e3779b97f4a7c15ULL;
+	__u32 index;
+
+	h ^= ((__u64)key->protocol << 32 | (__u32)key->port_lo << 16 | key->port_hi) *
+	     0xc2b2ae3d27d4eb4fULL;
+	index = (__u32)(h >> 32) & (CILIATE_SIZE_CT_SETS - 1);
+	return bpf_map_lookup_elem(&ciliate_ct, &index);
+}
+
+/* Keys compare as two 64-bit words (the key is 16 bytes, 8-aligned in the
+ * entry; callers keep theirs 8-aligned on the stack). */
+static __always_inline bool ct_key_equal(const struct ciliate_ct_key *a,
+					 const struct ciliate_ct_key *b)
+{
+	const __u64 *x = (const __u64 *)a;
+	const __u64 *y = (const __u64 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1])) == 0;
+}
+
+/* The live entry of the packet's connection in its set, or NULL. */
+static __always_inline struct ciliate_ct_entry *ct_lookup(struct ciliate_ct_set *set,
+							  const struct ciliate_ct_key *key,
 							  __u64 now)
 {
-	struct ciliate_ct_entry *entry = bpf_map_lookup_elem(&ciliate_ct, key);
+#pragma unroll
+	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
+		struct ciliate_ct_entry *entry = &set->way[i];
 
-	return entry && entry->expires_ns > now ? entry : NULL;
+		if (ct_key_equal(&entry->key, key))
+			return entry->expires > now ? entry : NULL;
+	}
+	return NULL;
+}
+
+/* Forget a connection: its way is free again. */
+static __always_inline void ct_delete(struct ciliate_ct_entry *entry)
+{
+	__u64 *words = (__u64 *)&entry->key;
+
+	words[0] = 0;
+	words[1] = 0;
 }
 
 /* Whether this TCP packet opens a new connection over a closing entry of
@@ -131,15 +191,20 @@ static __always_inline bool ct_reopens(const struct ciliate_ct_entry *entry,
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-static __always_inline __u64 ct_lifetime_ns(__u8 protocol, __u32 flags)
+/* Lifetime in jiffies. */
+static __always_inline __u64 ct_lifetime(__u8 protocol, __u32 flags)
 {
+	__u64 seconds;
+
 	if (protocol != IPPROTO_TCP)
-		return CILIATE_CT_LIFETIME_NONTCP * NSEC_PER_SEC;
-	if (flags & CILIATE_CT_F_CLOSING)
-		return CILIATE_CT_LIFETIME_CLOSE * NSEC_PER_SEC;
-	if (flags & CILIATE_CT_F_SEEN_REPLY)
-		return CILIATE_CT_LIFETIME_TCP * NSEC_PER_SEC;
-	return CILIATE_CT_LIFETIME_SYN * NSEC_PER_SEC;
+		seconds = CILIATE_CT_LIFETIME_NONTCP;
+	else if (flags & CILIATE_CT_F_CLOSING)
+		seconds = CILIATE_CT_LIFETIME_CLOSE;
+	else if (flags & CILIATE_CT_F_SEEN_REPLY)
+		seconds = CILIATE_CT_LIFETIME_TCP;
+	else
+		seconds = CILIATE_CT_LIFETIME_SYN;
+	return seconds * CONFIG_HZ;
 }
 
 static __always_inline __u32 ct_flags_after(__u32 flags, const struct ct_packet *pkt, bool reply)
@@ -156,29 +221,55 @@ static __always_inline void ct_refresh(struct ciliate_ct_entry *entry, const str
 				       bool reply, __u64 now)
 {
 	__u32 flags = ct_flags_after(entry->flags, pkt, reply);
+	__u64 expires = now + ct_lifetime(pkt->protocol, flags);
 
-	/* Write the flags only when they change: most packets change nothing
-	 * but the deadline. */
+	/* Write only what changed: most packets change nothing but the
+	 * deadline, and that only once per tick; a clean cache line stays
+	 * shared between the CPUs of a flow's two directions. */
 	if (flags != entry->flags)
 		entry->flags = flags;
-	entry->expires_ns = now + ct_lifetime_ns(pkt->protocol, flags);
+	if (expires != entry->expires)
+		entry->expires = expires;
 }
 
-/* Record a connection just allowed; a full table evicts its least
- * recently used entry, so the insert itself does not fail for space. */
-static __always_inline void ct_create(const struct ciliate_ct_key *key, const struct ct_packet *pkt,
-				      bool from_hi, __u32 orig_revision, __u32 reply_revision,
-				      __u64 now)
+/* The way a new connection takes: the key's own (a dead entry of the same
+ * tuple), else a free or expired way, else the way that expires first. */
+static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set *set,
+							  const struct ciliate_ct_key *key,
+							  __u64 now)
 {
-	__u32 flags = ct_flags_after(from_hi ? CILIATE_CT_F_ORIG_HI : 0, pkt, false);
-	struct ciliate_ct_entry entry = {
-		.expires_ns = now + ct_lifetime_ns(pkt->protocol, flags),
-		.orig_revision = orig_revision,
-		.reply_revision = reply_revision,
-		.flags = flags,
-	};
+	struct ciliate_ct_entry *victim = &set->way[0];
 
-	bpf_map_update_elem(&ciliate_ct, key, &entry, BPF_ANY);
+#pragma unroll
+	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
+		struct ciliate_ct_entry *entry = &set->way[i];
+
+		if (ct_key_equal(&entry->key, key) || entry->expires <= now)
+			return entry;
+		if (entry->expires < victim->expires)
+			victim = entry;
+	}
+	return victim;
+}
+
+/* Record a connection just allowed. */
+static __always_inline void ct_create(struct ciliate_ct_set *set, const struct ciliate_ct_key *key,
+				      const struct ct_packet *pkt, bool from_hi,
+				      __u32 orig_revision, __u32 reply_revision, __u64 now)
+{
+	struct ciliate_ct_entry *entry = ct_victim(set, key, now);
+	__u32 flags = ct_flags_after(from_hi ? CILIATE_CT_F_ORIG_HI : 0, pkt, false);
+	const __u64 *src = (const __u64 *)key;
+	__u64 *dst = (__u64 *)&entry->key;
+
+	/* Fields first, key last: see the concurrency note above. */
+	entry->expires = now + ct_lifetime(pkt->protocol, flags);
+	entry->orig_revision = orig_revision;
+	entry->reply_revision = reply_revision;
+	entry->flags = flags;
+	ct_barrier();
+	dst[0] = src[0];
+	dst[1] = src[1];
 }
 
 #endif /* CILIATE_CONNTRACK_H */

@@ -125,8 +125,9 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 {
 	const struct ciliate_policy_state *src_state = policy_state(src);
 	const struct ciliate_policy_state *dst_state = policy_state(dst);
+	struct ciliate_ct_key key __attribute__((aligned(8))) = {};
 	struct ciliate_ct_entry *entry;
-	struct ciliate_ct_key key = {};
+	struct ciliate_ct_set *set;
 	struct ct_packet pkt;
 	bool from_hi, reply;
 	__u64 now;
@@ -143,8 +144,12 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 				     pkt.protocol, pkt.dport, trace);
 
 	ct_key(&pkt, &key, &from_hi);
-	now = bpf_ktime_get_ns();
-	entry = ct_lookup(&key, now);
+	set = ct_set_of(&key);
+	if (!set) /* unreachable (the index is masked to the array): judge it alone */
+		return policy_decide(src, src_state, src_identity, dst, dst_state, dst_identity,
+				     pkt.protocol, pkt.dport, trace);
+	now = bpf_jiffies64();
+	entry = ct_lookup(set, &key, now);
 	if (entry && !ct_reopens(entry, &pkt)) {
 		reply = from_hi != !!(entry->flags & CILIATE_CT_F_ORIG_HI);
 		if (reply) {
@@ -175,8 +180,8 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 			    pkt.protocol, pkt.dport, trace);
 	if (IS_DROP(ret))
 		return ret;
-	ct_create(&key, &pkt, from_hi, policy_revision(src_state), policy_revision(dst_state),
-		  now);
+	ct_create(set, &key, &pkt, from_hi, policy_revision(src_state),
+		  policy_revision(dst_state), now);
 	if (trace_enabled())
 		send_event(ctx, CILIATE_EVENT_POLICY, CILIATE_FORWARDED, trace->policy_dir, 0, 0,
 			   trace);
@@ -184,7 +189,7 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 
 denied:
 	/* The connection is no longer allowed: it ends here, from both sides. */
-	bpf_map_delete_elem(&ciliate_ct, &key);
+	ct_delete(entry);
 	return ret;
 }
 
