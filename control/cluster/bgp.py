@@ -19,11 +19,34 @@ speaker writes command lines to a socket and one reader thread sorts what comes
 back into acks (matched to commands in order: exabgp answers each line in turn)
 and session states.
 
-Fate sharing: if the process owning the speaker dies without ``close()``, the
-socket closes and the relay exits; exabgp's respawned relays meet a refused
-connection, and with ``api.terminate`` exabgp then shuts down, sending a Cease
-(measured: the route leaves the ToR ~0.1 s after the owner's SIGKILL). A node
-whose agent is gone stops announcing instead of leaving stale routes behind.
+Graceful restart (RFC 4724)
+---------------------------
+The speaker announces the graceful-restart capability with a restart time
+(``graceful_restart``, seconds; 0 turns it off) and the forwarding-state bit for
+IPv4 unicast: the node's datapath keeps forwarding while its agent restarts. A
+session that then ends *without* a NOTIFICATION tells the peer "restarting": the
+peer keeps our routes (stale) for the restart time, and replaces them when the
+new session has sent its routes and End-of-RIB. So:
+
+* ``close()`` is a node leaving: it withdraws every route first (gone at the
+  peer at once), then stops exabgp.
+* ``close(keep_routes=True)`` is an agent restarting: no withdrawal; exabgp, on
+  SIGTERM with graceful restart negotiated, closes the session without a
+  NOTIFICATION. The peer keeps the routes until the next speaker is back, or the
+  restart time has passed.
+* The owner killed (no ``close()``): the socket closes and the relay exits;
+  exabgp's respawned relays meet a refused connection, and with
+  ``api.terminate`` exabgp shuts down, again without a NOTIFICATION: the same
+  as a restart. Without graceful restart it sends a Cease and the peer drops
+  the routes at once.
+* A node that goes silent (its machine gone) is dropped by the peer's hold
+  timer, routes and all (a hold timer expiry is an error, not a restart).
+
+The next speaker must re-announce the routes *before* its End-of-RIB, or the peer
+would flush the stale routes in the moment between the two: ``start(prefixes)``
+writes the routes it is given into exabgp's configuration (a ``static`` block),
+which exabgp sends in its first UPDATE, ahead of the End-of-RIB; later changes go
+through the API.
 
 Timing (measured, bird2 ToR in a namespace): ``start()`` ~0.3 s (exabgp's
 imports), the first route at the ToR ~0.05 s later; ``close()`` withdraws first
@@ -48,8 +71,8 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -60,7 +83,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from ciliate.control.process import stop_child
+from ciliate.control.process import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +136,10 @@ finally:
 '''
 
 _PROCESS_NAME = "ciliate"
+# RFC 4724: the restart time is a 12-bit field.
+MAX_RESTART_TIME = 4095
+# What a restart may take by default, as the usual routers' default.
+DEFAULT_RESTART_TIME = 120
 # sockaddr_un.sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -218,6 +245,7 @@ class BgpSpeaker:
         workdir: Path,
         netns: str | None = None,
         hold_time: int = 3,
+        graceful_restart: int = DEFAULT_RESTART_TIME,
         listen: bool = True,
         start_timeout: float = 15.0,
         command_timeout: float = 5.0,
@@ -227,6 +255,10 @@ class BgpSpeaker:
             raise ValueError("a BGP speaker needs at least one peer")
         if hold_time != 0 and hold_time < 3:
             raise ValueError("hold time is 0 or at least 3 s (RFC 4271)")
+        if not 0 <= graceful_restart <= MAX_RESTART_TIME:
+            raise ValueError(
+                f"graceful restart time {graceful_restart} s: 0 (off) to {MAX_RESTART_TIME} s"
+            )
         if len({peer.address for peer in peers}) != len(peers):
             raise ValueError("peers must have distinct addresses")
         for peer in peers:
@@ -238,12 +270,13 @@ class BgpSpeaker:
         self.workdir = Path(workdir)
         self.netns = netns
         self.hold_time = hold_time
+        self.graceful_restart = graceful_restart
         self.listen = listen
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
         self.stop_timeout = stop_timeout
 
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -253,6 +286,7 @@ class BgpSpeaker:
         self._command_lock = threading.RLock()  # one change of routes at a time
         self._acks: queue.Queue[str] = queue.Queue()
         self._skip_acks = 0
+        self._answers: queue.Queue[str] = queue.Queue()  # `show ... json` output lines
         self._states: dict[IPv4Address, SessionState] = {}
         self._announced: list[IPv4Network] = []
 
@@ -275,11 +309,43 @@ class BgpSpeaker:
         return self.workdir / "api-relay.py"
 
     @property
+    def pid_path(self) -> Path:
+        return self.workdir / "exabgp.pid"
+
+    def _stop_previous(self) -> None:
+        """SIGKILL the exabgp a previous owner of this workdir left running (an agent
+        killed hard: its exabgp stops by itself, but a second or so later). Left
+        alone, it would hold the session and could connect its respawned relay to
+        our new socket. SIGKILL sends no NOTIFICATION: the peer keeps our routes
+        (graceful restart) until the new session replaces them."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            return
+        if str(self.config_path) not in cmdline:
+            return  # gone, and its PID reused by someone else's process
+        log.warning("exabgp %d of a previous owner still runs: killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state == "Z":
+                return  # dead, waiting for its parent (gone too) to be reaped by init
+            time.sleep(0.01)
+
+    @property
     def pid(self) -> int | None:
         """exabgp's PID while it runs (``nsenter`` execs it: same process)."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        return self._child.pid if self._child is not None else None
 
-    def render_config(self) -> str:
+    def render_config(self, prefixes: Sequence[IPv4Network] = ()) -> str:
+        """exabgp's configuration; ``prefixes`` are announced in the first UPDATE of
+        every session (before its End-of-RIB)."""
         relay = f"{_check_token(sys.executable, 'python')} -S {self.relay_path} {self.socket_path}"
         lines = [
             f"process {_PROCESS_NAME} {{",
@@ -300,6 +366,18 @@ class BgpSpeaker:
                 *(["    listen 179;"] if self.listen else []),
                 "    adj-rib-out true;",  # re-send our routes when a session comes back
                 "    family { ipv4 unicast; }",
+                *(
+                    [f"    capability {{ graceful-restart {self.graceful_restart}; }}"]
+                    if self.graceful_restart
+                    else []
+                ),
+                *(
+                    ["    static {"]
+                    + [f"        route {p} next-hop {self.next_hop};" for p in prefixes]
+                    + ["    }"]
+                    if prefixes
+                    else []
+                ),
                 f"    api {{ processes [ {_PROCESS_NAME} ]; neighbor-changes; }}",
                 "}",
             ]
@@ -323,29 +401,31 @@ class BgpSpeaker:
     def running(self) -> bool:
         return self.pid is not None
 
-    def start(self) -> None:
-        """Run exabgp and wait until its API is connected (not for the sessions:
-        see ``wait_established``). A speaker whose exabgp died may be started
-        again."""
+    def start(self, prefixes: Iterable[IPv4Network] = ()) -> None:
+        """Run exabgp announcing ``prefixes`` and wait until its API is connected
+        (not for the sessions: see ``wait_established``). A speaker whose exabgp
+        died may be started again."""
         if self.running:
             raise BgpError("the speaker is already running")
-        if self._proc is not None:
-            log.warning("exabgp %d had exited with %s", self._proc.pid, self._proc.returncode)
+        if self._child is not None:
+            log.warning("exabgp had exited with %s", self._child.returncode)
             self.close()
+        initial = _networks(prefixes)
         command = exabgp_command()
         self.workdir.mkdir(parents=True, exist_ok=True)
         _check_token(str(self.workdir), "workdir")
         if len(str(self.socket_path)) > _MAX_SOCKET_PATH:
             raise ValueError(f"workdir {self.workdir} is too long for a UNIX socket path")
+        self._stop_previous()
         self.relay_path.write_text(_RELAY)
-        self.config_path.write_text(self.render_config())
+        self.config_path.write_text(self.render_config(initial))
         self.socket_path.unlink(missing_ok=True)
 
         self._stopping.clear()
         self._connected.clear()
         self._acks = queue.Queue()
         self._skip_acks = 0
-        self._announced = []
+        self._announced = list(initial)
         with self._state_lock:
             self._states = {peer.address: SessionState.IDLE for peer in self.peers}
 
@@ -363,65 +443,48 @@ class BgpSpeaker:
         )
         self._thread.start()
 
-        argv = [*command, "server", str(self.config_path)]
-        if self.netns is not None:
-            argv = ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
-        started = time.monotonic()
+        self._child = ChildProcess(
+            name="exabgp",
+            argv=[*command, "server", str(self.config_path)],
+            log_path=self.log_path,
+            netns=self.netns,
+            env={**os.environ, **EXABGP_ENV},
+        )
         try:
-            with open(self.log_path, "ab") as logfile:
-                self._proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **EXABGP_ENV},
-                    # Our terminal's ^C is for us: close() withdraws, then stops it.
-                    start_new_session=True,
-                )
-            self._wait_api(started)
+            self._child.start()
+            took = self._child.wait_until(
+                self._connected.is_set,
+                timeout=self.start_timeout,
+                what="connect its API",
+                error=SpeakerStartError,
+            )
         except BaseException:
             self.close()
             raise
+        self.pid_path.write_text(f"{self._child.pid}\n")
         log.info(
-            "exabgp %d up in %.0f ms (%s)",
-            self._proc.pid,
-            (time.monotonic() - started) * 1000,
+            "exabgp %s up in %.0f ms (%s)",
+            self._child.pid,
+            took * 1000,
             self.netns or "current netns",
         )
 
-    def _wait_api(self, started: float) -> None:
-        assert self._proc is not None
-        while not self._connected.wait(0.05):
-            if self._proc.poll() is not None:
-                raise SpeakerStartError(
-                    f"exabgp exited with {self._proc.returncode}: {self._log_tail()}"
-                )
-            if time.monotonic() - started > self.start_timeout:
-                raise SpeakerStartError(
-                    f"exabgp did not connect its API within {self.start_timeout} s: "
-                    f"{self._log_tail()}"
-                )
-
-    def _log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def close(self) -> None:
-        """Withdraw everything, stop exabgp (SIGTERM, then SIGKILL after
-        ``stop_timeout``) and release the socket. Idempotent."""
-        if self._announced and self._conn is not None:
+    def close(self, *, keep_routes: bool = False) -> None:
+        """Withdraw everything (unless ``keep_routes``: a restart, see the module
+        documentation), stop exabgp (SIGTERM, then SIGKILL after ``stop_timeout``)
+        and release the socket. Idempotent."""
+        if self._announced and self._conn is not None and not keep_routes:
             try:
-                self._send([f"withdraw route {p}" for p in self._announced], timeout=1.0)
+                self._withdraw_sent(self._announced, timeout=2.0)
             except BgpError as exc:
-                # exabgp's shutdown sends a Cease anyway, which drops our routes.
+                # Without graceful restart exabgp's shutdown sends a Cease, which drops
+                # our routes anyway; with it, the peer keeps them for the restart time.
                 log.warning("withdraw before stop failed: %s", exc)
         self._announced = []
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_child(proc, timeout=self.stop_timeout, name="exabgp")
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(timeout=self.stop_timeout)
+            self.pid_path.unlink(missing_ok=True)
         self._stopping.set()
         with self._state_lock:
             conn, self._conn = self._conn, None
@@ -475,6 +538,8 @@ class BgpSpeaker:
                     self._skip_acks -= 1  # the late answer to a command that timed out
                     return
             self._acks.put(line)
+        elif line.startswith("["):
+            self._answers.put(line)  # a JSON list: what `show neighbor json` answers
         elif line.startswith("{"):
             try:
                 event = json.loads(line)
@@ -500,6 +565,44 @@ class BgpSpeaker:
         elif event.get("type") == "notification" and event.get("notification") == "shutdown":
             with self._state_lock:
                 self._states = {a: SessionState.DOWN for a in self._states}
+
+    def _updates_sent(self, timeout: float) -> dict[str, int]:
+        """UPDATEs exabgp has written to each established session (``show
+        neighbor json``), by peer address."""
+        with self._command_lock:
+            while not self._answers.empty():
+                self._answers.get_nowait()
+            self._send(["show neighbor json"], timeout=timeout)
+            try:
+                answer = json.loads(self._answers.get(timeout=timeout))
+            except (queue.Empty, ValueError) as exc:
+                raise CommandError(f"exabgp did not describe its neighbors: {exc!r}") from None
+        sent: dict[str, int] = {}
+        for neighbor in answer if isinstance(answer, list) else []:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                if neighbor["state"] == "up":
+                    address = str(neighbor["peer"]["address"])
+                    sent[address] = int(neighbor["messages"]["sent"]["update"])
+        return sent
+
+    def _withdraw_sent(self, prefixes: Sequence[IPv4Network], timeout: float) -> None:
+        """Withdraw ``prefixes`` and return once every established session has been
+        sent an UPDATE since. exabgp acknowledges a command when its RIB has it and
+        writes the UPDATE on a later turn of its loop; a stop right after the
+        acknowledgement, without a NOTIFICATION (graceful restart), would leave the
+        withdrawn routes at the peer for the restart time."""
+        deadline = time.monotonic() + timeout
+        before = self._updates_sent(timeout)
+        failed = self._send([f"withdraw route {p}" for p in prefixes], timeout=timeout)
+        if failed:
+            raise CommandError(f"exabgp refused: {failed}", failed)
+        while True:
+            after = self._updates_sent(max(0.1, deadline - time.monotonic()))
+            if all(after.get(peer, 0) > count for peer, count in before.items()):
+                return
+            if time.monotonic() > deadline:
+                raise CommandError(f"exabgp did not send the withdrawal within {timeout} s")
+            time.sleep(0.01)
 
     def _send(self, lines: Sequence[str], timeout: float | None = None) -> list[str]:
         """Send command lines; return those exabgp answered ``error`` to."""
@@ -576,7 +679,7 @@ class BgpSpeaker:
     def sessions(self) -> dict[Peer, SessionState]:
         """Each peer's session as exabgp last reported it (``DOWN`` for all if
         exabgp has died; ``IDLE`` before start and after close)."""
-        if self._proc is not None and self._proc.poll() is not None:
+        if self._child is not None and not self._child.running:
             return dict.fromkeys(self.peers, SessionState.DOWN)
         with self._state_lock:
             return {peer: self._states.get(peer.address, SessionState.IDLE) for peer in self.peers}

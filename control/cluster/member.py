@@ -3,14 +3,22 @@ object, pod CIDRs from the operator, cluster-wide identities, the other
 nodes and their endpoints mirrored into this node's ipcache, and the BGP
 announcement of this node's pod CIDRs.
 
-Cluster keys (JSON values), shared with the operator (control/operator/reconciler.py):
+The cluster keys are listed in :mod:`ciliate.control.cluster.keys`; identities
+are ClusterIdentities' (control/identity/cluster.py).
 
-* ``cluster/nodes/<name>``     this agent: ``{"name", "nodeIP"}`` (deleted = node gone)
-* ``cluster/alive/<name>``     this agent, bound to a lease: the node is up
-* ``cluster/ipam/<name>``      the operator: ``{"podCIDRs": [...], "status": {"error"}}``
-* ``cluster/endpoints/<ip>``   the owning agent: ``{"identity", "nodeIP", "node"}``
-* ``cluster/bgp/<name>``       this agent: its BGP sessions, for ``ciliate node list``
-* ``identities/...``           ClusterIdentities (control/identity/cluster.py)
+Restart and loss
+----------------
+``close()`` is an agent stopping, not the node leaving: the node stays
+registered, its liveness key expires with its lease (``lease_ttl``) unless the
+next agent renews it first, and its BGP speaker stops as a *restarting* speaker
+(graceful restart: the ToR keeps the node's routes for the restart time, see
+:mod:`ciliate.control.cluster.bgp`), while the pinned datapath keeps forwarding.
+The next agent announces the same pod CIDRs in its first UPDATE.
+
+The node leaves when its ``cluster/nodes/<name>`` key is deleted: by ``ciliate
+node delete``, or by the operator once the node's liveness has been gone for its
+grace period (node loss). An agent that sees its own node deleted withdraws its
+routes at once: the operator frees its pod CIDRs, which may go to another node.
 """
 
 from __future__ import annotations
@@ -26,17 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ciliate.control.cluster.bgp import DEFAULT_RESTART_TIME, BgpSpeaker, Peer
+from ciliate.control.cluster.keys import ALIVE, BGP, ENDPOINTS, IPAM, NODES, remove_node
 from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.store import Txn
 from ciliate.datapath.maps import Ipcache, IpcacheEntry
 
 log = logging.getLogger(__name__)
 
-NODES = "cluster/nodes/"
-ALIVE = "cluster/alive/"
-IPAM = "cluster/ipam/"
-ENDPOINTS = "cluster/endpoints/"
-BGP = "cluster/bgp/"
+# How long the node's liveness key outlives its agent: an agent restart within it
+# is not seen by the operator at all.
+DEFAULT_LEASE_TTL = 10
 REMOTE_NODE_IDENTITY = 6  # reserved:remote-node
 
 
@@ -65,6 +73,9 @@ def _dumps(doc: Mapping[str, Any]) -> bytes:
 class BgpConfig:
     local_as: int
     peers: Sequence[tuple[ipaddress.IPv4Address, int]]
+    # Seconds the ToR keeps our routes while the agent restarts (RFC 4724; 0: off).
+    graceful_restart: int = DEFAULT_RESTART_TIME
+    hold_time: int = 3
 
 
 class ClusterMember:
@@ -79,13 +90,20 @@ class ClusterMember:
         node_ip: ipaddress.IPv4Address,
         workdir: Path,
         bgp: BgpConfig | None = None,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
     ) -> None:
+        if lease_ttl < 2:
+            raise ValueError("the node's lease TTL is at least 2 s")
         self.store = store
         self.node_name = node_name
         self.node_ip = node_ip
         self._workdir = workdir
         self._bgp_config = bgp
-        self._speaker: Any = None
+        self._speaker: BgpSpeaker | None = None
+        self._lease_ttl = lease_ttl
+        self._registered = False
+        self._left = False  # our node object was deleted: the node left the cluster
+        self._resync_lock = threading.Lock()
         self._ipcache: Ipcache | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -97,10 +115,12 @@ class ClusterMember:
     def register(self) -> None:
         doc = {"name": self.node_name, "nodeIP": str(self.node_ip)}
         self.store.run_transaction(lambda t: t.put(f"{NODES}{self.node_name}", _dumps(doc)))
-        self._lease = self.store.lease(10)
+        self._lease = self.store.lease(self._lease_ttl)
         self.store.put_with_lease(
             f"{ALIVE}{self.node_name}", _dumps({"since": time.time()}), self._lease
         )
+        self._registered = True
+        self._left = False
         log.info("registered node %s (%s)", self.node_name, self.node_ip)
 
     def wait_for_pod_cidrs(self, timeout: float = 60) -> list[ipaddress.IPv4Network]:
@@ -174,10 +194,17 @@ class ClusterMember:
 
     def _resync(self) -> None:
         """Rebuild the remote part of the ipcache from the store (cheap: a
-        cluster has few nodes; endpoint changes are bursts)."""
+        cluster has few nodes; endpoint changes are bursts). One at a time: the
+        watches of three prefixes call it."""
         if self._ipcache is None:
             return
+        with self._resync_lock:
+            self._resync_locked(self._ipcache)
+
+    def _resync_locked(self, ipcache: Ipcache) -> None:
         nodes = {k.removeprefix(NODES): json.loads(v) for k, v in self.store.list(NODES)}
+        if self._registered and self.node_name not in nodes and not self._left:
+            self._leave()
         wanted: dict[ipaddress.IPv4Network, IpcacheEntry] = {}
         for key, raw in self.store.list(IPAM):
             name = key.removeprefix(IPAM)
@@ -199,28 +226,46 @@ class ClusterMember:
             wanted[prefix] = IpcacheEntry(
                 prefix, int(doc["identity"]), ipaddress.IPv4Address(doc["nodeIP"])
             )
-        current = {e.prefix: e for e in self._ipcache.list() if e.node_ip is not None}
+        current = {e.prefix: e for e in ipcache.list() if e.node_ip is not None}
         for prefix, entry in wanted.items():
             if current.get(prefix) != entry:
-                self._ipcache.upsert(entry)
+                ipcache.upsert(entry)
         for prefix in current.keys() - wanted.keys():
-            self._ipcache.delete(prefix)
+            ipcache.delete(prefix)
+
+    def _leave(self) -> None:
+        """Our node object is gone (deleted, or the operator declared the node
+        lost): its pod CIDRs are free for others, so stop announcing them."""
+        self._left = True
+        log.error(
+            "node %s was removed from the cluster; withdrawing its pod CIDRs "
+            "(restart the agent to register again)",
+            self.node_name,
+        )
+        if self._speaker is not None:
+            try:
+                self._speaker.set_prefixes([])
+            except Exception:
+                log.warning("withdrawing the pod CIDRs failed", exc_info=True)
 
     # -- BGP --------------------------------------------------------------------------
     def start_bgp(self, pod_cidrs: Sequence[ipaddress.IPv4Network]) -> None:
-        if self._bgp_config is None or not self._bgp_config.peers:
+        config = self._bgp_config
+        if config is None or not config.peers:
             return
-        from ciliate.control.cluster.bgp import BgpSpeaker, Peer
-
         self._speaker = BgpSpeaker(
             router_id=self.node_ip,
-            local_as=self._bgp_config.local_as,
-            peers=[Peer(address=a, asn=asn) for a, asn in self._bgp_config.peers],
+            local_as=config.local_as,
+            peers=[Peer(address=a, asn=asn) for a, asn in config.peers],
             next_hop=self.node_ip,
             workdir=self._workdir / "bgp",
+            hold_time=config.hold_time,
+            graceful_restart=config.graceful_restart,
         )
-        self._speaker.__enter__()
-        self._speaker.set_prefixes(pod_cidrs)
+        # In exabgp's configuration, not through its API: the routes go out before
+        # the End-of-RIB, so a ToR holding our routes from before a restart never
+        # flushes them in between.
+        self._speaker.start([] if self._left else pod_cidrs)
         thread = threading.Thread(target=self._publish_bgp, name="bgp state", daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -245,11 +290,17 @@ class ClusterMember:
 
     # -- shutdown ------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop watching and speaking. The node stays registered: an agent
-        restart is not a node leaving (``ciliate node delete`` is)."""
+        """Stop watching and speaking. The node stays registered and its routes
+        stay at the ToR for the graceful-restart time: an agent restart is not a
+        node leaving (``ciliate node delete`` is)."""
         self._stop.set()
         if self._speaker is not None:
-            self._speaker.close()
+            if not self._left and self._registered:
+                # A deletion the watches have not seen yet (`ciliate lab stop-node`
+                # deletes, then stops the agent): the node leaves, not restarts.
+                with contextlib.suppress(Exception):
+                    self._left = self.store.get(f"{NODES}{self.node_name}") is None
+            self._speaker.close(keep_routes=not self._left)
         for thread in self._threads:
             thread.join(timeout=3)
         if self._lease is not None:
@@ -282,14 +333,6 @@ def list_nodes(store: ClusterStore) -> list[dict[str, Any]]:
 
 
 def delete_node(store: ClusterStore, name: str) -> None:
-    """The node leaves the cluster: the operator frees its pod CIDRs."""
-
-    def remove(t: Txn) -> None:
-        t.delete(f"{NODES}{name}")
-        t.delete(f"{ALIVE}{name}")
-        t.delete(f"{BGP}{name}")
-        for key, raw in t.list(ENDPOINTS):
-            if json.loads(raw).get("node") == name:
-                t.delete(key)
-
-    store.run_transaction(remove)
+    """The node leaves the cluster: the operator frees its pod CIDRs, and its
+    agent, if it still runs, withdraws its routes."""
+    store.run_transaction(lambda t: remove_node(t, name))

@@ -28,18 +28,15 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from ciliate.control.process import stop_child
+from ciliate.control.process import ChildProcess, netns_path
 
 __all__ = [
     "ETCD_BINARY",
@@ -49,10 +46,7 @@ __all__ = [
 ]
 
 ETCD_BINARY = "/usr/bin/etcd"
-NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
-_SETPRIV = shutil.which("setpriv")
 
 _T = TypeVar("_T")
 
@@ -69,10 +63,6 @@ def etcd_available(binary: str = ETCD_BINARY) -> bool:
     return os.access(binary, os.X_OK)
 
 
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else str(NETNS_DIR / netns)
-
-
 def _in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
     """Run ``fn`` in the network namespace ``netns`` (or here when ``None``).
 
@@ -81,7 +71,7 @@ def _in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
     """
     if netns is None:
         return fn()
-    path = _netns_path(netns)
+    path = netns_path(netns)
     result: list[_T] = []
     error: list[BaseException] = []
 
@@ -146,11 +136,6 @@ def _healthy(host: str, port: int, timeout: float) -> bool:
     return isinstance(doc, dict) and doc.get("health") in ("true", True)
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class EtcdServer:
     """One private etcd member; see the module documentation.
 
@@ -189,7 +174,7 @@ class EtcdServer:
         self._peer_port = peer_port
         self._own_workdir = workdir is None
         self._workdir = Path(workdir) if workdir is not None else None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._closed = False
 
     # -- properties ----------------------------------------------------------------------
@@ -227,11 +212,11 @@ class EtcdServer:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.running
 
     def __repr__(self) -> str:
         where = f" in netns {self.netns}" if self.netns else ""
@@ -315,12 +300,6 @@ class EtcdServer:
         if self.max_txn_ops is not None:
             cmd += ["--max-txn-ops", str(self.max_txn_ops)]
         cmd += self.extra_args
-        if self.die_with_parent and _SETPRIV is not None:
-            # util-linux setpriv sets PR_SET_PDEATHSIG and execs etcd: no preexec_fn, so
-            # the child is spawned without fork handlers (gRPC threads may be running).
-            cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
-        if self.netns is not None:
-            cmd = ["nsenter", f"--net={_netns_path(self.netns)}", *cmd]
         return cmd
 
     def _spawn_and_wait(self) -> None:
@@ -331,64 +310,40 @@ class EtcdServer:
             for k, v in os.environ.items()
             if not k.startswith("ETCD_") and "proxy" not in k.lower()
         }
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_set_pdeathsig if self.die_with_parent and not _SETPRIV else None,
-            )
-        self._proc = proc
+        child = ChildProcess(
+            name="etcd",
+            argv=self._command(),
+            log_path=self.log_path,
+            netns=self.netns,
+            env=env,
+            die_with_parent=self.die_with_parent,
+        )
+        child.start()
+        self._child = child
         with _live_lock:
             _live.add(self)
-        deadline = time.monotonic() + self.startup_timeout
         host, port = self.host, self.client_port
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._forget()
-                raise EtcdServerError(
-                    f"etcd exited with status {proc.returncode} while starting; "
-                    f"log {self.log_path}:\n{self._log_tail(log_offset)}"
-                )
-            if _in_netns(self.netns, lambda: _healthy(host, port, 1.0)):
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise EtcdServerError(
-            f"etcd did not become healthy within {self.startup_timeout:.0f}s; "
-            f"log {self.log_path}:\n{self._log_tail(log_offset)}"
-        )
-
-    def _log_tail(self, offset: int, limit: int = 4000) -> str:
         try:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                text = log.read().decode(errors="replace")
-        except OSError as exc:
-            return f"(log unreadable: {exc})"
-        return text[-limit:]
+            child.wait_until(
+                lambda: _in_netns(self.netns, lambda: _healthy(host, port, 1.0)),
+                timeout=self.startup_timeout,
+                what=f"become healthy (log {self.log_path})",
+                error=EtcdServerError,
+            )
+        except EtcdServerError:
+            self._forget()
+            raise
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM etcd and wait for it (SIGKILL after ``timeout``). Keeps the data."""
-        proc = self._proc
-        if proc is None:
-            return
-        stop_child(proc, timeout=timeout, name="etcd")
+        if self._child is not None:
+            self._child.stop(timeout=timeout)
         self._forget()
 
     def kill(self) -> None:
         """SIGKILL etcd (a crash); the data directory stays, so :meth:`start` recovers."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        proc.wait()
+        if self._child is not None:
+            self._child.kill()
         self._forget()
 
     def close(self) -> None:
@@ -401,7 +356,7 @@ class EtcdServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _forget(self) -> None:
-        self._proc = None
+        self._child = None
         with _live_lock:
             _live.discard(self)
 

@@ -5,7 +5,7 @@ with SIGTERM. etcd and bird die with it (they are started with a parent
 death signal), so one PID owns the whole fabric.
 
     python -m ciliate.control.lab.fabric --netns NS --workdir DIR --tor-ip IP \\
-        --node NAME=IP:ASN ... --cluster-cidr CIDR --mask-size N
+        --node NAME=IP:ASN ... --cluster-cidr CIDR --mask-size N [--node-grace-period S]
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import ipaddress
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ciliate.control.process import stop_child
+from ciliate.control.process import ChildProcess
 
 log = logging.getLogger("ciliate.fabric")
 
@@ -44,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--node", action="append", default=[], type=_node)
     p.add_argument("--cluster-cidr", action="append", required=True)
     p.add_argument("--mask-size", type=int, default=24)
+    p.add_argument("--node-grace-period", type=float, help="the operator's (default: its own)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -73,16 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         log.info("etcd on %s", endpoint)
-        operator_log = open(args.workdir / "operator.log", "ab")  # noqa: SIM115
-        stack.callback(operator_log.close)
-        operator = subprocess.Popen(
-            [
-                # Dies with the fabric, however the fabric ends.
-                "setpriv",
-                "--pdeathsig",
-                "KILL",
-                "nsenter",
-                f"--net=/run/netns/{args.netns}",
+        operator = ChildProcess(
+            name="operator",
+            argv=[
                 sys.executable,
                 "-m",
                 "ciliate.control.operator.main",
@@ -91,13 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *[a for c in args.cluster_cidr for a in ("--cluster-pool-ipv4-cidr", c)],
                 "--cluster-pool-ipv4-mask-size",
                 str(args.mask_size),
+                *(
+                    ["--node-grace-period", str(args.node_grace_period)]
+                    if args.node_grace_period is not None
+                    else []
+                ),
             ],
-            stdout=operator_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            log_path=args.workdir / "operator.log",
+            netns=args.netns,
+            die_with_parent=True,  # however the fabric ends
         )
-        stack.callback(stop_child, operator, timeout=10, name="operator")
-        log.info("operator pid %d", operator.pid)
+        operator.start()
+        stack.callback(operator.stop, timeout=10)
+        log.info("operator pid %s", operator.pid)
         tor = stack.enter_context(
             TorRouter(
                 netns=args.netns,
@@ -116,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 etcd.stop()
                 etcd.start()
                 log.info("etcd is back")
-            if operator.poll() is not None:
+            if not operator.running:
                 log.error("the operator exited (%s)", operator.returncode)
                 return 1
     log.info("fabric stopped")

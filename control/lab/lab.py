@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ciliate.control.agent.client import AgentClient
+from ciliate.control.process import stop_child
 
 LAB_ROOT = Path("/run/ciliate-lab")
 CNI_VERSION = "1.0.0"
@@ -75,6 +77,7 @@ class LabState:
     pods: list[PodState] = field(default_factory=list)
     tor_netns: str | None = None
     fabric_pid: int | None = None
+    node_grace_period: float | None = None  # the operator's; None: its default
 
     def save(self) -> None:
         path = Path(self.directory) / "lab.json"
@@ -97,6 +100,7 @@ class LabState:
             pods=[PodState(**p) for p in doc["pods"]],
             tor_netns=doc.get("tor_netns"),
             fabric_pid=doc.get("fabric_pid"),
+            node_grace_period=doc.get("node_grace_period"),
         )
 
 
@@ -195,8 +199,16 @@ def add_pod_netns(state: LabState, node: NodeState, name: str) -> PodState:
     return pod
 
 
-def up(*, name: str, pods: int, console: Console, nodes: int = 1) -> LabState:
-    """One node (``nodes=1``) or a cluster; ``pods`` pods on every node."""
+def up(
+    *,
+    name: str,
+    pods: int,
+    console: Console,
+    nodes: int = 1,
+    node_grace_period: float | None = None,
+) -> LabState:
+    """One node (``nodes=1``) or a cluster; ``pods`` pods on every node.
+    ``node_grace_period``: the operator's (see ``kill_node``)."""
     if pods < 1:
         raise LabError("--pods must be at least 1")
     if nodes < 1:
@@ -205,7 +217,9 @@ def up(*, name: str, pods: int, console: Console, nodes: int = 1) -> LabState:
         state, first = create(name=name, console=console)
         node_list = [first]
     else:
-        state = create_cluster(name=name, nodes=nodes, console=console)
+        state = create_cluster(
+            name=name, nodes=nodes, console=console, node_grace_period=node_grace_period
+        )
         node_list = list(state.nodes)
     placement = [node for _ in range(pods) for node in node_list]
     with console.status("creating pods through ciliate-cni ..."):
@@ -278,7 +292,9 @@ TOR_IP = FABRIC[1]
 CLUSTER_CIDR = "10.244.0.0/16"
 
 
-def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
+def create_cluster(
+    *, name: str, nodes: int, console: Console, node_grace_period: float | None = None
+) -> LabState:
     """A ToR namespace (a bridge for the fabric, etcd, the operator, bird)
     and ``nodes`` node namespaces cabled to it, each running its agent in
     cluster mode: pod CIDRs from the operator, announced over BGP."""
@@ -286,6 +302,8 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
 
     if LabState.load(name) is not None:
         raise LabError(f"lab {name!r} is up: run `ciliate lab down --name {name}` first")
+    if node_grace_period is not None and node_grace_period < 0:
+        raise LabError("--node-grace-period must be 0 or more seconds")
     directory = LAB_ROOT / name
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     prefix = f"cl{secrets.token_hex(2)}"
@@ -296,6 +314,7 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
         directory=str(directory),
         bin_dir=str(directory / "cni" / "bin"),
         tor_netns=tor,
+        node_grace_period=node_grace_period,
     )
     state.save()
     _netns_add(tor)
@@ -304,27 +323,7 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
     _run("ip", "-n", tor, "link", "set", "fabric", "up")
     specs = []
     for i in range(1, nodes + 1):
-        node_ip, asn, netns = FABRIC[10 + i], TOR_AS + i, f"{prefix}-node{i}"
-        _netns_add(netns)
-        _run(
-            "ip",
-            "-n",
-            netns,
-            "link",
-            "add",
-            "uplink",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"tor-n{i}",
-            "netns",
-            tor,
-        )
-        _run("ip", "-n", netns, "addr", "add", f"{node_ip}/{FABRIC.prefixlen}", "dev", "uplink")
-        _run("ip", "-n", netns, "link", "set", "uplink", "up")
-        _run("ip", "-n", netns, "route", "add", "default", "via", str(TOR_IP))
-        _run("ip", "-n", tor, "link", "set", f"tor-n{i}", "master", "fabric", "up")
+        node_ip, asn, netns = _cable_node(state, i)
         specs.append((f"node{i}", netns, node_ip, asn))
     fabric_dir = directory / "fabric"
     with console.status("starting etcd, the operator and bird in the ToR namespace ..."):
@@ -344,6 +343,11 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
                 CLUSTER_CIDR,
                 "--mask-size",
                 "24",
+                *(
+                    ["--node-grace-period", str(node_grace_period)]
+                    if node_grace_period is not None
+                    else []
+                ),
                 *[a for n, _, ip, asn in specs for a in ("--node", f"{n}={ip}:{asn}")],
             ],
             stdout=log,
@@ -365,34 +369,60 @@ def create_cluster(*, name: str, nodes: int, console: Console) -> LabState:
         f"http://{TOR_IP}:{ETCD_PORT}, operator, bird AS {TOR_AS}"
     )
     for index, (node_name, netns, node_ip, asn) in enumerate(specs, start=1):
-        agent_args = [
-            "--etcd-endpoint",
-            f"http://{TOR_IP}:{ETCD_PORT}",
-            "--node-ip",
-            str(node_ip),
-            "--uplink",
-            "uplink",
-            "--bgp-local-as",
-            str(asn),
-            "--bgp-peer",
-            f"{TOR_IP}:{TOR_AS}",
-        ]
         node = _start_node(
             state,
             index=index,
             console=console,
-            agent_args=agent_args,
+            agent_args=_cluster_agent_args(node_ip, asn),
             netns=netns,
             node_ip=str(node_ip),
         )
-        with AgentClient(node.socket) as client:
-            node.pod_cidr = client.get("/v1/status")["pod_cidrs"][0]
-        state.save()
+        _record_pod_cidr(state, node)
         console.print(
             f"{node_name}: netns {netns}, {node_ip} AS {asn}, pod CIDR "
             f"{node.pod_cidr} (from the operator), agent pid {node.agent_pid}"
         )
     return state
+
+
+def _cable_node(state: LabState, index: int) -> tuple[ipaddress.IPv4Address, int, str]:
+    """Node ``index``'s namespace, cabled to the ToR's bridge: (IP, AS, netns)."""
+    from ciliate.control.lab.fabric import TOR_AS
+
+    assert state.tor_netns is not None
+    tor = state.tor_netns
+    node_ip, asn, netns = FABRIC[10 + index], TOR_AS + index, f"{state.prefix}-node{index}"
+    _netns_add(netns)
+    # Both ends are created in lab namespaces, never in the root one.
+    _run("ip", "-n", netns, "link", "add", "uplink", "type", "veth",
+         "peer", "name", f"tor-n{index}", "netns", tor)  # fmt: skip
+    _run("ip", "-n", netns, "addr", "add", f"{node_ip}/{FABRIC.prefixlen}", "dev", "uplink")
+    _run("ip", "-n", netns, "link", "set", "uplink", "up")
+    _run("ip", "-n", netns, "route", "add", "default", "via", str(TOR_IP))
+    _run("ip", "-n", tor, "link", "set", f"tor-n{index}", "master", "fabric", "up")
+    return node_ip, asn, netns
+
+
+def _cluster_agent_args(node_ip: ipaddress.IPv4Address, asn: int, *, bgp: bool = True) -> list[str]:
+    from ciliate.control.lab.fabric import ETCD_PORT, TOR_AS
+
+    args = [
+        "--etcd-endpoint",
+        f"http://{TOR_IP}:{ETCD_PORT}",
+        "--node-ip",
+        str(node_ip),
+        "--uplink",
+        "uplink",
+    ]
+    if bgp:
+        args += ["--bgp-local-as", str(asn), "--bgp-peer", f"{TOR_IP}:{TOR_AS}"]
+    return args
+
+
+def _record_pod_cidr(state: LabState, node: NodeState) -> None:
+    with AgentClient(node.socket) as client:
+        node.pod_cidr = client.get("/v1/status")["pod_cidrs"][0]
+    state.save()
 
 
 def tor_routes(state: LabState) -> list[str]:
@@ -403,19 +433,277 @@ def tor_routes(state: LabState) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def stop_node(state: LabState, name: str) -> None:
-    """A node leaves: its agent stops (its BGP session closes, so the ToR
-    withdraws its route) and it is deleted from the cluster (the operator
-    frees its pod CIDRs)."""
+def _node(state: LabState, name: str) -> NodeState:
     node = next((n for n in state.nodes if n.name == name), None)
     if node is None:
-        raise LabError(f"no node {name!r} in lab {state.name!r}")
+        known = ", ".join(n.name for n in state.nodes)
+        raise LabError(f"no node {name!r} in lab {state.name!r} (nodes: {known})")
+    return node
+
+
+def _live_agent(state: LabState, *, besides: str = "") -> NodeState:
+    node = next((n for n in state.nodes if n.agent_pid and n.name != besides), None)
+    if node is None:
+        raise LabError(f"no agent of lab {state.name!r} is running")
+    return node
+
+
+def stop_node(state: LabState, name: str) -> None:
+    """A node leaves: it is deleted from the cluster (the operator frees its pod
+    CIDRs; its agent, seeing its node gone, withdraws its route at once), then its
+    agent stops."""
+    node = _node(state, name)
+    with AgentClient(_live_agent(state).socket) as client:
+        client._call("DELETE", f"/v1/cluster/nodes/{name}")
     stop_agent(node)
     state.save()
-    other = next((n for n in state.nodes if n.agent_pid and n.name != name), None)
-    if other is not None:
-        with AgentClient(other.socket) as client:
-            client._call("DELETE", f"/v1/cluster/nodes/{name}")
+
+
+# -- restarts and node loss ---------------------------------------------------------
+
+
+def _bird(state: LabState) -> tuple[str, Path]:
+    """``birdc`` and the control socket of the lab's ToR."""
+    from ciliate.control.lab.tor import find_bird
+
+    return find_bird()[1], Path(state.directory) / "fabric" / "bird" / "bird.ctl"
+
+
+class Pinger:
+    """``ping -O`` from a pod to an address, in the background, every
+    ``interval`` seconds: which probes were answered and which were not."""
+
+    def __init__(self, netns: str, address: str, *, interval: float = 0.05) -> None:
+        self.netns, self.address, self.interval = netns, address, interval
+        self.answered: set[int] = set()
+        self.unanswered: set[int] = set()  # "no answer yet" when the next one left
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> Pinger:
+        self._proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "ping", "-n", "-O", "-i", str(self.interval),
+             self.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            seq = next((w.split("=", 1)[1] for w in line.split() if w.startswith("icmp_seq=")), "")
+            if not seq.isdigit():
+                continue
+            if line.startswith("no answer yet"):
+                self.unanswered.add(int(seq))
+            elif " bytes from " in line:
+                self.answered.add(int(seq))
+
+    @property
+    def lost(self) -> list[int]:
+        return sorted(self.unanswered - self.answered)
+
+    @property
+    def sent(self) -> int:
+        return max(self.answered | self.unanswered, default=0)
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_child(proc, timeout=3, name="ping", sig=signal.SIGINT)
+        if self._reader is not None:
+            self._reader.join(timeout=3)
+
+
+@dataclass
+class RestartReport:
+    """What ``restart_agent`` saw at the ToR while the agent was away."""
+
+    node: str
+    signal: str
+    pod_cidr: str
+    agent_back_s: float  # from the signal until the new agent answered
+    bgp_back_s: float  # ... until the ToR had the new session's routes (restart over)
+    kernel_deletions: list[str]  # the pod CIDR's route deleted at the ToR (ip monitor)
+    bird_polls: int  # `birdc show route` polls during the restart
+    bird_missing: int  # ... of them without the pod CIDR
+
+
+def restart_agent(state: LabState, name: str, *, sig: str = "TERM") -> RestartReport:
+    """Restart one node's agent in place, as an upgrade (SIGTERM) or a crash
+    (SIGKILL) would, watching the ToR's routes meanwhile: the datapath keeps
+    forwarding and, with BGP graceful restart, the ToR keeps the node's route."""
+    from ciliate.control.lab.tor import RouteMonitor, bird_restarting, bird_routes
+
+    if sig not in ("TERM", "KILL"):
+        raise LabError(f"--signal {sig}: TERM or KILL")
+    node = _node(state, name)
+    if node.agent_pid is None:
+        raise LabError(f"the agent of {name} is not running")
+    cidr = ipaddress.IPv4Network(node.pod_cidr)
+    polls: list[bool] = []
+    done = threading.Event()
+    monitor: RouteMonitor | None = None
+    with contextlib.ExitStack() as stack:
+        if state.tor_netns is not None:
+            birdc, sock = _bird(state)
+            monitor = stack.enter_context(RouteMonitor(state.tor_netns))
+
+            def poll() -> None:
+                while not done.is_set():
+                    with contextlib.suppress(Exception):
+                        polls.append(cidr in bird_routes(birdc, sock))
+                    done.wait(0.05)
+
+            poller = threading.Thread(target=poll, name="bird-poll", daemon=True)
+            poller.start()
+            stack.callback(poller.join)
+            stack.callback(done.set)
+        started = time.monotonic()
+        stop_agent(node, kill=sig == "KILL")
+        state.save()
+        start_agent(node)
+        state.save()
+        agent_back = time.monotonic() - started
+        bgp_back = agent_back
+        if state.tor_netns is not None:
+
+            def session_back() -> bool:
+                with contextlib.suppress(Exception):
+                    return not bird_restarting(birdc, sock, name) and _established(
+                        birdc, sock, name
+                    )
+                return False
+
+            deadline = time.monotonic() + 60
+            while not session_back():
+                if time.monotonic() > deadline:
+                    raise LabError(f"{name}'s BGP session did not come back within 60 s")
+                time.sleep(0.05)
+            bgp_back = time.monotonic() - started
+            done.set()
+    return RestartReport(
+        node=name,
+        signal=sig,
+        pod_cidr=str(cidr),
+        agent_back_s=agent_back,
+        bgp_back_s=bgp_back,
+        kernel_deletions=monitor.deleted(cidr) if monitor is not None else [],
+        bird_polls=len(polls),
+        bird_missing=polls.count(False),
+    )
+
+
+def _established(birdc: str, sock: Path, protocol: str) -> bool:
+    from ciliate.control.lab.tor import parse_bird_protocols, run_birdc
+
+    found = parse_bird_protocols(run_birdc(birdc, sock, "show", "protocols")).get(protocol)
+    return found is not None and found.established
+
+
+def kill_node(state: LabState, name: str) -> None:
+    """The node dies without a goodbye, as a machine losing power: its cable goes
+    first (so not even a TCP FIN leaves it), every process in its namespace is
+    SIGKILLed, and the namespace is deleted. The cluster must notice by itself:
+    see ``watch_node_loss``."""
+    node = _node(state, name)
+    if state.tor_netns is not None:
+        # Deleting the ToR's end deletes the node's too. Orphaned TCP sockets of the
+        # node (etcd, BGP) keep its namespace alive for minutes, retrying into the
+        # void: the cable must not be there for them, nor for `revive_node`.
+        index = int(name.removeprefix("node"))
+        _run("ip", "-n", state.tor_netns, "link", "del", f"tor-n{index}", check=False)
+    pids = _run("ip", "netns", "pids", node.netns, check=False).stdout.split()
+    for pid in pids:  # in the lab's own namespace: ours
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    for pid in pids:
+        _alive(int(pid))  # reap the agent, our child
+    node.agent_pid = None
+    state.save()
+    _run("ip", "netns", "del", node.netns, check=False)
+
+
+@dataclass
+class NodeLoss:
+    """Seconds from ``since`` until each was seen (None: not within the timeout)."""
+
+    route_gone: float | None = None  # the node's pod CIDR route left the ToR
+    cidr_free: float | None = None  # the node and its IPAM object left the cluster
+    ipcache_clean: float | None = None  # no other node's ipcache points at it
+
+
+def watch_node_loss(state: LabState, name: str, *, since: float, timeout: float) -> NodeLoss:
+    """Poll until the cluster has forgotten node ``name`` (see ``kill_node``)."""
+    node = _node(state, name)
+    others = [n for n in state.nodes if n.agent_pid and n.name != name]
+    if not others:
+        raise LabError("no other node runs an agent to watch from")
+    seen = NodeLoss()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        now = time.monotonic() - since
+        if seen.route_gone is None and not any(
+            r.startswith(f"{node.pod_cidr} ") for r in tor_routes(state)
+        ):
+            seen.route_gone = now
+        if seen.cidr_free is None or seen.ipcache_clean is None:
+            with AgentClient(others[0].socket) as client:
+                listed = client.get("/v1/cluster/nodes")
+            if seen.cidr_free is None and not any(
+                n["name"] == name or node.pod_cidr in n["podCIDRs"] for n in listed
+            ):
+                seen.cidr_free = now
+            clean = True
+            for other in others:
+                with AgentClient(other.socket) as client:
+                    entries = client.get("/v1/bpf/ipcache")
+                clean &= not any(e["node_ip"] == node.node_ip for e in entries)
+            if seen.ipcache_clean is None and clean:
+                seen.ipcache_clean = now
+        if None not in (seen.route_gone, seen.cidr_free, seen.ipcache_clean):
+            break
+        time.sleep(0.1)
+    return seen
+
+
+def revive_node(state: LabState, name: str) -> NodeState:
+    """A killed node comes back under the same name, as a reinstalled machine:
+    its namespace and cable again, a fresh state, the same IP and AS."""
+    node = _node(state, name)
+    if Path(f"/run/netns/{node.netns}").exists():
+        raise LabError(f"{name} is not dead (its namespace exists)")
+    index = int(name.removeprefix("node"))
+    _cable_node(state, index)
+    shutil.rmtree(node.state_dir, ignore_errors=True)
+    shutil.rmtree(node.bpffs_root, ignore_errors=True)
+    start_agent(node)
+    _record_pod_cidr(state, node)
+    return node
+
+
+def add_node(state: LabState, *, console: Console | None = None) -> NodeState:
+    """One more node on the fabric. It gets its pod CIDR from the operator but
+    has no BGP session: the ToR's neighbours are fixed when the lab comes up."""
+    if state.tor_netns is None:
+        raise LabError("a single-node lab: `ciliate lab up --nodes N` makes a cluster")
+    index = max(int(n.name.removeprefix("node")) for n in state.nodes) + 1
+    node_ip, asn, netns = _cable_node(state, index)
+    node = _start_node(
+        state,
+        index=index,
+        console=console or Console(quiet=True),
+        agent_args=_cluster_agent_args(node_ip, asn, bgp=False),
+        netns=netns,
+        node_ip=str(node_ip),
+    )
+    _record_pod_cidr(state, node)
+    return node
 
 
 def _start_node(
@@ -696,7 +984,13 @@ def _stop(pid: int, socket: str) -> bool:
 def _cmd_up(args: argparse.Namespace) -> int:
     console = Console()
     try:
-        state = up(name=args.name, pods=args.pods, console=console, nodes=args.nodes)
+        state = up(
+            name=args.name,
+            pods=args.pods,
+            console=console,
+            nodes=args.nodes,
+            node_grace_period=args.node_grace_period,
+        )
     except LabError as exc:
         console.print(f"[red]lab up failed:[/] {exc}")
         console.print("cleaning up ...")
@@ -755,6 +1049,88 @@ def _cmd_stop_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ping_pair(state: LabState, node: str) -> tuple[PodState, PodState] | None:
+    """A pod on another node and a pod on ``node``: cross-node traffic to watch."""
+    here = next((p for p in state.pods if p.node == node and p.ip), None)
+    there = next((p for p in state.pods if p.node != node and p.ip), None)
+    return (there, here) if here is not None and there is not None else None
+
+
+def _cmd_restart_agent(args: argparse.Namespace) -> int:
+    console = Console()
+    state = LabState.load(args.name)
+    if state is None:
+        console.print(f"no lab {args.name!r} is up")
+        return 1
+    pair = _ping_pair(state, args.node)
+    with contextlib.ExitStack() as stack:
+        pinger = None
+        if pair is not None:
+            pinger = stack.enter_context(Pinger(pair[0].netns, str(pair[1].ip)))
+            console.print(f"pinging {pair[1].name} ({pair[1].ip}) from {pair[0].name} every 50 ms")
+        try:
+            report = restart_agent(state, args.node, sig=args.signal)
+        except LabError as exc:
+            console.print(f"[red]restart failed:[/] {exc}")
+            return 1
+        time.sleep(1.0)  # the last probes' answers
+    console.print(
+        f"{report.node}: agent SIG{report.signal}ed, back in {report.agent_back_s:.2f} s; "
+        f"BGP session re-established and the restart over at the ToR in {report.bgp_back_s:.2f} s"
+    )
+    ok = True
+    if state.tor_netns is not None:
+        kept = not report.kernel_deletions and report.bird_missing == 0
+        ok &= kept
+        console.print(
+            f"ToR route {report.pod_cidr}: "
+            + (
+                f"[green]kept throughout[/] (no kernel deletion; in all {report.bird_polls} "
+                "`birdc show route` polls)"
+                if kept
+                else f"[red]gone[/] ({report.kernel_deletions}; missing in "
+                f"{report.bird_missing}/{report.bird_polls} polls)"
+            )
+        )
+    if pinger is not None:
+        lost = pinger.lost
+        ok &= not lost
+        console.print(
+            f"ping: {pinger.sent} sent, {len(lost)} lost" + (f" (seq {lost})" if lost else "")
+        )
+    return 0 if ok else 1
+
+
+def _cmd_kill_node(args: argparse.Namespace) -> int:
+    from ciliate.control.cluster.member import DEFAULT_LEASE_TTL
+    from ciliate.control.operator.main import DEFAULT_NODE_GRACE_PERIOD
+
+    console = Console()
+    state = LabState.load(args.name)
+    if state is None or state.tor_netns is None:
+        console.print(f"no cluster lab {args.name!r} is up")
+        return 1
+    grace = (
+        state.node_grace_period
+        if state.node_grace_period is not None
+        else DEFAULT_NODE_GRACE_PERIOD
+    )
+    started = time.monotonic()
+    kill_node(state, args.node)
+    console.print(
+        f"{args.node}: cable cut, processes SIGKILLed, namespace deleted; the cluster "
+        f"should forget it within {DEFAULT_LEASE_TTL} s (lease) + {grace:.0f} s (grace)"
+    )
+    seen = watch_node_loss(state, args.node, since=started, timeout=DEFAULT_LEASE_TTL + grace + 15)
+    for what, took in (
+        ("route gone from the ToR", seen.route_gone),
+        ("node deleted, pod CIDR free", seen.cidr_free),
+        ("out of every other node's ipcache", seen.ipcache_clean),
+    ):
+        console.print(f"  {what}: " + (f"{took:.1f} s" if took is not None else "[red]not yet[/]"))
+    return 0 if None not in (seen.route_gone, seen.cidr_free, seen.ipcache_clean) else 1
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
     console = Console()
     removed = down(name=args.name, console=console)
@@ -775,12 +1151,35 @@ def register(lab: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=1,
         help="more than one: a cluster (a ToR with bird, etcd and the operator)",
     )
+    p.add_argument(
+        "--node-grace-period",
+        type=float,
+        metavar="S",
+        help="cluster: how long the operator waits before removing a node whose lease "
+        "expired (default: the operator's, 60 s)",
+    )
     p.add_argument("--name", default="lab")
     p.set_defaults(func=_cmd_up)
     s = lab.add_parser("stop-node", help="stop a node's agent and delete it from the cluster")
     s.add_argument("node")
     s.add_argument("--name", default="lab")
     s.set_defaults(func=_cmd_stop_node)
+    r = lab.add_parser(
+        "restart-agent",
+        help="restart a node's agent in place (an upgrade: TERM, a crash: KILL), "
+        "watching the ToR's route and cross-node pings meanwhile",
+    )
+    r.add_argument("node")
+    r.add_argument("--signal", choices=("TERM", "KILL"), default="TERM")
+    r.add_argument("--name", default="lab")
+    r.set_defaults(func=_cmd_restart_agent)
+    k = lab.add_parser(
+        "kill-node",
+        help="a node dies hard (cable, processes, namespace); watch the cluster forget it",
+    )
+    k.add_argument("node")
+    k.add_argument("--name", default="lab")
+    k.set_defaults(func=_cmd_kill_node)
     d = lab.add_parser("down", help="remove everything the lab made")
     d.add_argument("--name", default="lab")
     d.set_defaults(func=_cmd_down)

@@ -2,10 +2,16 @@
 per node, learned pod CIDRs installed in the namespace's kernel table (``proto
 bird``), nothing announced back (a plain ToR: no reflection, no defaults).
 
-Timers are chosen so that a node's routes leave quickly: graceful restart off
-(a session that ends takes its routes with it at once), hold time 3 s (a
-speaker that goes silent is dropped within 3 s), and short connect/error-wait
-timers so a restarted speaker is back within a second or two.
+Graceful restart (RFC 4724) is on, as a ToR configured for nodes whose agents
+restart: when a node's session ends without a NOTIFICATION (its speaker
+restarting), bird keeps the node's routes, marked stale, for the restart time
+the node announced in its OPEN, and replaces them when the node's new session
+has sent its routes and End-of-RIB. A node that goes silent is dropped when the
+hold time (3 s) expires, and its routes with it: a hold timer expiry is an
+error, not a restart. A node that sends a NOTIFICATION (Cease) loses its routes
+at once. Short connect/error-wait timers bring a restarted speaker back within a
+second or two. ``graceful_restart=False`` turns it off (every session end takes
+the routes at once).
 
 bird runs in the foreground (``-f``) as our child, inside the namespace through
 ``nsenter`` (which execs it: the child's PID is bird's), with its config,
@@ -29,6 +35,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ciliate.control.process import stop_child
+from ciliate.control.process import ChildProcess, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,128 @@ class Protocol:
         return self.proto == "BGP" and self.info.split(" ", 1)[0] == "Established"
 
 
+def parse_bird_routes(text: str) -> dict[IPv4Network, str]:
+    """``birdc show route`` output: each IPv4 prefix, with what bird writes in
+    brackets, the protocol it came from and when (``node1 12:00:00.062``): a route
+    re-learned from a neighbour's new session has a new time."""
+    routes: dict[IPv4Network, str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or "/" not in fields[0]:
+            continue
+        try:
+            prefix = ip_network(fields[0])
+        except ValueError:
+            continue
+        if isinstance(prefix, IPv4Network):
+            start, end = line.find("["), line.find("]")
+            routes[prefix] = line[start + 1 : end] if 0 <= start < end else ""
+    return routes
+
+
+def run_birdc(birdc: str, socket_path: Path, *args: str) -> str:
+    """A ``birdc`` command through bird's control socket (from any namespace)."""
+    proc = subprocess.run(
+        [birdc, "-s", str(socket_path), *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise TorError(f"birdc {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def bird_routes(birdc: str, socket_path: Path) -> dict[IPv4Network, str]:
+    """The routes in bird's table (see :func:`parse_bird_routes`)."""
+    return parse_bird_routes(run_birdc(birdc, socket_path, "show", "route"))
+
+
+def bird_restarting(birdc: str, socket_path: Path, protocol: str) -> bool:
+    """Whether bird holds the routes of BGP ``protocol`` through the neighbour's
+    graceful restart (its session ended without a NOTIFICATION; the restart
+    timer runs, the routes stay)."""
+    out = run_birdc(birdc, socket_path, "show", "protocols", "all", protocol)
+    return "Neighbor graceful restart active" in out
+
+
+def parse_bird_protocols(text: str) -> dict[str, Protocol]:
+    """``birdc show protocols`` output, by protocol name."""
+    protocols: dict[str, Protocol] = {}
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5 or fields[0] in ("BIRD", "Name"):
+            continue
+        name, proto, table, state, since = fields[:5]
+        info = fields[5].strip() if len(fields) > 5 else ""
+        protocols[name] = Protocol(name, proto, table, state, since, info)
+    return protocols
+
+
+class RouteMonitor:
+    """``ip monitor route`` in a namespace, in the background: every route the
+    kernel deleted while it ran. A route bird replaces in place (a stale route
+    refreshed after a graceful restart) is not a deletion; a flush and re-add is.
+
+    A context manager; ``ready`` waits until the monitor is subscribed."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.lines: list[str] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        self._proc = subprocess.Popen(
+            ["ip", "-n", self.netns, "monitor", "route"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, name="route-monitor", daemon=True)
+        self._reader.start()
+        self._wait_subscribed()
+        return self
+
+    def _wait_subscribed(self, timeout: float = 5.0) -> None:
+        # `ip monitor` prints nothing until an event: its netlink socket, bound to the
+        # route groups, is the sign that it listens.
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            for entry in Path(f"/proc/{self._proc.pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(entry).startswith("socket:"):
+                        time.sleep(0.05)  # bind and subscribe follow socket()
+                        return
+            time.sleep(0.01)
+        raise TorError(f"ip monitor route in {self.netns} did not start")
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def deleted(self, prefix: IPv4Network | None = None) -> list[str]:
+        """The deletions seen (of ``prefix`` only, if given)."""
+        return [
+            line
+            for line in list(self.lines)
+            if line.startswith("Deleted ")
+            and (prefix is None or line.split()[1] in (str(prefix), str(prefix.network_address)))
+        ]
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_child(proc, timeout=2, name="ip monitor")
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+
+
 def find_bird() -> tuple[str, str]:
     """The paths of ``bird`` and ``birdc``."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -148,6 +277,7 @@ class TorRouter:
         workdir: Path,
         hold_time: int = 3,
         keepalive_time: int = 1,
+        graceful_restart: bool = True,
         forward: bool = True,
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -164,13 +294,14 @@ class TorRouter:
         self.workdir = Path(workdir)
         self.hold_time = hold_time
         self.keepalive_time = keepalive_time
+        self.graceful_restart = graceful_restart
         self.forward = forward
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self._neighbors: list[Neighbor] = []
         for neighbor in neighbors:
             self._add(neighbor)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._bird = ""
         self._birdc = ""
 
@@ -207,7 +338,7 @@ class TorRouter:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        return self._child.pid if self._child is not None else None
 
     def render_config(self, neighbors: Sequence[Neighbor] | None = None) -> str:
         lines = [
@@ -234,7 +365,7 @@ class TorRouter:
                 "    connect delay time 1;",
                 "    connect retry time 2;",
                 "    error wait time 1, 5;",
-                "    graceful restart off;",
+                f"    graceful restart {'on' if self.graceful_restart else 'off'};",
                 "    ipv4 { import all; export none; };",
                 "}",
             ]
@@ -267,7 +398,7 @@ class TorRouter:
         self.close()
 
     def start(self) -> None:
-        if self._proc is not None:
+        if self._child is not None:
             raise TorError("the ToR is already running")
         if not Path(f"/run/netns/{self.netns}").exists():
             raise TorError(f"no network namespace {self.netns}")
@@ -277,61 +408,55 @@ class TorRouter:
             raise ValueError(f"workdir {self.workdir} is too long for a UNIX socket path")
         self._write_config()
         self.socket_path.unlink(missing_ok=True)
-        nsenter = ["nsenter", f"--net=/run/netns/{self.netns}"]
         if self.forward:
             subprocess.run(
-                [*nsenter, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{self.netns}",
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
                 capture_output=True,
                 check=True,
             )
-        started = time.monotonic()
-        with open(self.log_path, "ab") as logfile:
-            self._proc = subprocess.Popen(
-                [
-                    *nsenter,
-                    self._bird,
-                    "-f",
-                    "-c",
-                    str(self.config_path),
-                    "-s",
-                    str(self.socket_path),
-                    "-P",
-                    str(self.pid_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._child = ChildProcess(
+            name="bird",
+            argv=[
+                self._bird,
+                "-f",
+                "-c",
+                str(self.config_path),
+                "-s",
+                str(self.socket_path),
+                "-P",
+                str(self.pid_path),
+            ],
+            log_path=self.log_path,
+            netns=self.netns,
+        )
+        self._child.start()
         try:
-            while self._birdc_run("show", "status", check=False).returncode != 0:
-                if self._proc.poll() is not None:
-                    raise BirdStartError(
-                        f"bird exited with {self._proc.returncode}: {self._tail()}"
-                    )
-                if time.monotonic() - started > self.start_timeout:
-                    raise BirdStartError(f"bird did not answer within {self.start_timeout} s")
-                time.sleep(0.05)
+            took = self._child.wait_until(
+                lambda: self._birdc_run("show", "status", check=False).returncode == 0,
+                timeout=self.start_timeout,
+                what="answer on its control socket",
+                error=BirdStartError,
+            )
         except BaseException:
             self.close()
             raise
-        log.info("bird %d up in %s", self._proc.pid, self.netns)
+        log.info("bird %d up in %s (%.0f ms)", self._child.pid, self.netns, took * 1000)
 
     def close(self) -> None:
         """SIGTERM bird (it sends each neighbour a Cease and removes its kernel
         routes), SIGKILL after ``stop_timeout``. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        stop_child(proc, timeout=self.stop_timeout, name="bird")
+        child.stop(timeout=self.stop_timeout)
         self.socket_path.unlink(missing_ok=True)
         self.pid_path.unlink(missing_ok=True)
-
-    def _tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def _birdc_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -346,7 +471,7 @@ class TorRouter:
 
     def birdc(self, *args: str) -> str:
         """A ``birdc`` command's output (e.g. ``birdc("show", "route")``)."""
-        if self._proc is None:
+        if self._child is None:
             raise TorError("the ToR is not running")
         return self._birdc_run(*args).stdout
 
@@ -371,7 +496,7 @@ class TorRouter:
             except ValueError:
                 self._neighbors = old
                 raise
-        if self._proc is None:
+        if self._child is None:
             return
         try:
             self._write_config()
@@ -408,18 +533,22 @@ class TorRouter:
                 )
         return routes
 
+    def bird_routes(self) -> dict[IPv4Network, str]:
+        """bird's own table: each prefix, with its protocol and time."""
+        if self._child is None:
+            raise TorError("the ToR is not running")
+        return bird_routes(self._birdc, self.socket_path)
+
+    def restarting(self, neighbor: Neighbor) -> bool:
+        """Whether bird holds ``neighbor``'s routes through its graceful restart (the
+        session ended without a NOTIFICATION; the restart timer runs)."""
+        if self._child is None:
+            raise TorError("the ToR is not running")
+        return bird_restarting(self._birdc, self.socket_path, neighbor.protocol)
+
     def protocols(self) -> dict[str, Protocol]:
         """``birdc show protocols``, by protocol name."""
-        out = self.birdc("show", "protocols")
-        protocols: dict[str, Protocol] = {}
-        for line in out.splitlines():
-            fields = line.split(None, 5)
-            if len(fields) < 5 or fields[0] in ("BIRD", "Name"):
-                continue
-            name, proto, table, state, since = fields[:5]
-            info = fields[5].strip() if len(fields) > 5 else ""
-            protocols[name] = Protocol(name, proto, table, state, since, info)
-        return protocols
+        return parse_bird_protocols(self.birdc("show", "protocols"))
 
     def sessions(self) -> dict[Neighbor, str]:
         """Each neighbour's BGP state as bird names it (``Established``,

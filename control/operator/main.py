@@ -20,6 +20,10 @@ from ciliate.control.store.base import StoreError
 
 log = logging.getLogger("ciliate.operator")
 
+# Node loss: an agent restart (seconds) must never look like a lost node; a dead node's
+# CIDR is back in the pool a minute later.
+DEFAULT_NODE_GRACE_PERIOD = 60.0
+
 # ClusterPool names its options as Python keywords; the command line has flags.
 _FLAG_NAMES = {
     "ipv4_cidrs": "--cluster-pool-ipv4-cidr",
@@ -84,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how often to poll a store that cannot watch (sqlite)",
     )
+    parser.add_argument(
+        "--node-grace-period",
+        type=float,
+        default=DEFAULT_NODE_GRACE_PERIOD,
+        metavar="S",
+        help="remove a node (and free its pod CIDRs) once its liveness lease has been gone "
+        f"this long (default {DEFAULT_NODE_GRACE_PERIOD:.0f}; a negative value: never; "
+        "etcd only: SQLite has no leases)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -146,7 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     operator = Operator(
-        store, pool, resync_interval=args.resync_interval, poll_interval=args.poll_interval
+        store,
+        pool,
+        resync_interval=args.resync_interval,
+        poll_interval=args.poll_interval,
+        node_grace_period=(
+            args.node_grace_period
+            if args.node_grace_period >= 0 and args.kvstore == "etcd"
+            else None
+        ),
     )
     v4 = ", ".join(map(str, pool.ipv4_cidrs)) or "-"
     v6 = ", ".join(map(str, pool.ipv6_cidrs)) or "-"

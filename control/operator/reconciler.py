@@ -61,6 +61,22 @@ edited by hand, without the fence, are picked up by the next full reconcile.)
 Triggering: with a store that has ``watch_prefix`` (etcd), events on ``cluster/nodes/``
 drive reconciles of the named nodes; otherwise the store revision is polled. Either way
 a full resync runs every ``resync_interval`` seconds so a missed event cannot stick.
+
+Node loss (``node_grace_period``): every agent keeps ``cluster/alive/<name>`` bound to
+its etcd lease, so the key goes when the lease expires (the agent's ``lease_ttl``, 10 s,
+after its last keepalive). A registered node without it for ``node_grace_period``
+seconds in a row is *lost*: the operator removes what the node wrote (its object,
+liveness, BGP state and endpoints, in one transaction that re-checks the liveness key,
+so a node that came back meanwhile stays), then releases its pod CIDRs as for any
+deleted node; every agent's watch drops the node's CIDR and endpoints from its
+ipcache, and the node's agent, if it is only cut off and comes back, withdraws its
+routes. The clock starts when this operator first sees the key missing (a restarted
+operator starts the grace periods again, which only delays a removal). The ToR drops
+the node's route by itself: its BGP hold timer, or the graceful-restart time when the
+node's session closed without a NOTIFICATION.
+
+A released node's CIDRs are remembered (``cluster/operator/released/<name>``): when a
+node of that name registers again and they are still free, it gets them back.
 """
 
 from __future__ import annotations
@@ -79,6 +95,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ciliate.control.cluster import keys
 from ciliate.control.ipam import ClusterPool, PoolError, PoolExhaustedError
 from ciliate.control.store.base import (
     JsonIn,
@@ -106,8 +123,8 @@ __all__ = [
 
 log = logging.getLogger("ciliate.operator")
 
-NODES_PREFIX = "cluster/nodes/"
-IPAM_PREFIX = "cluster/ipam/"
+NODES_PREFIX = keys.NODES
+IPAM_PREFIX = keys.IPAM
 # Operator-private (no agent reads it): every transaction that changes IPAM objects
 # rewrites it, and every one reads it first; see "Concurrency" above.
 FENCE_KEY = "cluster/operator/ipam-fence"
@@ -232,6 +249,9 @@ class ReconcileResult:
     """Nodes that were given CIDRs in this pass, with all the CIDRs they now hold."""
     released: dict[str, list[str]] = field(default_factory=dict)
     """Deleted nodes whose CIDRs went back to the pool (and whose IPAM object was deleted)."""
+    restored: dict[str, list[str]] = field(default_factory=dict)
+    """Nodes that registered again and got back the CIDRs they held before (also in
+    ``allocated``)."""
     exhausted: dict[str, str] = field(default_factory=dict)
     """Nodes left without (some) CIDRs because the pool is full, with the reason."""
     conflicts: dict[str, str] = field(default_factory=dict)
@@ -242,6 +262,7 @@ class ReconcileResult:
     def merge(self, other: ReconcileResult) -> None:
         self.allocated.update(other.allocated)
         self.released.update(other.released)
+        self.restored.update(other.restored)
         self.exhausted.update(other.exhausted)
         self.conflicts.update(other.conflicts)
         self.writes += other.writes
@@ -273,9 +294,13 @@ class Operator:
         poll_interval: float = 1.0,
         batch_size: int | None = None,
         retries: int = 5,
+        node_grace_period: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if resync_interval <= 0 or poll_interval <= 0:
             raise ValueError("resync_interval and poll_interval must be positive")
+        if node_grace_period is not None and node_grace_period < 0:
+            raise ValueError("node_grace_period must be 0 or more seconds (None: off)")
         if batch_size is None:
             optimistic = hasattr(store, "run_transaction")
             batch_size = OPTIMISTIC_BATCH if optimistic else LOCKING_BATCH
@@ -308,6 +333,10 @@ class Operator:
         self._fence_valid = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Node loss: when each registered node was first seen without its liveness key.
+        self._node_grace_period = node_grace_period
+        self._clock = clock
+        self._lost_since: dict[str, float] = {}
 
     @property
     def pool(self) -> ClusterPool:
@@ -357,6 +386,7 @@ class Operator:
             if revision is not None and due and self._guarded(self.reconcile_once):
                 last_revision = revision
                 next_resync = now + self._resync_interval
+            self._collect_lost_guarded()
             stop.wait(self._poll_interval)
 
     def _run_watching(self, stop: threading.Event, watch_prefix: Callable[[str], Watch]) -> None:
@@ -399,6 +429,9 @@ class Operator:
                             next_resync = time.monotonic() + self._resync_interval
                         else:
                             stop.wait(backoff)
+                    # At most a second apart (the event wait above): the grace periods
+                    # end on time without a watch of their own.
+                    self._collect_lost_guarded()
             except StoreError as exc:
                 log.warning("watch on %s failed (%s); re-watching", NODES_PREFIX, exc)
                 need_full = True
@@ -437,6 +470,64 @@ class Operator:
             log.warning("reconcile failed, will retry: %s", exc)
             return False
         return True
+
+    # -- node loss ------------------------------------------------------------------------
+
+    def _collect_lost_guarded(self) -> None:
+        if self._node_grace_period is None:
+            return
+        try:
+            self.collect_lost_nodes()
+        except StoreError as exc:
+            log.warning("looking for lost nodes failed, will retry: %s", exc)
+
+    def collect_lost_nodes(self) -> list[str]:
+        """Remove the nodes whose liveness key has been missing for the grace period
+        (see "Node loss" above) and release their CIDRs; the names removed."""
+        grace = self._node_grace_period
+        if grace is None:
+            return []
+        now = self._clock()
+        registered = {key[len(keys.NODES) :] for key, _ in self._store.list(keys.NODES)}
+        alive = {key[len(keys.ALIVE) :] for key, _ in self._store.list(keys.ALIVE)}
+        missing = registered - alive
+        for name in list(self._lost_since):
+            if name not in missing:
+                del self._lost_since[name]  # back, or deleted by someone else
+        for name in sorted(missing):
+            if name not in self._lost_since:
+                self._lost_since[name] = now
+                log.warning(
+                    "node %s has no liveness key (its lease expired): removing it in %.0f s "
+                    "unless it comes back",
+                    name,
+                    grace,
+                )
+        due = sorted(name for name, since in self._lost_since.items() if now - since >= grace)
+        removed: list[str] = []
+        for name in due:
+            outcome: list[int] = []
+
+            def remove(txn: OperatorTxn, name: str = name, outcome: list[int] = outcome) -> None:
+                outcome.clear()
+                # Re-read in the transaction: a node that renewed its liveness (or was
+                # deleted) since the listing makes it conflict or do nothing.
+                if txn.get(keys.ALIVE + name) is None and txn.get(keys.NODES + name) is not None:
+                    outcome.append(keys.remove_node(txn, name))
+
+            self._run_transaction(remove)
+            del self._lost_since[name]
+            if outcome:
+                removed.append(name)
+                log.warning(
+                    "node %s lost (no liveness for %.0f s): removed it and its %d endpoints",
+                    name,
+                    grace,
+                    outcome[0],
+                )
+        if removed:
+            self.reconcile_nodes(removed)  # free the CIDRs now, not at the watch event
+        return removed
 
     # -- reconciling ----------------------------------------------------------------------
 
@@ -578,8 +669,37 @@ class Operator:
         elif held is None:
             return False
         self._forget(node)
-        result.released[node] = [str(net) for net in held.cidrs] if held else []
+        cidrs = [str(net) for net in held.cidrs] if held else []
+        if cidrs:
+            # For the node coming back under the same name (see "Node loss").
+            txn.put(keys.RELEASED + node, encode_json({"podCIDRs": cidrs}))
+            result.writes += 1
+        result.released[node] = cidrs
         return True
+
+    def _restore_released(self, txn: OperatorTxn, node: str, result: ReconcileResult) -> None:
+        """Give a node that registers again the CIDRs it held, those still free."""
+        key = keys.RELEASED + node
+        raw = txn.get(key)
+        if raw is None:
+            return
+        txn.delete(key)
+        result.writes += 1
+        try:
+            value = decode_json(key, raw)
+        except StoreError:
+            return
+        cidrs = value.get("podCIDRs") if isinstance(value, dict) else None
+        restored = []
+        for cidr in cidrs if isinstance(cidrs, list) else []:
+            try:
+                self._pool.occupy(node, [str(cidr)])
+            except PoolError as exc:
+                log.info("node %s is back; its former CIDR %s is not free: %s", node, cidr, exc)
+            else:
+                restored.append(str(cidr))
+        if restored:
+            result.restored[node] = restored
 
     def _update(self, txn: OperatorTxn, node: str, result: ReconcileResult) -> None:
         synced = self._synced.get(node)
@@ -590,6 +710,8 @@ class Operator:
             error = result.conflicts[node] = self._conflicts[node]
             cidrs = kept
         elif self._missing_families(node):
+            if current is None:
+                self._restore_released(txn, node, result)
             try:
                 cidrs = [str(net) for net in self._pool.allocate(node).cidrs]
             except PoolExhaustedError as exc:
@@ -692,4 +814,10 @@ class Operator:
         for node, cidrs in result.released.items():
             log.info("node %s deleted: released %s", node, ", ".join(cidrs) or "nothing")
         for node, cidrs in result.allocated.items():
-            log.info("node %s: allocated %s", node, ", ".join(cidrs))
+            again = result.restored.get(node)
+            log.info(
+                "node %s: allocated %s%s",
+                node,
+                ", ".join(cidrs),
+                f" (held before: {', '.join(again)})" if again else "",
+            )

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -184,7 +183,9 @@ def speaker(fabric: Fabric) -> Iterator[SpeakerFactory]:
     made: list[bgp.BgpSpeaker] = []
     workdir = fabric.workdir / f"t{secrets.token_hex(3)}"
 
-    def make(node: Node, *, start: bool = True) -> bgp.BgpSpeaker:
+    def make(
+        node: Node, *, start: bool = True, graceful_restart: int = bgp.DEFAULT_RESTART_TIME
+    ) -> bgp.BgpSpeaker:
         s = bgp.BgpSpeaker(
             router_id=node.ip,
             local_as=node.asn,
@@ -192,6 +193,7 @@ def speaker(fabric: Fabric) -> Iterator[SpeakerFactory]:
             next_hop=node.ip,
             workdir=workdir / node.name,
             netns=node.netns,
+            graceful_restart=graceful_restart,
         )
         made.append(s)
         if start:
@@ -204,6 +206,17 @@ def speaker(fabric: Fabric) -> Iterator[SpeakerFactory]:
     assert _processes_mentioning(str(workdir)) == []
     # The next test starts from an empty ToR table.
     wait_for("the ToR table empties", lambda: fabric.tor_routes() == set(), timeout=5)
+
+
+def _relearned(fabric: Fabric, node: Node) -> bool:
+    """bird's graceful restart of ``node`` is over (the new session sent its
+    End-of-RIB, after which bird flushes every stale route not sent again) and the
+    route is there."""
+    return (
+        fabric.tor.sessions()[node.neighbor] == "Established"
+        and not fabric.tor.restarting(node.neighbor)
+        and node.pod_cidr in fabric.tor.bird_routes()
+    )
 
 
 def _ping(netns: str, address: str) -> bool:
@@ -332,26 +345,34 @@ def test_a_silent_speaker_is_dropped_by_the_hold_timer_within_5_s(
     assert gone >= 1  # it was the hold timer, not a closed connection
 
 
-def test_a_speaker_whose_owner_dies_stops_announcing(fabric: Fabric) -> None:
-    """The agent killed with SIGKILL: exabgp follows (the relay loses our socket)
-    and the route leaves the ToR, within 5 s."""
+_OWNER = """
+import sys, time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from ciliate.control.cluster import bgp
+s = bgp.BgpSpeaker(
+    router_id=IPv4Address("{node.ip}"), local_as={node.asn},
+    peers=[bgp.Peer(IPv4Address("{node.tor_ip}"), {tor_as})],
+    next_hop=IPv4Address("{node.ip}"), workdir=Path("{workdir}"), netns="{node.netns}",
+    graceful_restart={graceful_restart})
+s.start([IPv4Network("{node.pod_cidr}")])
+print(s.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("graceful_restart", [0, 3])
+def test_a_speaker_whose_owner_dies_stops_and_its_route_leaves_after_the_restart_time(
+    fabric: Fabric, graceful_restart: int
+) -> None:
+    """The agent killed with SIGKILL: exabgp follows (the relay loses our socket).
+    Without graceful restart it sends a Cease and the route leaves at once; with it
+    the session ends silently, so the ToR keeps the route (stale) until the restart
+    time has passed with no speaker back."""
     node = fabric.nodes[0]
     workdir = fabric.workdir / f"owner-{secrets.token_hex(3)}"
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        from ipaddress import IPv4Address, IPv4Network
-        from pathlib import Path
-        from ciliate.control.cluster import bgp
-        s = bgp.BgpSpeaker(
-            router_id=IPv4Address("{node.ip}"), local_as={node.asn},
-            peers=[bgp.Peer(IPv4Address("{node.tor_ip}"), {TOR_AS})],
-            next_hop=IPv4Address("{node.ip}"), workdir=Path("{workdir}"), netns="{node.netns}")
-        s.start()
-        s.announce([IPv4Network("{node.pod_cidr}")])
-        print(s.pid, flush=True)
-        time.sleep(60)
-        """
+    script = _OWNER.format(
+        node=node, tor_as=TOR_AS, workdir=workdir, graceful_restart=graceful_restart
     )
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -360,13 +381,16 @@ def test_a_speaker_whose_owner_dies_stops_announcing(fabric: Fabric) -> None:
         wait_for("the route", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), timeout=5)
         owner.kill()
         owner.wait()
+        wait_for("exabgp exits", lambda: _exited(exabgp_pid), timeout=5)
+        if graceful_restart:
+            assert (node.pod_cidr, node.ip) in fabric.tor_routes()
+            wait_for("bird holds it stale", lambda: fabric.tor.restarting(node.neighbor))
         gone = wait_for(
             "the orphan's route leaves",
             lambda: (node.pod_cidr, node.ip) not in fabric.tor_routes(),
-            timeout=5,
+            timeout=graceful_restart + 5,
         )
-        print(f"owner killed: route gone after {gone * 1000:.0f} ms")
-        wait_for("exabgp exits", lambda: _exited(exabgp_pid), timeout=5)
+        print(f"owner killed, restart time {graceful_restart} s: route gone after {gone:.2f} s")
         wait_for("no process left", lambda: _processes_mentioning(str(workdir)) == [], timeout=5)
     finally:
         if owner.poll() is None:
@@ -376,7 +400,7 @@ def test_a_speaker_whose_owner_dies_stops_announcing(fabric: Fabric) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_crashed_exabgp_drops_its_route_and_the_speaker_starts_again(
+def test_a_crashed_exabgps_route_stays_until_the_speaker_starts_again(
     fabric: Fabric, speaker: SpeakerFactory
 ) -> None:
     node = fabric.nodes[0]
@@ -384,15 +408,17 @@ def test_a_crashed_exabgp_drops_its_route_and_the_speaker_starts_again(
     s.announce([node.pod_cidr])
     wait_for("the route", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), timeout=5)
     assert s.pid is not None
-    os.kill(s.pid, signal.SIGKILL)
-    wait_for("the route leaves", lambda: fabric.tor_routes() == set(), timeout=5)
-    assert not s.running
-    assert set(s.sessions().values()) == {bgp.SessionState.DOWN}
-    with pytest.raises(bgp.SpeakerNotRunningError):
-        s.announce([IPv4Network("10.244.21.0/24")])
-    s.start()
-    s.announce([node.pod_cidr])
-    wait_for("the route again", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), 5)
+    with tor.RouteMonitor(fabric.tor_netns) as monitor:
+        os.kill(s.pid, signal.SIGKILL)
+        wait_for("bird holds it stale", lambda: fabric.tor.restarting(node.neighbor))
+        assert not s.running
+        assert set(s.sessions().values()) == {bgp.SessionState.DOWN}
+        with pytest.raises(bgp.SpeakerNotRunningError):
+            s.announce([IPv4Network("10.244.21.0/24")])
+        s.start([node.pod_cidr])
+        wait_for("re-learned", lambda: _relearned(fabric, node))
+        assert (node.pod_cidr, node.ip) in fabric.tor_routes()
+    assert monitor.deleted(node.pod_cidr) == []
 
 
 # -- restarts ------------------------------------------------------------------------
@@ -418,6 +444,44 @@ def test_a_speaker_starts_again_after_close_and_leaves_no_process(
         print(f"restarted speaker established in {time.monotonic() - started:.2f} s")
     with pytest.raises(bgp.BgpError):
         s.start()  # already running
+
+
+@pytest.mark.parametrize("stop", ["close(keep_routes=True)", "SIGKILL"])
+def test_a_restarting_speaker_keeps_its_route_at_the_tor_throughout(
+    fabric: Fabric, speaker: SpeakerFactory, stop: str
+) -> None:
+    """Graceful restart: the route is never deleted from the ToR's kernel table,
+    and bird takes the new session's route in place of the stale one."""
+    node = fabric.nodes[1]
+    first = speaker(node)
+    first.set_prefixes([node.pod_cidr])
+    wait_for("the route", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), timeout=5)
+    with tor.RouteMonitor(fabric.tor_netns) as monitor:
+        if stop == "SIGKILL":
+            assert first.pid is not None
+            os.kill(first.pid, signal.SIGKILL)
+        first.close(keep_routes=True)
+        assert first.pid is None
+        wait_for("bird holds it stale", lambda: fabric.tor.restarting(node.neighbor))
+        second = speaker(node, start=False)
+        second.start([node.pod_cidr])
+        assert second.wait_established(timeout=10)
+        wait_for("re-learned", lambda: _relearned(fabric, node))
+    assert monitor.deleted(node.pod_cidr) == []
+    assert (node.pod_cidr, node.ip) in fabric.tor_routes()
+
+
+def test_a_restarting_speaker_that_never_comes_back_loses_its_route_after_the_restart_time(
+    fabric: Fabric, speaker: SpeakerFactory
+) -> None:
+    node = fabric.nodes[0]
+    s = speaker(node, graceful_restart=3)
+    s.set_prefixes([node.pod_cidr])
+    wait_for("the route", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), timeout=5)
+    s.close(keep_routes=True)
+    wait_for("bird holds it stale", lambda: fabric.tor.restarting(node.neighbor))
+    gone = wait_for("the route leaves", lambda: fabric.tor_routes() == set(), timeout=3 + 5)
+    print(f"restart time 3 s: the stale route left {gone:.2f} s after the speaker stopped")
 
 
 def test_the_tor_restarting_gets_the_routes_back(fabric: Fabric, speaker: SpeakerFactory) -> None:
@@ -506,12 +570,30 @@ def test_the_speaker_config_names_each_peer_and_the_relay(tmp_path: Path) -> Non
     assert "peer-as 65000;" in conf and "hold-time 3;" in conf
     assert f"-S {tmp_path}/api-relay.py {tmp_path}/api.sock;" in conf
     assert "neighbor-changes;" in conf
+    assert f"capability {{ graceful-restart {bgp.DEFAULT_RESTART_TIME}; }}" in conf
+    assert "static" not in conf
+    routes = s.render_config([IPv4Network("10.244.1.0/24")])
+    assert "route 10.244.1.0/24 next-hop 192.168.77.6;" in routes
+
+
+def test_graceful_restart_0_leaves_the_capability_out(tmp_path: Path) -> None:
+    s = bgp.BgpSpeaker(
+        router_id=IPv4Address("192.168.77.6"),
+        local_as=65001,
+        peers=[bgp.Peer(IPv4Address("192.168.77.5"), 65000)],
+        next_hop=IPv4Address("192.168.77.6"),
+        workdir=tmp_path,
+        graceful_restart=0,
+    )
+    assert "graceful-restart" not in s.render_config()
 
 
 @pytest.mark.parametrize(
     "change",
     [
         {"hold_time": 1},
+        {"graceful_restart": -1},
+        {"graceful_restart": 4096},
         {"local_as": 0},
         {"peers": []},
         {"peers": [bgp.Peer(IPv4Address("192.168.77.5"), 65000)] * 2},
