@@ -180,11 +180,11 @@ class TrafficResults:
 # --- running --------------------------------------------------------------------------------
 
 
-def _default_cpu() -> int:
+def default_cpu() -> int:
     return max(os.sched_getaffinity(0))
 
 
-def _run_tool(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+def run_tool(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
@@ -192,7 +192,7 @@ def _run_tool(cmd: list[str], timeout: float, what: str) -> subprocess.Completed
 
 
 @dataclass
-class _Server:
+class BackgroundServer:
     proc: subprocess.Popen[bytes]
     log: IO[bytes]
 
@@ -205,12 +205,12 @@ class _Server:
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str]) -> Iterator[_Server]:
+def background_server(cmd: list[str]) -> Iterator[BackgroundServer]:
     """A background server (output to a temporary file), stopped by its PID on the way out."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            yield _Server(proc, log)
+            yield BackgroundServer(proc, log)
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -221,7 +221,7 @@ def _server(cmd: list[str]) -> Iterator[_Server]:
                     proc.wait(timeout=5)
 
 
-def _wait_listening(pod: podnet.Pod, proto: str, port: int, server: _Server) -> None:
+def wait_listening(pod: podnet.Pod, proto: str, port: int, server: BackgroundServer) -> None:
     flag = "-Hltn" if proto == "tcp" else "-Hlun"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -242,7 +242,7 @@ def _wait_listening(pod: podnet.Pod, proto: str, port: int, server: _Server) -> 
 
 
 @dataclass
-class _Pair:
+class PodPair:
     net: podnet.PodNetwork
     a: podnet.Pod
     b: podnet.Pod
@@ -251,7 +251,7 @@ class _Pair:
     sockperf: list[SockperfSample] = field(default_factory=list)
 
 
-def _iperf3(pair: _Pair, seconds: float) -> IperfSample:
+def iperf3_stream(pair: PodPair, seconds: float) -> IperfSample:
     cmd = podnet.netns_exec(
         pair.a.netns,
         "iperf3",
@@ -263,7 +263,7 @@ def _iperf3(pair: _Pair, seconds: float) -> IperfSample:
         f"{seconds:g}",
         "-J",
     )
-    proc = _run_tool(cmd, seconds + 30, f"iperf3 in {pair.a.netns}")
+    proc = run_tool(cmd, seconds + 30, f"iperf3 in {pair.a.netns}")
     try:
         return parse_iperf3(proc.stdout)
     except (TrafficError, ValueError) as e:
@@ -273,7 +273,7 @@ def _iperf3(pair: _Pair, seconds: float) -> IperfSample:
         ) from e
 
 
-def _sockperf(pair: _Pair, seconds: float, cpu: int, full_rtt: bool) -> SockperfSample:
+def sockperf_pingpong(pair: PodPair, seconds: float, cpu: int, full_rtt: bool) -> SockperfSample:
     cmd = podnet.netns_exec(
         pair.a.netns,
         "taskset",
@@ -289,7 +289,7 @@ def _sockperf(pair: _Pair, seconds: float, cpu: int, full_rtt: bool) -> Sockperf
         f"{max(1, round(seconds))}",
         *(["--full-rtt"] if full_rtt else []),
     )
-    proc = _run_tool(cmd, seconds + 30, f"sockperf in {pair.a.netns}")
+    proc = run_tool(cmd, seconds + 30, f"sockperf in {pair.a.netns}")
     try:
         return parse_sockperf(proc.stdout + proc.stderr)
     except TrafficError as e:
@@ -299,17 +299,19 @@ def _sockperf(pair: _Pair, seconds: float, cpu: int, full_rtt: bool) -> Sockperf
         ) from e
 
 
-def _set_up(net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int) -> _Pair:
+def set_up_pair(net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int) -> PodPair:
     a, b = net.add_pod("a"), net.add_pod("b")
     net.wait_reachable(a, b)
     mtu_a, mtu_b = int(net.link(a)["mtu"]), int(net.link(b)["mtu"])
     if mtu_a != mtu_b:
         raise TrafficError(f"{net.network.name}: pods got different MTUs ({mtu_a}, {mtu_b})")
     iperf = stack.enter_context(
-        _server(podnet.netns_exec(b.netns, "iperf3", "-s", "-B", b.ip, "-p", str(IPERF_PORT)))
+        background_server(
+            podnet.netns_exec(b.netns, "iperf3", "-s", "-B", b.ip, "-p", str(IPERF_PORT))
+        )
     )
     sockperf = stack.enter_context(
-        _server(
+        background_server(
             podnet.netns_exec(
                 b.netns,
                 "taskset",
@@ -324,9 +326,9 @@ def _set_up(net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int) -> _P
             )
         )
     )
-    _wait_listening(b, "tcp", IPERF_PORT, iperf)
-    _wait_listening(b, "udp", SOCKPERF_PORT, sockperf)
-    return _Pair(net=net, a=a, b=b, mtu=mtu_a)
+    wait_listening(b, "tcp", IPERF_PORT, iperf)
+    wait_listening(b, "udp", SOCKPERF_PORT, sockperf)
+    return PodPair(net=net, a=a, b=b, mtu=mtu_a)
 
 
 def run(
@@ -347,7 +349,7 @@ def run(
     last CPU this process may use)."""
     if repeats < 1 or seconds <= 0:
         raise ValueError("repeats must be >= 1 and seconds > 0")
-    cpu = _default_cpu() if cpu is None else cpu
+    cpu = default_cpu() if cpu is None else cpu
     if profile_dir is not None:
         cpuprofile.check_available()
     specs = podnet.with_ciliate_setup(networks, ciliate_setup)
@@ -360,9 +362,9 @@ def run(
 
     with contextlib.ExitStack() as stack:
         nets = stack.enter_context(podnet.pod_networks(specs, on_skip=on_skip))
-        pairs: dict[str, _Pair] = {}
+        pairs: dict[str, PodPair] = {}
         for name, net in nets.items():
-            pairs[name] = _set_up(net, stack, cpu)
+            pairs[name] = set_up_pair(net, stack, cpu)
             if progress:
                 p = pairs[name]
                 progress(
@@ -376,7 +378,7 @@ def run(
             # are then taken seconds apart, not a whole round.
             for name in order:
                 pair = pairs[name]
-                pair.iperf.append(_iperf3(pair, seconds))
+                pair.iperf.append(iperf3_stream(pair, seconds))
                 if progress:
                     i = pair.iperf[-1]
                     progress(
@@ -437,7 +439,7 @@ def run(
 
 
 def _latency_slices(
-    pairs: Mapping[str, _Pair], order: Sequence[str], seconds: float, cpu: int, full_rtt: bool
+    pairs: Mapping[str, PodPair], order: Sequence[str], seconds: float, cpu: int, full_rtt: bool
 ) -> dict[str, list[SockperfSample]]:
     """One round's latency as 1 s runs, the networks interleaved A B C, C B A, ...:
     on a machine that switches between speed modes every few seconds, the
@@ -446,7 +448,7 @@ def _latency_slices(
     slices: dict[str, list[SockperfSample]] = {name: [] for name in order}
     for i in range(max(1, round(seconds))):
         for name in order if i % 2 == 0 else list(reversed(order)):
-            slices[name].append(_sockperf(pairs[name], 1, cpu, full_rtt))
+            slices[name].append(sockperf_pingpong(pairs[name], 1, cpu, full_rtt))
     return slices
 
 
@@ -474,7 +476,7 @@ def paired_ratio(values: Sequence[float], reference: Sequence[float]) -> Spread:
 
 
 def _profile(
-    pairs: Mapping[str, _Pair],
+    pairs: Mapping[str, PodPair],
     seconds: float,
     cpu: int,
     full_rtt: bool,
@@ -487,9 +489,9 @@ def _profile(
     out: dict[str, dict[str, cpuprofile.CpuProfile]] = {}
     for name, pair in pairs.items():
         with cpuprofile.sampling(profile_dir, f"{name}-tcp") as tcp:
-            _iperf3(pair, seconds)
+            iperf3_stream(pair, seconds)
         with cpuprofile.sampling(profile_dir, f"{name}-udp", cpus=str(cpu)) as udp:
-            _sockperf(pair, seconds, cpu, full_rtt)
+            sockperf_pingpong(pair, seconds, cpu, full_rtt)
         out[name] = {"tcp": tcp[0], "udp": udp[0]}
         if progress:
             progress(

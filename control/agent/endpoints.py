@@ -112,10 +112,13 @@ class EndpointRecord:
     mtu: int
     identity: int
     endpoint_id: int
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # its identity's (security) labels
     attributes: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
     netns_cookie: int = 0  # 0: not known yet (rows of older agents); found at restore
+    # The labels the CNI call brought (namespace, netconf labels): with the Pod
+    # and Namespace objects they make ``labels`` (see agent.policy).
+    cni_labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -146,6 +149,15 @@ class Identities(Protocol):
     def release(self, txn: Txn, identity_id: int) -> bool: ...
 
 
+class LabelResolver(Protocol):
+    """Works out an endpoint's security labels from what the CNI call brought and
+    the stored objects (``agent.policy.PolicyController.labels_for``)."""
+
+    def labels_for(
+        self, *, attributes: Mapping[str, str], cni_labels: Mapping[str, str]
+    ) -> dict[str, str]: ...
+
+
 class EndpointListener(Protocol):
     """Told about endpoints after they commit (cluster mode publishes them)."""
 
@@ -166,8 +178,10 @@ class EndpointManager:
         datapath: Datapath,
         mtu: int,
         listener: EndpointListener | None = None,
+        labels: LabelResolver | None = None,
     ) -> None:
         self._store = store
+        self.label_resolver = labels
         self._ipam = ipam
         self._identities = identities
         self._identities_local = getattr(identities, "transactional", True)
@@ -265,6 +279,11 @@ class EndpointManager:
         owner = f"{request.container_id}/{request.ifname}"
         mtu = request.mtu or self._mtu
         host_name = devices.host_ifname(request.container_id, request.ifname)
+        labels = (
+            self.label_resolver.labels_for(attributes=request.attributes, cni_labels=request.labels)
+            if self.label_resolver is not None
+            else dict(request.labels)
+        )
         self._settle_reap(host_name)
         with contextlib.ExitStack() as undo:
             with self._store.transaction() as txn:
@@ -274,7 +293,7 @@ class EndpointManager:
                     raise svc.PoolExhaustedError(str(exc)) from exc
                 _crash_point("ipam")
                 try:
-                    identity = self._identities.acquire(txn, request.labels or INIT_LABELS)
+                    identity = self._identities.acquire(txn, labels or INIT_LABELS)
                 except IdentityExhaustedError as exc:
                     raise svc.TryAgainError(f"identity: {exc}") from exc
                 except IdentityError as exc:
@@ -313,10 +332,11 @@ class EndpointManager:
                     mtu=mtu,
                     identity=identity.id,
                     endpoint_id=slot,
-                    labels=dict(request.labels),
+                    labels=labels,
                     attributes=dict(request.attributes),
                     created=time.time(),
                     netns_cookie=link.netns_cookie,
+                    cni_labels=dict(request.labels),
                 )
                 self._write_maps(record, undo=undo)
                 _crash_point("maps")
@@ -333,6 +353,50 @@ class EndpointManager:
         )
         self._notify(lambda listener: listener.endpoint_added(record.ip, record.identity))
         return record
+
+    # -- labels that changed ---------------------------------------------------------------
+    def relabel(self, record: EndpointRecord, labels: Mapping[str, str]) -> EndpointRecord:
+        """Move an endpoint to the identity of ``labels`` (its Pod's or Namespace's
+        labels changed), keeping its IP, veth and programs: the new identity is taken
+        and the row rewritten in one transaction, then the maps follow and the old
+        identity is released."""
+        with _as_service_errors("relabel"), self._lock:
+            current = self._load(record.container_id, record.ifname)
+            if current is None:
+                return record  # deleted meanwhile
+            with contextlib.ExitStack() as undo:
+                with self._store.transaction() as txn:
+                    identity = self._identities.acquire(txn, labels or INIT_LABELS)
+                    if not self._identities_local:
+                        undo.callback(
+                            _best_effort,
+                            f"release identity {identity.id}",
+                            self._identities.release,
+                            txn,
+                            identity.id,
+                        )
+                    moved = replace(current, identity=identity.id, labels=dict(labels))
+                    if self._identities_local:
+                        with contextlib.suppress(IdentityError):
+                            self._identities.release(txn, current.identity)
+                    txn.put(moved.key, _dumps(moved.to_json()))
+                undo.pop_all()  # committed
+            self._write_maps(moved, undo=None)
+            if not self._identities_local:
+                _best_effort(
+                    f"release identity {current.identity}",
+                    self._identities.release,
+                    None,  # type: ignore[arg-type]
+                    current.identity,
+                )
+        log.info(
+            "endpoint %s: identity %d -> %d (labels changed)",
+            moved.owner,
+            current.identity,
+            moved.identity,
+        )
+        self._notify(lambda listener: listener.endpoint_added(moved.ip, moved.identity))
+        return moved
 
     def _ifindex_candidates(self) -> Iterator[int]:
         first, last = devices.FIRST_POD_IFINDEX, self._max_ifindex - 1

@@ -1,0 +1,418 @@
+"""The agent's policy loop: each local endpoint's identity and policy kept in step
+with the cluster objects (Namespaces, Pods, NetworkPolicies, Cilium policies).
+
+Where things come from:
+
+* the objects: the agent's own store on one node (``ciliate apply --socket``), etcd
+  in a cluster (``ciliate apply --etcd-endpoint``), through
+  :class:`~ciliate.control.objects.ObjectStore`;
+* the endpoints: this node's records, and in a cluster every other node's
+  published endpoints (address, identity, pod) with their identity's labels.
+
+One pass (:meth:`PolicyController.sync`):
+
+1. every local endpoint's security labels are worked out again from its ``Pod``
+   object (tied by ``K8S_POD_NAMESPACE``/``K8S_POD_NAME`` from CNI_ARGS), its
+   ``Namespace`` and the netconf's labels (:meth:`labels_for`, which ADD uses too);
+   an endpoint whose labels changed moves to the identity of its new labels, keeping
+   its IP;
+2. the engine (:func:`ciliate.control.policy.engine.compute`) resolves every policy
+   into each local endpoint's entries; each endpoint whose policy changed gets it in
+   the datapath in one switch (``Datapath.policy.replace``: the programs see the old
+   policy or the new one, and established connections are judged again on their next
+   packet); the CIDR identities the policies need go into the ipcache;
+3. sockets that socket forwarding mapped and that the new policy denies are evicted
+   from the sockhash, so their next bytes take the packet path, where policy drops
+   them.
+
+A pass runs when the store's revision moves (checked every ``poll_interval``) and
+every ``resync_interval`` regardless, so policy follows a change within a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ciliate.control.identity.labels import (
+    NAMESPACE_LABEL,
+    POD_NAME_LABEL,
+    IdentityLabelsError,
+    security_labels,
+)
+from ciliate.control.objects import KINDS, ObjectStore
+from ciliate.control.policy import engine
+from ciliate.control.policy.cidr import CidrIdentities
+from ciliate.control.policy.evaluate import decide
+from ciliate.control.policy.inputs import POLICY_KINDS, pod_ports
+from ciliate.control.policy.model import (
+    HOST_IDENTITY,
+    REMOTE_NODE_IDENTITY,
+    EndpointPolicy,
+    PodEndpoint,
+    PolicyResult,
+)
+from ciliate.datapath.maps import IpcacheEntry, PodSocket
+from ciliate.datapath.programs import Datapath
+
+log = logging.getLogger(__name__)
+
+POD_NAMESPACE_ATTRIBUTE = "K8S_POD_NAMESPACE"
+POD_NAME_ATTRIBUTE = "K8S_POD_NAME"
+TCP = 6
+
+
+class LocalEndpoint(Protocol):
+    """What the loop reads of an endpoint record."""
+
+    @property
+    def ip(self) -> str: ...
+    @property
+    def identity(self) -> int: ...
+    @property
+    def endpoint_id(self) -> int: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def cni_labels(self) -> Mapping[str, str]: ...
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+    @property
+    def container_id(self) -> str: ...
+
+
+class Endpoints(Protocol):
+    """The node's endpoints (``EndpointManager``)."""
+
+    def list(self) -> Sequence[LocalEndpoint]: ...
+    def relabel(self, endpoint: Any, labels: Mapping[str, str]) -> LocalEndpoint: ...
+
+
+@dataclass(frozen=True)
+class RemoteEndpoint:
+    """An endpoint another node published: its address, identity and pod."""
+
+    ip: ipaddress.IPv4Address
+    identity: int
+    namespace: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a cluster adds to one node's view (None on a lone node)."""
+
+    remote_endpoints: Callable[[], Iterable[RemoteEndpoint]]
+    identity_labels: Callable[[int], Mapping[str, str] | None]
+    node_ips: Callable[[], Iterable[ipaddress.IPv4Address]]  # every other node's address
+
+
+@dataclass
+class SyncResult:
+    relabelled: list[str] = field(default_factory=list)
+    written: list[int] = field(default_factory=list)  # endpoint ids given a new policy
+    evicted: list[PodSocket] = field(default_factory=list)
+    policy: PolicyResult | None = None
+
+
+def pod_ref(endpoint: LocalEndpoint) -> str:
+    """``namespace/name`` of the endpoint's pod, or its container ID when the runtime
+    did not say (no CNI_ARGS)."""
+    namespace = endpoint.attributes.get(POD_NAMESPACE_ATTRIBUTE)
+    name = endpoint.attributes.get(POD_NAME_ATTRIBUTE)
+    if namespace and name:
+        return f"{namespace}/{name}"
+    return f"{namespace or ''}/{name or endpoint.container_id}"
+
+
+def security_labels_of(
+    *,
+    attributes: Mapping[str, str],
+    cni_labels: Mapping[str, str],
+    pods: Mapping[str, Mapping[str, Any]],
+    namespaces: Mapping[str, Mapping[str, Any]],
+) -> dict[str, str]:
+    """The security labels of a pod: its Pod object's labels (from ``pods``, by
+    ``namespace/name``), its namespace and that namespace's labels (from
+    ``namespaces``; ``kubernetes.io/metadata.name`` at least), and the netconf's
+    labels; never its name. Empty when nothing is known: no namespace and no netconf
+    labels (a runtime without Kubernetes), and the endpoint takes ``init``."""
+    namespace = attributes.get(POD_NAMESPACE_ATTRIBUTE) or cni_labels.get(NAMESPACE_LABEL)
+    name = attributes.get(POD_NAME_ATTRIBUTE)
+    extra = {k: v for k, v in cni_labels.items() if k not in (POD_NAME_LABEL, NAMESPACE_LABEL)}
+    if not namespace:
+        return extra
+    pod = pods.get(f"{namespace}/{name}") if name else None
+    pod_labels: Mapping[str, str] = (pod["metadata"].get("labels") or {}) if pod else {}
+    ns = namespaces.get(namespace)
+    namespace_labels: Mapping[str, str] = (
+        (ns["metadata"].get("labels") or {}) if ns else {"kubernetes.io/metadata.name": namespace}
+    )
+    try:
+        labels = security_labels(
+            namespace=namespace, pod_labels=pod_labels, namespace_labels=namespace_labels
+        )
+    except IdentityLabelsError as exc:
+        log.warning("pod %s/%s: %s; its Pod object's labels are ignored", namespace, name, exc)
+        labels = security_labels(namespace=namespace, namespace_labels=namespace_labels)
+    for key, value in extra.items():
+        labels.setdefault(key, value)
+    return labels
+
+
+class PolicyController:
+    def __init__(
+        self,
+        *,
+        objects: ObjectStore,
+        revision: Callable[[], int],
+        endpoints: Endpoints,
+        datapath: Datapath,
+        host_ips: Iterable[ipaddress.IPv4Address],
+        cluster: Cluster | None = None,
+        poll_interval: float = 0.1,
+        resync_interval: float = 10.0,
+    ) -> None:
+        self._objects = objects
+        self._revision = revision
+        self._endpoints = endpoints
+        self._dp = datapath
+        self._host_ips = frozenset(host_ips)
+        self._cluster = cluster
+        self._poll = poll_interval
+        self._resync = resync_interval
+        self._cidr_identities = CidrIdentities()
+        self._written: dict[int, EndpointPolicy] = {}  # endpoint id -> what it holds
+        self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
+        self._last: PolicyResult | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- labels ----------------------------------------------------------------------
+    def labels_for(
+        self, *, attributes: Mapping[str, str], cni_labels: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The security labels of a pod being added (see :func:`security_labels_of`),
+        from the stored Pod and Namespace objects."""
+        namespace = attributes.get(POD_NAMESPACE_ATTRIBUTE) or cni_labels.get(NAMESPACE_LABEL)
+        name = attributes.get(POD_NAME_ATTRIBUTE)
+        pods: dict[str, Mapping[str, Any]] = {}
+        namespaces: dict[str, Mapping[str, Any]] = {}
+        if namespace:
+            with contextlib.suppress(LookupError):
+                namespaces[namespace] = self._objects.get(KINDS["Namespace"], name=namespace)
+            if name:
+                with contextlib.suppress(LookupError):
+                    pods[f"{namespace}/{name}"] = self._objects.get(
+                        KINDS["Pod"], name=name, namespace=namespace
+                    )
+        return security_labels_of(
+            attributes=attributes, cni_labels=cni_labels, pods=pods, namespaces=namespaces
+        )
+
+    # -- one pass ----------------------------------------------------------------------
+    def sync(self) -> SyncResult:
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> SyncResult:
+        result = SyncResult()
+        snapshot = self._objects.snapshot()
+        pods = {
+            f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
+            for pod in snapshot.get("Pod", [])
+        }
+        namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
+        local = []
+        for endpoint in self._endpoints.list():
+            labels = security_labels_of(
+                attributes=endpoint.attributes,
+                cni_labels=endpoint.cni_labels,
+                pods=pods,
+                namespaces=namespaces,
+            )
+            if dict(endpoint.labels) != labels:
+                endpoint = self._endpoints.relabel(endpoint, labels)
+                result.relabelled.append(pod_ref(endpoint))
+            local.append(endpoint)
+        inp = engine.PolicyInput(
+            pods=self._pod_endpoints(local, pods),
+            policies=[obj for kind in POLICY_KINDS for obj in snapshot.get(kind, [])],
+            node_identities=self._node_identities(),
+        )
+        computed = engine.compute(
+            inp, local=[pod_ref(e) for e in local], cidr_identities=self._cidr_identities
+        )
+        result.policy = computed
+        self._write_cidr_identities(computed.cidr_identities)
+        live_ids = set()
+        for endpoint in local:
+            policy = computed.endpoints[pod_ref(endpoint)]
+            live_ids.add(endpoint.endpoint_id)
+            if self._written.get(endpoint.endpoint_id) == policy:
+                continue
+            self._dp.policy.replace(
+                endpoint.endpoint_id,
+                policy.entries,
+                ingress_enforced=policy.ingress_enforced,
+                egress_enforced=policy.egress_enforced,
+            )
+            self._written[endpoint.endpoint_id] = policy
+            result.written.append(endpoint.endpoint_id)
+        for gone in self._written.keys() - live_ids:
+            del self._written[gone]  # its slot was cleared with the endpoint
+        if result.written:
+            result.evicted = self._evict_denied_sockets(local, computed)
+        self._last = computed
+        return result
+
+    def _pod_endpoints(
+        self, local: Sequence[LocalEndpoint], pods: Mapping[str, Mapping[str, Any]]
+    ) -> list[PodEndpoint]:
+        out = []
+        for endpoint in local:
+            ref = pod_ref(endpoint)
+            namespace, _, name = ref.partition("/")
+            out.append(
+                PodEndpoint(
+                    namespace=namespace,
+                    name=name,
+                    identity=endpoint.identity,
+                    labels=dict(endpoint.labels),
+                    ip=ipaddress.IPv4Address(endpoint.ip),
+                    ports=pod_ports(pods[ref]) if ref in pods else (),
+                )
+            )
+        if self._cluster is None:
+            return out
+        for remote in self._cluster.remote_endpoints():
+            labels = self._cluster.identity_labels(remote.identity) or {}
+            namespace = remote.namespace or labels.get(NAMESPACE_LABEL, "")
+            name = remote.name or str(remote.ip)
+            ref = f"{namespace}/{name}"
+            out.append(
+                PodEndpoint(
+                    namespace=namespace,
+                    name=name,
+                    identity=remote.identity,
+                    labels=dict(labels),
+                    ip=remote.ip,
+                    ports=pod_ports(pods[ref]) if ref in pods else (),
+                )
+            )
+        return out
+
+    def _node_identities(self) -> dict[ipaddress.IPv4Address, int]:
+        nodes = {address: HOST_IDENTITY for address in self._host_ips}
+        if self._cluster is not None:
+            for address in self._cluster.node_ips():
+                nodes.setdefault(address, REMOTE_NODE_IDENTITY)
+        return nodes
+
+    def _write_cidr_identities(self, wanted: Mapping[ipaddress.IPv4Network, int]) -> None:
+        """Policy CIDRs into the ipcache, never over an entry of the node's own (a pod
+        CIDR, a node or pod address keeps its identity)."""
+        others = {
+            entry.prefix
+            for entry in self._dp.ipcache.list()
+            if entry.prefix not in self._cidr_prefixes
+        }
+        for prefix, identity in wanted.items():
+            if prefix in others or self._cidr_prefixes.get(prefix) == identity:
+                continue
+            self._dp.ipcache.upsert(IpcacheEntry(prefix, identity=identity, node_ip=None))
+            self._cidr_prefixes[prefix] = identity
+        for prefix in [p for p in self._cidr_prefixes if p not in wanted]:
+            self._dp.ipcache.delete(prefix)
+            del self._cidr_prefixes[prefix]
+
+    def _evict_denied_sockets(
+        self, local: Sequence[LocalEndpoint], computed: PolicyResult
+    ) -> list[PodSocket]:
+        """Mapped sockets whose connection policy now denies leave the sockhash: their
+        next bytes take the packet path and meet the policy there."""
+        by_ip = {ipaddress.IPv4Address(e.ip): e for e in local}
+        evicted = []
+        for sock in self._dp.sockets.list():
+            # Each mapped socket is one end; the connection's client sent to the
+            # server's port. The server end's local port is the one policy names.
+            (a_ip, a_port), (b_ip, b_port) = sock.local, sock.remote
+            a, b = by_ip.get(a_ip), by_ip.get(b_ip)
+            if a is None or b is None:
+                continue
+            allowed = self._allowed(a, b, b_port, computed) or self._allowed(b, a, a_port, computed)
+            if not allowed:
+                self._dp.sockets.delete(sock)
+                evicted.append(sock)
+        if evicted:
+            log.info("policy: %d mapped socket(s) evicted", len(evicted))
+        return evicted
+
+    @staticmethod
+    def _allowed(src: LocalEndpoint, dst: LocalEndpoint, port: int, computed: PolicyResult) -> bool:
+        egress = decide(
+            computed.endpoints.get(pod_ref(src)),
+            endpoint=pod_ref(src),
+            direction="egress",
+            peer_identity=dst.identity,
+            protocol=TCP,
+            port=port,
+        )
+        ingress = decide(
+            computed.endpoints.get(pod_ref(dst)),
+            endpoint=pod_ref(dst),
+            direction="ingress",
+            peer_identity=src.identity,
+            protocol=TCP,
+            port=port,
+        )
+        return egress.allowed and ingress.allowed
+
+    # -- the loop ----------------------------------------------------------------------
+    @property
+    def last(self) -> PolicyResult | None:
+        """The policy of the last pass (what ``policy trace`` and ``endpoint get`` show)."""
+        return self._last
+
+    def policy_of(self, endpoint_id: int) -> EndpointPolicy | None:
+        return self._written.get(endpoint_id)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        seen: int | None = None
+        since_resync = 0.0
+        while not self._stop.wait(self._poll):
+            since_resync += self._poll
+            try:
+                revision = self._revision()
+            except Exception:  # the store may be down: keep enforcing what we have
+                log.debug("policy: store revision unavailable", exc_info=True)
+                continue
+            if revision == seen and since_resync < self._resync:
+                continue
+            try:
+                result = self.sync()
+            except Exception:
+                log.exception("policy: pass failed; retrying")
+                continue
+            seen, since_resync = revision, 0.0
+            if result.relabelled or result.written:
+                log.info(
+                    "policy: %d endpoint(s) relabelled, %d given a new policy",
+                    len(result.relabelled),
+                    len(result.written),
+                )
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
