@@ -49,9 +49,9 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to build ciliate-cni")
+    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", *SHIM_DEFINES]
     subprocess.run(
-        [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", *SHIM_DEFINES]
-        + ["-o", str(out), str(SHIM_SOURCE)],
+        [cc, *flags, "-o", str(out), str(SHIM_SOURCE)],
         check=True,
     )
     return out
