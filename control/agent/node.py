@@ -44,7 +44,6 @@ from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.maps import IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
 from ciliate.loader import (
-    Map,
     attach_sk_msg,
     attach_sock_ops,
     attach_tc,
@@ -239,30 +238,19 @@ class NodeAgent:
     # -- datapath ------------------------------------------------------------------
     def _load_datapath(self) -> tuple[Datapath, bool]:
         node = NodeConfig(router_ip=self.router_ip, node_ip=self.node_ip, pod_cidrs=self.pod_cidrs)
-        maps_dir = self.config.maps_dir
-        pins = {name: maps_dir / name for name in dpmaps.ALL}
-        existing: dict[str, Map] = {}
-        if all(p.exists() for p in pins.values()):
-            with contextlib.ExitStack() as opened:
-                for name, pin in pins.items():
-                    existing[name] = opened.enter_context(Map.open_pinned(pin))
-                # The objects dup the fds they reuse; ours close with this block.
-                datapath = Datapath.load(node, existing_maps=existing)
-            log.info("datapath loaded, maps re-opened from %s", maps_dir)
-            return datapath, False
-        for pin in pins.values():  # a partial set is no state to trust
-            with contextlib.suppress(FileNotFoundError):
-                pin.unlink()
-        with contextlib.ExitStack() as undo:
-            datapath = Datapath.load(node)
-            undo.callback(datapath.close)
-            maps_dir.mkdir(parents=True, exist_ok=True)
-            for name, pin in pins.items():
-                datapath.maps[name].pin(pin)
-                undo.callback(pin.unlink, missing_ok=True)  # no partial set left behind
-            undo.pop_all()
-        log.info("datapath loaded, maps pinned under %s", maps_dir)
-        return datapath, True
+        # Pinned maps are re-opened (forwarding survives a restart); maps new
+        # since the agent that pinned the others (a feature turned on) are
+        # created and pinned beside them.
+        loaded = Datapath.load_pinned(node, self.config.maps_dir)
+        if loaded.created:
+            log.info(
+                "maps created and pinned under %s: %s",
+                self.config.maps_dir,
+                ", ".join(loaded.created),
+            )
+        if loaded.reused:
+            log.info("maps re-opened from %s: %s", self.config.maps_dir, ", ".join(loaded.reused))
+        return loaded.datapath, not loaded.reused
 
     def _attach_node_programs(self, uplink_ifindex: int | None) -> None:
         """from_host on cilium_host's egress, from_netdev on the uplink's
