@@ -1049,7 +1049,7 @@ def _cmd_stop_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ping_pair(state: LabState, node: str) -> tuple[PodState, PodState] | None:
+def ping_pair(state: LabState, node: str) -> tuple[PodState, PodState] | None:
     """A pod on another node and a pod on ``node``: cross-node traffic to watch."""
     here = next((p for p in state.pods if p.node == node and p.ip), None)
     there = next((p for p in state.pods if p.node != node and p.ip), None)
@@ -1062,7 +1062,7 @@ def _cmd_restart_agent(args: argparse.Namespace) -> int:
     if state is None:
         console.print(f"no lab {args.name!r} is up")
         return 1
-    pair = _ping_pair(state, args.node)
+    pair = ping_pair(state, args.node)
     with contextlib.ExitStack() as stack:
         pinger = None
         if pair is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from ciliate.bench import cidr_alloc
+from ciliate.control.cluster import keys
 from ciliate.control.ipam import ClusterPool
 from ciliate.control.operator import main as operator_main
 from ciliate.control.operator import reconciler as op
@@ -727,6 +728,200 @@ def test_cli_runs_until_sigterm_and_allocates(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "node node-1: allocated 10.244.0.0/24, fd00:10:244::/64" in err
     assert "SIGTERM: stopping" in err
+
+
+# -- node loss: liveness, grace period, coming back -----------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def register(store: SqliteStore, name: str, *, alive: bool = True) -> None:
+    """What an agent writes: its node object and (while it lives) its liveness key."""
+    add_nodes(store, name)
+    if alive:
+        set_alive(store, name, True)
+
+
+def set_alive(store: SqliteStore, name: str, alive: bool) -> None:
+    with store.transaction() as txn:
+        if alive:
+            txn.put_json(keys.ALIVE + name, {"since": 0})
+        else:
+            txn.delete(keys.ALIVE + name)  # the lease expired
+
+
+def put_endpoint(store: SqliteStore, ip: str, node: str) -> None:
+    with store.transaction() as txn:
+        txn.put_json(keys.ENDPOINTS + ip, {"identity": 300, "nodeIP": "192.168.0.1", "node": node})
+
+
+def endpoints_of(store: SqliteStore) -> dict[str, str]:
+    return {
+        key.removeprefix(keys.ENDPOINTS): json.loads(raw)["node"]
+        for key, raw in store.list(keys.ENDPOINTS)
+    }
+
+
+def lossy_operator(store: SqliteStore, clock: FakeClock, grace: float = 30) -> op.Operator:
+    return op.Operator(store, pool(), node_grace_period=grace, clock=clock)
+
+
+def test_a_node_without_liveness_for_the_grace_period_is_removed_and_its_cidr_freed(
+    store: SqliteStore,
+) -> None:
+    clock = FakeClock()
+    operator = lossy_operator(store, clock)
+    register(store, "node-a")
+    register(store, "node-b")
+    operator.reconcile_once()
+    put_endpoint(store, "10.244.0.5", "node-a")
+    put_endpoint(store, "10.244.1.5", "node-b")
+    set_alive(store, "node-a", False)
+
+    assert operator.collect_lost_nodes() == []  # the clock starts now
+    clock.now += 29.9
+    assert operator.collect_lost_nodes() == []
+    assert cidrs_of(store, "node-a") == ["10.244.0.0/24"]
+    clock.now += 0.1
+    assert operator.collect_lost_nodes() == ["node-a"]
+
+    assert store.get(op.node_key("node-a")) is None
+    assert ipam(store, "node-a") is None  # released at once, not at the next event
+    assert endpoints_of(store) == {"10.244.1.5": "node-b"}
+    assert operator.pool.node_cidrs("node-a") is None
+    assert cidrs_of(store, "node-b") == ["10.244.1.0/24"]
+    operator.pool.occupy("probe", ["10.244.0.0/24"])  # free: the pool lets it be taken
+    operator.pool.release("probe")
+    register(store, "node-c")
+    operator.reconcile_once()
+    assert len(cidrs_of(store, "node-c")) == 1  # a new node gets a CIDR
+    assert_no_duplicates(all_ipam(store))
+
+
+def test_liveness_back_within_the_grace_period_keeps_the_node_and_restarts_the_clock(
+    store: SqliteStore,
+) -> None:
+    clock = FakeClock()
+    operator = lossy_operator(store, clock)
+    register(store, "node-a")
+    operator.reconcile_once()
+    set_alive(store, "node-a", False)
+    operator.collect_lost_nodes()
+    clock.now += 20
+    set_alive(store, "node-a", True)  # the agent restarted and renewed it
+    assert operator.collect_lost_nodes() == []
+    set_alive(store, "node-a", False)
+    assert operator.collect_lost_nodes() == []  # a new grace period starts
+    clock.now += 20
+    assert operator.collect_lost_nodes() == []  # 20 s < 30 s
+    clock.now += 10
+    assert operator.collect_lost_nodes() == ["node-a"]
+
+
+class LivenessLagsStore:
+    """The listing of liveness keys is stale: the node renewed its key after it."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    def list(self, prefix: str) -> KeyValues:
+        if prefix == keys.ALIVE:
+            return []
+        return self._store.list(prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_the_removal_re_checks_liveness_in_its_transaction(store: SqliteStore) -> None:
+    clock = FakeClock()
+    register(store, "node-a")
+    operator = op.Operator(
+        LivenessLagsStore(store),  # type: ignore[arg-type]
+        pool(),
+        node_grace_period=0,
+        clock=clock,
+    )
+    operator.reconcile_once()
+    assert operator.collect_lost_nodes() == []
+    assert store.get(op.node_key("node-a")) is not None
+    assert cidrs_of(store, "node-a") == ["10.244.0.0/24"]
+
+
+def test_a_node_coming_back_under_its_name_gets_its_cidr_back_if_still_free(
+    store: SqliteStore,
+) -> None:
+    clock = FakeClock()
+    operator = lossy_operator(store, clock, grace=0)
+    for name in ("node-a", "node-b", "node-c"):
+        register(store, name)
+    operator.reconcile_once()
+    assert cidrs_of(store, "node-b") == ["10.244.1.0/24"]
+    set_alive(store, "node-b", False)
+    assert operator.collect_lost_nodes() == ["node-b"]
+    register(store, "node-d")
+    operator.reconcile_once()
+    register(store, "node-b")  # back, under the same name
+    result = operator.reconcile_once()
+    assert cidrs_of(store, "node-b") == ["10.244.1.0/24"]
+    assert result.restored == {"node-b": ["10.244.1.0/24"]}
+    assert store.get(keys.RELEASED + "node-b") is None
+    assert_no_duplicates(all_ipam(store))
+
+
+def test_a_node_coming_back_after_its_cidr_was_taken_gets_another(store: SqliteStore) -> None:
+    clock = FakeClock()
+    operator = lossy_operator(store, clock, grace=0)
+    register(store, "node-a")
+    register(store, "node-b")
+    operator.reconcile_once()
+    set_alive(store, "node-a", False)
+    assert operator.collect_lost_nodes() == ["node-a"]
+    register(store, "node-c")
+    put_ipam(store, "node-c", ["10.244.0.0/24"])  # node-a's former CIDR, taken
+    operator.reconcile_once()
+    register(store, "node-a")
+    result = operator.reconcile_once()
+    assert cidrs_of(store, "node-c") == ["10.244.0.0/24"]
+    assert len(cidrs_of(store, "node-a")) == 1
+    assert "node-a" not in result.restored
+    assert store.get(keys.RELEASED + "node-a") is None  # used up: not tried again
+    assert_no_duplicates(all_ipam(store))
+
+
+def test_without_a_grace_period_no_node_is_ever_removed(store: SqliteStore) -> None:
+    clock = FakeClock()
+    operator = op.Operator(store, pool(), clock=clock)
+    register(store, "node-a", alive=False)
+    operator.reconcile_once()
+    clock.now += 1e6
+    assert operator.collect_lost_nodes() == []
+    assert cidrs_of(store, "node-a") == ["10.244.0.0/24"]
+
+
+def test_the_running_operator_removes_a_lost_node_on_its_own(store: SqliteStore) -> None:
+    register(store, "node-a")
+    register(store, "node-b")
+    operator = op.Operator(store, pool(), poll_interval=0.02, node_grace_period=0.2)
+    operator.start()
+    try:
+        set_alive(store, "node-a", False)
+        wait_for(lambda: ipam(store, "node-a") is None, "node-a's CIDR released")
+        assert store.get(op.node_key("node-a")) is None
+        assert cidrs_of(store, "node-b") == ["10.244.1.0/24"]
+    finally:
+        operator.stop()
+
+
+def test_a_negative_grace_period_is_refused(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="node_grace_period"):
+        op.Operator(store, pool(), node_grace_period=-1)
 
 
 # -- the benchmark ------------------------------------------------------------------------
