@@ -13,10 +13,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
+from ciliate.control.identity import gc as identity_gc
+from ciliate.control.identity.allocator import DEFAULT_QUARANTINE
 from ciliate.control.ipam import ClusterPool, PoolConfigError
 from ciliate.control.operator.reconciler import Operator, OperatorStore
-from ciliate.control.store.base import StoreError
+from ciliate.control.store.base import Store, StoreError
 
 log = logging.getLogger("ciliate.operator")
 
@@ -97,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"this long (default {DEFAULT_NODE_GRACE_PERIOD:.0f}; a negative value: never; "
         "etcd only: SQLite has no leases)",
     )
+    ids = parser.add_argument_group("identity garbage collection")
+    ids.add_argument(
+        "--identity-gc-grace-period",
+        type=float,
+        default=identity_gc.DEFAULT_GRACE,
+        metavar="S",
+        help="remove an identity no node has held for this long "
+        f"(default {identity_gc.DEFAULT_GRACE:.0f}; a negative value: never)",
+    )
+    ids.add_argument(
+        "--identity-quarantine",
+        type=float,
+        default=DEFAULT_QUARANTINE,
+        metavar="S",
+        help="keep a removed identity's number out of allocation this long "
+        f"(default {DEFAULT_QUARANTINE:.0f})",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -139,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(_as_flags(str(exc)))
     if args.resync_interval <= 0 or args.poll_interval <= 0:
         return _error("--resync-interval and --poll-interval must be positive")
+    if args.identity_quarantine < 0:
+        return _error("--identity-quarantine must not be negative")
     if args.kvstore == "sqlite" and args.kvstore_path is None:
         return _error("--kvstore sqlite needs --kvstore-path FILE")
     if args.kvstore == "etcd" and args.kvstore_path is not None:
@@ -179,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cluster_pool_ipv6_mask_size,
         args.kvstore,
     )
+    if args.identity_gc_grace_period >= 0:
+        identity_gc.IdentityGc(
+            cast(Store, store),  # EtcdStore or SqliteStore: a whole Store
+            grace=args.identity_gc_grace_period,
+            quarantine=args.identity_quarantine,
+        ).start(stop)
     try:
         operator.run(stop)
     finally:

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ from .etcd_fixtures import StoreFactory
 
 require_etcd = etcd_fixtures.require_etcd
 etcd_server = etcd_fixtures.etcd_server
+private_etcd = etcd_fixtures.private_etcd
 store_factory = etcd_fixtures.store_factory
 
 T = TypeVar("T")
@@ -133,3 +136,36 @@ def test_a_node_that_still_holds_a_removed_identity_revives_it_with_its_number(
     revived = IdentityAllocator(store).lookup(SHARED)
     assert revived is not None and (revived.id, revived.refcount) == (shared.id, 1)
     node.close()
+
+
+def test_the_operator_runs_the_gc(private_etcd: EtcdServer) -> None:
+    with EtcdStore([private_etcd.endpoint], timeout=3.0) as store:  # the operator's prefix
+        node = ClusterIdentities(store, node="n1")
+        shared = node.acquire(None, SHARED)
+        orphan = store.run_transaction(lambda t: IdentityAllocator(store).allocate(t, DOOMED))
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ciliate.control.operator.main",
+                "--cluster-pool-ipv4-cidr=10.200.0.0/16",
+                "--cluster-pool-ipv4-mask-size=24",
+                f"--etcd-endpoint={private_etcd.endpoint}",
+                "--identity-gc-grace-period=0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+
+            def collected() -> None:
+                assert operator.poll() is None, operator.stderr and operator.stderr.read()
+                assert IdentityAllocator(store).get(orphan.id) is None
+
+            eventually(collected)
+            kept = IdentityAllocator(store).lookup(SHARED)
+            assert kept is not None and kept.id == shared.id
+        finally:
+            operator.terminate()
+            operator.wait(30)
+            node.close()
