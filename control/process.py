@@ -131,11 +131,6 @@ class ChildProcess:
         """The exit status once the child has ended (``None`` while it runs or before start)."""
         return self._proc.poll() if self._proc is not None else None
 
-    @property
-    def started(self) -> bool:
-        """Whether a child was started and not yet stopped (it may have exited)."""
-        return self._proc is not None
-
     def start(self) -> None:
         if self.running:
             raise ChildError(f"{self.name} is already running (pid {self.pid})")
