@@ -59,6 +59,7 @@ def namespace_and_pods(pods: Sequence[podnet.Pod]) -> list[dict[str, Any]]:
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": pod.name, "namespace": NAMESPACE, "labels": {"app": pod.name}},
+            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
         }
         for pod in pods
     ]

@@ -137,6 +137,11 @@ class Datapath:
             self._conntrack = Conntrack(self.maps[dpmaps.CONNTRACK])
 
     @property
+    def has_policy(self) -> bool:
+        """Whether the datapath was built with [features] policy."""
+        return self._policy is not None
+
+    @property
     def policy(self) -> Policy:
         """Per-endpoint policy (ciliate_policy, ciliate_policy_state)."""
         if self._policy is None:

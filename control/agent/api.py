@@ -9,6 +9,7 @@ with a 422 whose detail names the field. Request bodies are strict (see
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from ciliate.control.agent import metrics, objects_api
+from ciliate.control.agent.endpoints import EndpointRecord
 from ciliate.control.agent.node import NodeAgent
 from ciliate.control.agent.schema import ApiModel, Text, errors, printable
 from ciliate.datapath import tables
@@ -88,9 +90,21 @@ def create_app(agent: NodeAgent) -> FastAPI:
             },
         }
 
+    def with_policy(record: EndpointRecord) -> dict[str, Any]:
+        """The record, plus what the datapath enforces for it."""
+        doc = record.to_json()
+        if agent.datapath.has_policy:
+            state = agent.datapath.policy.state(record.endpoint_id)
+            doc["policy"] = {
+                "ingress_enforced": state.ingress_enforced,
+                "egress_enforced": state.egress_enforced,
+                "revision": state.revision,
+            }
+        return doc
+
     @app.get("/v1/endpoints", tags=["endpoints"])
     def endpoints() -> list[dict[str, Any]]:
-        return [r.to_json() for r in agent.endpoints.list()]
+        return [with_policy(r) for r in agent.endpoints.list()]
 
     @app.get(
         "/v1/endpoints/{endpoint_id}",
@@ -101,7 +115,57 @@ def create_app(agent: NodeAgent) -> FastAPI:
         record = agent.endpoints.get(endpoint_id)
         if record is None:
             raise HTTPException(status_code=404, detail=f"no endpoint with id {endpoint_id}")
-        return record.to_json()
+        return with_policy(record)
+
+    @app.get(
+        "/v1/bpf/policy/{endpoint_id}",
+        tags=["bpf"],
+        responses=errors({404: "No endpoint with that id, or no policy in this datapath"}),
+    )
+    def bpf_policy(endpoint_id: int) -> dict[str, Any]:
+        if not agent.datapath.has_policy:
+            raise HTTPException(status_code=404, detail="the datapath was built without policy")
+        if agent.endpoints.get(endpoint_id) is None:
+            raise HTTPException(status_code=404, detail=f"no endpoint with id {endpoint_id}")
+        state = agent.datapath.policy.state(endpoint_id)
+        origins = agent.policy.origins(endpoint_id)
+        return {
+            "endpoint_id": endpoint_id,
+            "ingress_enforced": state.ingress_enforced,
+            "egress_enforced": state.egress_enforced,
+            "revision": state.revision,
+            "entries": [
+                {**asdict(e), "origin": origins.get(e, [])}
+                for e in agent.datapath.policy.entries(endpoint_id)
+            ],
+        }
+
+    @app.get(
+        "/v1/bpf/ct",
+        tags=["bpf"],
+        responses=errors({404: "No connection tracker in this datapath"}),
+    )
+    def bpf_ct() -> list[dict[str, Any]]:
+        if not agent.datapath.has_policy:
+            raise HTTPException(status_code=404, detail="the datapath was built without policy")
+        return [
+            {
+                "protocol": c.protocol,
+                "src": f"{c.src[0]}:{c.src[1]}",
+                "dst": f"{c.dst[0]}:{c.dst[1]}",
+                "expires_in": round(c.expires_in, 1),
+                "seen_reply": c.seen_reply,
+                "closing": c.closing,
+                "revisions": [c.orig_revision, c.reply_revision],
+            }
+            for c in agent.datapath.conntrack.list()
+            if not c.expired
+        ]
+
+    @app.get("/v1/policy", tags=["policy"])
+    def policy_status() -> dict[str, Any]:
+        """The policy loop: whether it has caught up with the objects and endpoints."""
+        return agent.policy.status()
 
     @app.get("/v1/identities", tags=["identities"])
     def identities() -> list[dict[str, Any]]:
@@ -191,7 +255,8 @@ def create_app(agent: NodeAgent) -> FastAPI:
         body, content_type = registry.render()
         return Response(content=body, media_type=content_type)
 
-    app.include_router(objects_api.create_router(agent.store))
+    # Objects live where every agent reads them: etcd in a cluster, else the node's store.
+    app.include_router(objects_api.create_router(agent.cluster_store or agent.store))
     return app
 
 

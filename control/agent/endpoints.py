@@ -149,13 +149,18 @@ class Identities(Protocol):
     def release(self, txn: Txn, identity_id: int) -> bool: ...
 
 
-class LabelResolver(Protocol):
-    """Works out an endpoint's security labels from what the CNI call brought and
-    the stored objects (``agent.policy.PolicyController.labels_for``)."""
+class PolicySource(Protocol):
+    """Labels and policy of a new endpoint (``agent.policy.PolicyController``)."""
 
     def labels_for(
         self, *, attributes: Mapping[str, str], cni_labels: Mapping[str, str]
-    ) -> dict[str, str]: ...
+    ) -> dict[str, str]:
+        """Its security labels, from what the CNI call brought and the stored objects."""
+        ...
+
+    def enforce_new(self, endpoint: EndpointRecord) -> None:
+        """Write its policy into the datapath before it can send a packet."""
+        ...
 
 
 class EndpointListener(Protocol):
@@ -178,10 +183,10 @@ class EndpointManager:
         datapath: Datapath,
         mtu: int,
         listener: EndpointListener | None = None,
-        labels: LabelResolver | None = None,
+        policy: PolicySource | None = None,
     ) -> None:
         self._store = store
-        self.label_resolver = labels
+        self.policy_source = policy
         self._ipam = ipam
         self._identities = identities
         self._identities_local = getattr(identities, "transactional", True)
@@ -280,8 +285,8 @@ class EndpointManager:
         mtu = request.mtu or self._mtu
         host_name = devices.host_ifname(request.container_id, request.ifname)
         labels = (
-            self.label_resolver.labels_for(attributes=request.attributes, cni_labels=request.labels)
-            if self.label_resolver is not None
+            self.policy_source.labels_for(attributes=request.attributes, cni_labels=request.labels)
+            if self.policy_source is not None
             else dict(request.labels)
         )
         self._settle_reap(host_name)
@@ -338,6 +343,7 @@ class EndpointManager:
                     netns_cookie=link.netns_cookie,
                     cni_labels=dict(request.labels),
                 )
+                self._write_policy(record, undo=undo)
                 self._write_maps(record, undo=undo)
                 _crash_point("maps")
                 self._attach(record, replace=False)  # undone with the veth
@@ -432,9 +438,22 @@ class EndpointManager:
         if undo is not None:
             undo.callback(_best_effort, "clear the ipcache entry", self._dp.ipcache.delete, prefix)
 
+    def _write_policy(self, record: EndpointRecord, *, undo: contextlib.ExitStack) -> None:
+        """The endpoint's policy, in force before its first packet (its slot may
+        still hold a previous pod's)."""
+        if not self._dp.has_policy:
+            return
+        undo.callback(_best_effort, "clear the policy", self._dp.policy.clear, record.endpoint_id)
+        if self.policy_source is not None:
+            self.policy_source.enforce_new(record)
+        else:
+            self._dp.policy.clear(record.endpoint_id)
+
     def _clear_maps(self, record: EndpointRecord) -> None:
         """Every entry of the endpoint, each removal tried even when another
         fails (what is left, reconcile prunes at the next start)."""
+        if self._dp.has_policy:
+            _best_effort("clear the policy", self._dp.policy.clear, record.endpoint_id)
         _best_effort("clear ep_ip/ep_dev", self._dp.endpoints.delete, self._endpoint(record))
         _best_effort("clear ep_netns", self._dp.endpoint_netns.clear, record.address)
         _best_effort(

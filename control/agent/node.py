@@ -34,10 +34,14 @@ from typing import Literal
 
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.agent.lock import AgentLock, Place
+from ciliate.control.agent.policy import PolicyController, cluster_view
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
 from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllocator
 from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.ipam.host import HostIpam, IpamConfigError
+from ciliate.control.objects import ObjectStore
+from ciliate.control.store import Store
+from ciliate.control.store.etcd import EtcdStore
 from ciliate.control.store.sqlite import SqliteStore
 from ciliate.datapath import abi, devices
 from ciliate.datapath import maps as dpmaps
@@ -117,6 +121,7 @@ class NodeAgent:
         self._stack.callback(lock.release)
         uplink_ifindex = self._uplink_ifindex()
         self.cluster: ClusterMember | None = None
+        self.cluster_store: EtcdStore | None = None
         self.pod_cidrs = list(config.pod_cidrs)
         if config.etcd_endpoints:
             self.cluster = self._join_cluster()
@@ -162,10 +167,46 @@ class NodeAgent:
         counts = self.endpoints.reconcile(new_programs=True)
         log.info("endpoints reconciled: %s", counts)
         self.restore_counts = counts
+        self.policy = self._start_policy()
         if self.cluster is not None:
             self.cluster.start_mirroring(self.datapath.ipcache)
             self.cluster.start_bgp(self.pod_cidrs)
         self.api_socket = self._listen()
+
+    def _start_policy(self) -> PolicyController:
+        """The policy loop over the objects (the cluster store in a cluster, the
+        node's own otherwise): one pass now, so policy holds before the API serves,
+        then in the background."""
+        objects_store: Store = self.cluster_store if self.cluster_store else self.store
+        local_store = self.store
+
+        def revision() -> object:
+            return (objects_store.revision(), local_store.revision())
+
+        controller = PolicyController(
+            objects=ObjectStore(objects_store),
+            revision=revision,
+            endpoints=self.endpoints,
+            datapath=self.datapath,
+            host_ips={self.router_ip, self.node_ip},
+            cluster=cluster_view(
+                store=objects_store,
+                identities=self.cluster.identities,
+                node_name=self.config.node_name,
+            )
+            if self.cluster
+            else None,
+        )
+        self.endpoints.policy_source = controller
+        try:
+            result = controller.sync()
+        except Exception:  # etcd down at start: the pinned policy keeps applying
+            log.exception("policy: first pass failed; the loop retries")
+        else:
+            log.info("policy: %d endpoint(s) given their policy", len(result.written))
+        controller.start()
+        self._stack.callback(controller.close)
+        return controller
 
     def _uplink_ifindex(self) -> int | None:
         """The uplink's ifindex, checked before anything is loaded: a typo in
@@ -214,13 +255,12 @@ class NodeAgent:
                 path.unlink()
 
     def _join_cluster(self) -> ClusterMember:
-        from ciliate.control.store.etcd import EtcdStore
-
         if self.config.node_ip is None:
             raise ClusterError("cluster mode needs --node-ip (the address peers reach)")
         with contextlib.ExitStack() as undo:
             store = EtcdStore(self.config.etcd_endpoints)
             undo.callback(store.close)
+            self.cluster_store = store
             member = ClusterMember(
                 store=store,
                 node_name=self.config.node_name,

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ciliate.control.cluster import keys
+from ciliate.control.identity.allocator import Identity
 from ciliate.control.identity.labels import (
     NAMESPACE_LABEL,
     POD_NAME_LABEL,
@@ -57,7 +60,9 @@ from ciliate.control.policy.model import (
     PodEndpoint,
     PolicyResult,
 )
+from ciliate.control.store import Reader, StoreError
 from ciliate.datapath.maps import IpcacheEntry, PodSocket
+from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.programs import Datapath
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,10 @@ class LocalEndpoint(Protocol):
     def container_id(self) -> str: ...
 
 
+class IdentityLookup(Protocol):
+    def get(self, identity_id: int) -> Identity | None: ...
+
+
 class Endpoints(Protocol):
     """The node's endpoints (``EndpointManager``)."""
 
@@ -110,6 +119,43 @@ class Cluster:
     remote_endpoints: Callable[[], Iterable[RemoteEndpoint]]
     identity_labels: Callable[[int], Mapping[str, str] | None]
     node_ips: Callable[[], Iterable[ipaddress.IPv4Address]]  # every other node's address
+
+
+def cluster_view(*, store: Reader, identities: IdentityLookup, node_name: str) -> Cluster:
+    """The rest of the cluster as the policy loop reads it from the cluster store:
+    the endpoints other nodes published, their identities' labels, the nodes."""
+
+    def remote_endpoints() -> list[RemoteEndpoint]:
+        out = []
+        for key, raw in store.list(keys.ENDPOINTS):
+            doc = json.loads(raw)
+            if doc.get("node") == node_name:
+                continue
+            namespace, _, name = str(doc.get("pod") or "").partition("/")
+            out.append(
+                RemoteEndpoint(
+                    ip=ipaddress.IPv4Address(key.removeprefix(keys.ENDPOINTS)),
+                    identity=int(doc["identity"]),
+                    namespace=namespace or None,
+                    name=name or None,
+                )
+            )
+        return out
+
+    def identity_labels(identity_id: int) -> Mapping[str, str] | None:
+        identity = identities.get(identity_id)
+        return None if identity is None else identity.labels
+
+    def node_ips() -> list[ipaddress.IPv4Address]:
+        return [
+            ipaddress.IPv4Address(json.loads(raw)["nodeIP"])
+            for key, raw in store.list(keys.NODES)
+            if key.removeprefix(keys.NODES) != node_name
+        ]
+
+    return Cluster(
+        remote_endpoints=remote_endpoints, identity_labels=identity_labels, node_ips=node_ips
+    )
 
 
 @dataclass
@@ -170,7 +216,7 @@ class PolicyController:
         self,
         *,
         objects: ObjectStore,
-        revision: Callable[[], int],
+        revision: Callable[[], object],
         endpoints: Endpoints,
         datapath: Datapath,
         host_ips: Iterable[ipaddress.IPv4Address],
@@ -191,6 +237,9 @@ class PolicyController:
         self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
         self._last: PolicyResult | None = None
         self._lock = threading.Lock()
+        self._seen: object = None  # the revision the last pass of the loop started from
+        self._passes = 0
+        self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -204,24 +253,32 @@ class PolicyController:
         name = attributes.get(POD_NAME_ATTRIBUTE)
         pods: dict[str, Mapping[str, Any]] = {}
         namespaces: dict[str, Mapping[str, Any]] = {}
-        if namespace:
-            with contextlib.suppress(LookupError):
-                namespaces[namespace] = self._objects.get(KINDS["Namespace"], name=namespace)
-            if name:
+        try:
+            if namespace:
                 with contextlib.suppress(LookupError):
-                    pods[f"{namespace}/{name}"] = self._objects.get(
-                        KINDS["Pod"], name=name, namespace=namespace
-                    )
+                    namespaces[namespace] = self._objects.get(KINDS["Namespace"], name=namespace)
+                if name:
+                    with contextlib.suppress(LookupError):
+                        pods[f"{namespace}/{name}"] = self._objects.get(
+                            KINDS["Pod"], name=name, namespace=namespace
+                        )
+        except StoreError as exc:
+            # The cluster store is down: the pod starts with what the CNI call says
+            # (its namespace, the netconf's labels) and the loop moves it to its
+            # Pod object's identity once the store is back.
+            log.warning(
+                "pod %s/%s: objects unavailable (%s); labels from CNI only", namespace, name, exc
+            )
         return security_labels_of(
             attributes=attributes, cni_labels=cni_labels, pods=pods, namespaces=namespaces
         )
 
     # -- one pass ----------------------------------------------------------------------
     def sync(self) -> SyncResult:
-        with self._lock:
-            return self._sync()
-
-    def _sync(self) -> SyncResult:
+        """One pass (see the module docstring). Relabelling takes the endpoint
+        manager's lock, so it runs before this loop's own lock is taken: an ADD holds
+        the manager's lock while it asks :meth:`enforce_new`, which takes this one."""
+        self._passes += 1
         result = SyncResult()
         snapshot = self._objects.snapshot()
         pods = {
@@ -229,7 +286,6 @@ class PolicyController:
             for pod in snapshot.get("Pod", [])
         }
         namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
-        local = []
         for endpoint in self._endpoints.list():
             labels = security_labels_of(
                 attributes=endpoint.attributes,
@@ -238,39 +294,82 @@ class PolicyController:
                 namespaces=namespaces,
             )
             if dict(endpoint.labels) != labels:
-                endpoint = self._endpoints.relabel(endpoint, labels)
-                result.relabelled.append(pod_ref(endpoint))
-            local.append(endpoint)
+                moved = self._endpoints.relabel(endpoint, labels)
+                result.relabelled.append(pod_ref(moved))
+        with self._lock:
+            local = list(self._endpoints.list())
+            computed = self._compute(snapshot, pods, local)
+            result.policy = computed
+            self._write_cidr_identities(computed.cidr_identities)
+            live_ids = set()
+            for endpoint in local:
+                live_ids.add(endpoint.endpoint_id)
+                policy = computed.endpoints[pod_ref(endpoint)]
+                if self._write(endpoint.endpoint_id, policy):
+                    result.written.append(endpoint.endpoint_id)
+            for gone in self._written.keys() - live_ids:
+                del self._written[gone]  # its slot was cleared with the endpoint
+            if result.written:
+                result.evicted = self._evict_denied_sockets(local, computed)
+            self._last = computed
+        return result
+
+    def enforce_new(self, endpoint: LocalEndpoint) -> None:
+        """The policy of an endpoint being added, written before it forwards. An
+        identity some endpoint here already has gets that endpoint's policy at once
+        (policies select by labels); otherwise the policy is computed for it. The
+        next pass corrects what depends on the pod itself (named ports)."""
+        with self._lock:
+            policy = None
+            if self._last is not None:
+                for other in self._endpoints.list():
+                    if other.identity == endpoint.identity:
+                        policy = self._last.endpoints.get(pod_ref(other))
+                        break
+            if policy is None:
+                snapshot = self._objects.snapshot()
+                pods = {
+                    f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
+                    for pod in snapshot.get("Pod", [])
+                }
+                local = [*self._endpoints.list(), endpoint]
+                computed = self._compute(snapshot, pods, local, only=[endpoint])
+                self._write_cidr_identities(computed.cidr_identities, add_only=True)
+                policy = computed.endpoints[pod_ref(endpoint)]
+            self._written.pop(endpoint.endpoint_id, None)
+            self._write(endpoint.endpoint_id, policy)
+
+    def _compute(
+        self,
+        snapshot: Mapping[str, Sequence[Mapping[str, Any]]],
+        pods: Mapping[str, Mapping[str, Any]],
+        local: Sequence[LocalEndpoint],
+        *,
+        only: Sequence[LocalEndpoint] | None = None,
+    ) -> PolicyResult:
         inp = engine.PolicyInput(
             pods=self._pod_endpoints(local, pods),
             policies=[obj for kind in POLICY_KINDS for obj in snapshot.get(kind, [])],
             node_identities=self._node_identities(),
         )
-        computed = engine.compute(
-            inp, local=[pod_ref(e) for e in local], cidr_identities=self._cidr_identities
+        return engine.compute(
+            inp,
+            local=[pod_ref(e) for e in (local if only is None else only)],
+            cidr_identities=self._cidr_identities,
         )
-        result.policy = computed
-        self._write_cidr_identities(computed.cidr_identities)
-        live_ids = set()
-        for endpoint in local:
-            policy = computed.endpoints[pod_ref(endpoint)]
-            live_ids.add(endpoint.endpoint_id)
-            if self._written.get(endpoint.endpoint_id) == policy:
-                continue
-            self._dp.policy.replace(
-                endpoint.endpoint_id,
-                policy.entries,
-                ingress_enforced=policy.ingress_enforced,
-                egress_enforced=policy.egress_enforced,
-            )
-            self._written[endpoint.endpoint_id] = policy
-            result.written.append(endpoint.endpoint_id)
-        for gone in self._written.keys() - live_ids:
-            del self._written[gone]  # its slot was cleared with the endpoint
-        if result.written:
-            result.evicted = self._evict_denied_sockets(local, computed)
-        self._last = computed
-        return result
+
+    def _write(self, endpoint_id: int, policy: EndpointPolicy) -> bool:
+        """The endpoint's policy into the datapath, unless it holds it already."""
+        if self._written.get(endpoint_id) == policy:
+            return False
+        self._dp.policy.replace(
+            endpoint_id,
+            policy.entries,
+            ingress_enforced=policy.ingress_enforced,
+            egress_enforced=policy.egress_enforced,
+        )
+        self._written[endpoint_id] = policy
+        return True
 
     def _pod_endpoints(
         self, local: Sequence[LocalEndpoint], pods: Mapping[str, Mapping[str, Any]]
@@ -315,9 +414,12 @@ class PolicyController:
                 nodes.setdefault(address, REMOTE_NODE_IDENTITY)
         return nodes
 
-    def _write_cidr_identities(self, wanted: Mapping[ipaddress.IPv4Network, int]) -> None:
+    def _write_cidr_identities(
+        self, wanted: Mapping[ipaddress.IPv4Network, int], *, add_only: bool = False
+    ) -> None:
         """Policy CIDRs into the ipcache, never over an entry of the node's own (a pod
-        CIDR, a node or pod address keeps its identity)."""
+        CIDR, a node or pod address keeps its identity); ``add_only`` keeps the ones
+        no longer wanted (a pass for one endpoint does not see every policy's)."""
         others = {
             entry.prefix
             for entry in self._dp.ipcache.list()
@@ -328,6 +430,8 @@ class PolicyController:
                 continue
             self._dp.ipcache.upsert(IpcacheEntry(prefix, identity=identity, node_ip=None))
             self._cidr_prefixes[prefix] = identity
+        if add_only:
+            return
         for prefix in [p for p in self._cidr_prefixes if p not in wanted]:
             self._dp.ipcache.delete(prefix)
             del self._cidr_prefixes[prefix]
@@ -340,13 +444,17 @@ class PolicyController:
         by_ip = {ipaddress.IPv4Address(e.ip): e for e in local}
         evicted = []
         for sock in self._dp.sockets.list():
-            # Each mapped socket is one end; the connection's client sent to the
-            # server's port. The server end's local port is the one policy names.
+            # A mapped socket does not say which end opened the connection, so it
+            # stays mapped only while policy allows both directions; otherwise it
+            # goes back to the packet path, where the tracker knows the opener and
+            # decides exactly (an allowed connection keeps working there).
             (a_ip, a_port), (b_ip, b_port) = sock.local, sock.remote
             a, b = by_ip.get(a_ip), by_ip.get(b_ip)
             if a is None or b is None:
                 continue
-            allowed = self._allowed(a, b, b_port, computed) or self._allowed(b, a, a_port, computed)
+            allowed = self._allowed(a, b, b_port, computed) and self._allowed(
+                b, a, a_port, computed
+            )
             if not allowed:
                 self._dp.sockets.delete(sock)
                 evicted.append(sock)
@@ -380,15 +488,26 @@ class PolicyController:
         """The policy of the last pass (what ``policy trace`` and ``endpoint get`` show)."""
         return self._last
 
-    def policy_of(self, endpoint_id: int) -> EndpointPolicy | None:
-        return self._written.get(endpoint_id)
+    def origins(self, endpoint_id: int) -> dict[PolicyEntry, list[str]]:
+        """Which policy rule (or default) each entry of the endpoint comes from."""
+        policy = self._written.get(endpoint_id)
+        if policy is None:
+            return {}
+        return {entry: [str(ref) for ref in refs] for entry, refs in policy.origins.items()}
+
+    def status(self) -> dict[str, Any]:
+        """Whether the last pass saw the current objects and endpoints."""
+        try:
+            pending = self._revision() != self._seen
+        except Exception as exc:  # the store is down
+            return {"pending": None, "error": str(exc), "passes": self._passes}
+        return {"pending": pending, "passes": self._passes, "last_error": self._last_error}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        seen: int | None = None
         since_resync = 0.0
         while not self._stop.wait(self._poll):
             since_resync += self._poll
@@ -397,14 +516,17 @@ class PolicyController:
             except Exception:  # the store may be down: keep enforcing what we have
                 log.debug("policy: store revision unavailable", exc_info=True)
                 continue
-            if revision == seen and since_resync < self._resync:
+            if revision == self._seen and since_resync < self._resync:
                 continue
             try:
                 result = self.sync()
-            except Exception:
+            except Exception as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("policy: pass failed; retrying")
                 continue
-            seen, since_resync = revision, 0.0
+            # The revision from before the pass: a change made during it (by this
+            # pass's relabelling, or by anyone) makes the next tick run another.
+            self._seen, since_resync, self._last_error = revision, 0.0, None
             if result.relabelled or result.written:
                 log.info(
                     "policy: %d endpoint(s) relabelled, %d given a new policy",

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -59,7 +58,10 @@ def test_endpoint_list_and_get_show_the_pod(node_lab: NodeLab, pod: lab.PodState
 def test_identity_ipam_and_maps_agree_on_the_pod(node_lab: NodeLab, pod: lab.PodState) -> None:
     endpoint = next(e for e in as_json(node_lab, "endpoint", "list") if e["ip"] == pod.ip)
     identities = {i["id"]: i for i in as_json(node_lab, "identity", "list")}
-    assert identities[endpoint["identity"]]["labels"]["k8s:io.kubernetes.pod.name"] == pod.name
+    labels = identities[endpoint["identity"]]["labels"]
+    assert labels == endpoint["labels"]
+    assert labels["k8s:io.kubernetes.pod.namespace"] == "default"
+    assert "k8s:io.kubernetes.pod.name" not in labels  # never the name: pods share identities
     assert pod.ip in as_json(node_lab, "ipam")["allocations"]
     assert pod.ip in [e["ip"] for e in as_json(node_lab, "bpf", "endpoints", "list")]
     assert f"{pod.ip}/32" in [e["prefix"] for e in as_json(node_lab, "bpf", "ipcache", "list")]
@@ -75,16 +77,31 @@ def test_an_unknown_endpoint_id_is_a_clear_error(node_lab: NodeLab) -> None:
 def test_monitor_decodes_the_trace_of_a_ping(node_lab: NodeLab, pod: lab.PodState) -> None:
     router = node_lab.router_ip
 
-    def ping_later() -> None:
-        time.sleep(1.5)
-        node_lab.ping(pod, router)
+    done = threading.Event()
 
-    pinger = threading.Thread(target=ping_later)
+    def ping_until_done() -> None:
+        # Until the monitor has its events: on a loaded machine it may take a
+        # while to start listening.
+        while not done.wait(0.5):
+            node_lab.ping(pod, router)
+
+    pinger = threading.Thread(target=ping_until_done)
     pinger.start()
-    proc = ciliate(
-        "monitor", "--socket", node_lab.node.socket, "-o", "json", "--count", "3", "--timeout", "10"
-    )
-    pinger.join()
+    try:
+        proc = ciliate(
+            "monitor",
+            "--socket",
+            node_lab.node.socket,
+            "-o",
+            "json",
+            "--count",
+            "3",
+            "--timeout",
+            "20",
+        )
+    finally:
+        done.set()
+        pinger.join()
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(events) == 3 and {e["type"] for e in events} == {"trace"}
