@@ -65,6 +65,7 @@ class PodState:
     netns: str
     container_id: str
     ip: str | None = None
+    namespace: str = "default"  # the Kubernetes namespace the runtime names (CNI_ARGS)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def cni_call(
         "CNI_CONTAINERID": pod.container_id,
         "CNI_NETNS": f"/run/netns/{pod.netns}",
         "CNI_IFNAME": "eth0",
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}",
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
         "CNI_PATH": state.bin_dir,
     }
     proc = _run(
@@ -188,10 +189,18 @@ def create(
     return state, node
 
 
-def add_pod_netns(state: LabState, node: NodeState, name: str) -> PodState:
-    """A pod namespace (not yet networked), recorded for `down`."""
+def add_pod_netns(
+    state: LabState, node: NodeState, name: str, *, namespace: str = "default"
+) -> PodState:
+    """A pod namespace (not yet networked), recorded for `down`; ``namespace`` is
+    the Kubernetes namespace the runtime will name in CNI_ARGS."""
+    netns = f"{node.netns}-{name}" if namespace == "default" else f"{node.netns}-{namespace}-{name}"
     pod = PodState(
-        name=name, node=node.name, netns=f"{node.netns}-{name}", container_id=secrets.token_hex(32)
+        name=name,
+        node=node.name,
+        netns=netns,
+        container_id=secrets.token_hex(32),
+        namespace=namespace,
     )
     _netns_add(pod.netns)
     state.pods.append(pod)
