@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ciliate.datapath import objects
+from ciliate.datapath.conntrack import Way
 from ciliate.datapath.maps import Endpoint
 from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.testbed import REMOTE_POD_CIDR, ROUTER_IP, Testbed
@@ -141,6 +142,7 @@ CASES = [
         1,
         TC_ACT_REDIRECT,
         lambda tb: _from_a(tb, tb.pod_b.ip),
+        first_packet=True,
     ),
     *(
         Case(
@@ -261,15 +263,17 @@ def _measure(
 def prepare(tb: Testbed, case: Case, packet: bytes) -> Callable[[], None] | None:
     """Put the datapath in the case's state (tracing; for an established
     flow, its conntrack entry); the hook to run after each call (a first
-    packet: delete the entry it made), if any."""
+    packet: delete the entry it made), if any. The no-policy baseline of
+    first packets runs the same clean-up (on a way no flow uses), so both
+    run between calls the same syscalls and start equally warm."""
     tb.datapath.config.set_trace(case.trace)
-    if not case.policy_rules:
-        return None
     conntrack = tb.datapath.conntrack
-    conntrack.flush()
-    tb.run(case.program, packet, ifindex=tb.pod_a.lxc.ifindex)
-    tb.events()
-    ((way, _, _),) = list(conntrack.entries())
+    way = Way(set_index=0, way=0)
+    if case.policy_rules:
+        conntrack.flush()
+        tb.run(case.program, packet, ifindex=tb.pod_a.lxc.ifindex)
+        tb.events()
+        ((way, _, _),) = list(conntrack.entries())
     if not case.first_packet:
         return None
 
@@ -287,6 +291,8 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
     figures: dict[str, list[float]] = {case.name: [] for case in CASES}
+    # Policy cases: the same flow measured beside them with enforcement off.
+    unenforced: dict[str, list[float]] = {case.name: [] for case in CASES}
     empty_figures: dict[int, list[float]] = {case.repeat: [] for case in CASES}
     with Testbed(prefix="cbb") as tb, BpfObject.open(objects.object_path("empty")) as empty_obj:
         empty_obj.load()
@@ -302,9 +308,16 @@ def run(
                     if progress:
                         progress(f"round {round_no}/{rounds}: {case.name}")
                     packet = case.packet(tb)
+                    if case.policy_rules:
+                        _enforce(tb, on=True)
                     after_call = prepare(tb, case, packet)
-                    figures[case.name].append(
-                        _measure(
+
+                    def measure(
+                        case: Case = case,
+                        packet: bytes = packet,
+                        after_call: Callable[[], None] | None = after_call,
+                    ) -> float:
+                        return _measure(
                             tb,
                             tb.datapath.program(case.program),
                             packet,
@@ -314,7 +327,16 @@ def run(
                             packets=packets_per_round,
                             after_call=after_call,
                         )
-                    )
+
+                    if not case.policy_rules:
+                        figures[case.name].append(measure())
+                        continue
+                    # The same flow with no policy in force, right beside it
+                    # (in turn before and after, so drift cancels out).
+                    order = (False, True) if round_no % 2 else (True, False)
+                    for enforced in order:
+                        _enforce(tb, on=enforced)
+                        (figures if enforced else unenforced)[case.name].append(measure())
             tb.datapath.config.set_trace(False)
             for repeat, per_round in empty_figures.items():
                 per_round.append(
@@ -342,10 +364,23 @@ def run(
                 ns_max=max(mine),
                 empty_ns_median=statistics.median(empty_figures[case.repeat]),
                 ratio=_paired_ratio(mine, empty_figures[case.repeat]),
-                vs={other: _paired_ratio(mine, figures[other]) for other in case.compare},
+                vs={
+                    **(
+                        {"no policy (beside)": _paired_ratio(mine, unenforced[case.name])}
+                        if case.policy_rules
+                        else {}
+                    ),
+                    **{other: _paired_ratio(mine, figures[other]) for other in case.compare},
+                },
             )
         )
     return results
+
+
+def _enforce(tb: Testbed, *, on: bool) -> None:
+    """Enforcement of the benchmark flow's policies on or off (entries kept)."""
+    tb.datapath.policy.set_enforcement(_B_EP, ingress_enforced=on, egress_enforced=False)
+    tb.datapath.policy.set_enforcement(_A_EP, ingress_enforced=False, egress_enforced=on)
 
 
 def _paired_ratio(figures: list[float], baseline: list[float]) -> float:

@@ -265,11 +265,22 @@ class Policy:
         self._delete(written, generation=live)
         return revision
 
+    def set_enforcement(
+        self, endpoint_id: int, *, ingress_enforced: bool, egress_enforced: bool
+    ) -> int:
+        """Switch enforcement without touching the entries; returns the new
+        revision (connections are judged again)."""
+        return self._write_state(
+            endpoint_id,
+            ingress=ingress_enforced,
+            egress=egress_enforced,
+            generation=self.state(endpoint_id).generation,
+        )
+
     def clear(self, endpoint_id: int) -> None:
         """No policy: both directions unenforced, no entries (an endpoint
         that goes away, or whose slot is reused, starts from here)."""
-        state = self.state(endpoint_id)
-        self._write_state(endpoint_id, ingress=False, egress=False, generation=state.generation)
+        self.set_enforcement(endpoint_id, ingress_enforced=False, egress_enforced=False)
         written = self._written_keys(endpoint_id)
         self._delete(written, generation=0)
         self._delete(written, generation=1)

@@ -102,3 +102,16 @@ def test_clear_removes_the_entries_and_the_enforcement(tb: Testbed) -> None:
 def test_an_endpoint_id_outside_the_table_is_refused(tb: Testbed) -> None:
     with pytest.raises(PolicyError, match=r"sizes\.endpoint_slots"):
         tb.datapath.policy.replace(1 << 20, [], ingress_enforced=True, egress_enforced=False)
+
+
+def test_enforcement_switches_without_rewriting_the_entries(tb: Testbed) -> None:
+    tb.add_pods()
+    first = tb.datapath.policy.replace(
+        2, [PolicyEntry("ingress", 4242, TCP)], ingress_enforced=True, egress_enforced=False
+    )
+    keys = set(tb.datapath.maps["ciliate_policy"])
+    second = tb.datapath.policy.set_enforcement(2, ingress_enforced=False, egress_enforced=False)
+    assert second == first + 1 and not tb.datapath.policy.state(2).ingress_enforced
+    assert set(tb.datapath.maps["ciliate_policy"]) == keys
+    tb.datapath.policy.set_enforcement(2, ingress_enforced=True, egress_enforced=False)
+    assert tb.datapath.policy.entries(2) == [PolicyEntry("ingress", 4242, TCP)]
