@@ -400,6 +400,41 @@ def test_a_speaker_whose_owner_dies_stops_and_its_route_leaves_after_the_restart
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_new_speaker_stops_the_exabgp_its_killed_predecessor_left(
+    fabric: Fabric, speaker: SpeakerFactory
+) -> None:
+    """An agent killed hard leaves its exabgp running for a moment (it stops once
+    its relay finds no one): the next agent's speaker, on the same workdir, kills
+    it before starting its own, and the ToR keeps the route throughout."""
+    node = fabric.nodes[0]
+    first = speaker(node)
+    workdir = first.workdir
+    first.close()
+    script = _OWNER.format(
+        node=node, tor_as=TOR_AS, workdir=workdir, graceful_restart=bgp.DEFAULT_RESTART_TIME
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        orphan = int(owner.stdout.readline())
+        wait_for("the route", lambda: (node.pod_cidr, node.ip) in fabric.tor_routes(), timeout=5)
+        with tor.RouteMonitor(fabric.tor_netns) as monitor:
+            os.kill(orphan, signal.SIGSTOP)  # it cannot stop by itself before we start
+            owner.kill()
+            owner.wait()
+            successor = speaker(node, start=False)
+            assert successor.workdir == workdir
+            successor.start([node.pod_cidr])
+            assert _exited(orphan)
+            assert successor.wait_established(timeout=10)
+            wait_for("re-learned", lambda: _relearned(fabric, node))
+        assert monitor.deleted(node.pod_cidr) == []
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
 def test_a_crashed_exabgps_route_stays_until_the_speaker_starts_again(
     fabric: Fabric, speaker: SpeakerFactory
 ) -> None:
