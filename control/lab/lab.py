@@ -1084,8 +1084,13 @@ def _cmd_restart_agent(args: argparse.Namespace) -> int:
             return 1
         time.sleep(1.0)  # the last probes' answers
     console.print(
-        f"{report.node}: agent SIG{report.signal}ed, back in {report.agent_back_s:.2f} s; "
-        f"BGP session re-established and the restart over at the ToR in {report.bgp_back_s:.2f} s"
+        f"{report.node}: agent SIG{report.signal}ed, back in {report.agent_back_s:.2f} s"
+        + (
+            f"; BGP session re-established and the restart over at the ToR in "
+            f"{report.bgp_back_s:.2f} s"
+            if state.tor_netns is not None
+            else ""
+        )
     )
     ok = True
     if state.tor_netns is not None:
@@ -1116,8 +1121,11 @@ def _cmd_kill_node(args: argparse.Namespace) -> int:
 
     console = Console()
     state = LabState.load(args.name)
-    if state is None or state.tor_netns is None:
-        console.print(f"no cluster lab {args.name!r} is up")
+    if state is None:
+        console.print(f"no lab {args.name!r} is up")
+        return 1
+    if state.tor_netns is None:
+        console.print(f"lab {args.name!r} is one node: kill-node needs a cluster (--nodes N)")
         return 1
     grace = (
         state.node_grace_period
