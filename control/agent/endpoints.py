@@ -129,6 +129,13 @@ class EndpointRecord:
         return f"{self.container_id}/{self.ifname}"
 
     @property
+    def pod(self) -> str | None:
+        """``namespace/name`` of its pod, when the runtime said (CNI_ARGS)."""
+        namespace = self.attributes.get("K8S_POD_NAMESPACE")
+        name = self.attributes.get("K8S_POD_NAME")
+        return f"{namespace}/{name}" if namespace and name else None
+
+    @property
     def address(self) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(self.ip)
 
@@ -166,9 +173,9 @@ class PolicySource(Protocol):
 class EndpointListener(Protocol):
     """Told about endpoints after they commit (cluster mode publishes them)."""
 
-    def endpoint_added(self, ip: str, identity: int) -> None: ...
+    def endpoint_added(self, ip: str, identity: int, pod: str | None) -> None: ...
     def endpoint_removed(self, ip: str) -> None: ...
-    def endpoints_synced(self, live: Mapping[str, int]) -> None: ...
+    def endpoints_synced(self, live: Mapping[str, tuple[int, str | None]]) -> None: ...
 
 
 class EndpointManager:
@@ -357,7 +364,9 @@ class EndpointManager:
         log.info(
             "endpoint %s: %s on %s (ifindex %d)", owner, ip, link.host_ifname, link.host_ifindex
         )
-        self._notify(lambda listener: listener.endpoint_added(record.ip, record.identity))
+        self._notify(
+            lambda listener: listener.endpoint_added(record.ip, record.identity, record.pod)
+        )
         return record
 
     # -- labels that changed ---------------------------------------------------------------
@@ -401,7 +410,7 @@ class EndpointManager:
             current.identity,
             moved.identity,
         )
-        self._notify(lambda listener: listener.endpoint_added(moved.ip, moved.identity))
+        self._notify(lambda listener: listener.endpoint_added(moved.ip, moved.identity, moved.pod))
         return moved
 
     def _ifindex_candidates(self) -> Iterator[int]:
@@ -629,7 +638,7 @@ class EndpointManager:
                 ):
                     counts["stale_veths"] += 1
             counts["stale_map_entries"] = self._prune_maps()
-            live = {r.ip: r.identity for r in self.list()}
+            live = {r.ip: (r.identity, r.pod) for r in self.list()}
             self._notify(lambda listener: listener.endpoints_synced(live))
             self._next_ifindex = max(live_ifindexes, default=devices.FIRST_POD_IFINDEX - 1) + 1
             self._ready = True

@@ -89,6 +89,8 @@ class LocalEndpoint(Protocol):
     def attributes(self) -> Mapping[str, str]: ...
     @property
     def container_id(self) -> str: ...
+    @property
+    def pod(self) -> str | None: ...
 
 
 class IdentityLookup(Protocol):
@@ -167,13 +169,9 @@ class SyncResult:
 
 
 def pod_ref(endpoint: LocalEndpoint) -> str:
-    """``namespace/name`` of the endpoint's pod, or its container ID when the runtime
-    did not say (no CNI_ARGS)."""
-    namespace = endpoint.attributes.get(POD_NAMESPACE_ATTRIBUTE)
-    name = endpoint.attributes.get(POD_NAME_ATTRIBUTE)
-    if namespace and name:
-        return f"{namespace}/{name}"
-    return f"{namespace or ''}/{name or endpoint.container_id}"
+    """``namespace/name`` of the endpoint's pod, or ``/<container ID>`` when the
+    runtime did not say (no CNI_ARGS)."""
+    return endpoint.pod or f"/{endpoint.container_id}"
 
 
 def security_labels_of(

@@ -143,28 +143,34 @@ class ClusterMember:
         )
 
     # -- endpoints: published for the other nodes ------------------------------------
-    def endpoint_added(self, ip: str, identity: int) -> None:
-        doc = {"identity": identity, "nodeIP": str(self.node_ip), "node": self.node_name}
-        self.store.run_transaction(lambda t: t.put(f"{ENDPOINTS}{ip}", _dumps(doc)))
+    def _endpoint_doc(self, identity: int, pod: str | None) -> bytes:
+        doc: dict[str, Any] = {
+            "identity": identity,
+            "nodeIP": str(self.node_ip),
+            "node": self.node_name,
+        }
+        if pod is not None:
+            doc["pod"] = pod  # namespace/name: other nodes' policy reads its named ports
+        return _dumps(doc)
+
+    def endpoint_added(self, ip: str, identity: int, pod: str | None) -> None:
+        doc = self._endpoint_doc(identity, pod)
+        self.store.run_transaction(lambda t: t.put(f"{ENDPOINTS}{ip}", doc))
 
     def endpoint_removed(self, ip: str) -> None:
         self.store.run_transaction(lambda t: t.delete(f"{ENDPOINTS}{ip}"))
 
-    def endpoints_synced(self, live: Mapping[str, int]) -> None:
-        """After a restart: publish what lives here, unpublish what does not."""
+    def endpoints_synced(self, live: Mapping[str, tuple[int, str | None]]) -> None:
+        """After a restart: publish what lives here (address -> identity and pod),
+        unpublish what does not."""
 
         def sync(t: Txn) -> None:
             for key, raw in t.list(ENDPOINTS):
                 ip = key.removeprefix(ENDPOINTS)
                 if json.loads(raw).get("node") == self.node_name and ip not in live:
                     t.delete(key)
-            for ip, identity in live.items():
-                t.put(
-                    f"{ENDPOINTS}{ip}",
-                    _dumps(
-                        {"identity": identity, "nodeIP": str(self.node_ip), "node": self.node_name}
-                    ),
-                )
+            for ip, (identity, pod) in live.items():
+                t.put(f"{ENDPOINTS}{ip}", self._endpoint_doc(identity, pod))
 
         self.store.run_transaction(sync)
 
