@@ -417,3 +417,15 @@ def test_ten_thousand_rules(tb: Testbed) -> None:
 def test_evicting_a_socket_that_is_not_mapped_says_so(tb: Testbed) -> None:
     sock = PodSocket((tb.pod_a.ip, 40000), (tb.pod_b.ip, 80))
     assert tb.datapath.sockets.delete(sock) is False
+
+
+def test_a_port_reused_after_close_is_a_new_connection_in_the_same_entry(tb: Testbed) -> None:
+    ingress_of_b(tb, allow_in(A_ID, TCP_P, 80))
+    assert a_to_b(tb, flags="S") == TC_ACT_REDIRECT
+    assert b_to_a(tb, sport=80, dport=40000, flags="SA") == TC_ACT_REDIRECT
+    assert a_to_b(tb, flags="FA") == TC_ACT_REDIRECT
+    assert tb.datapath.conntrack.list()[0].closing
+    assert a_to_b(tb, flags="S") == TC_ACT_REDIRECT
+    (conn,) = tb.datapath.conntrack.list()
+    assert not conn.closing and not conn.seen_reply
+    assert LIFETIMES["syn"] - 5 < conn.expires_in <= LIFETIMES["syn"]

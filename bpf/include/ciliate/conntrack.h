@@ -252,12 +252,13 @@ static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set 
 	return victim;
 }
 
-/* Record a connection just allowed. */
-static __always_inline void ct_create(struct ciliate_ct_set *set, const struct ciliate_ct_key *key,
+/* Record a connection just allowed in `entry` (a reopened connection's
+ * own entry, or the set's victim). */
+static __always_inline void ct_create(struct ciliate_ct_entry *entry,
+				      const struct ciliate_ct_key *key,
 				      const struct ct_packet *pkt, bool from_hi,
 				      __u32 orig_revision, __u32 reply_revision, __u64 now)
 {
-	struct ciliate_ct_entry *entry = ct_victim(set, key, now);
 	__u32 flags = ct_flags_after(from_hi ? CILIATE_CT_F_ORIG_HI : 0, pkt, false);
 	const __u64 *src = (const __u64 *)key;
 	__u64 *dst = (__u64 *)&entry->key;

@@ -2,12 +2,12 @@
 /*
  * IPv4: header bounds, TTL.
  *
- * Fragments: every decision this datapath takes (anti-spoofing, endpoint
- * and ipcache lookups) reads only the IPv4 header, which each fragment
- * carries whole. Fragments are therefore forwarded one by one exactly like
- * unfragmented packets, with no reassembly and no fragment tracking. A
- * datapath that one day enforces L4 policy must revisit this: only the
- * first fragment carries the ports.
+ * Fragments: forwarding decisions (anti-spoofing, endpoint and ipcache
+ * lookups) read only the IPv4 header, which each fragment carries whole, so
+ * fragments are forwarded one by one like unfragmented packets, with no
+ * reassembly. The policy stage needs ports, which only the first fragment
+ * carries: later fragments are judged with port 0 and not tracked
+ * (conntrack.h), so they pass only where any port is allowed.
  */
 #ifndef CILIATE_IPV4_H
 #define CILIATE_IPV4_H

@@ -180,8 +180,9 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 			    pkt.protocol, pkt.dport, trace);
 	if (IS_DROP(ret))
 		return ret;
-	ct_create(set, &key, &pkt, from_hi, policy_revision(src_state),
-		  policy_revision(dst_state), now);
+	/* A TCP port reused right after close takes its old entry's way. */
+	ct_create(entry ? entry : ct_victim(set, &key, now), &key, &pkt, from_hi,
+		  policy_revision(src_state), policy_revision(dst_state), now);
 	if (trace_enabled())
 		send_event(ctx, CILIATE_EVENT_POLICY, CILIATE_FORWARDED, trace->policy_dir, 0, 0,
 			   trace);
