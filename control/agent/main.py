@@ -26,7 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ciliate.control.cni import handler
-from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET
+from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET, DEFAULT_MTU
 
 if TYPE_CHECKING:
     from ciliate.control.agent.node import NodeAgent
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/ciliate"))
     p.add_argument("--socket", type=Path, default=Path(DEFAULT_AGENT_SOCKET))
     p.add_argument("--bpffs-root", type=Path, default=Path("/sys/fs/bpf/ciliate"))
-    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--mtu", type=int, default=DEFAULT_MTU)
     p.add_argument(
         "--node-ip",
         type=ipaddress.IPv4Address,

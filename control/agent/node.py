@@ -36,6 +36,7 @@ from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, Endp
 from ciliate.control.agent.lock import AgentLock, Place
 from ciliate.control.agent.policy import PolicyController, cluster_view
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
+from ciliate.control.cni.defaults import DEFAULT_MTU
 from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllocator
 from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.ipam.host import HostIpam, IpamConfigError
@@ -73,7 +74,7 @@ class AgentConfig:
     state_dir: Path
     socket: Path
     bpffs_root: Path
-    mtu: int = 1500
+    mtu: int = DEFAULT_MTU
     node_ip: ipaddress.IPv4Address | None = None
     uplink: str | None = None
     etcd_endpoints: list[str] = field(default_factory=list)  # cluster mode when given

@@ -7,3 +7,5 @@ C relay (``shim/ciliate_cni.c``), which runs without Python.
 """
 
 DEFAULT_AGENT_SOCKET = "/run/ciliate/agent.sock"
+# A pod's MTU when neither the netconf (``mtu``) nor the agent (``--mtu``) says.
+DEFAULT_MTU = 1500

@@ -45,10 +45,9 @@ carrying their ``cni_code`` (the tree is in ``service``'s docstring).
 
 The shim's HTTP contract (``POST /v1/cni``: ``{"env", "stdin"}`` in,
 ``{"exit_code", "stdout"}`` out) is served by the agent's API, which calls
-:func:`handle`; :func:`handle_request` is the same contract without a web
-framework (the CNI tests' fake agent). The DELs the shim queued while the
-agent was down are read with :func:`read_del_queue` and dropped with
-:func:`remove_from_queue`.
+:func:`handle`. The DELs the shim queued while the agent was down are read
+with :func:`read_del_queue` (the same body, :func:`decode_request`) and
+dropped with :func:`remove_from_queue`.
 """
 
 from __future__ import annotations
@@ -81,9 +80,7 @@ __all__ = [
     "CniResponse",
     "QueuedDel",
     "decode_request",
-    "encode_response",
     "handle",
-    "handle_request",
     "read_del_queue",
     "remove_from_queue",
 ]
@@ -644,21 +641,6 @@ def decode_request(body: bytes) -> tuple[dict[str, str], bytes]:
         return env, stdin.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError('"stdin" holds a lone surrogate') from None
-
-
-def encode_response(response: CniResponse) -> bytes:
-    """The 200 answer the shim relays: ``{"exit_code": n, "stdout": "..."}``."""
-    document = {"exit_code": response.exit_code, "stdout": response.stdout}
-    return json.dumps(document, ensure_ascii=False).encode("utf-8")
-
-
-def handle_request(body: bytes, service: EndpointService) -> tuple[int, bytes]:
-    """Serve ``POST /v1/cni``: the HTTP status and the JSON body to answer with."""
-    try:
-        env, stdin = decode_request(body)
-    except ValueError as exc:
-        return 400, json.dumps({"error": str(exc)}).encode("utf-8")
-    return 200, encode_response(handle(env, stdin, service))
 
 
 # -- the DEL queue ----------------------------------------------------------

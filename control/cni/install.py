@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from ciliate.datapath import objects
 
+from .defaults import DEFAULT_AGENT_SOCKET
 from .handler import SUPPORTED_VERSIONS
 
 __all__ = ["CONFLIST_NAME", "PLUGIN_TYPE", "InstallError", "find_shim", "install", "register"]
@@ -68,7 +69,7 @@ def install(
     """Install the plugin and its conflist; returns the paths written.
 
     ``socket`` is the agent's socket when not the default
-    (``/run/ciliate/agent.sock``); it goes into the conflist as
+    (:data:`~.defaults.DEFAULT_AGENT_SOCKET`); it goes into the conflist as
     ``agentSocket`` and must be absolute (the runtime's working directory is
     not ours). ``shim`` overrides :func:`find_shim`.
     """
@@ -162,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--socket",
         metavar="PATH",
-        help="the agent's socket, when not /run/ciliate/agent.sock",
+        help=f"the agent's socket, when not {DEFAULT_AGENT_SOCKET}",
     )
     parser.add_argument("--name", default="ciliate", help="network name (default: ciliate)")
     parser.add_argument(

@@ -163,7 +163,7 @@ class FakeAgent:
 
     def answer_with(self, service: EndpointService) -> None:
         """Serve requests with the real handler over ``service``."""
-        self.canned = Canned(respond=lambda body: handler.handle_request(body, service))
+        self.canned = Canned(respond=lambda body: serve_cni(body, service))
 
     def __enter__(self) -> FakeAgent:
         self._thread.start()
@@ -174,3 +174,15 @@ class FakeAgent:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+def serve_cni(body: bytes, service: EndpointService) -> tuple[int, bytes]:
+    """``POST /v1/cni`` as the agent's API serves it, without the web framework:
+    the HTTP status and the JSON body."""
+    try:
+        env, stdin = handler.decode_request(body)
+    except ValueError as exc:
+        return 400, json.dumps({"error": str(exc)}).encode("utf-8")
+    response = handler.handle(env, stdin, service)
+    answer = {"exit_code": response.exit_code, "stdout": response.stdout}
+    return 200, json.dumps(answer, ensure_ascii=False).encode("utf-8")

@@ -447,31 +447,6 @@ def test_an_unexpected_exception_is_code_999_with_its_text_and_no_traceback(
     assert "Traceback" in caplog.text  # the agent's log has it
 
 
-# -- the HTTP contract ------------------------------------------------------
-
-
-def test_handle_request_answers_200_with_exit_code_and_stdout(pod_netns: str) -> None:
-    body = json.dumps(
-        {"env": cni_env("ADD", CNI_NETNS=pod_netns), "stdin": json.dumps(netconf())}
-    ).encode()
-    status, answer = handler.handle_request(body, FakeService())
-    assert status == 200
-    document = json.loads(answer)
-    assert document["exit_code"] == 0
-    assert json.loads(document["stdout"])["ips"][0]["address"] == "10.244.1.5/32"
-
-
-@pytest.mark.parametrize(
-    "body",
-    [b"nope", b"[]", b'{"env": {"CNI_COMMAND": 1}, "stdin": ""}', b'{"env": {}}'],
-    ids=["not JSON", "a list", "a number in env", "no stdin"],
-)
-def test_handle_request_answers_400_to_a_malformed_body(body: bytes) -> None:
-    status, answer = handler.handle_request(body, FakeService())
-    assert status == 400
-    assert "error" in json.loads(answer)
-
-
 # -- the DEL queue ----------------------------------------------------------
 
 
