@@ -234,7 +234,7 @@ struct ciliate_ct_entry {
 	__u32 orig_revision;    /* opener's policy revision when verified (local opener) */
 	__u32 reply_revision;   /* other end's policy revision when verified (local) */
 	__u32 flags;            /* CILIATE_CT_F_* */
-	__u32 pad;
+	__u32 lifetime;         /* jiffies: what its flags give it (see ct_lifetime()) */
 };
 
 struct ciliate_ct_set {

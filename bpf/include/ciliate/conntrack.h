@@ -221,13 +221,16 @@ static __always_inline void ct_refresh(struct ciliate_ct_entry *entry, const str
 				       bool reply, __u64 now)
 {
 	__u32 flags = ct_flags_after(entry->flags, pkt, reply);
-	__u64 expires = now + ct_lifetime(pkt->protocol, flags);
+	__u64 expires;
 
 	/* Write only what changed: most packets change nothing but the
 	 * deadline, and that only once per tick; a clean cache line stays
 	 * shared between the CPUs of a flow's two directions. */
-	if (flags != entry->flags)
+	if (flags != entry->flags) {
 		entry->flags = flags;
+		entry->lifetime = ct_lifetime(pkt->protocol, flags);
+	}
+	expires = now + entry->lifetime;
 	if (expires != entry->expires)
 		entry->expires = expires;
 }
@@ -264,7 +267,8 @@ static __always_inline void ct_create(struct ciliate_ct_entry *entry,
 	__u64 *dst = (__u64 *)&entry->key;
 
 	/* Fields first, key last: see the concurrency note above. */
-	entry->expires = now + ct_lifetime(pkt->protocol, flags);
+	entry->lifetime = ct_lifetime(pkt->protocol, flags);
+	entry->expires = now + entry->lifetime;
 	entry->orig_revision = orig_revision;
 	entry->reply_revision = reply_revision;
 	entry->flags = flags;
