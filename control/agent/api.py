@@ -39,6 +39,13 @@ class DatapathConfig(ApiModel):
     trace: bool = Field(description="send a trace event for every forwarded packet")
 
 
+class TraceRequest(ApiModel):
+    src: Text = Field(description="the source pod, NAMESPACE/NAME")
+    dst: Text = Field(description="the destination pod, NAMESPACE/NAME")
+    protocol: int = Field(ge=1, le=255, description="IP protocol number (6 TCP, 17 UDP)")
+    port: int = Field(ge=1, le=65535, description="destination port")
+
+
 _NOT_IN_CLUSTER = {404: "This agent is not in a cluster"}
 
 
@@ -161,6 +168,34 @@ def create_app(agent: NodeAgent) -> FastAPI:
             for c in agent.datapath.conntrack.list()
             if not c.expired
         ]
+
+    @app.post(
+        "/v1/policy/trace",
+        tags=["policy"],
+        responses=errors({404: "A pod with no endpoint"}),
+    )
+    def policy_trace(body: TraceRequest) -> dict[str, Any]:
+        """Allowed or denied, source egress then destination ingress, and why."""
+        try:
+            outcome = agent.policy.trace(
+                src=body.src, dst=body.dst, protocol=body.protocol, port=body.port
+            )
+        except LookupError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+        return {
+            "allowed": outcome.allowed,
+            "verdicts": [
+                {
+                    "direction": v.direction,
+                    "endpoint": v.endpoint,
+                    "allowed": v.allowed,
+                    "peer_identity": v.peer_identity,
+                    "because": v.because,
+                }
+                for v in outcome.verdicts
+            ],
+            "lines": outcome.lines(),
+        }
 
     @app.get("/v1/policy", tags=["policy"])
     def policy_status() -> dict[str, Any]:

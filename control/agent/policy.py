@@ -49,9 +49,9 @@ from ciliate.control.identity.labels import (
     security_labels,
 )
 from ciliate.control.objects import KINDS, ObjectStore
-from ciliate.control.policy import engine
+from ciliate.control.policy import engine, inputs
 from ciliate.control.policy.cidr import CidrIdentities
-from ciliate.control.policy.evaluate import decide
+from ciliate.control.policy.evaluate import Ipcache, Trace, decide, trace
 from ciliate.control.policy.inputs import POLICY_KINDS, pod_ports
 from ciliate.control.policy.model import (
     HOST_IDENTITY,
@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 POD_NAMESPACE_ATTRIBUTE = "K8S_POD_NAMESPACE"
 POD_NAME_ATTRIBUTE = "K8S_POD_NAME"
 TCP = 6
+# Identities a trace gives pods not running yet: above every allocated one, below
+# the CIDR identities (1 << 24).
+UNALLOCATED_IDENTITY = 1 << 20
 
 
 class LocalEndpoint(Protocol):
@@ -479,6 +482,63 @@ class PolicyController:
             port=port,
         )
         return egress.allowed and ingress.allowed
+
+    # -- trace ---------------------------------------------------------------------------
+    def trace(self, *, src: str, dst: str, protocol: int, port: int) -> Trace:
+        """What the datapath decides for ``src`` -> ``dst`` (``namespace/name``), with
+        the real identities and addresses, and which rule or default decides it.
+        Raises ``LookupError`` for a pod with no endpoint."""
+        snapshot = self._objects.snapshot()
+        pods = {
+            f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
+            for pod in snapshot.get("Pod", [])
+        }
+        endpoints = self._pod_endpoints(list(self._endpoints.list()), pods)
+        by_ref = {endpoint.ref: endpoint for endpoint in endpoints}
+        for flag, ref in (("src", src), ("dst", dst)):
+            if ref in by_ref:
+                continue
+            if ref not in pods:
+                raise LookupError(f"--{flag}: pod {ref} has no endpoint and no Pod object")
+            # A pod not running yet: as it would be, with the identity of its labels.
+            endpoints.append(self._pod_to_be(pods[ref], snapshot, endpoints))
+            by_ref[ref] = endpoints[-1]
+        nodes = self._node_identities()
+        inp = engine.PolicyInput(
+            pods=endpoints,
+            policies=[obj for kind in POLICY_KINDS for obj in snapshot.get(kind, [])],
+            node_identities=nodes,
+        )
+        result = engine.compute(inp, local=[src, dst], cidr_identities=self._cidr_identities)
+        ipcache = Ipcache.build(pods=endpoints, result=result, node_identities=nodes)
+        return trace(
+            result, src=by_ref[src], dst=by_ref[dst], protocol=protocol, port=port, ipcache=ipcache
+        )
+
+    @staticmethod
+    def _pod_to_be(
+        pod: Mapping[str, Any],
+        snapshot: Mapping[str, Sequence[Mapping[str, Any]]],
+        endpoints: Sequence[PodEndpoint],
+    ) -> PodEndpoint:
+        """A pod with no endpoint, from its object: the identity of an endpoint with
+        the same labels, else one no endpoint has; its address from status.podIP."""
+        namespaces = {
+            ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
+            for ns in snapshot.get("Namespace", [])
+        }
+        labels = inputs.pod_labels(pod, namespaces)
+        same = [e.identity for e in endpoints if dict(e.labels) == labels]
+        identity = same[0] if same else UNALLOCATED_IDENTITY + len(endpoints)
+        address = pod.get("status", {}).get("podIP")
+        return PodEndpoint(
+            namespace=pod["metadata"]["namespace"],
+            name=pod["metadata"]["name"],
+            identity=identity,
+            labels=labels,
+            ip=ipaddress.IPv4Address(address) if address else None,
+            ports=pod_ports(pod),
+        )
 
     # -- the loop ----------------------------------------------------------------------
     @property

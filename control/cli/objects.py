@@ -86,6 +86,11 @@ class AgentBackend:
         query = f"?namespace={namespace}" if namespace else ""
         return dict(self._call("GET", f"/v1/objects/{kind.key}/{name}{query}"))
 
+    def trace(self, *, src: str, dst: str, protocol: int, port: int) -> dict[str, Any]:
+        body = {"src": src, "dst": dst, "protocol": protocol, "port": port}
+        answer: dict[str, Any] = self._call("POST", "/v1/policy/trace", body)
+        return answer
+
     def close(self) -> None:
         self._client.close()
 
@@ -298,6 +303,18 @@ def policy_trace(args: argparse.Namespace) -> int:
             protocol, port = parse_port(args.dport)
         except ValueError as exc:
             raise CliError(f"error: --dport {exc}") from exc
+        if isinstance(backend, AgentBackend):
+            # The agent knows the real identities and addresses: it traces.
+            answer = backend.trace(src=args.src, dst=args.dst, protocol=protocol, port=port)
+            if args.output == "json":
+                print(json.dumps({k: answer[k] for k in ("allowed", "verdicts")}, indent=2))
+            else:
+                print(f"{args.src} -> {args.dst} {args.dport}")
+                for line in answer["lines"]:
+                    print(f"  {line}")
+            return 0
+        # Straight from etcd: from the objects alone (identities numbered here,
+        # addresses from status.podIP).
         snapshot = {name: backend.list(kind, namespace=None) for name, kind in KINDS.items()}
         inp = input_from_objects(snapshot)
         pods = {pod.ref: pod for pod in inp.pods}

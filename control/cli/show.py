@@ -67,10 +67,10 @@ def endpoint_list(args: argparse.Namespace) -> int:
                 "host_ifname",
                 "host_ifindex",
                 "identity",
+                "labels",
+                "policy",
                 "container_id",
                 "ifname",
-                "netns",
-                "attributes",
             ),
         )
     return 0
@@ -266,12 +266,72 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mon.set_defaults(func=monitor)
 
 
+def bpf_policy_get(args: argparse.Namespace) -> int:
+    """One endpoint's policy entries as the datapath holds them, with their rules."""
+    with _client(args) as c:
+        data = c.get(f"/v1/bpf/policy/{args.endpoint}")
+    if args.output == "json":
+        _print(data, "json")
+        return 0
+    enforced = [d for d in ("ingress", "egress") if data[f"{d}_enforced"]]
+    rows = [
+        {
+            "direction": e["direction"],
+            "identity": e["identity"] or "any",
+            "protocol": {0: "any", 6: "TCP", 17: "UDP", 132: "SCTP"}.get(
+                e["protocol"], e["protocol"]
+            ),
+            "port": (
+                "any"
+                if not e["port"]
+                else f"{e['port']}-{e['port_end']}"
+                if e["port_end"]
+                else e["port"]
+            ),
+            "verdict": "deny" if e["deny"] else "allow",
+            "rule": "; ".join(e["origin"]),
+        }
+        for e in data["entries"]
+    ]
+    _print(
+        rows,
+        "table",
+        title=f"endpoint {args.endpoint}: enforced {', '.join(enforced) or 'nowhere'}, "
+        f"revision {data['revision']}",
+        columns=("direction", "identity", "protocol", "port", "verdict", "rule"),
+    )
+    return 0
+
+
+def bpf_ct_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(
+            c.get("/v1/bpf/ct"),
+            args.output,
+            title="ciliate_ct (live connections)",
+            columns=("protocol", "src", "dst", "expires_in", "seen_reply", "closing"),
+        )
+    return 0
+
+
 def register_bpf(bpf: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", default=str(DEFAULT_SOCKET))
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        return p
+
+    policy = bpf.add_parser("policy", help="an endpoint's policy entries").add_subparsers(
+        dest="policy_command", required=True
+    )
+    get = common(policy.add_parser("get"))
+    get.add_argument("endpoint", type=int, help="the endpoint id (ciliate endpoint list)")
+    get.set_defaults(func=bpf_policy_get)
+    ct = bpf.add_parser("ct", help="the connection tracker").add_subparsers(
+        dest="ct_command", required=True
+    )
+    common(ct.add_parser("list")).set_defaults(func=bpf_ct_list)
     for name in _MAP_COLUMNS:
         m = bpf.add_parser(name, help=f"the {name} map").add_subparsers(
             dest=f"{name}_command", required=True
         )
-        p = m.add_parser("list")
-        p.add_argument("--socket", default=str(DEFAULT_SOCKET))
-        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-        p.set_defaults(func=bpf_list, map=name)
+        common(m.add_parser("list")).set_defaults(func=bpf_list, map=name)

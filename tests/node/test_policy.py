@@ -6,6 +6,7 @@ follows within a second, socket forwarding never carries what policy denies."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -181,8 +182,37 @@ def test_policy_entries_and_their_rules_are_shown(
         assert entries[(a_identity, 6, 80)]["origin"] == [
             "NetworkPolicy default/web spec.ingress[0]"
         ]
+        table = ciliate("bpf", "policy", "get", str(b["endpoint_id"]), node_lab=node_lab)
+        assert "enforced ingress" in table and "NetworkPolicy default/web" in table
+        src, dst = f"default/{pods['a'].name}", f"default/{pods['b'].name}"
+        allowed = ciliate(
+            "policy", "trace", "--src", src, "--dst", dst, "--dport", "80/tcp", node_lab=node_lab
+        )
+        assert "NetworkPolicy default/web spec.ingress[0]" in allowed
+        assert allowed.rstrip().endswith("verdict: ALLOWED")
+        denied = ciliate(
+            "policy", "trace", "--src", src, "--dst", dst, "--dport", "81/tcp", node_lab=node_lab
+        )
+        assert "default deny" in denied and denied.rstrip().endswith("verdict: DENIED")
+        # The tracker shows a connection the policy let through.
+        with echo_server(pods["b"], 80):
+            connect(pods["a"], str(pods["b"].ip), 80, timeout=2.0).close()
+        tracked = json.loads(ciliate("bpf", "ct", "list", "-o", "json", node_lab=node_lab))
+        assert any(c["dst"] == f"{pods['b'].ip}:80" and c["protocol"] == 6 for c in tracked)
     finally:
         delete(node_lab, policy)
+
+
+def ciliate(*args: str, node_lab: NodeLab) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ciliate.control.cli.main", *args, "--socket", node_lab.node.socket],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 # -- socket forwarding and policy -------------------------------------------------
