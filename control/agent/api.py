@@ -291,7 +291,9 @@ def create_app(agent: NodeAgent) -> FastAPI:
         return Response(content=body, media_type=content_type)
 
     # Objects live where every agent reads them: etcd in a cluster, else the node's store.
-    app.include_router(objects_api.create_router(agent.cluster_store or agent.store))
+    app.include_router(
+        objects_api.create_router(agent.cluster_store or agent.store, changed=agent.policy.wake)
+    )
     return app
 
 

@@ -8,6 +8,7 @@ names every field), 404 for an unknown kind, a missing object or namespace,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -64,8 +65,9 @@ def _refused(exc: ObjectsError | UnicodeEncodeError) -> HTTPException:
     return HTTPException(status_code=_status(exc), detail=str(exc))
 
 
-def create_router(store: Store) -> APIRouter:
-    """The routes, over the agent's store."""
+def create_router(store: Store, *, changed: Callable[[], None] = lambda: None) -> APIRouter:
+    """The routes, over the agent's store; ``changed`` is called after every write
+    (the policy loop passes at once instead of at its next poll)."""
     objects = ObjectStore(store)
     router = APIRouter(prefix="/v1/objects", tags=["objects"])
 
@@ -76,6 +78,7 @@ def create_router(store: Store) -> APIRouter:
             results = objects.apply(body.objects)
         except (ObjectsError, UnicodeEncodeError) as exc:
             raise _refused(exc) from exc
+        changed()
         return {"results": [r.to_json() for r in results]}
 
     @router.post("/delete", responses=_ANSWERS)
@@ -87,6 +90,7 @@ def create_router(store: Store) -> APIRouter:
             )
         except ObjectsError as exc:
             raise _refused(exc) from exc
+        changed()
         return {"results": [r.to_json() for r in results]}
 
     @router.get("/{kind}", responses=_ANSWERS)
@@ -117,7 +121,9 @@ def create_router(store: Store) -> APIRouter:
                     }
                 ]
             )
-            return {"results": [r.to_json() for r in objects.delete(ref)]}
+            results = objects.delete(ref)
+            changed()
+            return {"results": [r.to_json() for r in results]}
         except ObjectsError as exc:
             raise _refused(exc) from exc
 

@@ -124,6 +124,26 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run_datapath_demo()
 
 
+def _bench_policy(args: argparse.Namespace) -> int:
+    from ciliate.bench import policy
+
+    enforce = (
+        None
+        if args.only == "peer"
+        else policy.run_enforce(endpoints=args.endpoints, rounds=args.enforce_rounds)
+    )
+    peer = (
+        None
+        if args.only == "enforce"
+        else policy.run_peer(rule_counts=args.rules, rounds=args.rounds, seconds=args.seconds)
+    )
+    policy.print_tables(enforce, peer)
+    if args.json:
+        policy.write_json(policy.to_dict(enforce, peer), Path(args.json))
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciliate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
@@ -190,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_id.add_argument("--agents", type=int, default=3)
     bench_id.add_argument("--identities", type=int, default=300)
     bench_id.set_defaults(func=_bench_identity)
+
+    bench_pol = bench.add_parser(
+        "policy", help="policy: apply -> enforced, and ciliate against an iptables peer"
+    )
+    bench_pol.add_argument("--endpoints", type=int, default=100, help="for apply -> enforced")
+    bench_pol.add_argument("--enforce-rounds", type=int, default=10)
+    bench_pol.add_argument(
+        "--rules", type=int, nargs="+", default=[10, 1000, 10000], help="rule counts to compare"
+    )
+    bench_pol.add_argument("--rounds", type=int, default=3)
+    bench_pol.add_argument("--seconds", type=float, default=3)
+    bench_pol.add_argument("--only", choices=("enforce", "peer"), help="run one of the two parts")
+    bench_pol.add_argument("--json", metavar="FILE")
+    bench_pol.set_defaults(func=_bench_policy)
 
     demo = sub.add_parser("demo", help="load the datapath and show packets through it")
     demo.set_defaults(func=_demo)

@@ -845,27 +845,41 @@ def connectivity(state: LabState) -> dict[tuple[str, str], bool]:
 
 
 def print_connectivity(
-    state: LabState, results: dict[tuple[str, str], bool], console: Console
+    state: LabState,
+    results: dict[tuple[str, str], bool],
+    console: Console,
+    *,
+    title: str = "connectivity (ping, rows to columns)",
+    expected: dict[tuple[str, str], bool] | None = None,
 ) -> bool:
+    """The table; whether every pair is as ``expected`` (all reachable when None).
+    A pair that policy is expected to deny shows as a yellow ✗."""
+    want = expected or {pair: True for pair in results}
     columns = [p.name for p in state.pods] + [n.name for n in state.nodes]
-    table = Table(title="connectivity (ping, rows to columns)")
+    table = Table(title=title)
     table.add_column("from \\ to")
     for column in columns:
         table.add_column(column, justify="center")
     for pod in state.pods:
         row = []
         for column in columns:
+            pair = (pod.name, column)
             if column == pod.name:
                 row.append("·")
-            elif (pod.name, column) in results:
-                row.append("[green]✓[/]" if results[(pod.name, column)] else "[red]✗[/]")
+            elif pair in results:
+                if results[pair]:
+                    row.append("[green]✓[/]" if want[pair] else "[red]✓ (should be denied)[/]")
+                else:
+                    row.append("[yellow]✗[/]" if not want[pair] else "[red]✗[/]")
             else:
                 row.append("")
         table.add_row(f"{pod.name} ({pod.ip})", *row)
     console.print(table)
-    ok = all(results.values())
+    ok = all(results[pair] == want[pair] for pair in results)
+    denied = sum(not w for w in want.values())
     console.print(
         f"{sum(results.values())}/{len(results)} pairs reachable"
+        + (f", {denied} denied by policy as expected" if denied and ok else "")
         + ("" if ok else " — some pairs FAILED")
     )
     return ok
@@ -1008,7 +1022,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     show_maps(state, console)
     if state.tor_netns:
         show_cluster(state, console)
-    ok = print_connectivity(state, connectivity(state), console)
+    before = connectivity(state)
+    ok = print_connectivity(state, before, console)
+    if ok and args.policy_demo:
+        from ciliate.control.lab import policy_demo
+
+        ok = policy_demo.show(state, console, before)
     console.print(f"lab {args.name!r} is up (prefix {state.prefix}); `ciliate lab down` removes it")
     return 0 if ok else 1
 
@@ -1174,6 +1193,13 @@ def register(lab: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="cluster: how long the operator waits before removing a node whose lease "
         "expired (default: the operator's, 60 s)",
+    )
+    p.add_argument(
+        "--policy-demo",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the first table, label the pods, apply a NetworkPolicy and show the "
+        "table again (default on)",
     )
     p.add_argument("--name", default="lab")
     p.set_defaults(func=_cmd_up)
