@@ -103,6 +103,7 @@ def show(state: LabState, console: Console, before: dict[tuple[str, str], bool])
         "as the policy says: "
         + ", ".join(f"{name}={role}" for name, role in roles.items())
         + f"; `ciliate policy trace --src default/{state.pods[-1].name} "
-        f"--dst default/{state.pods[0].name} --dport 80/tcp` says why"
+        f"--dst default/{state.pods[0].name} --dport 80/tcp --socket {state.nodes[0].socket}`"
+        " says why"
     )
     return True
