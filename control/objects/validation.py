@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import re
 from collections.abc import Callable
 from typing import Any
 
 from ciliate.control.objects.errors import FieldError, ObjectInvalidError
+from ciliate.control.objects.fields import (
+    DNS_LABEL,
+    PROTOCOLS,
+    Errors,
+    check_name,
+    label_key_problem,
+    label_map,
+    port_name_problem,
+    protocol_of,
+)
 from ciliate.control.objects.kinds import Kind, kind_for_document
 
 __all__ = [
@@ -35,16 +44,9 @@ __all__ = [
 ]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-PROTOCOLS = ("TCP", "UDP", "SCTP")
 CILIUM_PROTOCOLS = (*PROTOCOLS, "ANY")
 CILIUM_ENTITIES = ("host", "remote-node", "world", "cluster", "all")
-# Cilium label sources a selector key may carry (``k8s:app``); a bare key means any.
-CILIUM_SOURCES = ("k8s", "any", "reserved", "unspec", "container", "cidr")
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
 
 _NP_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
@@ -81,73 +83,6 @@ _CNP_PORT_RULE_UNSUPPORTED = {
 }
 
 
-class _Errors:
-    """Collects field errors; each helper returns a usable default after an error,
-    so one pass reports every problem, as the API server does."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldError] = []
-
-    def required(self, path: str, detail: str = "") -> None:
-        self.items.append(FieldError(path, "Required value", detail))
-
-    def invalid(self, path: str, value: object, detail: str) -> None:
-        self.items.append(FieldError(path, "Invalid value", detail, value))
-
-    def unsupported(self, path: str, value: object, supported: tuple[str, ...]) -> None:
-        listed = ", ".join(f'"{s}"' for s in supported)
-        self.items.append(
-            FieldError(path, "Unsupported value", f"supported values: {listed}", value)
-        )
-
-    def forbidden(self, path: str, detail: str) -> None:
-        self.items.append(FieldError(path, "Forbidden", detail))
-
-    def duplicate(self, path: str, value: object) -> None:
-        self.items.append(FieldError(path, "Duplicate value", "may not be repeated", value))
-
-    def unknown_fields(self, path: str, raw: dict[str, Any], allowed: set[str]) -> None:
-        for key in sorted(set(raw) - allowed):
-            where = f"{path}.{key}" if path else key
-            self.items.append(FieldError(where, "Forbidden", f'unknown field "{key}"'))
-
-    def mapping(self, path: str, value: object, *, required: bool = False) -> dict[str, Any]:
-        if value is None:
-            if required:
-                self.required(path)
-            return {}
-        if not isinstance(value, dict):
-            self.invalid(path, value, "must be an object")
-            return {}
-        return value
-
-    def sequence(self, path: str, value: object) -> list[Any]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.invalid(path, value, "must be a list")
-            return []
-        return value
-
-    def string(self, path: str, value: object, *, required: bool = False) -> str | None:
-        if value is None:
-            if required:
-                self.required(path)
-            return None
-        if not isinstance(value, str):
-            self.invalid(path, value, "must be a string")
-            return None
-        return value
-
-    def integer(self, path: str, value: object) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.invalid(path, value, "must be an integer")
-            return None
-        return value
-
-
 def validate(raw: object) -> dict[str, Any]:
     """The object as stored, or :class:`ObjectInvalidError` naming each bad field."""
     if not isinstance(raw, dict):
@@ -158,7 +93,7 @@ def validate(raw: object) -> dict[str, Any]:
         )
     kind = kind_for_document(kind=raw.get("kind"), api_version=raw.get("apiVersion"))
     raw = copy.deepcopy(raw)  # defaults are filled in place; the caller's document stays
-    errs = _Errors()
+    errs = Errors()
     metadata = _metadata(errs, kind, raw.get("metadata"))
     obj: dict[str, Any] = {
         key: value for key, value in raw.items() if key not in ("apiVersion", "kind", "metadata")
@@ -174,20 +109,20 @@ def validate(raw: object) -> dict[str, Any]:
     return obj
 
 
-def _metadata(errs: _Errors, kind: Kind, raw: object) -> dict[str, Any]:
+def _metadata(errs: Errors, kind: Kind, raw: object) -> dict[str, Any]:
     meta = dict(errs.mapping("metadata", raw, required=True))
     for field in _SERVER_FIELDS:
         meta.pop(field, None)  # set by the store, never by the client
     name = errs.string("metadata.name", meta.get("name"), required=True)
     if name is not None:
-        _check_name(errs, "metadata.name", name, dns_label=kind.name == "Namespace")
+        check_name(errs, "metadata.name", name, dns_label=kind.name == "Namespace")
     if kind.namespaced:
         namespace = errs.string("metadata.namespace", meta.get("namespace")) or "default"
-        _check_name(errs, "metadata.namespace", namespace, dns_label=True)
+        check_name(errs, "metadata.namespace", namespace, dns_label=True)
         meta["namespace"] = namespace
     else:
         meta.pop("namespace", None)  # the API server clears it on cluster-scoped kinds
-    labels = _labels(errs, "metadata.labels", meta.get("labels"))
+    labels = label_map(errs, "metadata.labels", meta.get("labels"))
     if kind.name == "Namespace" and name is not None:
         labels[NAMESPACE_NAME_LABEL] = name  # always set, as Kubernetes does
     meta["labels"] = labels
@@ -202,89 +137,11 @@ def _metadata(errs: _Errors, kind: Kind, raw: object) -> dict[str, Any]:
     return meta
 
 
-def _check_name(errs: _Errors, path: str, name: str, *, dns_label: bool) -> None:
-    if not name:
-        errs.required(path, "name or generateName is required")
-        return
-    if dns_label:
-        if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
-            errs.invalid(
-                path,
-                name,
-                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters"
-                " or '-', and must start and end with an alphanumeric character"
-                " (at most 63 characters)",
-            )
-    elif len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
-        errs.invalid(
-            path,
-            name,
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric"
-            " characters, '-' or '.', and must start and end with an alphanumeric character",
-        )
-
-
-def _qualified_name_problem(key: str) -> str | None:
-    prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
-        return "prefix part must be a lowercase RFC 1123 subdomain"
-    if not name:
-        return "name part must be non-empty"
-    if len(name) > 63:
-        return "name part must be no more than 63 characters"
-    if not _QUALIFIED_NAME.fullmatch(name):
-        return (
-            "name part must consist of alphanumeric characters, '-', '_' or '.', and must"
-            " start and end with an alphanumeric character"
-        )
-    return None
-
-
-def _label_value_problem(value: str) -> str | None:
-    if len(value) > 63:
-        return "must be no more than 63 characters"
-    if value and not _QUALIFIED_NAME.fullmatch(value):
-        return (
-            "a valid label must be an empty string or consist of alphanumeric characters,"
-            " '-', '_' or '.', and must start and end with an alphanumeric character"
-        )
-    return None
-
-
-def _label_key_problem(key: str, *, cilium: bool) -> str | None:
-    if cilium:
-        source, colon, rest = key.partition(":")
-        if colon and source in CILIUM_SOURCES:
-            if source == "reserved" and rest:
-                return None  # reserved:host, reserved:world ...
-            key = rest
-    return _qualified_name_problem(key)
-
-
-def _labels(errs: _Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for key, value in errs.mapping(path, raw).items():
-        problem = _label_key_problem(key, cilium=cilium) if isinstance(key, str) else "not a string"
-        if problem:
-            errs.invalid(f"{path}", key, problem)
-            continue
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            errs.invalid(f"{path}[{key}]", value, "must be a string")
-            continue
-        if (problem := _label_value_problem(value)) is not None:
-            errs.invalid(f"{path}[{key}]", value, problem)
-            continue
-        labels[key] = value
-    return labels
-
-
-def _selector(errs: _Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, Any]:
+def _selector(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, Any]:
     sel = errs.mapping(path, raw)
     errs.unknown_fields(path, sel, _SELECTOR_FIELDS)
     out: dict[str, Any] = {}
-    match_labels = _labels(errs, f"{path}.matchLabels", sel.get("matchLabels"), cilium=cilium)
+    match_labels = label_map(errs, f"{path}.matchLabels", sel.get("matchLabels"), cilium=cilium)
     if match_labels:
         out["matchLabels"] = match_labels
     expressions = []
@@ -295,7 +152,7 @@ def _selector(errs: _Errors, path: str, raw: object, *, cilium: bool = False) ->
         expr = errs.mapping(at, expr)
         errs.unknown_fields(at, expr, {"key", "operator", "values"})
         key = errs.string(f"{at}.key", expr.get("key"), required=True)
-        if key is not None and (problem := _label_key_problem(key, cilium=cilium)):
+        if key is not None and (problem := label_key_problem(key, cilium=cilium)):
             errs.invalid(f"{at}.key", key, problem)
         operator = errs.string(f"{at}.operator", expr.get("operator"), required=True)
         values = [
@@ -322,7 +179,7 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-def _cidr(errs: _Errors, path: str, raw: object, *, bare_ip: bool = False) -> str | None:
+def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str | None:
     text = errs.string(path, raw, required=True)
     if text is None:
         return None
@@ -337,7 +194,7 @@ def _cidr(errs: _Errors, path: str, raw: object, *, bare_ip: bool = False) -> st
 
 
 def _cidr_with_except(
-    errs: _Errors, path: str, raw: object, *, cilium: bool = False
+    errs: Errors, path: str, raw: object, *, cilium: bool = False
 ) -> dict[str, Any]:
     cidr_field = "cidr"
     block = errs.mapping(path, raw, required=True)
@@ -368,38 +225,11 @@ def _cidr_with_except(
     return out
 
 
-def _port_name_problem(name: str) -> str | None:
-    if len(name) > 15:
-        return "must be no more than 15 characters"
-    if not _PORT_NAME.fullmatch(name):
-        return "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"
-    if "--" in name:
-        return "must not contain consecutive hyphens"
-    if not re.search(r"[a-z]", name):
-        return "must contain at least one letter (a-z)"
-    return None
-
-
-def _protocol(
-    errs: _Errors, path: str, raw: object, *, allowed: tuple[str, ...], default: str
-) -> str:
-    value = errs.string(path, raw)
-    if value is None:
-        return default
-    if value not in allowed:
-        errs.unsupported(path, value, allowed)
-        return default
-    return value
-
-
-# -- Namespace, Pod --------------------------------------------------------------
-
-
-def _validate_namespace(errs: _Errors, obj: dict[str, Any]) -> None:
+def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
     errs.mapping("spec", obj.get("spec"))
 
 
-def _validate_pod(errs: _Errors, obj: dict[str, Any]) -> None:
+def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
     spec = errs.mapping("spec", obj.get("spec"), required=True)
     containers = errs.sequence("spec.containers", spec.get("containers"))
     if "spec" in obj and not containers:
@@ -410,7 +240,7 @@ def _validate_pod(errs: _Errors, obj: dict[str, Any]) -> None:
         container = errs.mapping(at, raw_container)
         name = errs.string(f"{at}.name", container.get("name"), required=True)
         if name is not None:
-            if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+            if len(name) > 63 or not DNS_LABEL.fullmatch(name):
                 errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
             elif name in names:
                 errs.duplicate(f"{at}.name", name)
@@ -427,12 +257,12 @@ def _validate_pod(errs: _Errors, obj: dict[str, Any]) -> None:
                 errs.invalid(
                     f"{pat}.containerPort", number, "must be between 1 and 65535, inclusive"
                 )
-            port["protocol"] = _protocol(
+            port["protocol"] = protocol_of(
                 errs, f"{pat}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
             )
             port_name = errs.string(f"{pat}.name", port.get("name"))
             if port_name:
-                if (problem := _port_name_problem(port_name)) is not None:
+                if (problem := port_name_problem(port_name)) is not None:
                     errs.invalid(f"{pat}.name", port_name, problem)
                 elif port_name in port_names:
                     errs.duplicate(f"{pat}.name", port_name)
@@ -453,14 +283,14 @@ def _validate_pod(errs: _Errors, obj: dict[str, Any]) -> None:
 # -- NetworkPolicy -----------------------------------------------------------------
 
 
-def _np_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+def _np_ports(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
     ports = []
     for i, item in enumerate(errs.sequence(path, raw)):
         at = f"{path}[{i}]"
         port = errs.mapping(at, item)
         errs.unknown_fields(at, port, {"protocol", "port", "endPort"})
         out: dict[str, Any] = {
-            "protocol": _protocol(
+            "protocol": protocol_of(
                 errs, f"{at}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
             )
         }
@@ -472,7 +302,7 @@ def _np_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
                 errs.invalid(f"{at}.port", value, "must be between 1 and 65535, inclusive")
             out["port"] = value
         elif isinstance(value, str):
-            if (problem := _port_name_problem(value)) is not None:
+            if (problem := port_name_problem(value)) is not None:
                 errs.invalid(f"{at}.port", value, problem)
             out["port"] = value
         end = errs.integer(f"{at}.endPort", port.get("endPort"))
@@ -490,7 +320,7 @@ def _np_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
     return ports
 
 
-def _np_peers(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+def _np_peers(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
     peers = []
     for i, item in enumerate(errs.sequence(path, raw)):
         at = f"{path}[{i}]"
@@ -513,7 +343,7 @@ def _np_peers(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
     return peers
 
 
-def _validate_network_policy(errs: _Errors, obj: dict[str, Any]) -> None:
+def _validate_network_policy(errs: Errors, obj: dict[str, Any]) -> None:
     spec = errs.mapping("spec", obj.get("spec"), required=True)
     errs.unknown_fields("spec", spec, _NP_SPEC_FIELDS)
     out: dict[str, Any] = {
@@ -559,11 +389,11 @@ def _validate_network_policy(errs: _Errors, obj: dict[str, Any]) -> None:
 # -- CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy ---------------------------
 
 
-def _cnp_port(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
+def _cnp_port(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     port = errs.mapping(path, raw)
     errs.unknown_fields(path, port, {"port", "endPort", "protocol"})
     out: dict[str, Any] = {
-        "protocol": _protocol(
+        "protocol": protocol_of(
             errs, f"{path}.protocol", port.get("protocol"), allowed=CILIUM_PROTOCOLS, default="ANY"
         )
     }
@@ -580,7 +410,7 @@ def _cnp_port(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
         out["port"] = str(number)
     else:
         named = value.lower()  # Cilium compares port names case-insensitively
-        if (problem := _port_name_problem(named)) is not None:
+        if (problem := port_name_problem(named)) is not None:
             errs.invalid(f"{path}.port", value, problem)
         out["port"] = named
     end = errs.integer(f"{path}.endPort", port.get("endPort"))
@@ -593,7 +423,7 @@ def _cnp_port(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
     return out
 
 
-def _cnp_to_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]:
+def _cnp_to_ports(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
     rules = []
     for i, item in enumerate(errs.sequence(path, raw)):
         at = f"{path}[{i}]"
@@ -610,9 +440,7 @@ def _cnp_to_ports(errs: _Errors, path: str, raw: object) -> list[dict[str, Any]]
     return rules
 
 
-def _cnp_direction(
-    errs: _Errors, path: str, raw: object, *, direction: str
-) -> list[dict[str, Any]]:
+def _cnp_direction(errs: Errors, path: str, raw: object, *, direction: str) -> list[dict[str, Any]]:
     peers = _CNP_PEER[direction]
     rules = []
     for i, item in enumerate(errs.sequence(path, raw)):
@@ -654,7 +482,7 @@ def _cnp_direction(
     return rules
 
 
-def _cnp_rule(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
+def _cnp_rule(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     rule = errs.mapping(path, raw, required=True)
     for key, what in _CNP_UNSUPPORTED_RULE.items():
         if key in rule:
@@ -678,7 +506,7 @@ def _cnp_rule(errs: _Errors, path: str, raw: object) -> dict[str, Any]:
     return out
 
 
-def _validate_cilium_policy(errs: _Errors, obj: dict[str, Any]) -> None:
+def _validate_cilium_policy(errs: Errors, obj: dict[str, Any]) -> None:
     if obj.get("spec") is None and obj.get("specs") is None:
         errs.required("spec", "a Cilium policy needs `spec` or `specs`")
         return
@@ -692,7 +520,7 @@ def _validate_cilium_policy(errs: _Errors, obj: dict[str, Any]) -> None:
     obj.pop("status", None)
 
 
-_VALIDATORS: dict[str, Callable[[_Errors, dict[str, Any]], None]] = {
+_VALIDATORS: dict[str, Callable[[Errors, dict[str, Any]], None]] = {
     "Namespace": _validate_namespace,
     "Pod": _validate_pod,
     "NetworkPolicy": _validate_network_policy,
