@@ -94,6 +94,8 @@ class Connection:
     closing: bool
     orig_revision: int  # the opener's policy revision when last verified
     reply_revision: int
+    orig_identity: int  # the opener's identity when last verified
+    reply_identity: int
 
     @property
     def expired(self) -> bool:
@@ -153,6 +155,8 @@ class Conntrack:
                 closing=bool(entry["flags"] & _F_CLOSING),
                 orig_revision=entry["orig_revision"],
                 reply_revision=entry["reply_revision"],
+                orig_identity=entry["orig_identity"],
+                reply_identity=entry["reply_identity"],
             )
             if include_expired or not connection.expired:
                 connections.append(connection)

@@ -429,3 +429,28 @@ def test_a_port_reused_after_close_is_a_new_connection_in_the_same_entry(tb: Tes
     (conn,) = tb.datapath.conntrack.list()
     assert not conn.closing and not conn.seen_reply
     assert LIFETIMES["syn"] - 5 < conn.expires_in <= LIFETIMES["syn"]
+
+
+def test_a_label_change_applies_to_an_established_connection(tb: Testbed) -> None:
+    ingress_of_b(tb, allow_in(A_ID, TCP_P, 80))
+    assert a_to_b(tb, flags="S") == TC_ACT_REDIRECT
+    assert b_to_a(tb, sport=80, dport=40000, flags="SA") == TC_ACT_REDIRECT
+    (conn,) = tb.datapath.conntrack.list()
+    assert (conn.orig_identity, conn.reply_identity) == (A_ID, B_ID)
+    # A's labels change: another identity, which B's unchanged policy does not name.
+    tb.datapath.endpoints.upsert(tb.pod_a.endpoint(identity=1099, endpoint_id=A_EP))
+    tb.events()
+    assert b_to_a(tb, sport=80, dport=40000, flags="A") == TC_ACT_SHOT
+    assert_policy_drop(tb, Direction.INGRESS, src=1099, dst=B_ID, port=80)
+    assert tb.datapath.conntrack.list() == []
+
+
+def test_a_remote_peer_whose_identity_changes_is_judged_again(tb: Testbed) -> None:
+    remote_pod = ipaddress.IPv4Network(f"{REMOTE_POD_CIDR[9]}/32")
+    tb.datapath.ipcache.upsert(IpcacheEntry(remote_pod, 3000, REMOTE_NODE_IP))
+    ingress_of_b(tb, allow_in(3000, TCP_P, 80))
+    assert from_fabric(tb, REMOTE_POD_CIDR[9]) == TC_ACT_REDIRECT
+    tb.datapath.ipcache.upsert(IpcacheEntry(remote_pod, 3001, REMOTE_NODE_IP))
+    tb.events()
+    assert from_fabric(tb, REMOTE_POD_CIDR[9]) == TC_ACT_SHOT
+    assert_policy_drop(tb, Direction.INGRESS, src=3001, dst=B_ID, port=80)

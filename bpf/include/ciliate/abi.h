@@ -204,8 +204,9 @@ struct ciliate_policy_state {
  * One entry per connection, found from either direction: the key holds the
  * two ends in a fixed order (the lower address, then port, first), the
  * entry says which end opened it. Entries carry the policy revision of
- * each local end when the connection was last verified; a packet finding a
- * revision that moved re-checks the policy. An all-zero key is a free way.
+ * each local end and the identity of each end when the connection was
+ * last verified; a packet finding one that moved (a policy change, a label
+ * change) re-checks the policy. An all-zero key is a free way.
  */
 #define CILIATE_CT_WAYS 4
 
@@ -233,6 +234,8 @@ struct ciliate_ct_entry {
 	__u64 expires;          /* jiffies after which the entry is dead */
 	__u32 orig_revision;    /* opener's policy revision when verified (local opener) */
 	__u32 reply_revision;   /* other end's policy revision when verified (local) */
+	__u32 orig_identity;    /* opener's identity when verified */
+	__u32 reply_identity;   /* other end's identity when verified */
 	__u32 flags;            /* CILIATE_CT_F_* */
 	__u32 lifetime;         /* jiffies: what its flags give it (see ct_lifetime()) */
 };
@@ -259,6 +262,108 @@ struct ciliate_event {
 	__u8 pad;
 	__u64 ktime_ns;
 	__u8 data[64];          /* CILIATE_EVENT_CAPTURE_LEN: packet start */
+};
+
+/*
+ * ---- Services: load balancing (feature `services`) ----
+ *
+ * Cilium's shape (bpf/lib/lb.h): a frontend (address, port, protocol) has
+ * one entry per slot in ciliate_lb_service. Slot 0 is the service itself
+ * (how many active backends, flags, affinity timeout, its rev-NAT id);
+ * slots 1..count hold the ids of its active backends, and the slots after
+ * count its terminating ones (kept so the control plane can list them; no
+ * new flow picks them). Picking a backend is one lookup of a slot chosen
+ * at random (in-cluster) or through the service's Maglev table (from
+ * outside), then one lookup of the backend id: the cost does not depend on
+ * the number of services or backends.
+ */
+#define CILIATE_LB_MAGLEV_SIZE 1021     /* M: entries of one Maglev table, a prime */
+
+#define CILIATE_LB_SCOPE_EXTERNAL 0     /* the default entry of a frontend */
+#define CILIATE_LB_SCOPE_INTERNAL 1     /* in-cluster clients, when the service has two scopes */
+
+struct ciliate_lb_service_key {
+	__u32 addr;             /* frontend IPv4, network byte order */
+	__u16 dport;            /* network byte order */
+	__u16 slot;             /* 0: the service; n: its n-th backend */
+	__u8 protocol;          /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 scope;             /* CILIATE_LB_SCOPE_* */
+	__u8 pad[2];
+};
+
+#define CILIATE_LB_F_EXTERNAL 1         /* NodePort, LoadBalancer or external IP: balanced on the uplink too */
+#define CILIATE_LB_F_AFFINITY 2         /* sessionAffinity ClientIP */
+#define CILIATE_LB_F_TWO_SCOPES 4       /* in-cluster clients use the CILIATE_LB_SCOPE_INTERNAL entries */
+
+struct ciliate_lb_service_value {
+	__u32 backend_id;       /* slot n: the backend (ciliate_lb_backend); slot 0: 0 */
+	__u16 count;            /* slot 0: active backends, in slots 1..count */
+	__u16 rev_nat_id;       /* the service's id (ciliate_lb_revnat, ciliate_lb_maglev) */
+	__u32 affinity_timeout; /* slot 0: seconds a client keeps its backend (CILIATE_LB_F_AFFINITY) */
+	__u16 flags;            /* slot 0: CILIATE_LB_F_* */
+	__u16 terminating;      /* slot 0: terminating backends, in the slots after count */
+};
+
+#define CILIATE_LB_BACKEND_ACTIVE 0
+#define CILIATE_LB_BACKEND_TERMINATING 1        /* keeps its flows, takes no new one */
+
+#define CILIATE_LB_BACKEND_F_LOCAL 1    /* a pod of this node */
+
+/* ciliate_lb_backend (hash): backend id -> where it is. */
+struct ciliate_lb_backend {
+	__u32 addr;             /* network byte order */
+	__u16 port;             /* network byte order */
+	__u8 state;             /* CILIATE_LB_BACKEND_* */
+	__u8 flags;             /* CILIATE_LB_BACKEND_F_* */
+};
+
+/* ciliate_lb_revnat (hash): rev-NAT id -> the frontend, for translating back. */
+struct ciliate_lb_revnat {
+	__u32 addr;             /* network byte order */
+	__u16 port;             /* network byte order */
+	__u16 pad;
+};
+
+/* ciliate_lb_affinity (LRU hash): who keeps which backend. A client is an
+ * IP (per-packet path), a network namespace (sockets: all sockets of one
+ * pod are one client, as Cilium does) or one socket (unconnected UDP
+ * sends of one socket keep one backend). */
+#define CILIATE_LB_AFFINITY_CLIENT_IP 0
+#define CILIATE_LB_AFFINITY_NETNS 1
+#define CILIATE_LB_AFFINITY_SOCKET 2
+
+struct ciliate_lb_affinity_key {
+	__u64 client;           /* IPv4 (network byte order) or a netns or socket cookie */
+	__u16 rev_nat_id;
+	__u8 kind;              /* CILIATE_LB_AFFINITY_* */
+	__u8 pad[5];
+};
+
+struct ciliate_lb_affinity_value {
+	__u64 last_used;        /* seconds of CLOCK_MONOTONIC */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* ciliate_lb_sock_revnat (LRU hash): a socket that socket LB sent to a
+ * backend -> the frontend, so recvmsg and getpeername show the service. */
+struct ciliate_lb_sock_key {
+	__u64 cookie;           /* socket cookie */
+	__u32 addr;             /* backend, network byte order */
+	__u16 port;             /* backend, network byte order */
+	__u16 pad;
+};
+
+struct ciliate_lb_sock_value {
+	__u32 addr;             /* frontend, network byte order */
+	__u16 port;             /* frontend, network byte order */
+	__u16 rev_nat_id;
+};
+
+/* ciliate_lb_maglev (hash): rev-NAT id -> the service's Maglev lookup
+ * table, CILIATE_LB_MAGLEV_SIZE backend ids (computed in user space). */
+struct ciliate_lb_maglev {
+	__u32 backend_ids[1021]; /* CILIATE_LB_MAGLEV_SIZE */
 };
 
 #endif /* CILIATE_ABI_H */

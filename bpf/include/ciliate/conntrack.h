@@ -255,23 +255,26 @@ static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set 
 	return victim;
 }
 
-/* Record a connection just allowed in `entry` (a reopened connection's
- * own entry, or the set's victim). */
-static __always_inline void ct_create(struct ciliate_ct_entry *entry,
-				      const struct ciliate_ct_key *key,
-				      const struct ct_packet *pkt, bool from_hi,
-				      __u32 orig_revision, __u32 reply_revision, __u64 now)
+/* A new connection in `entry` (a reopened connection's own way, or the
+ * set's victim), all but its verification and its key: the caller sets
+ * those, then publishes it with ct_publish(). */
+static __always_inline void ct_init(struct ciliate_ct_entry *entry, const struct ct_packet *pkt,
+				    bool from_hi, __u64 now)
 {
 	__u32 flags = ct_flags_after(from_hi ? CILIATE_CT_F_ORIG_HI : 0, pkt, false);
+
+	entry->flags = flags;
+	entry->lifetime = ct_lifetime(pkt->protocol, flags);
+	entry->expires = now + entry->lifetime;
+}
+
+/* The key last, after the fields: see the concurrency note above. */
+static __always_inline void ct_publish(struct ciliate_ct_entry *entry,
+				       const struct ciliate_ct_key *key)
+{
 	const __u64 *src = (const __u64 *)key;
 	__u64 *dst = (__u64 *)&entry->key;
 
-	/* Fields first, key last: see the concurrency note above. */
-	entry->lifetime = ct_lifetime(pkt->protocol, flags);
-	entry->expires = now + entry->lifetime;
-	entry->orig_revision = orig_revision;
-	entry->reply_revision = reply_revision;
-	entry->flags = flags;
 	ct_barrier();
 	dst[0] = src[0];
 	dst[1] = src[1];

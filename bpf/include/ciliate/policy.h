@@ -14,8 +14,8 @@
  * drops allows that a shorter deny covers, so the first lookup that finds
  * an entry is the verdict and deny wins over allow. Packets of a known
  * connection skip the lookups (conntrack.h) until a local end's policy
- * revision moves; then the connection is judged again and, now denied, its
- * entry goes with the packet.
+ * revision or an end's identity moves; then the connection is judged
+ * again and, now denied, its entry goes with the packet.
  *
  * Only built with [features] policy; without it policy_check() lets
  * everything pass and costs nothing.
@@ -71,35 +71,38 @@ static __always_inline bool policy_lookup(const struct ciliate_policy_state *sta
 	return entry && !(entry->flags & CILIATE_POLICY_F_DENY);
 }
 
+/* One end of a packet or connection as the policy sees it. */
+struct policy_end {
+	const struct ciliate_endpoint *ep;              /* a local endpoint, or NULL */
+	const struct ciliate_policy_state *state;       /* its policy if enforced, or NULL */
+	__u32 identity;
+};
+
 /*
- * A connection from `from` to `to` (local endpoints or NULL, with their
- * states and identities): the opener's egress, then the receiver's
- * ingress. Records what it decided in the trace for the exit's event.
+ * A connection from `from` to `to`: the opener's egress, then the
+ * receiver's ingress. Records what it decided in the trace for the exit's
+ * event.
  */
-static __always_inline int policy_decide(const struct ciliate_endpoint *from,
-					 const struct ciliate_policy_state *from_state,
-					 __u32 from_identity,
-					 const struct ciliate_endpoint *to,
-					 const struct ciliate_policy_state *to_state,
-					 __u32 to_identity, __u8 protocol, __u16 dport,
-					 struct trace_info *trace)
+static __always_inline int policy_decide(const struct policy_end *from,
+					 const struct policy_end *to, __u8 protocol,
+					 __u16 dport, struct trace_info *trace)
 {
 	trace->policy = 1;
-	trace->src_identity = from_identity;
-	trace->dst_identity = to_identity;
+	trace->src_identity = from->identity;
+	trace->dst_identity = to->identity;
 	trace->protocol = protocol;
 	trace->dport = bpf_ntohs(dport);
-	if (from && from_state && (from_state->flags & CILIATE_POLICY_EGRESS)) {
+	if (from->ep && from->state && (from->state->flags & CILIATE_POLICY_EGRESS)) {
 		trace->policy_dir = CILIATE_DIR_EGRESS;
-		if (!policy_lookup(from_state, from->endpoint_id, CILIATE_DIR_EGRESS, to_identity,
-				   protocol, dport))
+		if (!policy_lookup(from->state, from->ep->endpoint_id, CILIATE_DIR_EGRESS,
+				   to->identity, protocol, dport))
 			goto denied;
 	}
-	if (to && to_state && (to_state->flags & CILIATE_POLICY_INGRESS) &&
-	    from_identity != CILIATE_IDENTITY_HOST) {
+	if (to->ep && to->state && (to->state->flags & CILIATE_POLICY_INGRESS) &&
+	    from->identity != CILIATE_IDENTITY_HOST) {
 		trace->policy_dir = CILIATE_DIR_INGRESS;
-		if (!policy_lookup(to_state, to->endpoint_id, CILIATE_DIR_INGRESS, from_identity,
-				   protocol, dport))
+		if (!policy_lookup(to->state, to->ep->endpoint_id, CILIATE_DIR_INGRESS,
+				   from->identity, protocol, dport))
 			goto denied;
 	}
 	return TC_ACT_OK;
@@ -114,6 +117,29 @@ static __always_inline __u32 policy_revision(const struct ciliate_policy_state *
 	return state ? state->revision : 0;
 }
 
+/* Whether a connection was verified for its ends as they are now: the same
+ * policy revisions and the same identities (a label change moves a pod to
+ * another identity without touching the entries that name either). */
+static __always_inline bool ct_current(const struct ciliate_ct_entry *entry,
+				       const struct policy_end *opener,
+				       const struct policy_end *other)
+{
+	return entry->orig_revision == policy_revision(opener->state) &&
+	       entry->reply_revision == policy_revision(other->state) &&
+	       entry->orig_identity == opener->identity &&
+	       entry->reply_identity == other->identity;
+}
+
+static __always_inline void ct_verified(struct ciliate_ct_entry *entry,
+					const struct policy_end *opener,
+					const struct policy_end *other)
+{
+	entry->orig_revision = policy_revision(opener->state);
+	entry->reply_revision = policy_revision(other->state);
+	entry->orig_identity = opener->identity;
+	entry->reply_identity = other->identity;
+}
+
 /*
  * The policy stage of an IPv4 packet from `src` to `dst` (local endpoints
  * or NULL) with the given identities: TC_ACT_OK or a policy drop.
@@ -123,9 +149,10 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 					const struct ciliate_endpoint *dst, __u32 dst_identity,
 					struct trace_info *trace)
 {
-	const struct ciliate_policy_state *src_state = policy_state(src);
-	const struct ciliate_policy_state *dst_state = policy_state(dst);
+	struct policy_end src_end = { src, policy_state(src), src_identity };
+	struct policy_end dst_end = { dst, policy_state(dst), dst_identity };
 	struct ciliate_ct_key key __attribute__((aligned(8))) = {};
+	const struct policy_end *opener, *other;
 	struct ciliate_ct_entry *entry;
 	struct ciliate_ct_set *set;
 	struct ct_packet pkt;
@@ -134,55 +161,45 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 	int ret;
 
 	/* No local end enforces anything: nothing to decide, nothing to track. */
-	if (!src_state && !dst_state)
+	if (!src_end.state && !dst_end.state)
 		return TC_ACT_OK;
 	ret = ct_parse(ctx, ip, &pkt);
 	if (IS_DROP(ret))
 		return ret;
 	if (!pkt.trackable)
-		return policy_decide(src, src_state, src_identity, dst, dst_state, dst_identity,
-				     pkt.protocol, pkt.dport, trace);
+		return policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
 
 	ct_key(&pkt, &key, &from_hi);
 	set = ct_set_of(&key);
 	if (!set) /* unreachable (the index is masked to the array): judge it alone */
-		return policy_decide(src, src_state, src_identity, dst, dst_state, dst_identity,
-				     pkt.protocol, pkt.dport, trace);
+		return policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
 	now = bpf_jiffies64();
 	entry = ct_lookup(set, &key, now);
 	if (entry && !ct_reopens(entry, &pkt)) {
 		reply = from_hi != !!(entry->flags & CILIATE_CT_F_ORIG_HI);
-		if (reply) {
-			/* Judged again, if at all, as the opener sent it. */
-			if (policy_revision(dst_state) != entry->orig_revision ||
-			    policy_revision(src_state) != entry->reply_revision) {
-				ret = policy_decide(dst, dst_state, dst_identity, src, src_state,
-						    src_identity, pkt.protocol, pkt.sport, trace);
-				if (IS_DROP(ret))
-					goto denied;
-				entry->orig_revision = policy_revision(dst_state);
-				entry->reply_revision = policy_revision(src_state);
-			}
-		} else if (policy_revision(src_state) != entry->orig_revision ||
-			   policy_revision(dst_state) != entry->reply_revision) {
-			ret = policy_decide(src, src_state, src_identity, dst, dst_state,
-					    dst_identity, pkt.protocol, pkt.dport, trace);
+		opener = reply ? &dst_end : &src_end;
+		other = reply ? &src_end : &dst_end;
+		if (!ct_current(entry, opener, other)) {
+			/* Judged again as the opener sent it. */
+			ret = policy_decide(opener, other, pkt.protocol,
+					    reply ? pkt.sport : pkt.dport, trace);
 			if (IS_DROP(ret))
 				goto denied;
-			entry->orig_revision = policy_revision(src_state);
-			entry->reply_revision = policy_revision(dst_state);
+			ct_verified(entry, opener, other);
 		}
 		ct_refresh(entry, &pkt, reply, now);
 		return TC_ACT_OK;
 	}
 
-	ret = policy_decide(src, src_state, src_identity, dst, dst_state, dst_identity,
-			    pkt.protocol, pkt.dport, trace);
+	ret = policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
 	if (IS_DROP(ret))
 		return ret;
 	/* A TCP port reused right after close takes its old entry's way. */
-	ct_create(entry ? entry : ct_victim(set, &key, now), &key, &pkt, from_hi,
-		  policy_revision(src_state), policy_revision(dst_state), now);
+	if (!entry)
+		entry = ct_victim(set, &key, now);
+	ct_init(entry, &pkt, from_hi, now);
+	ct_verified(entry, &src_end, &dst_end);
+	ct_publish(entry, &key);
 	if (trace_enabled())
 		send_event(ctx, CILIATE_EVENT_POLICY, CILIATE_FORWARDED, trace->policy_dir, 0, 0,
 			   trace);
