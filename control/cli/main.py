@@ -1,7 +1,8 @@
 """``ciliate``: the command line of the project.
 
-Subcommands import what they need when they run, so ``ciliate --help``
-stays fast and one broken subsystem does not break the others.
+The parsers of every subcommand are registered here; the heavy parts (the
+datapath and its loader, the benchmarks, the lab's demo) are imported only
+when their subcommand runs, so ``ciliate --help`` stays fast.
 """
 
 from __future__ import annotations
