@@ -17,9 +17,11 @@ a mix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Concatenate, Literal, ParamSpec, TypeVar, cast
 
 from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
@@ -130,12 +132,32 @@ def resolve(entries: Iterable[PolicyEntry]) -> dict[tuple[str, int, int, int], b
     return out
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[Policy, _P], _R],
+) -> Callable[Concatenate[Policy, _P], _R]:
+    """One writer or reader of the key bookkeeping at a time (the agent's
+    policy loop writes while its API reads)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Policy, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Policy:
-    """ciliate_policy and ciliate_policy_state: the policy of each endpoint."""
+    """ciliate_policy and ciliate_policy_state: the policy of each endpoint.
+    Safe to share between threads."""
 
     def __init__(self, entries: RawMap, states: RawMap) -> None:
         self._entries = entries
         self._states = states
+        self._lock = threading.RLock()
         # Keys written per endpoint (both generations), read from the map on
         # first use: replace() deletes the old generation without a scan.
         self._written: dict[int, set[bytes]] | None = None
@@ -219,6 +241,7 @@ class Policy:
         return revision
 
     # -- the interface of the control plane -------------------------------------
+    @_locked
     def replace(
         self,
         endpoint_id: int,
@@ -265,6 +288,7 @@ class Policy:
         self._delete(written, generation=live)
         return revision
 
+    @_locked
     def set_enforcement(
         self, endpoint_id: int, *, ingress_enforced: bool, egress_enforced: bool
     ) -> int:
@@ -277,6 +301,7 @@ class Policy:
             generation=self.state(endpoint_id).generation,
         )
 
+    @_locked
     def clear(self, endpoint_id: int) -> None:
         """No policy: both directions unenforced, no entries (an endpoint
         that goes away, or whose slot is reused, starts from here)."""
@@ -285,6 +310,7 @@ class Policy:
         self._delete(written, generation=0)
         self._delete(written, generation=1)
 
+    @_locked
     def entries(self, endpoint_id: int) -> list[PolicyEntry]:
         """The entries in force (after deny resolution), port blocks joined
         back into ranges."""
@@ -309,6 +335,7 @@ class Policy:
             self._entries.delete(key)
             written.discard(key)
 
+    @_locked
     def clear_all(self) -> None:
         """Every endpoint back to no policy (tests, a reset datapath)."""
         self._entries.clear()

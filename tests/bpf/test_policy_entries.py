@@ -4,6 +4,7 @@ validation, and entries() reading a policy back."""
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 from hypothesis import given
@@ -115,3 +116,25 @@ def test_enforcement_switches_without_rewriting_the_entries(tb: Testbed) -> None
     assert set(tb.datapath.maps["ciliate_policy"]) == keys
     tb.datapath.policy.set_enforcement(2, ingress_enforced=True, egress_enforced=False)
     assert tb.datapath.policy.entries(2) == [PolicyEntry("ingress", 4242, TCP)]
+
+
+def test_the_policy_can_be_read_while_it_is_replaced_from_another_thread(tb: Testbed) -> None:
+    rules = [PolicyEntry("ingress", 5000 + i, TCP, 80) for i in range(200)]
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(20):
+                tb.datapath.policy.replace(
+                    2, rules[: 100 + i], ingress_enforced=True, egress_enforced=False
+                )
+        except BaseException as exc:  # reported by the test thread below
+            failures.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while thread.is_alive():
+        assert 0 <= len(tb.datapath.policy.entries(2)) <= 200
+    thread.join()
+    assert not failures
+    assert len(tb.datapath.policy.entries(2)) == 119
