@@ -72,6 +72,12 @@ SOCK_STATE = "ciliate_sock_state"
 POLICY = "ciliate_policy"
 POLICY_STATE = "ciliate_policy_state"
 CONNTRACK = "ciliate_ct"
+LB_SERVICE = "ciliate_lb_service"
+LB_BACKEND = "ciliate_lb_backend"
+LB_REVNAT = "ciliate_lb_revnat"
+LB_AFFINITY = "ciliate_lb_affinity"
+LB_SOCK_REVNAT = "ciliate_lb_sock_revnat"
+LB_MAGLEV = "ciliate_lb_maglev"
 # Every map the built datapath has (those of enabled features): what the
 # agent pins.
 ALL = tuple(m.name for m in shape().maps)

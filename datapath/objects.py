@@ -24,8 +24,11 @@ OBJECTS = {
     "host": "bpf_host.o",
     "uplink": "bpf_uplink.o",
     "sock": "bpf_sock.o",
+    "sock_lb": "bpf_sock_lb.o",
     "empty": "bench_empty.o",
 }
+# The order a datapath loads its objects in: the first creates the maps.
+LOAD_ORDER = ("lxc", "host", "uplink", "sock", "sock_lb")
 
 
 class BuildError(RuntimeError):

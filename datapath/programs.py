@@ -20,6 +20,7 @@ from types import TracebackType
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath import objects
 from ciliate.datapath.conntrack import Conntrack
+from ciliate.datapath.lb import LoadBalancer
 from ciliate.datapath.policy import Policy
 from ciliate.datapath.render import MapSpec
 from ciliate.loader import BpfObject, LoaderError, Map, MapError, Program
@@ -33,6 +34,20 @@ PROGRAMS = {
     "sock_ops": "sock",
     "sock_msg": "sock",
 }
+# Socket-level service load balancing (bpf_sock_lb.c), with [features] services.
+SERVICE_PROGRAMS = {
+    "sock4_connect": "sock_lb",
+    "sock4_sendmsg": "sock_lb",
+    "sock4_recvmsg": "sock_lb",
+    "sock4_getpeername": "sock_lb",
+}
+
+
+def _programs() -> dict[str, str]:
+    """Entry points of the built datapath and the object each lives in."""
+    if dpmaps.shape().enabled("services"):
+        return {**PROGRAMS, **SERVICE_PROGRAMS}
+    return dict(PROGRAMS)
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ class Datapath:
         lxc = self._objects["lxc"]
         self.maps: dict[str, Map] = {name: lxc.map(name) for name in dpmaps.ALL}
         self.programs: dict[str, Program] = {
-            name: self._objects[kind].program(name) for name, kind in PROGRAMS.items()
+            name: self._objects[kind].program(name) for name, kind in _programs().items()
         }
         self.endpoints = dpmaps.EndpointMaps(
             self.maps[dpmaps.ENDPOINTS_BY_IP],
@@ -132,6 +147,16 @@ class Datapath:
         )
         self._policy: Policy | None = None
         self._conntrack: Conntrack | None = None
+        self._lb: LoadBalancer | None = None
+        if dpmaps.shape().enabled("services"):
+            self._lb = LoadBalancer(
+                services=self.maps[dpmaps.LB_SERVICE],
+                backends=self.maps[dpmaps.LB_BACKEND],
+                revnat=self.maps[dpmaps.LB_REVNAT],
+                affinity=self.maps[dpmaps.LB_AFFINITY],
+                sock_revnat=self.maps[dpmaps.LB_SOCK_REVNAT],
+                maglev=self.maps[dpmaps.LB_MAGLEV],
+            )
         if dpmaps.shape().enabled("policy"):
             self._policy = Policy(self.maps[dpmaps.POLICY], self.maps[dpmaps.POLICY_STATE])
             self._conntrack = Conntrack(self.maps[dpmaps.CONNTRACK])
@@ -147,6 +172,18 @@ class Datapath:
         if self._policy is None:
             raise LoaderError("the datapath was built without [features] policy")
         return self._policy
+
+    @property
+    def has_services(self) -> bool:
+        """Whether the datapath was built with [features] services."""
+        return self._lb is not None
+
+    @property
+    def lb(self) -> LoadBalancer:
+        """Service load balancing (ciliate_lb_*): what the agent writes services into."""
+        if self._lb is None:
+            raise LoaderError("the datapath was built without [features] services")
+        return self._lb
 
     @property
     def conntrack(self) -> Conntrack:
@@ -169,7 +206,7 @@ class Datapath:
         shared: dict[str, Map] = dict(existing_maps or {})
         loaded: dict[str, BpfObject] = {}
         with contextlib.ExitStack() as undo:
-            for kind in ("lxc", "host", "uplink", "sock"):
+            for kind in sorted(set(_programs().values()), key=objects.LOAD_ORDER.index):
                 obj = BpfObject.open(directory / objects.OBJECTS[kind])
                 undo.callback(obj.close)
                 max_cidrs = obj.btf.datasec_vars(".rodata")["pod_cidr_first"][1] // 4
@@ -221,8 +258,8 @@ class Datapath:
             raise LoaderError(f"no program {name!r}; have {sorted(self.programs)}") from None
 
     def reset_maps(self) -> None:
-        """Empty endpoints, ipcache, metrics, policy and conntrack; switch
-        tracing off."""
+        """Empty endpoints, ipcache, metrics, policy, conntrack and services;
+        switch tracing off."""
         self.endpoints.clear()
         self.ipcache.clear()
         self.metrics.clear()
@@ -230,6 +267,8 @@ class Datapath:
         if self._policy is not None and self._conntrack is not None:
             self._policy.clear_all()
             self._conntrack.flush()
+        if self._lb is not None:
+            self._lb.clear()
 
     def close(self) -> None:
         for obj in reversed(list(self._objects.values())):

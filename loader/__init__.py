@@ -44,7 +44,14 @@ from .maps import Map, MapInfo, MapType, possible_cpus
 from .netns import enter_netns
 from .object import BpfObject, ProgInfo, Program, prog_info
 from .ringbuf import RingBuffer
-from .sock import attach_sk_msg, attach_sock_ops, cgroup2_root, detach_sk_msg
+from .sock import (
+    SOCK_ADDR_HOOKS,
+    attach_sk_msg,
+    attach_sock_addr,
+    attach_sock_ops,
+    cgroup2_root,
+    detach_sk_msg,
+)
 from .tc import (
     TcAttachment,
     attach_tc,
@@ -60,6 +67,7 @@ __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
     "BPF_NOEXIST",
+    "SOCK_ADDR_HOOKS",
     "AttachError",
     "BpfObject",
     "Btf",
@@ -79,6 +87,7 @@ __all__ = [
     "TestRunResult",
     "VerifierError",
     "attach_sk_msg",
+    "attach_sock_addr",
     "attach_sock_ops",
     "attach_tc",
     "bump_memlock_rlimit",

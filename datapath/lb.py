@@ -1,0 +1,494 @@
+"""Service load balancing maps: the interface the agent calls (``Datapath.lb``).
+
+The control plane owns the service table (frontends, backends with stable
+ids, states, affinity, traffic policies); this module writes it into the
+maps of ``bpf/include/ciliate/lb.h`` in Cilium's layout (see abi.h):
+
+- ``ciliate_lb_service``: (frontend, scope, slot) -> slot 0: the service
+  (active backend count, flags, affinity timeout, service id); slots
+  1..count: active backend ids; then the terminating ones, which no new
+  flow picks;
+- ``ciliate_lb_backend``: backend id -> address, port, state, local flag;
+- ``ciliate_lb_revnat``: service id (rev-NAT id) -> frontend;
+- ``ciliate_lb_maglev``: service id -> Maglev lookup table (external
+  services: the same backend for one flow from any node).
+
+Updates are ordered so that a program running meanwhile only ever sees a
+whole old or a whole new service: backends, rev-NAT and Maglev first, then
+the slots, then slot 0 (the count, the switch), then what the old layout
+had beyond the new one.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import hashlib
+import ipaddress
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ciliate.datapath import abi
+from ciliate.datapath.maps import RawMap
+
+MAGLEV_SIZE = abi.constant("CILIATE_LB_MAGLEV_SIZE")
+SCOPE_EXTERNAL = abi.constant("CILIATE_LB_SCOPE_EXTERNAL")
+SCOPE_INTERNAL = abi.constant("CILIATE_LB_SCOPE_INTERNAL")
+F_EXTERNAL = abi.constant("CILIATE_LB_F_EXTERNAL")
+F_AFFINITY = abi.constant("CILIATE_LB_F_AFFINITY")
+F_TWO_SCOPES = abi.constant("CILIATE_LB_F_TWO_SCOPES")
+BACKEND_F_LOCAL = abi.constant("CILIATE_LB_BACKEND_F_LOCAL")
+MAX_SERVICE_ID = 0xFFFF  # __u16 rev_nat_id
+MAX_BACKEND_ID = 0xFFFFFFFF  # __u32 backend_id
+MAX_SLOTS = 0xFFFF  # __u16 slot
+
+
+class L4Protocol(enum.IntEnum):
+    TCP = socket.IPPROTO_TCP
+    UDP = socket.IPPROTO_UDP
+
+
+class BackendState(enum.IntEnum):
+    ACTIVE = abi.constant("CILIATE_LB_BACKEND_ACTIVE")
+    TERMINATING = abi.constant("CILIATE_LB_BACKEND_TERMINATING")  # keeps flows, takes no new one
+
+
+def _check_port(port: int, what: str) -> None:
+    if not 0 < port <= 0xFFFF:
+        raise ValueError(f"{what} port {port} is outside 1..65535")
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """A service address: ClusterIP, node IP (NodePort), LoadBalancer or external IP."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    protocol: L4Protocol = L4Protocol.TCP
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, f"frontend {self.address}")
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}/{self.protocol.name}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend with the id the control plane keeps stable for it."""
+
+    id: int
+    address: ipaddress.IPv4Address
+    port: int
+    state: BackendState = BackendState.ACTIVE
+    local: bool = False  # a pod of this node
+
+    def __post_init__(self) -> None:
+        if not 0 < self.id <= MAX_BACKEND_ID:
+            raise ValueError(f"backend id {self.id} is outside 1..{MAX_BACKEND_ID}")
+        _check_port(self.port, f"backend {self.id} ({self.address})")
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One frontend as written in the maps."""
+
+    frontend: Frontend
+    service_id: int  # the rev-NAT id
+    backends: tuple[Backend, ...]  # active ones first (slot order), then terminating
+    affinity_timeout: int = 0  # seconds of ClientIP affinity; 0 = none
+    external: bool = False  # NodePort/LoadBalancer/external IP: balanced on the uplink too
+    # In-cluster clients' backends when they differ (a traffic policy of
+    # Local on one side only); None = the same as ``backends``.
+    internal_backends: tuple[Backend, ...] | None = None
+    active: int = field(default=0, compare=False)  # how many of ``backends`` are active
+
+
+def maglev_table(backends: Sequence[Backend], size: int = MAGLEV_SIZE) -> list[int]:
+    """Maglev's lookup table (Eisenbud et al., NSDI 2016, section 3.4) of
+    the active backends: ``size`` (a prime) backend ids, each backend in
+    about ``size / n`` entries, and few entries moved when one backend
+    comes or goes. Each backend's permutation comes from its address and
+    port only, and the backends are taken in address order, so every node
+    computes the same table for the same backends (whatever their ids)."""
+    active = sorted(
+        (b for b in backends if b.state == BackendState.ACTIVE),
+        key=lambda b: (int(b.address), b.port),
+    )
+    if not active:
+        return []
+    offsets, skips = [], []
+    for b in active:
+        digest = hashlib.blake2b(f"{b.address}:{b.port}".encode(), digest_size=16).digest()
+        offsets.append(int.from_bytes(digest[:8], "little") % size)
+        skips.append(int.from_bytes(digest[8:], "little") % (size - 1) + 1)
+    table = [0] * size
+    taken = [False] * size
+    nexts = [0] * len(active)
+    filled = 0
+    while True:
+        for i, b in enumerate(active):
+            # Walk backend i's permutation to its next free entry.
+            entry = (offsets[i] + nexts[i] * skips[i]) % size
+            while taken[entry]:
+                nexts[i] += 1
+                entry = (offsets[i] + nexts[i] * skips[i]) % size
+            table[entry], taken[entry] = b.id, True
+            nexts[i] += 1
+            filled += 1
+            if filled == size:
+                return table
+
+
+def _ip(addr: ipaddress.IPv4Address) -> int:
+    # Network byte order in memory: the u32 whose little-endian bytes are the address.
+    return int.from_bytes(addr.packed, "little")
+
+
+def _from_ip(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(value.to_bytes(4, "little"))
+
+
+def _single(value: bytes | list[bytes]) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("the lb maps are not per-CPU")
+    return value
+
+
+class LoadBalancer:
+    """The service maps of one node; ``upsert_service``/``delete_service``
+    are what the agent calls when the service table changes. Which backend
+    ids are in use is rebuilt from the maps at start, so an agent restart
+    on pinned maps carries on."""
+
+    def __init__(
+        self,
+        *,
+        services: RawMap,
+        backends: RawMap,
+        revnat: RawMap,
+        affinity: RawMap,
+        sock_revnat: RawMap,
+        maglev: RawMap,
+    ) -> None:
+        self._services = services
+        self._backends = backends
+        self._revnat = revnat
+        self._affinity = affinity
+        self._sock_revnat = sock_revnat
+        self._maglev = maglev
+        self._table: dict[Frontend, Service] = {s.frontend: s for s in self._read()}
+
+    # ---- keys and values
+
+    @staticmethod
+    def _service_key(frontend: Frontend, *, slot: int, scope: int) -> bytes:
+        return abi.pack(
+            "ciliate_lb_service_key",
+            addr=_ip(frontend.address),
+            dport=socket.htons(frontend.port),
+            slot=slot,
+            protocol=int(frontend.protocol),
+            scope=scope,
+        )
+
+    @staticmethod
+    def _u32(value: int) -> bytes:
+        return value.to_bytes(4, sys.byteorder)
+
+    # ---- writes
+
+    def upsert_service(
+        self,
+        frontend: Frontend,
+        backends: Sequence[Backend],
+        *,
+        service_id: int,
+        affinity_timeout: int = 0,
+        external: bool = False,
+        internal_backends: Sequence[Backend] | None = None,
+    ) -> Service:
+        """Create or replace the service at ``frontend``. ``service_id``
+        (1..65535) is its rev-NAT id, kept by the control plane, one per
+        frontend; ``backends`` in any order (terminating ones take no new
+        flow); ``affinity_timeout`` > 0 is ClientIP affinity for that many
+        seconds; ``external`` balances it on the uplink too (Maglev);
+        ``internal_backends`` gives in-cluster clients other backends (a
+        traffic policy of Local on one side only). On failure the old
+        service (or nothing) is put back."""
+        service = self._validate(
+            frontend,
+            backends,
+            service_id=service_id,
+            affinity_timeout=affinity_timeout,
+            external=external,
+            internal_backends=internal_backends,
+        )
+        old = self._table.get(frontend)
+        try:
+            self._write(service, old)
+        except Exception:
+            self._undo(service, old)
+            raise
+        self._table[frontend] = service
+        self._drop_unused_backends(self._backend_ids(old))
+        return service
+
+    def delete_service(self, frontend: Frontend) -> bool:
+        """Remove the service at ``frontend``; False if there was none.
+        Sockets already connected to a backend keep it."""
+        old = self._table.pop(frontend, None)
+        if old is None:
+            return False
+        self._remove(old, keep=None)
+        self._drop_unused_backends(self._backend_ids(old))
+        return True
+
+    def _validate(
+        self,
+        frontend: Frontend,
+        backends: Sequence[Backend],
+        *,
+        service_id: int,
+        affinity_timeout: int,
+        external: bool,
+        internal_backends: Sequence[Backend] | None,
+    ) -> Service:
+        if not 0 < service_id <= MAX_SERVICE_ID:
+            raise ValueError(f"{frontend}: service id {service_id} is outside 1..{MAX_SERVICE_ID}")
+        for other in self._table.values():
+            if other.service_id == service_id and other.frontend != frontend:
+                raise ValueError(
+                    f"{frontend}: service id {service_id} is already the id of {other.frontend}; "
+                    "each frontend needs its own"
+                )
+        if not 0 <= affinity_timeout <= 0xFFFFFFFF:
+            raise ValueError(f"{frontend}: affinity timeout {affinity_timeout} s is out of range")
+        groups = [tuple(backends)]
+        if internal_backends is not None:
+            groups.append(tuple(internal_backends))
+        known = {b.id: b for s in self._table.values() for b in self._all_backends(s)}
+        for group in groups:
+            if len(group) >= MAX_SLOTS:
+                raise ValueError(f"{frontend}: {len(group)} backends, at most {MAX_SLOTS - 1}")
+            seen: set[int] = set()
+            for b in group:
+                if b.id in seen:
+                    raise ValueError(f"{frontend}: backend id {b.id} is listed twice")
+                seen.add(b.id)
+                prior = known.get(b.id)
+                if prior is not None and (prior.address, prior.port) != (b.address, b.port):
+                    raise ValueError(
+                        f"{frontend}: backend id {b.id} is {b} here but {prior} in another "
+                        "service; a backend id names one address and port"
+                    )
+                known[b.id] = b
+
+        def ordered(group: Iterable[Backend]) -> tuple[Backend, ...]:
+            items = list(group)
+            return tuple(b for b in items if b.state == BackendState.ACTIVE) + tuple(
+                b for b in items if b.state != BackendState.ACTIVE
+            )
+
+        ext = ordered(backends)
+        return Service(
+            frontend=frontend,
+            service_id=service_id,
+            backends=ext,
+            affinity_timeout=affinity_timeout,
+            external=external,
+            internal_backends=None if internal_backends is None else ordered(internal_backends),
+            active=sum(b.state == BackendState.ACTIVE for b in ext),
+        )
+
+    @staticmethod
+    def _all_backends(service: Service) -> tuple[Backend, ...]:
+        return service.backends + (service.internal_backends or ())
+
+    def _backend_ids(self, service: Service | None) -> set[int]:
+        return set() if service is None else {b.id for b in self._all_backends(service)}
+
+    def _flags(self, service: Service) -> int:
+        flags = F_EXTERNAL if service.external else 0
+        if service.affinity_timeout:
+            flags |= F_AFFINITY
+        if service.internal_backends is not None:
+            flags |= F_TWO_SCOPES
+        return flags
+
+    def _write_scope(self, service: Service, group: tuple[Backend, ...], *, scope: int) -> None:
+        for slot, b in enumerate(group, start=1):
+            self._services.update(
+                self._service_key(service.frontend, slot=slot, scope=scope),
+                abi.pack(
+                    "ciliate_lb_service_value", backend_id=b.id, rev_nat_id=service.service_id
+                ),
+            )
+        active = sum(b.state == BackendState.ACTIVE for b in group)
+        self._services.update(
+            self._service_key(service.frontend, slot=0, scope=scope),
+            abi.pack(
+                "ciliate_lb_service_value",
+                count=active,
+                terminating=len(group) - active,
+                rev_nat_id=service.service_id,
+                affinity_timeout=service.affinity_timeout,
+                flags=self._flags(service),
+            ),
+        )
+
+    def _write(self, service: Service, old: Service | None) -> None:
+        for b in self._all_backends(service):
+            self._backends.update(
+                self._u32(b.id),
+                abi.pack(
+                    "ciliate_lb_backend",
+                    addr=_ip(b.address),
+                    port=socket.htons(b.port),
+                    state=int(b.state),
+                    flags=BACKEND_F_LOCAL if b.local else 0,
+                ),
+            )
+        self._revnat.update(
+            self._u32(service.service_id),
+            abi.pack(
+                "ciliate_lb_revnat",
+                addr=_ip(service.frontend.address),
+                port=socket.htons(service.frontend.port),
+            ),
+        )
+        table = maglev_table(service.backends) if service.external else []
+        if table:
+            self._maglev.update(self._u32(service.service_id), array.array("I", table).tobytes())
+        # The internal scope first: the external slot 0 that points at it
+        # (CILIATE_LB_F_TWO_SCOPES) comes after.
+        if service.internal_backends is not None:
+            self._write_scope(service, service.internal_backends, scope=SCOPE_INTERNAL)
+        self._write_scope(service, service.backends, scope=SCOPE_EXTERNAL)
+        if old is not None:
+            self._remove(old, keep=service)
+        if not table:
+            self._maglev.delete(self._u32(service.service_id))
+
+    def _remove(self, old: Service, *, keep: Service | None) -> None:
+        """Delete the entries of ``old`` that ``keep`` (its replacement, if
+        any) does not have: slot 0 first, so no lookup meets a count whose
+        slots are gone."""
+        scopes = [(SCOPE_EXTERNAL, old.backends)]
+        if old.internal_backends is not None:
+            scopes.insert(0, (SCOPE_INTERNAL, old.internal_backends))
+        for scope, group in scopes:
+            if keep is None or keep.frontend != old.frontend:
+                kept = -1
+            elif scope == SCOPE_EXTERNAL:
+                kept = len(keep.backends)
+            else:
+                kept = -1 if keep.internal_backends is None else len(keep.internal_backends)
+            for slot in range(0, len(group) + 1):
+                if slot > kept:
+                    self._services.delete(self._service_key(old.frontend, slot=slot, scope=scope))
+        if keep is None or keep.service_id != old.service_id:
+            self._revnat.delete(self._u32(old.service_id))
+            self._maglev.delete(self._u32(old.service_id))
+
+    def _undo(self, failed: Service, old: Service | None) -> None:
+        """Put back the state before a failed ``_write`` of ``failed``."""
+        try:
+            self._remove(failed, keep=old)
+            if old is not None:
+                self._write(old, None)
+        finally:
+            self._drop_unused_backends(self._backend_ids(failed))
+
+    def _drop_unused_backends(self, candidates: set[int]) -> None:
+        used = {b.id for s in self._table.values() for b in self._all_backends(s)}
+        for backend_id in candidates - used:
+            self._backends.delete(self._u32(backend_id))
+
+    def clear(self) -> None:
+        """Remove every service, backend, affinity and socket entry."""
+        for raw in (
+            self._services,
+            self._backends,
+            self._revnat,
+            self._affinity,
+            self._sock_revnat,
+            self._maglev,
+        ):
+            raw.clear()
+        self._table.clear()
+
+    # ---- reads
+
+    def get(self, frontend: Frontend) -> Service | None:
+        return self._table.get(frontend)
+
+    def maglev(self, service_id: int) -> list[int]:
+        """The Maglev table of an external service as written ([] if none)."""
+        raw = self._maglev.lookup(self._u32(service_id))
+        if raw is None:
+            return []
+        return list(array.array("I", _single(raw)))
+
+    def _read(self) -> list[Service]:
+        """Rebuild the services from the maps (an agent restart on pins)."""
+        backends: dict[int, Backend] = {}
+        for key, value in self._backends.items():
+            f = abi.unpack("ciliate_lb_backend", _single(value))
+            backend_id = int.from_bytes(key, sys.byteorder)
+            backends[backend_id] = Backend(
+                id=backend_id,
+                address=_from_ip(f["addr"]),
+                port=socket.ntohs(f["port"]),
+                state=BackendState(f["state"]),
+                local=bool(f["flags"] & BACKEND_F_LOCAL),
+            )
+        heads: dict[tuple[Frontend, int], dict[str, int]] = {}
+        slots: dict[tuple[Frontend, int], dict[int, int]] = {}
+        for key, value in self._services.items():
+            k = abi.unpack("ciliate_lb_service_key", key)
+            v = abi.unpack("ciliate_lb_service_value", _single(value))
+            frontend = Frontend(
+                address=_from_ip(k["addr"]),
+                port=socket.ntohs(k["dport"]),
+                protocol=L4Protocol(k["protocol"]),
+            )
+            if k["slot"] == 0:
+                heads[frontend, k["scope"]] = v
+            else:
+                slots.setdefault((frontend, k["scope"]), {})[k["slot"]] = v["backend_id"]
+
+        def group(frontend: Frontend, scope: int) -> tuple[Backend, ...]:
+            by_slot = slots.get((frontend, scope), {})
+            return tuple(
+                backends[by_slot[slot]] for slot in sorted(by_slot) if by_slot[slot] in backends
+            )
+
+        out = []
+        for (frontend, scope), head in heads.items():
+            if scope != SCOPE_EXTERNAL:
+                continue
+            ext = group(frontend, SCOPE_EXTERNAL)
+            two = bool(head["flags"] & F_TWO_SCOPES)
+            out.append(
+                Service(
+                    frontend=frontend,
+                    service_id=head["rev_nat_id"],
+                    backends=ext,
+                    affinity_timeout=head["affinity_timeout"],
+                    external=bool(head["flags"] & F_EXTERNAL),
+                    internal_backends=group(frontend, SCOPE_INTERNAL) if two else None,
+                    active=head["count"],
+                )
+            )
+        return out
+
+    # Last: a method named list shadows the builtin in the annotations after it.
+    def list(self) -> list[Service]:
+        """The services as the maps hold them, by frontend."""
+        return sorted(self._table.values(), key=lambda s: s.frontend)

@@ -1,0 +1,224 @@
+"""Socket-level service load balancing with real sockets: the four cgroup
+programs of bpf_sock_lb.c attached (pinned links) to a cgroup of this test,
+clients run as processes in that cgroup inside a network namespace of the
+test, backends are servers on loopback addresses in the same namespace.
+Each server answers with its own address, so the client knows who served
+it while the socket says it talks to the service."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ciliate.datapath.lb import Backend, BackendState, Frontend, L4Protocol
+from ciliate.datapath.testbed import Testbed
+from ciliate.loader import attach_sock_addr, cgroup2_root, enter_netns
+
+pytestmark = pytest.mark.skipif(cgroup2_root() is None, reason="no cgroup v2 hierarchy mounted")
+
+CLIENT = Path(__file__).with_name("sock_lb_client.py")
+CLUSTER_IP = ipaddress.IPv4Address("10.96.0.10")
+BACKEND_PORT = 8080
+BACKEND_IPS = [ipaddress.IPv4Address(f"127.0.0.{i}") for i in (11, 12, 13)]
+HOOKS = ("sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername")
+
+
+@dataclass(frozen=True)
+class Lab:
+    netns: str
+    cgroup: Path
+
+    def client(self, mode: str, frontend: Frontend, count: int = 1) -> dict[str, object]:
+        """Run the client in the cgroup and the namespace; its JSON report."""
+        procs = self.cgroup / "cgroup.procs"
+
+        def enter_cgroup() -> None:
+            procs.write_text(str(os.getpid()))
+
+        cmd = ["ip", "netns", "exec", self.netns, sys.executable, str(CLIENT), mode]
+        cmd += [str(frontend.address), str(frontend.port), str(count)]
+        proc = subprocess.run(
+            cmd, preexec_fn=enter_cgroup, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert isinstance(report, dict)
+        return report
+
+
+def _serve_tcp(sock: socket.socket, name: str) -> None:
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return  # closed: the test is over
+        with conn:
+            conn.recv(16)
+            conn.sendall(name.encode())
+
+
+def _serve_udp(sock: socket.socket, name: str) -> None:
+    while True:
+        try:
+            _, peer = sock.recvfrom(64)
+            if peer is None:
+                return  # shut down: the test is over
+            sock.sendto(name.encode(), peer)
+        except OSError:
+            return
+
+
+def _wake(sock: socket.socket) -> None:
+    """Wake a server thread blocked in accept or recvfrom (before close)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture(scope="module")
+def lab(testbed_session: Testbed) -> Iterator[Lab]:
+    root = cgroup2_root()
+    assert root is not None
+    tag = f"t{secrets.token_hex(4)}"
+    with contextlib.ExitStack() as undo:
+        subprocess.run(["ip", "netns", "add", tag], check=True)
+        undo.callback(subprocess.run, ["ip", "netns", "del", tag], check=False)
+        subprocess.run(["ip", "-n", tag, "link", "set", "lo", "up"], check=True)
+        cgroup = Path(root) / tag
+        cgroup.mkdir()
+        undo.callback(cgroup.rmdir)
+        pins = Path("/sys/fs/bpf") / tag
+        pins.mkdir()
+        undo.callback(pins.rmdir)
+        for hook in HOOKS:
+            attach_sock_addr(testbed_session.datapath.program(hook), cgroup, pins / hook)
+            # Removing the pin drops the last reference: the link detaches.
+            undo.callback((pins / hook).unlink)
+        # Servers live in this process (not in the cgroup: untranslated).
+        with enter_netns(f"/run/netns/{tag}"):
+            for ip in BACKEND_IPS:
+                name = f"{ip}:{BACKEND_PORT}"
+                tcp = socket.create_server((str(ip), BACKEND_PORT))
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                udp.bind((str(ip), BACKEND_PORT))
+                for sock, serve in ((tcp, _serve_tcp), (udp, _serve_udp)):
+                    undo.callback(sock.close)
+                    undo.callback(_wake, sock)
+                    threading.Thread(target=serve, args=(sock, name), daemon=True).start()
+        yield Lab(netns=tag, cgroup=cgroup)
+
+
+def _backends(*states: BackendState) -> list[Backend]:
+    return [
+        Backend(id=100 + i, address=ip, port=BACKEND_PORT, state=state)
+        for i, (ip, state) in enumerate(zip(BACKEND_IPS, states, strict=False))
+    ]
+
+
+def _served(report: dict[str, object]) -> list[str]:
+    rounds = report["rounds"]
+    assert isinstance(rounds, list)
+    return [r["served_by"] for r in rounds]
+
+
+FRONTEND_TCP = Frontend(CLUSTER_IP, 80, L4Protocol.TCP)
+FRONTEND_UDP = Frontend(CLUSTER_IP, 53, L4Protocol.UDP)
+ALL_ACTIVE = (BackendState.ACTIVE,) * 3
+
+
+def test_tcp_to_a_clusterip_reaches_backends_and_the_peer_is_the_service(
+    tb: Testbed, lab: Lab
+) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    report = lab.client("tcp", FRONTEND_TCP, count=30)
+    rounds = report["rounds"]
+    assert isinstance(rounds, list)
+    assert all(r["peer"] == [str(CLUSTER_IP), 80] for r in rounds)
+    served = set(_served(report))
+    # Random per connection: 30 connections all to one of 3 backends would be 3^-29.
+    assert len(served) > 1
+    assert served <= {f"{ip}:{BACKEND_PORT}" for ip in BACKEND_IPS}
+
+
+def test_udp_unconnected_sends_of_one_socket_keep_one_backend_and_replies_come_from_the_service(
+    tb: Testbed, lab: Lab
+) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*ALL_ACTIVE), service_id=2)
+    for _ in range(3):
+        report = lab.client("udp", FRONTEND_UDP, count=8)
+        rounds = report["rounds"]
+        assert isinstance(rounds, list)
+        assert all(r["source"] == [str(CLUSTER_IP), 53] for r in rounds)
+        assert len(set(_served(report))) == 1
+
+
+def test_udp_connected_socket_sees_the_service_as_its_peer(tb: Testbed, lab: Lab) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*ALL_ACTIVE), service_id=2)
+    report = lab.client("udp-connected", FRONTEND_UDP, count=3)
+    assert report["peer"] == [str(CLUSTER_IP), 53]
+    rounds = report["rounds"]
+    assert isinstance(rounds, list)
+    assert all(r["source"] == [str(CLUSTER_IP), 53] for r in rounds)
+    assert len(set(_served(report))) == 1
+
+
+@pytest.mark.parametrize(
+    "states", [(), (BackendState.TERMINATING,) * 3], ids=["none", "all-terminating"]
+)
+def test_a_service_with_no_active_backend_refuses_at_once(
+    tb: Testbed, lab: Lab, states: tuple[BackendState, ...]
+) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*states), service_id=1)
+    assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ECONNREFUSED
+
+
+def test_terminating_backends_take_no_new_connections(tb: Testbed, lab: Lab) -> None:
+    states = (BackendState.TERMINATING, BackendState.ACTIVE, BackendState.TERMINATING)
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*states), service_id=1)
+    assert set(_served(lab.client("tcp", FRONTEND_TCP, count=20))) == {
+        f"{BACKEND_IPS[1]}:{BACKEND_PORT}"
+    }
+
+
+def test_client_ip_affinity_keeps_one_backend_for_every_socket_of_a_pod(
+    tb: Testbed, lab: Lab
+) -> None:
+    tb.datapath.lb.upsert_service(
+        FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1, affinity_timeout=60
+    )
+    served = [s for _ in range(3) for s in _served(lab.client("tcp", FRONTEND_TCP, count=10))]
+    assert len(set(served)) == 1
+    # The kept backend going away (terminating) moves the client to another.
+    kept = BACKEND_IPS.index(ipaddress.IPv4Address(served[0].split(":")[0]))
+    states = [BackendState.ACTIVE] * 3
+    states[kept] = BackendState.TERMINATING
+    tb.datapath.lb.upsert_service(
+        FRONTEND_TCP, _backends(*states), service_id=1, affinity_timeout=60
+    )
+    moved = set(_served(lab.client("tcp", FRONTEND_TCP, count=10)))
+    assert len(moved) == 1 and served[0] not in moved
+
+
+def test_addresses_that_are_no_service_are_left_alone(tb: Testbed, lab: Lab) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    direct = Frontend(BACKEND_IPS[2], BACKEND_PORT)
+    report = lab.client("tcp", direct, count=3)
+    rounds = report["rounds"]
+    assert isinstance(rounds, list)
+    assert all(r["peer"] == [str(BACKEND_IPS[2]), BACKEND_PORT] for r in rounds)
+    assert set(_served(report)) == {f"{BACKEND_IPS[2]}:{BACKEND_PORT}"}
+    # Another port of the service's address is no service either: no route here.
+    tb.datapath.lb.delete_service(FRONTEND_TCP)
+    assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
