@@ -22,6 +22,7 @@ from ciliate.control.agent import metrics, objects_api
 from ciliate.control.agent.endpoints import EndpointRecord
 from ciliate.control.agent.node import NodeAgent
 from ciliate.control.agent.schema import ApiModel, Text, errors, printable
+from ciliate.control.store import StoreUnavailableError
 from ciliate.datapath import tables
 
 
@@ -47,6 +48,15 @@ class TraceRequest(ApiModel):
 
 
 _NOT_IN_CLUSTER = {404: "This agent is not in a cluster"}
+_CLUSTER_ROUTE_ERRORS = {**_NOT_IN_CLUSTER, 503: "The cluster store (etcd) is unreachable"}
+
+
+def _cluster_store_unavailable(exc: StoreUnavailableError) -> HTTPException:
+    """A 503 (try again later) rather than a 500: etcd down is not the agent's bug."""
+    return HTTPException(
+        status_code=503,
+        detail=f"the cluster store (etcd) is unreachable: {exc}; retry when it is back",
+    )
 
 
 def create_app(agent: NodeAgent) -> FastAPI:
@@ -263,21 +273,29 @@ def create_app(agent: NodeAgent) -> FastAPI:
             for r in agent.datapath.metrics.rows()
         ]
 
-    @app.get("/v1/cluster/nodes", tags=["cluster"], responses=errors(_NOT_IN_CLUSTER))
+    @app.get("/v1/cluster/nodes", tags=["cluster"], responses=errors(_CLUSTER_ROUTE_ERRORS))
     def cluster_nodes() -> list[dict[str, Any]]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
         from ciliate.control.cluster.member import list_nodes
 
-        return list_nodes(agent.cluster.store)
+        try:
+            return list_nodes(agent.cluster.store)
+        except StoreUnavailableError as exc:
+            raise _cluster_store_unavailable(exc) from exc
 
-    @app.delete("/v1/cluster/nodes/{name}", tags=["cluster"], responses=errors(_NOT_IN_CLUSTER))
+    @app.delete(
+        "/v1/cluster/nodes/{name}", tags=["cluster"], responses=errors(_CLUSTER_ROUTE_ERRORS)
+    )
     def cluster_node_delete(name: str) -> dict[str, str]:
         if agent.cluster is None:
             raise HTTPException(status_code=404, detail="this agent is not in a cluster")
         from ciliate.control.cluster.member import delete_node
 
-        delete_node(agent.cluster.store, name)
+        try:
+            delete_node(agent.cluster.store, name)
+        except StoreUnavailableError as exc:
+            raise _cluster_store_unavailable(exc) from exc
         return {"deleted": name}
 
     @app.put("/v1/datapath/config", tags=["bpf"])

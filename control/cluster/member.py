@@ -37,8 +37,8 @@ from typing import Any, Protocol
 from ciliate.control.cluster.bgp import DEFAULT_RESTART_TIME, BgpSpeaker, Peer
 from ciliate.control.cluster.keys import ALIVE, BGP, ENDPOINTS, IPAM, NODES, remove_node
 from ciliate.control.identity.cluster import ClusterIdentities
-from ciliate.control.store import Txn
-from ciliate.datapath.maps import Ipcache, IpcacheEntry
+from ciliate.control.store import StoreClosedError, StoreError, Txn
+from ciliate.datapath.maps import IpcacheEntry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # is not seen by the operator at all.
 DEFAULT_LEASE_TTL = 10
 REMOTE_NODE_IDENTITY = 6  # reserved:remote-node
+# Seconds between attempts to publish endpoint changes the store refused.
+DEFAULT_REPUBLISH_INTERVAL = 1.0
 
 
 class ClusterError(RuntimeError):
@@ -63,6 +65,15 @@ class ClusterStore(Protocol):
     def put_with_lease(self, key: str, value: bytes, lease: Any) -> None: ...
     def revision(self) -> int: ...
     def close(self) -> None: ...
+
+
+class IpcacheWriter(Protocol):
+    """Where the mirror writes the rest of the cluster: the node's
+    ``datapath.maps.Ipcache``, or an in-memory one (``ciliate bench cluster``)."""
+
+    def upsert(self, entry: IpcacheEntry) -> None: ...
+    def delete(self, prefix: ipaddress.IPv4Network) -> bool: ...
+    def list(self) -> list[IpcacheEntry]: ...
 
 
 def _dumps(doc: Mapping[str, Any]) -> bytes:
@@ -91,6 +102,7 @@ class ClusterMember:
         workdir: Path,
         bgp: BgpConfig | None = None,
         lease_ttl: int = DEFAULT_LEASE_TTL,
+        republish_interval: float = DEFAULT_REPUBLISH_INTERVAL,
     ) -> None:
         if lease_ttl < 2:
             raise ValueError("the node's lease TTL is at least 2 s")
@@ -104,12 +116,18 @@ class ClusterMember:
         self._registered = False
         self._left = False  # our node object was deleted: the node left the cluster
         self._resync_lock = threading.Lock()
-        self._ipcache: Ipcache | None = None
+        self._ipcache: IpcacheWriter | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._remote_cidrs: dict[str, list[ipaddress.IPv4Network]] = {}
         self._lease: Any = None
         self.identities = ClusterIdentities(store, node=node_name)
+        # This node's endpoints as published (see endpoint_added).
+        self._local: dict[str, bytes] = {}
+        self._local_lock = threading.Lock()
+        self._endpoints_dirty = threading.Event()
+        self._publisher: threading.Thread | None = None
+        self._republish_interval = republish_interval
 
     # -- registration -------------------------------------------------------------
     def register(self) -> None:
@@ -143,6 +161,9 @@ class ClusterMember:
         )
 
     # -- endpoints: published for the other nodes ------------------------------------
+    # The member keeps what it must publish (this node's endpoints, address -> doc):
+    # a change the store refuses (etcd down) is not lost, the publisher thread
+    # writes the whole set again until the store takes it, then stops.
     def _endpoint_doc(self, identity: int, pod: str | None) -> bytes:
         doc: dict[str, Any] = {
             "identity": identity,
@@ -155,27 +176,79 @@ class ClusterMember:
 
     def endpoint_added(self, ip: str, identity: int, pod: str | None) -> None:
         doc = self._endpoint_doc(identity, pod)
-        self.store.run_transaction(lambda t: t.put(f"{ENDPOINTS}{ip}", doc))
+        with self._local_lock:
+            self._local[ip] = doc
+        self._publish(lambda t: t.put(f"{ENDPOINTS}{ip}", doc), what=f"endpoint {ip}")
 
     def endpoint_removed(self, ip: str) -> None:
-        self.store.run_transaction(lambda t: t.delete(f"{ENDPOINTS}{ip}"))
+        with self._local_lock:
+            self._local.pop(ip, None)
+        self._publish(lambda t: t.delete(f"{ENDPOINTS}{ip}"), what=f"removal of endpoint {ip}")
 
     def endpoints_synced(self, live: Mapping[str, tuple[int, str | None]]) -> None:
         """After a restart: publish what lives here (address -> identity and pod),
         unpublish what does not."""
+        with self._local_lock:
+            self._local = {
+                ip: self._endpoint_doc(identity, pod) for ip, (identity, pod) in live.items()
+            }
+        self._publish(self._sync_endpoints, what="this node's endpoints")
 
-        def sync(t: Txn) -> None:
-            for key, raw in t.list(ENDPOINTS):
-                ip = key.removeprefix(ENDPOINTS)
-                if json.loads(raw).get("node") == self.node_name and ip not in live:
-                    t.delete(key)
-            for ip, (identity, pod) in live.items():
-                t.put(f"{ENDPOINTS}{ip}", self._endpoint_doc(identity, pod))
+    def endpoints_pending(self) -> bool:
+        """Whether some endpoint change still waits for the store."""
+        return self._endpoints_dirty.is_set()
 
-        self.store.run_transaction(sync)
+    def _publish(self, change: Callable[[Txn], Any], *, what: str) -> None:
+        """``change`` now, or, the store refusing, the full set by the publisher
+        thread later (an ADD or DEL never fails for the cluster store)."""
+        if not self._endpoints_dirty.is_set():
+            try:
+                self.store.run_transaction(change)
+                return
+            except StoreError as exc:
+                log.warning("%s not published (%s); retrying in the background", what, exc)
+        self._endpoints_dirty.set()
+        self._start_publisher()
+
+    def _sync_endpoints(self, t: Txn) -> None:
+        with self._local_lock:
+            local = dict(self._local)
+        for key, raw in t.list(ENDPOINTS):
+            ip = key.removeprefix(ENDPOINTS)
+            if json.loads(raw).get("node") == self.node_name and ip not in local:
+                t.delete(key)
+        for ip, doc in local.items():
+            if t.get(f"{ENDPOINTS}{ip}") != doc:
+                t.put(f"{ENDPOINTS}{ip}", doc)
+
+    def _start_publisher(self) -> None:
+        with self._local_lock:
+            if self._publisher is not None or self._stop.is_set():
+                return
+            self._publisher = threading.Thread(
+                target=self._republish, name="endpoint publisher", daemon=True
+            )
+        self._publisher.start()
+
+    def _republish(self) -> None:
+        while not self._stop.is_set():
+            self._endpoints_dirty.wait(timeout=1.0)
+            if not self._endpoints_dirty.is_set():
+                continue
+            try:
+                # Cleared first: a change refused while this runs sets it again.
+                self._endpoints_dirty.clear()
+                self.store.run_transaction(self._sync_endpoints)
+                log.info("this node's endpoints are published again")
+            except StoreClosedError:
+                return
+            except StoreError as exc:
+                self._endpoints_dirty.set()
+                log.info("endpoints not republished yet: %s", exc)
+                self._stop.wait(self._republish_interval)
 
     # -- the rest of the cluster, into the ipcache -----------------------------------
-    def start_mirroring(self, ipcache: Ipcache) -> None:
+    def start_mirroring(self, ipcache: IpcacheWriter) -> None:
         self._ipcache = ipcache
         self._resync()
         for prefix in (IPAM, NODES, ENDPOINTS):
@@ -207,7 +280,7 @@ class ClusterMember:
         with self._resync_lock:
             self._resync_locked(self._ipcache)
 
-    def _resync_locked(self, ipcache: Ipcache) -> None:
+    def _resync_locked(self, ipcache: IpcacheWriter) -> None:
         nodes = {k.removeprefix(NODES): json.loads(v) for k, v in self.store.list(NODES)}
         if self._registered and self.node_name not in nodes and not self._left:
             self._leave()
@@ -307,7 +380,7 @@ class ClusterMember:
                 with contextlib.suppress(Exception):
                     self._left = self.store.get(f"{NODES}{self.node_name}") is None
             self._speaker.close(keep_routes=not self._left)
-        for thread in self._threads:
+        for thread in [*self._threads, *filter(None, [self._publisher])]:
             thread.join(timeout=3)
         if self._lease is not None:
             with contextlib.suppress(Exception):

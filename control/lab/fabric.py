@@ -4,6 +4,11 @@ the operator, bird as the ToR router), held by one process that
 with SIGTERM. etcd and bird die with it (they are started with a parent
 death signal), so one PID owns the whole fabric.
 
+Signals that put the cluster store in trouble, for tests and demos: SIGHUP
+restarts etcd (same data), SIGUSR1 stops it until SIGUSR2 starts it again.
+After each, ``<workdir>/etcd-state`` says ``running`` or ``stopped`` once it is
+so (``lab.stop_etcd`` / ``lab.start_etcd`` wait for it).
+
     python -m ciliate.control.lab.fabric --netns NS --workdir DIR --tor-ip IP \\
         --node NAME=IP:ASN ... --cluster-cidr CIDR --mask-size N [--node-grace-period S]
 """
@@ -54,11 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stop = threading.Event()
     restart_etcd = threading.Event()
+    stop_etcd = threading.Event()
+    start_etcd = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # SIGHUP restarts etcd (same data): the lab's way to test that agents
     # and the operator ride out a restart of the cluster store.
     signal.signal(signal.SIGHUP, lambda *_: restart_etcd.set())
+    # SIGUSR1 stops etcd until SIGUSR2: the lab's way to show what works without
+    # the cluster store and that everything reconciles when it returns.
+    signal.signal(signal.SIGUSR1, lambda *_: stop_etcd.set())
+    signal.signal(signal.SIGUSR2, lambda *_: start_etcd.set())
     args.workdir.mkdir(parents=True, exist_ok=True)
     endpoint = f"http://{args.tor_ip}:{ETCD_PORT}"
     with contextlib.ExitStack() as stack:
@@ -107,14 +118,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         log.info("bird up, pid %s", tor.pid)
+        etcd_state = args.workdir / "etcd-state"
+        etcd_state.write_text("running")
         (args.workdir / "ready").write_text(str(os.getpid()))
-        while not stop.wait(0.2):
+        while not stop.wait(0.1):
             if restart_etcd.is_set():
                 restart_etcd.clear()
                 log.info("restarting etcd")
                 etcd.stop()
                 etcd.start()
+                etcd_state.write_text("running")
                 log.info("etcd is back")
+            if stop_etcd.is_set():
+                stop_etcd.clear()
+                log.info("stopping etcd (SIGUSR1) until SIGUSR2")
+                etcd.stop()
+                etcd_state.write_text("stopped")
+            if start_etcd.is_set():
+                start_etcd.clear()
+                if not etcd.running:
+                    log.info("starting etcd again (SIGUSR2)")
+                    etcd.start()
+                etcd_state.write_text("running")
             if not operator.running:
                 log.error("the operator exited (%s)", operator.returncode)
                 return 1

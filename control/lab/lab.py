@@ -394,6 +394,33 @@ def create_cluster(
     return state
 
 
+def stop_etcd(state: LabState, *, timeout: float = 30) -> None:
+    """Stop the cluster's etcd (the fabric keeps running) until :func:`start_etcd`."""
+    _signal_etcd(state, signal.SIGUSR1, "stopped", timeout=timeout)
+
+
+def start_etcd(state: LabState, *, timeout: float = 60) -> None:
+    """Start the etcd :func:`stop_etcd` stopped (same data) and wait until it serves."""
+    _signal_etcd(state, signal.SIGUSR2, "running", timeout=timeout)
+
+
+def _signal_etcd(state: LabState, sig: signal.Signals, want: str, *, timeout: float) -> None:
+    if state.fabric_pid is None or not _alive(state.fabric_pid):
+        raise LabError(f"lab {state.name!r} has no fabric running (a cluster lab has one)")
+    marker = Path(state.directory) / "fabric" / "etcd-state"
+    # Cleared first: the fabric writes the marker once the new state holds.
+    marker.unlink(missing_ok=True)
+    os.kill(state.fabric_pid, sig)
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text() == want):
+        if time.monotonic() > deadline or not _alive(state.fabric_pid):
+            raise LabError(
+                f"etcd of lab {state.name!r} not {want} within {timeout:.0f} s "
+                f"(see {Path(state.directory) / 'fabric.log'})"
+            )
+        time.sleep(0.05)
+
+
 def _cable_node(state: LabState, index: int) -> tuple[ipaddress.IPv4Address, int, str]:
     """Node ``index``'s namespace, cabled to the ToR's bridge: (IP, AS, netns)."""
     from ciliate.control.lab.fabric import TOR_AS
