@@ -1,9 +1,15 @@
 """Kubernetes-shaped cluster objects (Namespace, Pod, NetworkPolicy,
-CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy): parsing, validation as the
-API server does it, and their keys in a store. Cilium learns these from the
+CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, Service, EndpointSlice):
+parsing, validation as the API server does it, ClusterIP and NodePort allocation,
+and their keys in a store. Cilium learns these from the
 Kubernetes API; ciliate keeps them itself (SQLite on one node, etcd for a cluster).
 """
 
+from ciliate.control.objects.allocation import (
+    DEFAULT_SERVICE_RANGE,
+    configure_service_range,
+    parse_service_range,
+)
 from ciliate.control.objects.errors import (
     DocumentError,
     FieldError,
@@ -11,6 +17,7 @@ from ciliate.control.objects.errors import (
     ObjectInvalidError,
     ObjectNotFoundError,
     ObjectsError,
+    RangeFullError,
     UnknownKindError,
 )
 from ciliate.control.objects.kinds import KINDS, Kind, resolve_kind
@@ -19,6 +26,7 @@ from ciliate.control.objects.store import ApplyResult, ObjectRef, ObjectStore, o
 from ciliate.control.objects.validation import validate
 
 __all__ = [
+    "DEFAULT_SERVICE_RANGE",
     "KINDS",
     "ApplyResult",
     "DocumentError",
@@ -30,10 +38,13 @@ __all__ = [
     "ObjectRef",
     "ObjectStore",
     "ObjectsError",
+    "RangeFullError",
     "UnknownKindError",
+    "configure_service_range",
     "load_documents",
     "object_key",
     "parse_key",
+    "parse_service_range",
     "resolve_kind",
     "validate",
 ]

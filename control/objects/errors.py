@@ -7,7 +7,8 @@
     ├── ObjectInvalidError   one object failed validation (a list of FieldError)
     ├── UnknownKindError     kind/apiVersion this store does not keep
     ├── ObjectNotFoundError  get/delete of an object that is not there
-    └── NamespaceNotFoundError  a namespaced object whose Namespace does not exist
+    ├── NamespaceNotFoundError  a namespaced object whose Namespace does not exist
+    └── RangeFullError       no ClusterIP or NodePort left to allocate
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "ObjectInvalidError",
     "ObjectNotFoundError",
     "ObjectsError",
+    "RangeFullError",
     "UnknownKindError",
 ]
 
@@ -44,6 +46,11 @@ class ObjectNotFoundError(ObjectsError, LookupError):
 
 class NamespaceNotFoundError(ObjectsError, LookupError):
     """A namespaced object refers to a Namespace that does not exist."""
+
+
+class RangeFullError(ObjectsError):
+    """Every ClusterIP of the service range (or every NodePort) is in use: a server
+    side condition, not a fault of the object (the API server answers 500)."""
 
 
 @dataclass(frozen=True)

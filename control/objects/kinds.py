@@ -59,6 +59,8 @@ _ALL = (
         plural="ciliumclusterwidenetworkpolicies",
         short_names=("ccnp",),
     ),
+    Kind("Service", "v1", namespaced=True, plural="services", short_names=("svc",)),
+    Kind("EndpointSlice", "discovery.k8s.io/v1", namespaced=True, plural="endpointslices"),
 )
 
 KINDS: Mapping[str, Kind] = MappingProxyType({k.name: k for k in _ALL})

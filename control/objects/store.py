@@ -21,12 +21,16 @@ implicitly, as in Kubernetes. Deleting a Namespace deletes what is in it.
 from __future__ import annotations
 
 import builtins
+import copy
 import datetime
+import random
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ciliate.control.objects.allocation import admit_service, release_service
 from ciliate.control.objects.errors import NamespaceNotFoundError, ObjectNotFoundError
 from ciliate.control.objects.kinds import KINDS, Kind, kind_for_document
 from ciliate.control.objects.validation import validate
@@ -130,7 +134,9 @@ class ObjectStore:
     def apply(self, documents: Sequence[Mapping[str, Any]]) -> list[ApplyResult]:
         """Create or replace each object (validated first; one transaction)."""
         objects = [validate(document) for document in documents]
-        return self._run(lambda txn: [self._apply_one(txn, obj) for obj in objects])
+        # Each attempt starts from the validated objects: a retried transaction must not
+        # see what the lost attempt filled in (a ClusterIP it had picked, a uid).
+        return self._run(lambda txn: [self._apply_one(txn, copy.deepcopy(obj)) for obj in objects])
 
     def delete(
         self, refs: Sequence[ObjectRef], *, ignore_missing: bool = False
@@ -176,6 +182,9 @@ class ObjectStore:
                 attempt += 1
                 if attempt > _CONFLICT_RETRIES:
                     raise
+                # Every apply writes the revision key, so concurrent applies all conflict:
+                # a random pause keeps the losers from meeting again at once.
+                time.sleep(random.uniform(0, 0.005 * attempt))
 
     def _next_revision(self, txn: Txn) -> int:
         doc = txn.get_json(REVISION_KEY)
@@ -191,6 +200,10 @@ class ObjectStore:
             self._require_namespace(txn, ref)
         stored = txn.get_json(ref.key)
         current: dict[str, Any] | None = stored if isinstance(stored, dict) else None
+        if ref.kind.name == "Service":
+            # ClusterIP and NodePorts: kept from the stored Service or allocated, in this
+            # transaction, so two applies never take one address.
+            admit_service(txn, obj, current)
         if current is not None and _without_server_fields(current) == obj:
             return ApplyResult(ref, "unchanged")
         meta = obj["metadata"]
@@ -238,6 +251,16 @@ class ObjectStore:
         )
 
     def _delete_one(self, txn: Txn, ref: ObjectRef, ignore_missing: bool) -> ApplyResult | None:
+        if ref.kind.name == "Service":
+            stored = txn.get_json(ref.key)
+            if isinstance(stored, dict):
+                release_service(txn, stored)
+        elif ref.kind.name == "Namespace":
+            service_kind = KINDS["Service"]
+            for key, _ in txn.list(f"{PREFIX}{service_kind.key}/{ref.name}/"):
+                stored = txn.get_json(key)
+                if isinstance(stored, dict):
+                    release_service(txn, stored)
         if not txn.delete(ref.key):
             if ignore_missing:
                 return None

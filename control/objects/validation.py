@@ -34,6 +34,7 @@ from ciliate.control.objects.fields import (
     protocol_of,
 )
 from ciliate.control.objects.kinds import Kind, kind_for_document
+from ciliate.control.objects.service_validation import validate_endpoint_slice, validate_service
 
 __all__ = [
     "CILIUM_ENTITIES",
@@ -526,4 +527,6 @@ _VALIDATORS: dict[str, Callable[[Errors, dict[str, Any]], None]] = {
     "NetworkPolicy": _validate_network_policy,
     "CiliumNetworkPolicy": _validate_cilium_policy,
     "CiliumClusterwideNetworkPolicy": _validate_cilium_policy,
+    "Service": validate_service,
+    "EndpointSlice": validate_endpoint_slice,
 }

@@ -1,0 +1,493 @@
+"""Validation and defaulting of ``Service`` (v1) and ``EndpointSlice``
+(discovery.k8s.io/v1), as the API server does them (``ValidateService``,
+``SetDefaults_Service``, ``ValidateEndpointSlice``), with field paths in every
+error.
+
+What is checked here needs nothing but the object; what needs the cluster (the
+ClusterIP inside the service CIDR and not taken, a NodePort not taken, values kept
+from the stored object) is done in the apply transaction by
+:mod:`ciliate.control.objects.allocation`.
+
+Defaults, as the API server sets them: ``type: ClusterIP``, ``sessionAffinity:
+None`` (``ClientIP`` gets ``timeoutSeconds: 10800``), port ``protocol: TCP`` and
+``targetPort`` = ``port``, ``internalTrafficPolicy: Cluster``,
+``externalTrafficPolicy: Cluster`` on externally reachable services,
+``allocateLoadBalancerNodePorts: true`` on LoadBalancers, ``ipFamilies: [IPv4]``,
+``ipFamilyPolicy: SingleStack``, ``clusterIPs`` mirroring ``clusterIP``.
+
+ciliate's datapath is IPv4 only: IPv6 and dual-stack services, ``ExternalName``
+services and ``loadBalancerSourceRanges`` (a filter the datapath would not apply)
+are refused by name rather than stored and ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ciliate.control.objects.fields import (
+    DNS_LABEL,
+    PROTOCOLS,
+    Errors,
+    check_name,
+    label_map,
+    port_name_problem,
+    protocol_of,
+)
+
+__all__ = [
+    "CLIENT_IP_TIMEOUT_DEFAULT",
+    "CLIENT_IP_TIMEOUT_MAX",
+    "NODE_PORT_RANGE",
+    "SERVICE_NAME_LABEL",
+    "SERVICE_TYPES",
+    "externally_reachable",
+    "validate_endpoint_slice",
+    "validate_service",
+]
+
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+NODE_PORT_RANGE = (30000, 32767)  # the API server's --service-node-port-range default
+CLIENT_IP_TIMEOUT_DEFAULT = 10800  # 3 hours, Kubernetes' DefaultClientIPServiceAffinitySeconds
+CLIENT_IP_TIMEOUT_MAX = 86400
+TRAFFIC_POLICIES = ("Cluster", "Local")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MAX_SLICE_ENDPOINTS = 1000
+MAX_SLICE_PORTS = 100
+MAX_ENDPOINT_ADDRESSES = 100
+
+_SERVICE_SPEC_FIELDS = {
+    "ports",
+    "selector",
+    "clusterIP",
+    "clusterIPs",
+    "type",
+    "externalIPs",
+    "sessionAffinity",
+    "sessionAffinityConfig",
+    "loadBalancerIP",
+    "loadBalancerSourceRanges",
+    "loadBalancerClass",
+    "externalName",
+    "externalTrafficPolicy",
+    "healthCheckNodePort",
+    "publishNotReadyAddresses",
+    "ipFamilies",
+    "ipFamilyPolicy",
+    "allocateLoadBalancerNodePorts",
+    "internalTrafficPolicy",
+    "trafficDistribution",
+}
+_SERVICE_PORT_FIELDS = {"name", "protocol", "appProtocol", "port", "targetPort", "nodePort"}
+_SLICE_FIELDS = {"apiVersion", "kind", "metadata", "addressType", "endpoints", "ports"}
+_SLICE_ENDPOINT_FIELDS = {
+    "addresses",
+    "conditions",
+    "hostname",
+    "targetRef",
+    "nodeName",
+    "zone",
+    "hints",
+    "deprecatedTopology",
+}
+_CONDITIONS = ("ready", "serving", "terminating")
+_OBJECT_REFERENCE_FIELDS = {
+    "kind",
+    "namespace",
+    "name",
+    "uid",
+    "apiVersion",
+    "resourceVersion",
+    "fieldPath",
+}
+
+
+def externally_reachable(spec: dict[str, Any]) -> bool:
+    """Kubernetes' ``ExternallyAccessible``: reached from outside the cluster (so
+    ``externalTrafficPolicy`` applies)."""
+    kind = spec.get("type")
+    return kind in ("NodePort", "LoadBalancer") or (
+        kind == "ClusterIP" and bool(spec.get("externalIPs"))
+    )
+
+
+def _ipv4(errs: Errors, path: str, raw: object, *, special_ok: bool = True) -> str | None:
+    text = errs.string(path, raw, required=True)
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        errs.invalid(path, text, "must be a valid IP address, (e.g. 10.9.8.7)")
+        return None
+    if not isinstance(address, ipaddress.IPv4Address):
+        errs.invalid(path, text, "ciliate serves IPv4 only: use an IPv4 address")
+        return None
+    if not special_ok:
+        # ValidateNonSpecialIP: these could never be a service's outside address.
+        for test, what in (
+            (address.is_unspecified, "unspecified (0.0.0.0)"),
+            (address.is_loopback, "in the loopback range (127.0.0.0/8)"),
+            (address.is_link_local, "in the link-local range (169.254.0.0/16)"),
+            (address.is_multicast, "in the multicast range (224.0.0.0/4)"),
+        ):
+            if test:
+                errs.invalid(path, text, f"may not be {what}")
+                return None
+    return str(address)
+
+
+def _port_number(errs: Errors, path: str, raw: object, *, required: bool) -> int | None:
+    if raw is None:
+        if required:
+            errs.required(path)
+        return None
+    number = errs.integer(path, raw)
+    if number is not None and not 1 <= number <= 65535:
+        errs.invalid(path, number, "must be between 1 and 65535, inclusive")
+        return None
+    return number
+
+
+def _one_of(errs: Errors, path: str, raw: object, allowed: tuple[str, ...], default: str) -> str:
+    value = errs.string(path, raw)
+    if value is None or value == "":
+        return default
+    if value not in allowed:
+        errs.unsupported(path, value, allowed)
+        return default
+    return value
+
+
+# -- Service -------------------------------------------------------------------------
+
+
+def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
+    spec = dict(errs.mapping("spec", obj.get("spec"), required=True))
+    errs.unknown_fields("spec", spec, _SERVICE_SPEC_FIELDS)
+    kind = errs.string("spec.type", spec.get("type")) or "ClusterIP"
+    if kind == "ExternalName":
+        errs.forbidden("spec.type", "ExternalName services are not supported by ciliate")
+    elif kind not in SERVICE_TYPES:
+        errs.unsupported("spec.type", kind, SERVICE_TYPES)
+    out: dict[str, Any] = {"type": kind}
+
+    _cluster_ips(errs, spec, out)
+    headless = out["clusterIP"] == "None"
+    if headless and kind in ("NodePort", "LoadBalancer"):
+        errs.invalid("spec.clusterIP", "None", f"may not be set to 'None' for {kind} services")
+    out["ports"] = _service_ports(errs, spec.get("ports"), kind=kind, headless=headless)
+
+    selector = label_map(errs, "spec.selector", spec.get("selector"))
+    if selector:
+        out["selector"] = selector
+
+    external_ips = [
+        ip
+        for i, raw in enumerate(errs.sequence("spec.externalIPs", spec.get("externalIPs")))
+        if (ip := _ipv4(errs, f"spec.externalIPs[{i}]", raw, special_ok=False)) is not None
+    ]
+    if external_ips:
+        out["externalIPs"] = external_ips
+
+    _session_affinity(errs, spec, out)
+    _traffic_policies(errs, spec, out)
+
+    if kind == "LoadBalancer":
+        allocate = spec.get("allocateLoadBalancerNodePorts", True)
+        if not isinstance(allocate, bool):
+            errs.invalid("spec.allocateLoadBalancerNodePorts", allocate, "must be a boolean")
+            allocate = True
+        out["allocateLoadBalancerNodePorts"] = allocate
+        if (ip := spec.get("loadBalancerIP")) not in (None, ""):
+            out["loadBalancerIP"] = _ipv4(errs, "spec.loadBalancerIP", ip, special_ok=False)
+        if (
+            cls := errs.string("spec.loadBalancerClass", spec.get("loadBalancerClass"))
+        ) is not None:
+            out["loadBalancerClass"] = cls
+    else:
+        for field in ("allocateLoadBalancerNodePorts", "loadBalancerIP", "loadBalancerClass"):
+            if spec.get(field) not in (None, ""):
+                errs.forbidden(f"spec.{field}", "may only be used when `type` is 'LoadBalancer'")
+    if spec.get("loadBalancerSourceRanges"):
+        errs.forbidden(
+            "spec.loadBalancerSourceRanges",
+            "source ranges are not enforced by ciliate's datapath; filter with a network policy",
+        )
+    if spec.get("healthCheckNodePort") not in (None, 0):
+        number = _port_number(
+            errs, "spec.healthCheckNodePort", spec["healthCheckNodePort"], required=False
+        )
+        if kind != "LoadBalancer" or out.get("externalTrafficPolicy") != "Local":
+            errs.invalid(
+                "spec.healthCheckNodePort",
+                spec["healthCheckNodePort"],
+                "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy`"
+                " is 'Local'",
+            )
+        elif number is not None:
+            out["healthCheckNodePort"] = number
+    publish = spec.get("publishNotReadyAddresses", False)
+    if not isinstance(publish, bool):
+        errs.invalid("spec.publishNotReadyAddresses", publish, "must be a boolean")
+        publish = False
+    if publish:
+        out["publishNotReadyAddresses"] = True
+    if (distribution := spec.get("trafficDistribution")) is not None:
+        out["trafficDistribution"] = errs.string("spec.trafficDistribution", distribution)
+    obj["spec"] = out
+    _load_balancer_status(errs, obj)
+
+
+def _cluster_ips(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    raw = spec.get("clusterIP")
+    ips = errs.sequence("spec.clusterIPs", spec.get("clusterIPs"))
+    if len(ips) > 1:
+        errs.invalid("spec.clusterIPs", ips, "ciliate serves IPv4 only: one cluster IP at most")
+    if raw in (None, "") and ips:
+        raw = ips[0]
+    elif ips and ips[0] != raw:
+        errs.invalid("spec.clusterIPs[0]", ips[0], "must match `clusterIP`")
+    cluster_ip = ""
+    if raw not in (None, "", "None"):
+        path = "spec.clusterIP"
+        if not isinstance(raw, str):
+            errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
+        else:
+            try:
+                address = ipaddress.ip_address(raw)
+            except ValueError:
+                errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
+            else:
+                if isinstance(address, ipaddress.IPv4Address):
+                    cluster_ip = str(address)
+                else:
+                    errs.invalid(path, raw, "ciliate serves IPv4 only: use an IPv4 address")
+    elif raw == "None":
+        cluster_ip = "None"
+    out["clusterIP"] = cluster_ip  # "" until the apply allocates one
+    out["clusterIPs"] = [cluster_ip] if cluster_ip else []
+    families = errs.sequence("spec.ipFamilies", spec.get("ipFamilies"))
+    for i, family in enumerate(families):
+        if family != "IPv4":
+            errs.unsupported(f"spec.ipFamilies[{i}]", family, ("IPv4",))
+    out["ipFamilies"] = ["IPv4"]
+    policy = spec.get("ipFamilyPolicy")
+    if policy == "RequireDualStack":
+        errs.invalid("spec.ipFamilyPolicy", policy, "ciliate serves IPv4 only")
+    elif policy not in (None, "SingleStack", "PreferDualStack"):
+        errs.unsupported(
+            "spec.ipFamilyPolicy", policy, ("SingleStack", "PreferDualStack", "RequireDualStack")
+        )
+    # PreferDualStack on a single-stack cluster is stored as SingleStack, as Kubernetes does.
+    out["ipFamilyPolicy"] = "SingleStack"
+
+
+def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> list[dict[str, Any]]:
+    items = errs.sequence("spec.ports", raw)
+    if not items and not headless:
+        errs.required("spec.ports")
+    names: set[str] = set()
+    seen: set[tuple[int, str]] = set()
+    node_ports: set[tuple[int, str]] = set()
+    ports = []
+    for i, item in enumerate(items):
+        at = f"spec.ports[{i}]"
+        port = errs.mapping(at, item)
+        errs.unknown_fields(at, port, _SERVICE_PORT_FIELDS)
+        out: dict[str, Any] = {}
+        name = errs.string(f"{at}.name", port.get("name"))
+        if name:
+            if len(name) > 63 or not DNS_LABEL.fullmatch(name):
+                errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+            elif name in names:
+                errs.duplicate(f"{at}.name", name)
+            names.add(name)
+            out["name"] = name
+        elif len(items) > 1:
+            errs.required(f"{at}.name", "names are required when a service has several ports")
+        protocol = protocol_of(
+            errs, f"{at}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+        )
+        out["protocol"] = protocol
+        if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
+            out["appProtocol"] = app
+        number = _port_number(errs, f"{at}.port", port.get("port"), required=True)
+        out["port"] = number
+        if number is not None:
+            if (number, protocol) in seen:
+                errs.duplicate(at, {"port": number, "protocol": protocol})
+            seen.add((number, protocol))
+        out["targetPort"] = _target_port(errs, f"{at}.targetPort", port.get("targetPort"), number)
+        node_port = port.get("nodePort")
+        if node_port not in (None, 0):
+            if kind not in ("NodePort", "LoadBalancer"):
+                errs.forbidden(f"{at}.nodePort", f"may not be used when `type` is '{kind}'")
+            elif (value := errs.integer(f"{at}.nodePort", node_port)) is not None:
+                low, high = NODE_PORT_RANGE
+                if not low <= value <= high:
+                    errs.invalid(
+                        f"{at}.nodePort",
+                        value,
+                        f"provided port is not in the valid range. The range of valid ports"
+                        f" is {low}-{high}",
+                    )
+                elif (value, protocol) in node_ports:
+                    errs.duplicate(f"{at}.nodePort", value)
+                node_ports.add((value, protocol))
+                out["nodePort"] = value
+        ports.append(out)
+    return ports
+
+
+def _target_port(errs: Errors, path: str, raw: object, port: int | None) -> int | str | None:
+    if raw is None or raw == 0 or raw == "":
+        return port  # defaulted to the port, as the API server does
+    if isinstance(raw, str):
+        if (problem := port_name_problem(raw)) is not None:
+            errs.invalid(path, raw, problem)
+        return raw
+    return _port_number(errs, path, raw, required=False)
+
+
+def _session_affinity(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    affinity = _one_of(
+        errs, "spec.sessionAffinity", spec.get("sessionAffinity"), ("None", "ClientIP"), "None"
+    )
+    out["sessionAffinity"] = affinity
+    config = errs.mapping("spec.sessionAffinityConfig", spec.get("sessionAffinityConfig"))
+    if affinity == "None":
+        if config:
+            errs.invalid(
+                "spec.sessionAffinityConfig",
+                config,
+                "must not be set when `sessionAffinity` is None",
+            )
+        return
+    client = errs.mapping("spec.sessionAffinityConfig.clientIP", config.get("clientIP"))
+    path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    timeout = errs.integer(path, client.get("timeoutSeconds"))
+    if timeout is None:
+        timeout = CLIENT_IP_TIMEOUT_DEFAULT
+    elif not 0 < timeout <= CLIENT_IP_TIMEOUT_MAX:
+        errs.invalid(path, timeout, f"must be greater than 0 and less than {CLIENT_IP_TIMEOUT_MAX}")
+    out["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": timeout}}
+
+
+def _traffic_policies(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    out["internalTrafficPolicy"] = _one_of(
+        errs,
+        "spec.internalTrafficPolicy",
+        spec.get("internalTrafficPolicy"),
+        TRAFFIC_POLICIES,
+        "Cluster",
+    )
+    external = spec.get("externalTrafficPolicy")
+    if externally_reachable(out):
+        out["externalTrafficPolicy"] = _one_of(
+            errs, "spec.externalTrafficPolicy", external, TRAFFIC_POLICIES, "Cluster"
+        )
+    elif external not in (None, ""):
+        errs.invalid(
+            "spec.externalTrafficPolicy",
+            external,
+            "may only be set for externally-accessible services",
+        )
+
+
+def _load_balancer_status(errs: Errors, obj: dict[str, Any]) -> None:
+    status = errs.mapping("status", obj.get("status"))
+    load_balancer = errs.mapping("status.loadBalancer", status.get("loadBalancer"))
+    ingress = []
+    for i, raw in enumerate(
+        errs.sequence("status.loadBalancer.ingress", load_balancer.get("ingress"))
+    ):
+        at = f"status.loadBalancer.ingress[{i}]"
+        entry = dict(errs.mapping(at, raw))
+        if entry.get("ip") not in (None, ""):
+            entry["ip"] = _ipv4(errs, f"{at}.ip", entry["ip"], special_ok=False)
+        if entry.get("hostname") not in (None, ""):
+            hostname = errs.string(f"{at}.hostname", entry["hostname"])
+            if hostname is not None:
+                check_name(errs, f"{at}.hostname", hostname, dns_label=False)
+        ingress.append(entry)
+    obj["status"] = {"loadBalancer": {"ingress": ingress} if ingress else {}}
+
+
+# -- EndpointSlice ----------------------------------------------------------------------
+
+
+def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
+    errs.unknown_fields("", obj, _SLICE_FIELDS)
+    address_type = errs.string("addressType", obj.get("addressType"), required=True)
+    if address_type in ("IPv6", "FQDN"):
+        errs.invalid("addressType", address_type, "ciliate serves IPv4 only")
+    elif address_type is not None and address_type != "IPv4":
+        errs.unsupported("addressType", address_type, ("IPv4", "IPv6", "FQDN"))
+    endpoints = errs.sequence("endpoints", obj.get("endpoints"))
+    if len(endpoints) > MAX_SLICE_ENDPOINTS:
+        errs.invalid("endpoints", len(endpoints), f"must have at most {MAX_SLICE_ENDPOINTS} items")
+    obj["endpoints"] = [
+        _slice_endpoint(errs, f"endpoints[{i}]", raw) for i, raw in enumerate(endpoints)
+    ]
+    ports = errs.sequence("ports", obj.get("ports"))
+    if len(ports) > MAX_SLICE_PORTS:
+        errs.invalid("ports", len(ports), f"must have at most {MAX_SLICE_PORTS} items")
+    names: set[str] = set()
+    out_ports = []
+    for i, raw in enumerate(ports):
+        at = f"ports[{i}]"
+        port = errs.mapping(at, raw)
+        errs.unknown_fields(at, port, {"name", "protocol", "port", "appProtocol"})
+        name = errs.string(f"{at}.name", port.get("name")) or ""
+        if name and (len(name) > 63 or not DNS_LABEL.fullmatch(name)):
+            errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+        elif name in names:
+            errs.duplicate(f"{at}.name", name)
+        names.add(name)
+        out: dict[str, Any] = {
+            "name": name,
+            "protocol": protocol_of(
+                errs, f"{at}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+            ),
+            "port": _port_number(errs, f"{at}.port", port.get("port"), required=False),
+        }
+        if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
+            out["appProtocol"] = app
+        out_ports.append(out)
+    obj["ports"] = out_ports
+
+
+def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
+    endpoint = dict(errs.mapping(path, raw))
+    errs.unknown_fields(path, endpoint, _SLICE_ENDPOINT_FIELDS)
+    addresses = errs.sequence(f"{path}.addresses", endpoint.get("addresses"))
+    if not addresses:
+        errs.required(f"{path}.addresses", "must contain at least 1 address")
+    elif len(addresses) > MAX_ENDPOINT_ADDRESSES:
+        errs.invalid(
+            f"{path}.addresses",
+            len(addresses),
+            f"must have at most {MAX_ENDPOINT_ADDRESSES} items",
+        )
+    endpoint["addresses"] = [
+        _ipv4(errs, f"{path}.addresses[{i}]", address) for i, address in enumerate(addresses)
+    ]
+    conditions = errs.mapping(f"{path}.conditions", endpoint.get("conditions"))
+    errs.unknown_fields(f"{path}.conditions", conditions, set(_CONDITIONS))
+    for name in _CONDITIONS:
+        value = conditions.get(name)
+        if value is not None and not isinstance(value, bool):
+            errs.invalid(f"{path}.conditions.{name}", value, "must be true, false or null")
+    endpoint["conditions"] = {k: v for k, v in conditions.items() if k in _CONDITIONS}
+    if (node := errs.string(f"{path}.nodeName", endpoint.get("nodeName"))) is not None:
+        check_name(errs, f"{path}.nodeName", node, dns_label=False)
+    hostname = errs.string(f"{path}.hostname", endpoint.get("hostname"))
+    if hostname is not None and (len(hostname) > 63 or not DNS_LABEL.fullmatch(hostname)):
+        errs.invalid(f"{path}.hostname", hostname, "must be a lowercase RFC 1123 label")
+    errs.string(f"{path}.zone", endpoint.get("zone"))
+    target = errs.mapping(f"{path}.targetRef", endpoint.get("targetRef"))
+    errs.unknown_fields(f"{path}.targetRef", target, _OBJECT_REFERENCE_FIELDS)
+    for key, value in target.items():
+        errs.string(f"{path}.targetRef.{key}", value)
+    return endpoint
