@@ -43,6 +43,11 @@ class Event:
         return self.type == tables.EventType["POLICY"]
 
     @property
+    def kind(self) -> str:
+        """'drop', 'trace' or 'policy' (an allowed new connection)."""
+        return tables.EventType(self.type).name.lower()
+
+    @property
     def policy(self) -> str:
         """'identity 1001 -> 1002 tcp/80 (ingress)', or '' when no policy was looked at."""
         if not (self.src_identity or self.dst_identity):

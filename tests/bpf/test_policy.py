@@ -396,6 +396,7 @@ def test_an_allowed_new_connection_is_a_policy_verdict_event_when_tracing(tb: Te
         80,
     )
     assert verdict.summary == f"POLICY allowed identity {A_ID} -> {B_ID} tcp/80 (ingress)"
+    assert verdict.kind == "policy"
     a_to_b(tb, flags="A")  # an established packet: no verdict again
     assert not [e for e in tb.events() if e.type == EventType.POLICY]
 
