@@ -1,0 +1,139 @@
+"""Stable numeric ids for the datapath: a service id per frontend (also its
+reverse-NAT index, 16 bits as in Cilium) and a backend id per backend address
+(32 bits), shared by every frontend that sends to it.
+
+An id stays with its frontend or backend for as long as it is in the table, across
+recomputation and across agent restarts: the ids live in the node's store (as
+Cilium keeps them in its state), next to the last one handed out. New ids are
+handed out *after* the last one, wrapping at the maximum, so a freed id comes back
+as late as possible: connections tracked under an old service id must not be
+reverse-translated as another service's.
+
+::
+
+    services/ids/frontend/<ip>:<port>/<proto>   {"id": n}
+    services/ids/backend/<ip>:<port>/<proto>    {"id": n}
+    services/ids/last/frontend | backend        {"id": n}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ciliate.control.services.table import BackendKey, Frontend, FrontendKey
+from ciliate.control.store import Store, StoreDataError, Txn, decode_json
+
+__all__ = [
+    "BACKEND_ID_MAX",
+    "PREFIX",
+    "SERVICE_ID_MAX",
+    "IdsExhaustedError",
+    "LbIds",
+    "LoadBalancerIds",
+    "assign_ids",
+]
+
+PREFIX = "services/ids/"
+SERVICE_ID_MAX = 0xFFFF
+BACKEND_ID_MAX = 0xFFFF_FFFF
+
+_K = TypeVar("_K")
+
+
+class IdsExhaustedError(RuntimeError):
+    """Every id of a pool is in use (65,535 frontends on one node)."""
+
+
+def assign_ids(
+    keys: Iterable[_K], *, current: Mapping[_K, int], last: int, maximum: int
+) -> tuple[dict[_K, int], int]:
+    """Ids for ``keys``: the ones they have in ``current``, new ones after ``last``
+    (1..maximum, wrapping, skipping ids in use). Returns the ids and the new last."""
+    wanted = sorted(set(keys), key=str)
+    ids = {key: current[key] for key in wanted if key in current}
+    used = set(ids.values())
+    candidate = last
+    for key in wanted:
+        if key in ids:
+            continue
+        for _ in range(maximum):
+            candidate = candidate % maximum + 1
+            if candidate not in used:
+                break
+        else:
+            raise IdsExhaustedError(f"all {maximum} ids are in use")
+        ids[key] = candidate
+        used.add(candidate)
+    return ids, candidate
+
+
+@dataclass(frozen=True)
+class LoadBalancerIds:
+    frontend: dict[FrontendKey, int]
+    backend: dict[BackendKey, int]
+    released_frontends: list[int] = field(default_factory=list)
+    released_backends: list[int] = field(default_factory=list)
+
+
+def _parse_key(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
+    address, _, protocol = text.rpartition("/")
+    ip, _, port = address.rpartition(":")
+    return ipaddress.IPv4Address(ip), int(port), protocol
+
+
+class LbIds:
+    """The ids of a node, kept in its store."""
+
+    def __init__(self, store: Store, *, prefix: str = PREFIX) -> None:
+        self._store = store
+        self._prefix = prefix
+
+    def _read(self, txn: Txn, pool: str) -> tuple[dict[str, int], int]:
+        current = {}
+        for key, raw in txn.list(f"{self._prefix}{pool}/"):
+            doc = decode_json(key, raw)
+            value = doc.get("id") if isinstance(doc, dict) else None
+            if not isinstance(value, int):
+                raise StoreDataError(f"{key} holds {doc!r}, not an id")
+            current[key.removeprefix(f"{self._prefix}{pool}/")] = value
+        last_doc = txn.get_json(f"{self._prefix}last/{pool}")
+        last = last_doc.get("id") if isinstance(last_doc, dict) else 0
+        return current, last if isinstance(last, int) else 0
+
+    def _sync_pool(
+        self, txn: Txn, pool: str, keys: Sequence[str], maximum: int
+    ) -> tuple[dict[str, int], list[int]]:
+        current, last = self._read(txn, pool)
+        ids, new_last = assign_ids(keys, current=current, last=last, maximum=maximum)
+        for key, value in ids.items():
+            if current.get(key) != value:
+                txn.put_json(f"{self._prefix}{pool}/{key}", {"id": value})
+        released = []
+        for key, value in current.items():
+            if key not in ids:
+                txn.delete(f"{self._prefix}{pool}/{key}")
+                released.append(value)
+        if new_last != last:
+            txn.put_json(f"{self._prefix}last/{pool}", {"id": new_last})
+        return ids, sorted(released)
+
+    def sync(self, frontends: Sequence[Frontend]) -> LoadBalancerIds:
+        """Ids for the table's frontends and backends (kept, or new), in one
+        transaction; the ids of those no longer in the table are freed."""
+        backend_keys = {b.key for f in frontends for b in f.backends}
+        with self._store.transaction() as txn:
+            frontend_ids, released_frontends = self._sync_pool(
+                txn, "frontend", [str(f.key) for f in frontends], SERVICE_ID_MAX
+            )
+            backend_ids, released_backends = self._sync_pool(
+                txn, "backend", [str(k) for k in backend_keys], BACKEND_ID_MAX
+            )
+        return LoadBalancerIds(
+            frontend={FrontendKey(*_parse_key(k)): v for k, v in frontend_ids.items()},
+            backend={BackendKey(*_parse_key(k)): v for k, v in backend_ids.items()},
+            released_frontends=released_frontends,
+            released_backends=released_backends,
+        )
