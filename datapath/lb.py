@@ -11,7 +11,10 @@ maps of ``bpf/include/ciliate/lb.h`` in Cilium's layout (see abi.h):
 - ``ciliate_lb_backend``: backend id -> address, port, state, local flag;
 - ``ciliate_lb_revnat``: service id (rev-NAT id) -> frontend;
 - ``ciliate_lb_maglev``: service id -> Maglev lookup table (external
-  services: the same backend for one flow from any node).
+  services: the same backend for one flow from any node);
+- ``ciliate_lb_affinity``, ``ciliate_lb_sock_revnat``, ``ciliate_lb_nat_fwd``
+  and ``ciliate_lb_nat_rev`` are written by the programs (kept backends,
+  sockets' frontends, uplink flows); only :meth:`LoadBalancer.clear` empties them.
 
 Updates are ordered so that a program running meanwhile only ever sees a
 whole old or a whole new service: backends, rev-NAT and Maglev first, then
@@ -175,6 +178,8 @@ class LoadBalancer:
         affinity: RawMap,
         sock_revnat: RawMap,
         maglev: RawMap,
+        nat_fwd: RawMap,
+        nat_rev: RawMap,
     ) -> None:
         self._services = services
         self._backends = backends
@@ -182,6 +187,8 @@ class LoadBalancer:
         self._affinity = affinity
         self._sock_revnat = sock_revnat
         self._maglev = maglev
+        self._nat_fwd = nat_fwd
+        self._nat_rev = nat_rev
         self._table: dict[Frontend, Service] = {s.frontend: s for s in self._read()}
 
     # ---- keys and values
@@ -411,7 +418,7 @@ class LoadBalancer:
             self._backends.delete(self._u32(backend_id))
 
     def clear(self) -> None:
-        """Remove every service, backend, affinity and socket entry."""
+        """Remove every service, backend, affinity, socket and NAT entry."""
         for raw in (
             self._services,
             self._backends,
@@ -419,6 +426,8 @@ class LoadBalancer:
             self._affinity,
             self._sock_revnat,
             self._maglev,
+            self._nat_fwd,
+            self._nat_rev,
         ):
             raw.clear()
         self._table.clear()

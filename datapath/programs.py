@@ -156,6 +156,8 @@ class Datapath:
                 affinity=self.maps[dpmaps.LB_AFFINITY],
                 sock_revnat=self.maps[dpmaps.LB_SOCK_REVNAT],
                 maglev=self.maps[dpmaps.LB_MAGLEV],
+                nat_fwd=self.maps[dpmaps.LB_NAT_FWD],
+                nat_rev=self.maps[dpmaps.LB_NAT_REV],
             )
         if dpmaps.shape().enabled("policy"):
             self._policy = Policy(self.maps[dpmaps.POLICY], self.maps[dpmaps.POLICY_STATE])

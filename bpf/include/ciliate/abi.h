@@ -35,6 +35,8 @@ enum ciliate_drop_reason {
 	CILIATE_DROP_INVALID_ARP = 138,         /* ARP that is not Ethernet/IPv4 */
 	CILIATE_DROP_REDIRECT_FAILED = 139,     /* redirect helper refused the target */
 	CILIATE_DROP_POLICY_DENIED = 140,       /* policy denied */
+	CILIATE_DROP_NO_SERVICE_BACKEND = 141,  /* service has no active backend */
+	CILIATE_DROP_NO_ROUTE = 142,            /* no route for a translated service packet */
 };
 
 /* Where a forwarded packet went (trace events). */
@@ -81,6 +83,7 @@ enum ciliate_source {
 	CILIATE_SRC_FORWARD_H = 8,
 	CILIATE_SRC_POLICY_H = 9,
 	CILIATE_SRC_CONNTRACK_H = 10,
+	CILIATE_SRC_LB_H = 11,
 };
 
 /* ciliate_ipcache (LPM trie): prefix -> who owns it. */
@@ -359,6 +362,40 @@ struct ciliate_lb_sock_value {
 	__u16 port;             /* frontend, network byte order */
 	__u16 rev_nat_id;
 };
+
+/*
+ * Per-packet load balancing on the uplink (NodePort, LoadBalancer and
+ * external IPs from outside): one flow keeps its backend and its SNAT port
+ * through ciliate_lb_nat_fwd, keyed by the tuple as it arrived; replies
+ * are translated back through ciliate_lb_nat_rev, keyed by the tuple of
+ * the reply as the node sees it (from a local backend pod, or from a
+ * remote backend to this node's SNAT port).
+ */
+struct ciliate_lb_tuple {
+	__u32 saddr;            /* network byte order */
+	__u32 daddr;
+	__u16 sport;            /* network byte order */
+	__u16 dport;
+	__u8 protocol;
+	__u8 pad[3];
+};
+
+struct ciliate_lb_nat_fwd {
+	__u32 backend_id;
+	__u16 nat_port;         /* SNAT source port (network byte order); 0: not SNATed (local backend) */
+	__u16 pad;
+};
+
+/* The addresses and ports a reply gets. */
+struct ciliate_lb_nat_rev {
+	__u32 saddr;            /* the frontend */
+	__u32 daddr;            /* the client */
+	__u16 sport;
+	__u16 dport;
+};
+
+#define CILIATE_LB_NAT_PORT_MIN 61000   /* SNAT ports: above Linux's default ephemeral range */
+#define CILIATE_LB_NAT_PORT_MAX 65535
 
 /* ciliate_lb_maglev (hash): rev-NAT id -> the service's Maglev lookup
  * table, CILIATE_LB_MAGLEV_SIZE backend ids (computed in user space). */

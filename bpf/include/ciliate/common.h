@@ -48,6 +48,8 @@ static __always_inline __u8 ciliate_source_id(const char *name)
 		return CILIATE_SRC_POLICY_H;
 	if (!__builtin_strcmp(name, "conntrack.h"))
 		return CILIATE_SRC_CONNTRACK_H;
+	if (!__builtin_strcmp(name, "lb.h"))
+		return CILIATE_SRC_LB_H;
 	return CILIATE_SRC_UNKNOWN;
 }
 

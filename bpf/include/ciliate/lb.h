@@ -10,6 +10,9 @@
 #define CILIATE_LB_H
 
 #include "ciliate/common.h"
+#include "ciliate/node_config.h"
+#include "ciliate/eth.h"
+#include "ciliate/ipv4.h"
 #include "maps.h"
 
 #define IPPROTO_TCP 6
@@ -123,9 +126,14 @@ lb_select(struct ciliate_lb_service_key *key, const struct ciliate_lb_service_va
 		__u32 rev_nat = svc->rev_nat_id;
 		const struct ciliate_lb_maglev *table = bpf_map_lookup_elem(&ciliate_lb_maglev, &rev_nat);
 
-		if (!table)
+		__u32 index = maglev_hash % CILIATE_LB_MAGLEV_SIZE;
+
+		/* The verifier does not bound a modulo: an explicit check,
+		 * behind a barrier so clang does not fold it away. */
+		asm volatile("" : "+r"(index));
+		if (!table || index >= CILIATE_LB_MAGLEV_SIZE)
 			return NULL;
-		*id = table->backend_ids[maglev_hash % CILIATE_LB_MAGLEV_SIZE];
+		*id = table->backend_ids[index];
 	} else {
 		*id = lb_pick_random(key, svc);
 	}
@@ -135,6 +143,302 @@ lb_select(struct ciliate_lb_service_key *key, const struct ciliate_lb_service_va
 	if (keep)
 		lb_affinity_keep(&akey, *id);
 	return backend;
+}
+
+/* ---- Per-packet load balancing (the uplink) ---- */
+
+/* Not a service packet (or translated to a local pod): the caller goes on. */
+#define CILIATE_LB_PASS 100
+
+#define ETH_HLEN 14
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+#define TCP_CSUM_OFF 16
+#define UDP_CSUM_OFF 6
+#define AF_INET 2
+
+/* A hash of a flow's tuple, the same on every node (no per-node seed):
+ * Maglev then picks the same backend for the flow whichever node the
+ * fabric sends it to. The finaliser of MurmurHash3. */
+static __always_inline __u32 lb_tuple_hash(const struct ciliate_lb_tuple *t)
+{
+	__u32 h = t->saddr * 0xcc9e2d51;
+
+	h ^= t->daddr * 0x1b873593;
+	h ^= ((__u32)t->sport << 16 | t->dport) * 0x85ebca6b;
+	h ^= t->protocol;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The tuple of a TCP or UDP packet; false for other protocols and for
+ * fragments after the first (no ports: the stack gets them). */
+static __always_inline bool lb_tuple(struct __sk_buff *ctx, const struct iphdr *ip,
+				     struct ciliate_lb_tuple *t, __u32 *l4_off)
+{
+	__u16 ports[2];
+
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return false;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return false;
+	*l4_off = ETH_HLEN + ip->ihl * 4;
+	if (bpf_skb_load_bytes(ctx, *l4_off, ports, sizeof(ports)) < 0)
+		return false;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->sport = ports[0];
+	t->dport = ports[1];
+	t->protocol = ip->protocol;
+	return true;
+}
+
+/* Rewrite one address (offset `off` in the IPv4 header) with both
+ * checksums; the L4 one covers it through the pseudo-header. */
+static __always_inline int lb_set_addr(struct __sk_buff *ctx, __u32 l4_off, __u8 protocol,
+				       __u32 off, __u32 old, __u32 new)
+{
+	__u32 csum_off = l4_off + (protocol == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__u64 flags = BPF_F_PSEUDO_HDR | sizeof(new);
+
+	if (old == new)
+		return 0;
+	if (protocol == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0; /* a UDP checksum of 0 means none: keep it so */
+	if (bpf_l4_csum_replace(ctx, csum_off, old, new, flags) < 0 ||
+	    bpf_l3_csum_replace(ctx, ETH_HLEN + offsetof(struct iphdr, check), old, new,
+				sizeof(new)) < 0 ||
+	    bpf_skb_store_bytes(ctx, ETH_HLEN + off, &new, sizeof(new), 0) < 0)
+		return DROP(CILIATE_DROP_TRUNCATED);
+	return 0;
+}
+
+/* Rewrite one port (`off` 0: source, 2: destination) and the L4 checksum. */
+static __always_inline int lb_set_port(struct __sk_buff *ctx, __u32 l4_off, __u8 protocol,
+				       __u32 off, __u16 old, __u16 new)
+{
+	__u32 csum_off = l4_off + (protocol == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__u64 flags = sizeof(new);
+
+	if (old == new)
+		return 0;
+	if (protocol == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(ctx, csum_off, old, new, flags) < 0 ||
+	    bpf_skb_store_bytes(ctx, l4_off + off, &new, sizeof(new), 0) < 0)
+		return DROP(CILIATE_DROP_TRUNCATED);
+	return 0;
+}
+
+/* Give the packet of tuple `t` the addresses and ports of `to`. */
+static __always_inline int lb_rewrite(struct __sk_buff *ctx, __u32 l4_off,
+				      const struct ciliate_lb_tuple *t,
+				      const struct ciliate_lb_tuple *to)
+{
+	int ret;
+
+	ret = lb_set_addr(ctx, l4_off, t->protocol, offsetof(struct iphdr, saddr), t->saddr,
+			  to->saddr);
+	if (!ret)
+		ret = lb_set_addr(ctx, l4_off, t->protocol, offsetof(struct iphdr, daddr),
+				  t->daddr, to->daddr);
+	if (!ret)
+		ret = lb_set_port(ctx, l4_off, t->protocol, 0, t->sport, to->sport);
+	if (!ret)
+		ret = lb_set_port(ctx, l4_off, t->protocol, 2, t->dport, to->dport);
+	return ret;
+}
+
+/* Send a translated packet on its way past the stack: its source may be
+ * this node's own address (a NodePort frontend, the SNAT address), which
+ * the stack would drop as a martian when it comes in from a device. The
+ * route and the neighbour come from the kernel's FIB. */
+static __always_inline int lb_fib_redirect(struct __sk_buff *ctx, struct trace_info *trace)
+{
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	long ret;
+
+	if (IS_DROP(eth_parse(ctx, &eth)) || IS_DROP(ipv4_parse(ctx, &ip)))
+		return DROP(CILIATE_DROP_TRUNCATED);
+	if (ip->ttl <= 1)
+		return DROP(CILIATE_DROP_TTL_EXCEEDED);
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = ctx->ifindex;
+	/* Looked up as the router would forward it in from this device
+	 * (forwarding must be on, as on any node). */
+	ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	trace->point = CILIATE_TRACE_TO_REMOTE;
+	trace->target_ifindex = fib.ifindex;
+	if (ret == BPF_FIB_LKUP_RET_SUCCESS) {
+		eth_set_addrs(eth, fib.dmac, fib.smac);
+		ipv4_dec_ttl(ip);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		ipv4_dec_ttl(ip);
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	}
+	return DROP(CILIATE_DROP_NO_ROUTE);
+}
+
+/* A reply of a translated flow, if `t` is one: it gets the frontend (and,
+ * SNATed, the client) back and leaves past the stack. */
+static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
+				      const struct ciliate_lb_tuple *t, struct trace_info *trace)
+{
+	const struct ciliate_lb_nat_rev *rev = bpf_map_lookup_elem(&ciliate_lb_nat_rev, t);
+	struct ciliate_lb_tuple to;
+	int ret;
+
+	if (!rev)
+		return CILIATE_LB_PASS;
+	to = *t;
+	to.saddr = rev->saddr;
+	to.sport = rev->sport;
+	to.daddr = rev->daddr;
+	to.dport = rev->dport;
+	ret = lb_rewrite(ctx, l4_off, t, &to);
+	if (IS_DROP(ret))
+		return ret;
+	return lb_fib_redirect(ctx, trace);
+}
+
+/* A reply from a local pod to a client outside, after its policy: the
+ * reply of a flow the uplink translated to this pod gets the frontend as
+ * its source. */
+static __always_inline int lb_rev_nat_from_pod(struct __sk_buff *ctx, const struct iphdr *ip,
+					       struct trace_info *trace)
+{
+	struct ciliate_lb_tuple t = {};
+	__u32 l4_off;
+
+	if (!lb_tuple(ctx, ip, &t, &l4_off))
+		return CILIATE_LB_PASS;
+	return lb_rev_nat(ctx, l4_off, &t, trace);
+}
+
+/* A free SNAT port for a flow to `backend` (tried from a hash of the flow,
+ * a few ports on), its reply entry written; 0 if none was free. */
+static __always_inline __u16 lb_snat_port(const struct ciliate_lb_tuple *orig,
+					  const struct ciliate_lb_backend *backend,
+					  __u32 hash)
+{
+	const __u32 range = CILIATE_LB_NAT_PORT_MAX - CILIATE_LB_NAT_PORT_MIN + 1;
+	struct ciliate_lb_tuple reply = {
+		.saddr = backend->addr,
+		.daddr = node_ip,
+		.sport = backend->port,
+		.protocol = orig->protocol,
+	};
+	struct ciliate_lb_nat_rev rev = {
+		.saddr = orig->daddr,
+		.sport = orig->dport,
+		.daddr = orig->saddr,
+		.dport = orig->sport,
+	};
+
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		__u16 port = bpf_htons((__u16)(CILIATE_LB_NAT_PORT_MIN + (hash + i * 7919) % range));
+
+		reply.dport = port;
+		if (!bpf_map_update_elem(&ciliate_lb_nat_rev, &reply, &rev, BPF_NOEXIST))
+			return port;
+	}
+	return 0;
+}
+
+/*
+ * NodePort, LoadBalancer and external IPs from outside, at the uplink:
+ * the reply of a flow SNATed here goes back to its client; a packet to an
+ * external frontend gets its flow's backend (kept per flow; a new flow
+ * from Maglev, so any node picks the same one, or from ClientIP
+ * affinity). A local backend: DNAT, and CILIATE_LB_PASS so the caller
+ * delivers it into the pod (with the pod's policy, which sees the backend
+ * and its port). A remote one: DNAT and SNAT to this node, so its reply
+ * comes back here, and out through the FIB. Anything else: PASS.
+ */
+static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr *ip,
+				       struct trace_info *trace)
+{
+	const struct ciliate_lb_service_value *svc;
+	const struct ciliate_lb_backend *backend;
+	struct ciliate_lb_service_key key = {};
+	struct ciliate_lb_nat_fwd *flow;
+	struct ciliate_lb_nat_fwd fwd = {};
+	struct ciliate_lb_tuple t = {};
+	struct ciliate_lb_tuple to;
+	__u32 l4_off, hash, id = 0;
+	int ret;
+
+	if (!lb_tuple(ctx, ip, &t, &l4_off))
+		return CILIATE_LB_PASS;
+	ret = lb_rev_nat(ctx, l4_off, &t, trace);
+	if (ret != CILIATE_LB_PASS)
+		return ret;
+	key.addr = t.daddr;
+	key.dport = t.dport;
+	key.protocol = t.protocol;
+	svc = lb_lookup_service(&key, CILIATE_LB_SCOPE_EXTERNAL);
+	if (!svc || !(svc->flags & CILIATE_LB_F_EXTERNAL))
+		return CILIATE_LB_PASS;
+
+	flow = bpf_map_lookup_elem(&ciliate_lb_nat_fwd, &t);
+	backend = flow ? lb_lookup_backend(flow->backend_id) : NULL;
+	if (backend) {
+		fwd = *flow;
+	} else {
+		hash = lb_tuple_hash(&t);
+		backend = lb_select(&key, svc, t.saddr, CILIATE_LB_AFFINITY_CLIENT_IP, hash, true,
+				    &id);
+		if (!backend)
+			return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+		fwd.backend_id = id;
+		if (lookup_endpoint(backend->addr)) {
+			struct ciliate_lb_tuple reply = {
+				.saddr = backend->addr,
+				.daddr = t.saddr,
+				.sport = backend->port,
+				.dport = t.sport,
+				.protocol = t.protocol,
+			};
+			struct ciliate_lb_nat_rev rev = {
+				.saddr = t.daddr,
+				.sport = t.dport,
+				.daddr = t.saddr,
+				.dport = t.sport,
+			};
+
+			bpf_map_update_elem(&ciliate_lb_nat_rev, &reply, &rev, BPF_ANY);
+		} else {
+			fwd.nat_port = lb_snat_port(&t, backend, hash);
+			if (!fwd.nat_port)
+				return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+		}
+		bpf_map_update_elem(&ciliate_lb_nat_fwd, &t, &fwd, BPF_ANY);
+	}
+	to = t;
+	to.daddr = backend->addr;
+	to.dport = backend->port;
+	if (fwd.nat_port) {
+		to.saddr = node_ip;
+		to.sport = fwd.nat_port;
+	}
+	ret = lb_rewrite(ctx, l4_off, &t, &to);
+	if (IS_DROP(ret))
+		return ret;
+	return fwd.nat_port ? lb_fib_redirect(ctx, trace) : CILIATE_LB_PASS;
 }
 
 #endif /* CILIATE_LB_H */

@@ -11,6 +11,9 @@
 #include "ciliate/forward.h"
 #include "ciliate/policy.h"
 #include "maps.h"
+#if CILIATE_FEATURE_SERVICES
+#include "ciliate/lb.h"
+#endif /* CILIATE_FEATURE_SERVICES */
 
 static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 				    const struct ciliate_endpoint *ep,
@@ -56,6 +59,13 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 	ret = policy_check(ctx, ip, ep, ep->identity, NULL, ipcache_identity(owner), trace);
 	if (IS_DROP(ret))
 		return ret;
+#if CILIATE_FEATURE_SERVICES
+	/* The reply of a flow the uplink translated to this pod leaves as
+	 * the service (lb.h). */
+	ret = lb_rev_nat_from_pod(ctx, ip, trace);
+	if (ret != CILIATE_LB_PASS)
+		return ret;
+#endif /* CILIATE_FEATURE_SERVICES */
 	trace->point = owner && owner->node_ip ? CILIATE_TRACE_TO_REMOTE : CILIATE_TRACE_TO_STACK;
 	return TC_ACT_OK;
 }

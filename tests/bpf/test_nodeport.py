@@ -1,0 +1,255 @@
+"""Per-packet service load balancing on the uplink (from_netdev): NodePort
+and external frontends from outside, to a local backend (DNAT, delivered
+into the pod, its reply leaving as the service) and to a remote one (DNAT
+and SNAT to the node, out through the FIB, its reply translated back).
+scapy packets through the loaded programs; the testbed namespace gets a
+gateway and a remote node as permanent neighbours, so the FIB answers."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from ciliate.datapath.lb import (
+    MAGLEV_SIZE,
+    Backend,
+    BackendState,
+    Frontend,
+    L4Protocol,
+    maglev_table,
+)
+from ciliate.datapath.tables import DropReason
+from ciliate.datapath.testbed import NODE_IP, REMOTE_NODE_IP, WORLD_IP, Testbed
+
+from .packets import IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP, UDP, Ether, ipv4_header_valid
+
+GATEWAY_IP = ipaddress.IPv4Address("192.168.200.1")
+GATEWAY_MAC = "02:00:00:00:00:01"
+REMOTE_NODE_MAC = "02:00:00:00:00:03"
+REMOTE_POD = ipaddress.IPv4Address("10.244.2.20")
+NODEPORT = Frontend(NODE_IP, 30080, L4Protocol.TCP)
+CLIENT_PORT = 40000
+
+
+@pytest.fixture(scope="module")
+def routed(bpf_objects: str) -> Iterator[Testbed]:
+    """A testbed of its own whose uplink has the node IP, a default route to
+    a gateway and a route to the remote node's pods, neighbours fixed."""
+    with Testbed(prefix="cnp") as bed:
+
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", "-n", bed.netns, *args], check=True)
+
+        # A node forwards (the FIB lookup of a translated packet asks so).
+        subprocess.run(
+            ["ip", "netns", "exec", bed.netns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
+            check=True,
+        )
+        ip("link", "set", "uplink", "up")
+        ip("link", "set", "fabric", "up")
+        ip("addr", "add", f"{NODE_IP}/24", "dev", "uplink")
+        for neighbour, mac in ((GATEWAY_IP, GATEWAY_MAC), (REMOTE_NODE_IP, REMOTE_NODE_MAC)):
+            ip(
+                "neigh",
+                "replace",
+                str(neighbour),
+                "lladdr",
+                mac,
+                "dev",
+                "uplink",
+                "nud",
+                "permanent",
+            )
+        ip("route", "add", "default", "via", str(GATEWAY_IP), "dev", "uplink")
+        ip("route", "add", "10.244.2.0/24", "via", str(REMOTE_NODE_IP), "dev", "uplink")
+        yield bed
+
+
+@pytest.fixture
+def bed(routed: Testbed) -> Testbed:
+    routed.reset()
+    routed.add_pods()
+    return routed
+
+
+def from_client(
+    bed: Testbed,
+    *,
+    sport: int = CLIENT_PORT,
+    frontend: Frontend = NODEPORT,
+    flags: str = "S",
+    src: ipaddress.IPv4Address = WORLD_IP,
+) -> bytes:
+    l4 = (
+        TCP(sport=sport, dport=frontend.port, flags=flags)
+        if frontend.protocol == L4Protocol.TCP
+        else UDP(sport=sport, dport=frontend.port)
+    )
+    return bytes(
+        Ether(src=GATEWAY_MAC, dst=bed.uplink.mac)
+        / IP(src=str(src), dst=str(frontend.address), ttl=60)
+        / l4
+        / b"request"
+    )
+
+
+def l4_valid(pkt: Ether) -> bool:
+    """The L4 checksum verifies: scapy recomputes it when it is deleted."""
+    layer = pkt[TCP] if TCP in pkt else pkt[UDP]
+    written = layer.chksum
+    fresh = pkt.copy()
+    del (fresh[TCP] if TCP in fresh else fresh[UDP]).chksum
+    return written == Ether(bytes(fresh))[type(layer)].chksum
+
+
+def local_backend(bed: Testbed, backend_id: int = 7) -> Backend:
+    return Backend(id=backend_id, address=bed.pod_a.ip, port=8080, local=True)
+
+
+def remote_backend(backend_id: int = 9, address: ipaddress.IPv4Address = REMOTE_POD) -> Backend:
+    return Backend(id=backend_id, address=address, port=8080)
+
+
+def test_nodeport_to_a_local_backend_is_dnated_into_the_pod_and_its_reply_leaves_as_the_service(
+    bed: Testbed,
+) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [local_backend(bed)], service_id=1, external=True)
+    result = bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    syn = Ether(result.data)
+    assert (syn[IP].src, syn[IP].dst) == (str(WORLD_IP), str(bed.pod_a.ip))
+    assert (syn[TCP].sport, syn[TCP].dport) == (CLIENT_PORT, 8080)
+    assert (syn.dst, syn.src) == (bed.pod_a.eth0.mac, bed.pod_a.lxc.mac)
+    assert ipv4_header_valid(syn) and l4_valid(syn)
+    assert bytes(syn[TCP].payload) == b"request"
+
+    reply = bytes(
+        Ether(src=bed.pod_a.eth0.mac, dst=bed.pod_a.lxc.mac)
+        / IP(src=str(bed.pod_a.ip), dst=str(WORLD_IP), ttl=64)
+        / TCP(sport=8080, dport=CLIENT_PORT, flags="SA")
+        / b"answer"
+    )
+    result = bed.run("from_container", reply, ifindex=bed.pod_a.lxc.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    out = Ether(result.data)
+    assert (out[IP].src, out[IP].dst) == (str(NODE_IP), str(WORLD_IP))
+    assert (out[TCP].sport, out[TCP].dport) == (NODEPORT.port, CLIENT_PORT)
+    assert (out.dst, out.src) == (GATEWAY_MAC, bed.uplink.mac)
+    assert out[IP].ttl == 63
+    assert ipv4_header_valid(out) and l4_valid(out)
+
+
+def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_translated_back(
+    bed: Testbed,
+) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [remote_backend()], service_id=1, external=True)
+    result = bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    out = Ether(result.data)
+    assert (out[IP].src, out[IP].dst) == (str(NODE_IP), str(REMOTE_POD))
+    nat_port = out[TCP].sport
+    assert 61000 <= nat_port <= 65535 and out[TCP].dport == 8080
+    assert (out.dst, out.src) == (REMOTE_NODE_MAC, bed.uplink.mac)
+    assert ipv4_header_valid(out) and l4_valid(out)
+    # The flow's next packet takes the same backend and port.
+    again = Ether(
+        bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex).data
+    )
+    assert (again[IP].dst, again[TCP].sport) == (str(REMOTE_POD), nat_port)
+
+    reply = bytes(
+        Ether(src=REMOTE_NODE_MAC, dst=bed.uplink.mac)
+        / IP(src=str(REMOTE_POD), dst=str(NODE_IP), ttl=62)
+        / TCP(sport=8080, dport=nat_port, flags="SA")
+        / b"answer"
+    )
+    result = bed.run("from_netdev", reply, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    back = Ether(result.data)
+    assert (back[IP].src, back[IP].dst) == (str(NODE_IP), str(WORLD_IP))
+    assert (back[TCP].sport, back[TCP].dport) == (NODEPORT.port, CLIENT_PORT)
+    assert (back.dst, back.src) == (GATEWAY_MAC, bed.uplink.mac)
+    assert ipv4_header_valid(back) and l4_valid(back)
+    assert bytes(back[TCP].payload) == b"answer"
+
+
+def test_udp_nodeport_checksums_stay_valid(bed: Testbed) -> None:
+    frontend = Frontend(NODE_IP, 30053, L4Protocol.UDP)
+    bed.datapath.lb.upsert_service(frontend, [remote_backend()], service_id=2, external=True)
+    result = bed.run("from_netdev", from_client(bed, frontend=frontend), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    out = Ether(result.data)
+    assert (out[IP].src, out[IP].dst, out[UDP].dport) == (str(NODE_IP), str(REMOTE_POD), 8080)
+    assert ipv4_header_valid(out) and l4_valid(out)
+
+
+def _tuple_hash(src: ipaddress.IPv4Address, sport: int, frontend: Frontend) -> int:
+    """lb_tuple_hash() of lb.h, as a test oracle: the fields are u32/u16
+    loaded from network-order bytes on a little-endian machine."""
+    mask = 0xFFFFFFFF
+    saddr = int.from_bytes(src.packed, "little")
+    daddr = int.from_bytes(frontend.address.packed, "little")
+    sp = int.from_bytes(sport.to_bytes(2, "big"), "little")
+    dp = int.from_bytes(frontend.port.to_bytes(2, "big"), "little")
+    h = (saddr * 0xCC9E2D51) & mask
+    h ^= (daddr * 0x1B873593) & mask
+    h ^= (((sp << 16) | dp) * 0x85EBCA6B) & mask
+    h ^= int(frontend.protocol)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    h ^= h >> 16
+    return h
+
+
+def test_maglev_picks_the_backend_every_node_would_pick(bed: Testbed) -> None:
+    backends = [
+        remote_backend(20 + i, ipaddress.IPv4Address(f"10.244.2.{20 + i}")) for i in range(4)
+    ]
+    bed.datapath.lb.upsert_service(NODEPORT, backends, service_id=1, external=True)
+    table = maglev_table(backends)
+    assert bed.datapath.lb.maglev(1) == table
+    by_address = {str(b.address): b.id for b in backends}
+    chosen: Counter[int] = Counter()
+    for sport in range(20000, 20200):
+        out = Ether(
+            bed.run("from_netdev", from_client(bed, sport=sport), ifindex=bed.uplink.ifindex).data
+        )
+        picked = by_address[out[IP].dst]
+        # The pick is a function of the flow alone (table + tuple hash):
+        # another node with the same backends computes the same.
+        assert picked == table[_tuple_hash(WORLD_IP, sport, NODEPORT) % MAGLEV_SIZE]
+        chosen[picked] += 1
+    assert set(chosen) == set(by_address.values())
+
+
+def test_terminating_backends_keep_their_flows_and_take_no_new_one(bed: Testbed) -> None:
+    backend = remote_backend()
+    bed.datapath.lb.upsert_service(NODEPORT, [backend], service_id=1, external=True)
+    assert bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex).retval == (
+        TC_ACT_REDIRECT
+    )
+    terminating = Backend(id=9, address=REMOTE_POD, port=8080, state=BackendState.TERMINATING)
+    bed.datapath.lb.upsert_service(NODEPORT, [terminating], service_id=1, external=True)
+    assert bed.datapath.lb.maglev(1) == []
+    # The open flow keeps its backend ...
+    result = bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    assert Ether(result.data)[IP].dst == str(REMOTE_POD)
+    # ... a new one finds no active backend: dropped, counted.
+    new_flow = from_client(bed, sport=CLIENT_PORT + 1)
+    assert bed.run("from_netdev", new_flow, ifindex=bed.uplink.ifindex).retval == TC_ACT_SHOT
+    assert bed.datapath.metrics.get(DropReason.NO_SERVICE_BACKEND, 0)[0] == 1
+
+
+def test_a_clusterip_is_not_balanced_from_outside(bed: Testbed) -> None:
+    cluster_ip = Frontend(ipaddress.IPv4Address("10.96.0.10"), 80)
+    bed.datapath.lb.upsert_service(cluster_ip, [remote_backend()], service_id=3)
+    sent = from_client(bed, frontend=cluster_ip)
+    result = bed.run("from_netdev", sent, ifindex=bed.uplink.ifindex)
+    assert (result.retval, result.data) == (TC_ACT_OK, sent)
