@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ciliate.control.cli import objects as objects_cli
+from ciliate.control.cli import services as services_cli
 from ciliate.control.cli import show
 from ciliate.control.cni import install as cni_install
 from ciliate.control.lab import lab as lab_cli
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.register_bpf(bpf)
     show.register(sub)
     objects_cli.register(sub)
+    services_cli.register(sub)
 
     cni_install.register(sub)
 

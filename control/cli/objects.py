@@ -27,7 +27,7 @@ from ciliate.control.policy.evaluate import Ipcache, parse_port, trace
 from ciliate.control.policy.inputs import input_from_objects
 from ciliate.control.store import StoreError
 
-__all__ = ["register"]
+__all__ = ["register", "target_options"]
 
 DEFAULT_NAMESPACE = "default"
 
@@ -271,7 +271,47 @@ def _summary(kind: Kind, obj: dict[str, Any]) -> list[str]:
         ]
     if kind.name == "Namespace":
         return [labels]
+    if kind.name == "Service":
+        return _service_columns(obj)
+    if kind.name == "EndpointSlice":
+        return _slice_columns(obj)
     return [str(len(obj.get("specs") or []) + (1 if obj.get("spec") else 0))]
+
+
+def _service_columns(obj: dict[str, Any]) -> list[str]:
+    """kubectl's TYPE, CLUSTER-IP, EXTERNAL-IP, PORT(S), SELECTOR."""
+    spec = obj["spec"]
+    external = list(spec.get("externalIPs") or [])
+    if spec["type"] == "LoadBalancer":
+        ingress = (obj.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
+        external = [i.get("ip") or i.get("hostname") for i in ingress] + external
+        shown_external = ",".join(external) or "<pending>"
+    else:
+        shown_external = ",".join(external) or "<none>"
+    ports = ",".join(
+        f"{p['port']}:{p['nodePort']}/{p['protocol']}"
+        if p.get("nodePort")
+        else f"{p['port']}/{p['protocol']}"
+        for p in spec.get("ports") or []
+    )
+    selector = ",".join(f"{k}={v}" for k, v in sorted((spec.get("selector") or {}).items()))
+    return [
+        spec["type"],
+        spec.get("clusterIP") or "<none>",
+        shown_external,
+        ports or "<none>",
+        selector or "<none>",
+    ]
+
+
+def _slice_columns(obj: dict[str, Any]) -> list[str]:
+    """kubectl's ADDRESSTYPE, PORTS, ENDPOINTS (three addresses, then how many more)."""
+    ports = ",".join(str(p["port"]) if p.get("port") else "<unset>" for p in obj.get("ports") or [])
+    addresses = [a for e in obj.get("endpoints") or [] for a in e.get("addresses") or []]
+    shown = ",".join(addresses[:3])
+    if len(addresses) > 3:
+        shown += f" + {len(addresses) - 3} more..."
+    return [obj.get("addressType", ""), ports or "<unset>", shown or "<unset>"]
 
 
 _COLUMNS = {
@@ -280,6 +320,8 @@ _COLUMNS = {
     "Namespace": ["LABELS"],
     "CiliumNetworkPolicy": ["RULES"],
     "CiliumClusterwideNetworkPolicy": ["RULES"],
+    "Service": ["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "SELECTOR"],
+    "EndpointSlice": ["ADDRESSTYPE", "PORTS", "ENDPOINTS"],
 }
 
 
@@ -358,7 +400,7 @@ def policy_trace(args: argparse.Namespace) -> int:
     return _run(args, run)
 
 
-def _target(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def target_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--socket", default=str(DEFAULT_SOCKET), help="one node: the agent's API socket"
@@ -370,14 +412,17 @@ def _target(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = _target(sub.add_parser("apply", help="create or update objects from YAML/JSON"))
+    p = target_options(sub.add_parser("apply", help="create or update objects from YAML/JSON"))
     p.add_argument(
         "-f", "--filename", action="append", required=True, help="a file, or - for stdin"
     )
     p.set_defaults(func=apply)
 
-    p = _target(sub.add_parser("get", help="show objects"))
-    p.add_argument("kind", help="pod, namespace, networkpolicy (netpol), cnp, ccnp ...")
+    p = target_options(sub.add_parser("get", help="show objects"))
+    p.add_argument(
+        "kind",
+        help="pod, namespace, networkpolicy (netpol), cnp, ccnp, service (svc), endpointslice",
+    )
     p.add_argument("name", nargs="?")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace")
@@ -385,7 +430,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.set_defaults(func=get)
 
-    p = _target(sub.add_parser("delete", help="delete objects (by file, or KIND NAME)"))
+    p = target_options(sub.add_parser("delete", help="delete objects (by file, or KIND NAME)"))
     p.add_argument("kind", nargs="?")
     p.add_argument("name", nargs="?")
     p.add_argument("-f", "--filename", action="append")
@@ -396,7 +441,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = sub.add_parser("policy", help="network policy").add_subparsers(
         dest="policy_command", required=True
     )
-    p = _target(policy.add_parser("trace", help="would a connection be allowed, and why"))
+    p = target_options(policy.add_parser("trace", help="would a connection be allowed, and why"))
     p.add_argument("--src", required=True, metavar="NS/POD")
     p.add_argument("--dst", required=True, metavar="NS/POD")
     p.add_argument("--dport", required=True, metavar="PORT/PROTO", help="e.g. 80/tcp, 53/udp")

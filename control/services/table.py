@@ -50,6 +50,7 @@ __all__ = [
     "Frontend",
     "FrontendKey",
     "FrontendKind",
+    "frontends_json",
     "service_table",
 ]
 
@@ -281,3 +282,46 @@ def _one_per_key(frontends: list[Frontend]) -> list[Frontend]:
     for frontend in frontends:
         seen.setdefault(frontend.key, frontend)
     return [seen[key] for key in sorted(seen)]
+
+
+def frontends_json(
+    frontends: Sequence[Frontend],
+    *,
+    frontend_ids: Mapping[FrontendKey, int] | None = None,
+    backend_ids: Mapping[BackendKey, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The table as the agent's ``GET /v1/services`` answers it and ``ciliate service
+    list`` prints it (ids are null when computed from the objects alone)."""
+    out = []
+    for frontend in frontends:
+        new_flows = {b.key for b in frontend.new_flow_backends}
+        out.append(
+            {
+                "id": (frontend_ids or {}).get(frontend.key),
+                "frontend": str(frontend.key),
+                "ip": str(frontend.key.ip),
+                "port": frontend.key.port,
+                "protocol": frontend.key.protocol,
+                "type": str(frontend.kind),
+                "service": frontend.service,
+                "port_name": frontend.port_name,
+                "affinity_timeout": frontend.affinity_timeout,
+                "local_only": frontend.local_only,
+                "refuses": frontend.refuses,
+                "backends": [
+                    {
+                        "id": (backend_ids or {}).get(backend.key),
+                        "address": str(backend.key),
+                        "ip": str(backend.key.ip),
+                        "port": backend.key.port,
+                        "state": str(backend.state),
+                        "new_flows": backend.key in new_flows,
+                        "node": backend.node,
+                        "zone": backend.zone,
+                        "pod": backend.pod,
+                    }
+                    for backend in frontend.backends
+                ],
+            }
+        )
+    return out
