@@ -25,16 +25,25 @@ had beyond the new one.
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
 import hashlib
 import ipaddress
+import os
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
+from ciliate.loader import (
+    Program,
+    attach_sock_addr,
+    detach_pinned_link,
+    update_pinned_link,
+)
 
 MAGLEV_SIZE = abi.constant("CILIATE_LB_MAGLEV_SIZE")
 SCOPE_EXTERNAL = abi.constant("CILIATE_LB_SCOPE_EXTERNAL")
@@ -46,6 +55,41 @@ BACKEND_F_LOCAL = abi.constant("CILIATE_LB_BACKEND_F_LOCAL")
 MAX_SERVICE_ID = 0xFFFF  # __u16 rev_nat_id
 MAX_BACKEND_ID = 0xFFFFFFFF  # __u32 backend_id
 MAX_SLOTS = 0xFFFF  # __u16 slot
+
+
+# The socket LB programs (bpf_sock_lb.c), one cgroup hook each.
+SOCKET_LB_PROGRAMS = ("sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername")
+
+
+def attach_socket_lb(
+    programs: Mapping[str, Program],
+    *,
+    cgroup: str | os.PathLike[str],
+    links_dir: Path,
+) -> None:
+    """Attach the socket LB programs to a cgroup v2 directory (the root:
+    every pod and the node), one pinned link each under ``links_dir``
+    (named after the program). A link already pinned there (an agent
+    restart) gets the new program swapped in atomically, so connects
+    never miss the hook. On failure the links made by this call go again."""
+    links_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as undo:
+        for name in SOCKET_LB_PROGRAMS:
+            pin = links_dir / name
+            if pin.exists():
+                update_pinned_link(pin, programs[name])
+            else:
+                attach_sock_addr(programs[name], cgroup, pin)
+                undo.callback(detach_pinned_link, pin)
+        undo.pop_all()
+
+
+def detach_socket_lb(links_dir: Path) -> None:
+    """Detach the socket LB links pinned under ``links_dir`` (those present)."""
+    for name in SOCKET_LB_PROGRAMS:
+        pin = links_dir / name
+        if pin.exists():
+            detach_pinned_link(pin)
 
 
 class L4Protocol(enum.IntEnum):

@@ -23,9 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from ciliate.datapath.lb import Backend, BackendState, Frontend, L4Protocol
+from ciliate.datapath.lb import (
+    Backend,
+    BackendState,
+    Frontend,
+    L4Protocol,
+    attach_socket_lb,
+    detach_socket_lb,
+)
 from ciliate.datapath.testbed import Testbed
-from ciliate.loader import attach_sock_addr, cgroup2_root, enter_netns
+from ciliate.loader import cgroup2_root, enter_netns
 
 pytestmark = pytest.mark.skipif(cgroup2_root() is None, reason="no cgroup v2 hierarchy mounted")
 
@@ -33,13 +40,13 @@ CLIENT = Path(__file__).with_name("sock_lb_client.py")
 CLUSTER_IP = ipaddress.IPv4Address("10.96.0.10")
 BACKEND_PORT = 8080
 BACKEND_IPS = [ipaddress.IPv4Address(f"127.0.0.{i}") for i in (11, 12, 13)]
-HOOKS = ("sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername")
 
 
 @dataclass(frozen=True)
 class Lab:
     netns: str
     cgroup: Path
+    links: Path
 
     def client(self, mode: str, frontend: Frontend, count: int = 1) -> dict[str, object]:
         """Run the client in the cgroup and the namespace; its JSON report."""
@@ -100,12 +107,9 @@ def lab(testbed_session: Testbed) -> Iterator[Lab]:
         cgroup.mkdir()
         undo.callback(cgroup.rmdir)
         pins = Path("/sys/fs/bpf") / tag
-        pins.mkdir()
         undo.callback(pins.rmdir)
-        for hook in HOOKS:
-            attach_sock_addr(testbed_session.datapath.program(hook), cgroup, pins / hook)
-            # Removing the pin drops the last reference: the link detaches.
-            undo.callback((pins / hook).unlink)
+        attach_socket_lb(testbed_session.datapath.programs, cgroup=cgroup, links_dir=pins)
+        undo.callback(detach_socket_lb, pins)
         # Servers live in this process (not in the cgroup: untranslated).
         with enter_netns(f"/run/netns/{tag}"):
             for ip in BACKEND_IPS:
@@ -117,7 +121,7 @@ def lab(testbed_session: Testbed) -> Iterator[Lab]:
                     undo.callback(sock.close)
                     undo.callback(_wake, sock)
                     threading.Thread(target=serve, args=(sock, name), daemon=True).start()
-        yield Lab(netns=tag, cgroup=cgroup)
+        yield Lab(netns=tag, cgroup=cgroup, links=pins)
 
 
 def _backends(*states: BackendState) -> list[Backend]:
@@ -222,3 +226,18 @@ def test_addresses_that_are_no_service_are_left_alone(tb: Testbed, lab: Lab) -> 
     # Another port of the service's address is no service either: no route here.
     tb.datapath.lb.delete_service(FRONTEND_TCP)
     assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
+
+
+def test_attaching_again_swaps_the_programs_and_detaching_stops_the_translation(
+    tb: Testbed, lab: Lab
+) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    # An agent restart: the links are pinned already, the programs swapped in.
+    attach_socket_lb(tb.datapath.programs, cgroup=lab.cgroup, links_dir=lab.links)
+    assert len(_served(lab.client("tcp", FRONTEND_TCP, count=2))) == 2
+    detach_socket_lb(lab.links)
+    try:
+        assert not any(lab.links.iterdir())
+        assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
+    finally:
+        attach_socket_lb(tb.datapath.programs, cgroup=lab.cgroup, links_dir=lab.links)
