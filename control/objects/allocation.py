@@ -17,6 +17,8 @@ Kubernetes' rules, kept here:
 * an update keeps what was allocated: an empty ``clusterIP`` (or ``nodePort: 0``
   on a port of the same number and protocol) takes the stored value; a different
   ``clusterIP`` is refused (immutable); NodePorts no longer used are freed;
+* a LoadBalancer with ``externalTrafficPolicy: Local`` gets a
+  ``healthCheckNodePort`` from the NodePort range, freed when no longer needed;
 * deleting a Service (or its Namespace) frees its ClusterIP and NodePorts.
 
 Allocations are bitmaps in the store, in blocks of 4096 addresses (or ports) with
@@ -105,7 +107,8 @@ def service_range(txn: Txn) -> ipaddress.IPv4Network:
 
 def _band_offset(size: int, *, step: int, top: int) -> int:
     """Kubernetes' ``calculateRangeOffset``: how many of the lowest values are kept
-    for static allocation (``min(max(16, size/step), top)``; none when tiny)."""
+    for static allocation (``min(max(16, size/step), top)``; none when ``size`` is 16
+    or less)."""
     if size <= 16:
         return 0
     return min(max(16, size // step), top)
@@ -227,8 +230,17 @@ def _needs_node_ports(spec: Mapping[str, Any]) -> bool:
     )
 
 
+def _needs_health_check_port(spec: Mapping[str, Any]) -> bool:
+    """A LoadBalancer with ``externalTrafficPolicy: Local`` gets a port on every node
+    that tells the load balancer whether the node has a local backend."""
+    return spec["type"] == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
+
+
 def _node_ports(spec: Mapping[str, Any]) -> set[int]:
-    return {p["nodePort"] for p in spec.get("ports", []) if p.get("nodePort")}
+    ports = {p["nodePort"] for p in spec.get("ports", []) if p.get("nodePort")}
+    if spec.get("healthCheckNodePort"):
+        ports.add(spec["healthCheckNodePort"])
+    return ports
 
 
 def admit_service(txn: Txn, obj: dict[str, Any], current: Mapping[str, Any] | None) -> None:
@@ -281,7 +293,8 @@ def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:
             )
         return
     low = 0 if is_api_server else 1
-    offset = _band_offset(bitmap.size, step=16, top=256)
+    # Kubernetes sizes the band by the whole CIDR, network and broadcast included.
+    offset = _band_offset(network.num_addresses, step=16, top=256)
     value_or_none = bitmap.take_next(low=low, offset=offset)
     if value_or_none is None:
         raise RangeFullError(
@@ -296,7 +309,7 @@ def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:
 def _admit_node_ports(txn: Txn, obj: dict[str, Any], old_spec: Mapping[str, Any]) -> None:
     spec = obj["spec"]
     old_ports = _node_ports(old_spec) if old_spec else set()
-    low, _ = NODE_PORT_RANGE
+    low, high = NODE_PORT_RANGE
     if spec["type"] in ("NodePort", "LoadBalancer") and old_spec and _needs_node_ports(old_spec):
         kept = {
             (p["port"], p["protocol"]): p["nodePort"]
@@ -306,42 +319,50 @@ def _admit_node_ports(txn: Txn, obj: dict[str, Any], old_spec: Mapping[str, Any]
         for port in spec["ports"]:
             if not port.get("nodePort") and (port["port"], port["protocol"]) in kept:
                 port["nodePort"] = kept[(port["port"], port["protocol"])]
+    needs_health_check = _needs_health_check_port(spec)
+    if (
+        needs_health_check
+        and not spec.get("healthCheckNodePort")
+        and old_spec.get("healthCheckNodePort")
+    ):
+        spec["healthCheckNodePort"] = old_spec["healthCheckNodePort"]
+    missing = [p for p in spec["ports"] if not p.get("nodePort")] if _needs_node_ports(spec) else []
+    missing_health_check = needs_health_check and not spec.get("healthCheckNodePort")
     wanted = _node_ports(spec)
-    if not (old_ports - wanted or wanted - old_ports or _needs_node_ports(spec)):
+    if wanted == old_ports and not missing and not missing_health_check:
         return
     bitmap = _port_bitmap(txn)
     for number in old_ports - wanted:
         bitmap.release(number - low)
-    for i, port in enumerate(spec["ports"]):
-        number = port.get("nodePort")
-        if number and number not in old_ports:
-            if not bitmap.take(number - low) and not _same_service_other_protocol(spec, i):
-                raise _invalid(
-                    obj,
-                    f"spec.ports[{i}].nodePort",
-                    number,
-                    "provided port is already allocated",
-                )
-            old_ports.add(number)
-    if not _needs_node_ports(spec):
-        return
-    for port in spec["ports"]:
-        if port.get("nodePort"):
+    requested = [
+        (f"spec.ports[{i}].nodePort", p.get("nodePort")) for i, p in enumerate(spec["ports"])
+    ]
+    requested.append(("spec.healthCheckNodePort", spec.get("healthCheckNodePort")))
+    taken_here: set[int] = set()
+    for path, number in requested:
+        if not number or number in old_ports:
             continue
+        # One Service may use one NodePort for two protocols (DNS on TCP and UDP).
+        if number in taken_here and path != "spec.healthCheckNodePort":
+            continue
+        if not bitmap.take(number - low):
+            raise _invalid(obj, path, number, "provided port is already allocated")
+        taken_here.add(number)
+
+    def next_port() -> int:
         value = bitmap.take_next(low=0, offset=_band_offset(bitmap.size, step=32, top=128))
         if value is None:
             meta = obj["metadata"]
             raise RangeFullError(
                 f"failed to allocate a nodePort for Service {meta['namespace']}/{meta['name']}:"
-                f" range is full ({NODE_PORT_RANGE[0]}-{NODE_PORT_RANGE[1]} all in use)"
+                f" range is full ({low}-{high} all in use): delete a NodePort Service"
             )
-        port["nodePort"] = low + value
+        return low + value
 
-
-def _same_service_other_protocol(spec: Mapping[str, Any], index: int) -> bool:
-    """A Service may use one NodePort for two protocols (DNS on TCP and UDP)."""
-    number = spec["ports"][index]["nodePort"]
-    return any(p.get("nodePort") == number for p in spec["ports"][:index])
+    for port in missing:
+        port["nodePort"] = next_port()
+    if missing_health_check:
+        spec["healthCheckNodePort"] = next_port()
 
 
 def release_service(txn: Txn, service: Mapping[str, Any]) -> None:

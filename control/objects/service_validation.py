@@ -226,7 +226,16 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
                 " is 'Local'",
             )
         elif number is not None:
-            out["healthCheckNodePort"] = number
+            low, high = NODE_PORT_RANGE
+            if low <= number <= high:
+                out["healthCheckNodePort"] = number
+            else:
+                errs.invalid(
+                    "spec.healthCheckNodePort",
+                    number,
+                    f"provided port is not in the valid range. The range of valid ports"
+                    f" is {low}-{high}",
+                )
     publish = spec.get("publishNotReadyAddresses", False)
     if not isinstance(publish, bool):
         errs.invalid("spec.publishNotReadyAddresses", publish, "must be a boolean")

@@ -471,3 +471,41 @@ def test_concurrent_applies_on_etcd_never_share_an_address(
     objects.apply([service({"ports": [HTTP]}, name=f"n{i}") for i in range(29)])
     with pytest.raises(RangeFullError):
         objects.apply([service({"ports": [HTTP]}, name="n29")])
+
+
+def test_a_local_load_balancer_gets_a_health_check_node_port_freed_with_the_policy(
+    objects: ObjectStore,
+) -> None:
+    local = {"type": "LoadBalancer", "ports": [HTTP], "externalTrafficPolicy": "Local"}
+    objects.apply([service(local)])
+    spec = objects.get(SERVICE, name="web")["spec"]
+    health = spec["healthCheckNodePort"]
+    assert 30000 <= health <= 32767 and health != spec["ports"][0]["nodePort"]
+    objects.apply([service(local)])  # re-applied without it: kept
+    assert objects.get(SERVICE, name="web")["spec"]["healthCheckNodePort"] == health
+    objects.apply([service({**local, "externalTrafficPolicy": "Cluster"})])
+    assert "healthCheckNodePort" not in objects.get(SERVICE, name="web")["spec"]
+    # Freed: another Service may ask for that port.
+    objects.apply(
+        [service({"type": "NodePort", "ports": [{"port": 80, "nodePort": health}]}, name="b")]
+    )
+    with pytest.raises(ObjectInvalidError, match=r"spec.healthCheckNodePort: .*already allocated"):
+        objects.apply([service({**local, "healthCheckNodePort": health}, name="c")])
+
+
+@pytest.mark.parametrize(
+    ("size", "step", "top", "band"),
+    [
+        (256, 16, 256, 16),  # a /24: .1-.16 kept for fixed addresses
+        (4096, 16, 256, 256),  # a /20
+        (1 << 20, 16, 256, 256),  # a /12, the default
+        (16, 16, 256, 0),  # a /28: too small to split
+        (2768, 32, 128, 86),  # NodePorts 30000-32767: 30000-30085 kept for fixed ports
+    ],
+)
+def test_the_static_band_is_sized_as_kubernetes_sizes_it(
+    size: int, step: int, top: int, band: int
+) -> None:
+    from ciliate.control.objects.allocation import _band_offset
+
+    assert _band_offset(size, step=step, top=top) == band
