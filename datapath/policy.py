@@ -199,9 +199,11 @@ class Policy:
         )
 
     def _check_endpoint(self, endpoint_id: int) -> bytes:
-        if not 0 <= endpoint_id < self._states.max_entries:
+        # The keys hold the id in 16 bits, as struct ciliate_endpoint does.
+        limit = min(self._states.max_entries, 1 << 16)
+        if not 0 <= endpoint_id < limit:
             raise PolicyError(
-                f"endpoint id {endpoint_id} is outside 0..{self._states.max_entries - 1} "
+                f"endpoint id {endpoint_id} is outside 0..{limit - 1} "
                 "(bpf/datapath.toml sizes.endpoint_slots)"
             )
         return endpoint_id.to_bytes(4, "little")
