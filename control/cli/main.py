@@ -120,6 +120,18 @@ def _bench_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from ciliate.bench import cluster
+
+    results = cluster.run_many(
+        args.nodes, endpoints=args.endpoints, agents_per_process=args.agents_per_process
+    )
+    cluster.print_table(results)
+    if args.json:
+        cluster.write_json(results, args.json)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ciliate.control.lab import demo
 
@@ -213,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_id.add_argument("--agents", type=int, default=3)
     bench_id.add_argument("--identities", type=int, default=300)
     bench_id.set_defaults(func=_bench_identity)
+    bench_cl = bench.add_parser("cluster", help="endpoint propagation to N simulated agents")
+    bench_cl.add_argument("--nodes", type=int, nargs="+", default=[10], help="one run per count")
+    bench_cl.add_argument("--endpoints", type=int, default=30, help="published one at a time")
+    bench_cl.add_argument("--agents-per-process", type=int, default=50)
+    bench_cl.add_argument("--json", metavar="FILE")
+    bench_cl.set_defaults(func=_bench_cluster)
 
     bench_pol = bench.add_parser(
         "policy", help="policy: apply -> enforced, and ciliate against an iptables peer"

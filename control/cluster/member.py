@@ -131,8 +131,17 @@ class ClusterMember:
 
     # -- registration -------------------------------------------------------------
     def register(self) -> None:
-        doc = {"name": self.node_name, "nodeIP": str(self.node_ip)}
-        self.store.run_transaction(lambda t: t.put(f"{NODES}{self.node_name}", _dumps(doc)))
+        key, doc = (
+            f"{NODES}{self.node_name}",
+            _dumps({"name": self.node_name, "nodeIP": str(self.node_ip)}),
+        )
+
+        def put(t: Txn) -> None:
+            # Unchanged (an agent restart): no write, so no other agent is woken.
+            if t.get(key) != doc:
+                t.put(key, doc)
+
+        self.store.run_transaction(put)
         self._lease = self.store.lease(self._lease_ttl)
         self.store.put_with_lease(
             f"{ALIVE}{self.node_name}", _dumps({"since": time.time()}), self._lease
@@ -266,6 +275,10 @@ class ClusterMember:
                     while not self._stop.is_set():
                         event = watch.get(timeout=1.0)
                         if event is not None:
+                            # A burst (nodes registering, a node's endpoints
+                            # republished) costs one resync, not one per event.
+                            while watch.get(timeout=0) is not None:
+                                pass
                             self._resync()
             except Exception:
                 log.warning("watch on %s failed; retrying", prefix, exc_info=True)

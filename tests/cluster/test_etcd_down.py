@@ -12,6 +12,7 @@ The tests run in order on one lab: each stage builds on the one before.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,10 @@ def ipcache(node: lab.NodeState) -> dict[str, str | None]:
         return {e["prefix"]: e["node_ip"] for e in client.get("/v1/bpf/ipcache")}
 
 
+def in_ipcache(node: lab.NodeState, prefix: str) -> bool:
+    return prefix in ipcache(node)
+
+
 def eventually(check: Callable[[], bool], *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -69,8 +74,11 @@ def cluster(bpf_objects: str) -> Iterator[Cluster]:
         add_pod(cluster, cluster.node2, "b2")
         # Both nodes know each other's pods before etcd goes.
         for pod, other in (("a1", cluster.node2), ("b1", cluster.node1), ("b2", cluster.node1)):
-            address = f"{cluster.pods[pod].ip}/32"
-            eventually(lambda: address in ipcache(other), timeout=20, what=f"{pod} mirrored")
+            eventually(
+                functools.partial(in_ipcache, other, f"{cluster.pods[pod].ip}/32"),
+                timeout=20,
+                what=f"{pod} mirrored",
+            )
         lab.stop_etcd(state)
         yield cluster
     finally:
