@@ -271,3 +271,41 @@ def test_lb_ids_stay_stable_across_recomputation_and_restart(tmp_path: Path) -> 
     with SqliteStore(tmp_path / "state.db") as store:
         restarted = LbIds(store).sync(table(services[:1], more))
     assert restarted.frontend == changed.frontend and restarted.backend == changed.backend
+
+
+def test_a_lone_node_runs_controller_table_and_ids_from_its_store(tmp_path: Path) -> None:
+    from ciliate.control.objects import ObjectStore
+    from ciliate.control.services import node
+    from ciliate.control.services.slices import reconcile
+
+    manifest = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web-0", "labels": {"app": "web"}},
+            "spec": {
+                "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]},
+        },
+    ]
+    with SqliteStore(tmp_path / "state.db") as store:
+        objects = ObjectStore(store)
+        objects.apply(manifest)
+        addresses = node.local_addresses(
+            [("default/web-0", "10.79.0.5"), (None, "10.79.0.6")], node_name="node-a"
+        )
+        reconcile(objects, addresses=addresses)
+        answer = node.compute(
+            objects, LbIds(store), node_name="node-a", node_ips=NODE_IPS
+        ).to_json()
+    (frontend,) = answer["frontends"]
+    assert frontend["id"] == 1 and frontend["type"] == "ClusterIP"
+    assert [(b["id"], b["address"], b["state"], b["node"]) for b in frontend["backends"]] == [
+        (1, "10.79.0.5:8080/TCP", "active", "node-a")
+    ]
