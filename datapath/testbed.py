@@ -31,6 +31,10 @@ NODE_IP = ipaddress.IPv4Address("192.168.200.2")
 REMOTE_POD_CIDR = ipaddress.IPv4Network("10.244.2.0/24")
 REMOTE_NODE_IP = ipaddress.IPv4Address("192.168.200.3")
 WORLD_IP = ipaddress.IPv4Address("198.51.100.7")  # TEST-NET-2: never routed here
+# route_uplink(): the fabric's gateway and the remote node, as neighbours.
+GATEWAY_IP = ipaddress.IPv4Address("192.168.200.1")
+GATEWAY_MAC = "02:00:00:00:00:01"
+REMOTE_NODE_MAC = "02:00:00:00:00:03"
 HOST_IDENTITY = abi.constant("CILIATE_IDENTITY_HOST")
 
 # struct __sk_buff (uapi/linux/bpf.h, stable ABI): ifindex at byte 40. The
@@ -119,6 +123,32 @@ class Testbed:
         self.pod_b = Pod(POD_CIDR[11], links["eth0_b"], links["lxc_b"])
         self.cilium_host = links["cilium_host"]
         self.uplink = links["uplink"]
+
+    def route_uplink(self) -> None:
+        """Give the uplink the node IP, a default route to GATEWAY_IP and a
+        route to the remote node's pod CIDR, both neighbours permanent, and
+        switch forwarding on: the FIB lookups of translated service packets
+        (lb.h) then answer as on a node. Nothing is sent anywhere."""
+        _ip("netns", "exec", self.netns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
+        for link in ("uplink", "fabric"):
+            _ip("-n", self.netns, "link", "set", link, "up")
+        _ip("-n", self.netns, "addr", "replace", f"{NODE_IP}/24", "dev", "uplink")
+        for neighbour, mac in ((GATEWAY_IP, GATEWAY_MAC), (REMOTE_NODE_IP, REMOTE_NODE_MAC)):
+            _ip(
+                "-n",
+                self.netns,
+                "neigh",
+                "replace",
+                str(neighbour),
+                "lladdr",
+                mac,
+                "dev",
+                "uplink",
+                "nud",
+                "permanent",
+            )
+        _ip("-n", self.netns, "route", "replace", "default", "via", str(GATEWAY_IP))
+        _ip("-n", self.netns, "route", "replace", str(REMOTE_POD_CIDR), "via", str(REMOTE_NODE_IP))
 
     # -- maps -------------------------------------------------------------
     def reset(self) -> None:

@@ -8,7 +8,6 @@ gateway and a remote node as permanent neighbours, so the FIB answers."""
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
 
@@ -23,13 +22,10 @@ from ciliate.datapath.lb import (
     maglev_table,
 )
 from ciliate.datapath.tables import DropReason
-from ciliate.datapath.testbed import NODE_IP, REMOTE_NODE_IP, WORLD_IP, Testbed
+from ciliate.datapath.testbed import GATEWAY_MAC, NODE_IP, REMOTE_NODE_MAC, WORLD_IP, Testbed
 
 from .packets import IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP, UDP, Ether, ipv4_header_valid
 
-GATEWAY_IP = ipaddress.IPv4Address("192.168.200.1")
-GATEWAY_MAC = "02:00:00:00:00:01"
-REMOTE_NODE_MAC = "02:00:00:00:00:03"
 REMOTE_POD = ipaddress.IPv4Address("10.244.2.20")
 NODEPORT = Frontend(NODE_IP, 30080, L4Protocol.TCP)
 CLIENT_PORT = 40000
@@ -37,35 +33,9 @@ CLIENT_PORT = 40000
 
 @pytest.fixture(scope="module")
 def routed(bpf_objects: str) -> Iterator[Testbed]:
-    """A testbed of its own whose uplink has the node IP, a default route to
-    a gateway and a route to the remote node's pods, neighbours fixed."""
+    """A testbed of its own whose uplink routes like a node's."""
     with Testbed(prefix="cnp") as bed:
-
-        def ip(*args: str) -> None:
-            subprocess.run(["ip", "-n", bed.netns, *args], check=True)
-
-        # A node forwards (the FIB lookup of a translated packet asks so).
-        subprocess.run(
-            ["ip", "netns", "exec", bed.netns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
-            check=True,
-        )
-        ip("link", "set", "uplink", "up")
-        ip("link", "set", "fabric", "up")
-        ip("addr", "add", f"{NODE_IP}/24", "dev", "uplink")
-        for neighbour, mac in ((GATEWAY_IP, GATEWAY_MAC), (REMOTE_NODE_IP, REMOTE_NODE_MAC)):
-            ip(
-                "neigh",
-                "replace",
-                str(neighbour),
-                "lladdr",
-                mac,
-                "dev",
-                "uplink",
-                "nud",
-                "permanent",
-            )
-        ip("route", "add", "default", "via", str(GATEWAY_IP), "dev", "uplink")
-        ip("route", "add", "10.244.2.0/24", "via", str(REMOTE_NODE_IP), "dev", "uplink")
+        bed.route_uplink()
         yield bed
 
 
