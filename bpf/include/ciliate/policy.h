@@ -47,6 +47,13 @@ policy_state(const struct ciliate_endpoint *ep)
 	return state && (state->flags & CILIATE_POLICY_ENFORCED) ? state : NULL;
 }
 
+/* Whether a policy is enforced on a local endpoint: callers that must
+ * look up a peer's identity first (an ipcache lookup) skip it when not. */
+static __always_inline bool policy_applies(const struct ciliate_endpoint *ep)
+{
+	return policy_state(ep) != NULL;
+}
+
 /* Whether the endpoint's entries allow the peer (see the header comment). */
 static __always_inline bool policy_lookup(const struct ciliate_policy_state *state,
 					  __u16 endpoint_id, __u8 dir, __u32 peer,
@@ -212,6 +219,12 @@ denied:
 }
 
 #else /* CILIATE_FEATURE_POLICY */
+
+static __always_inline bool
+policy_applies(const struct ciliate_endpoint *ep __attribute__((unused)))
+{
+	return false;
+}
 
 static __always_inline int policy_check(struct __sk_buff *ctx __attribute__((unused)),
 					const struct iphdr *ip __attribute__((unused)),
