@@ -249,6 +249,11 @@ def admit_service(txn: Txn, obj: dict[str, Any], current: Mapping[str, Any] | No
     old_spec: Mapping[str, Any] = current["spec"] if current is not None else {}
     _admit_cluster_ip(txn, obj, old_spec.get("clusterIP") or "")
     _admit_node_ports(txn, obj, old_spec)
+    if current is not None and not obj["status"].get("loadBalancer"):
+        # The API server keeps status across spec updates (it is a subresource, written
+        # by the load balancer's controller); here a manifest that carries no status
+        # keeps the stored one, and one that carries it sets it.
+        obj["status"] = current.get("status") or obj["status"]
 
 
 def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:

@@ -509,3 +509,16 @@ def test_the_static_band_is_sized_as_kubernetes_sizes_it(
     from ciliate.control.objects.allocation import _band_offset
 
     assert _band_offset(size, step=step, top=top) == band
+
+
+def test_a_reapplied_manifest_without_status_keeps_the_load_balancer_status(
+    objects: ObjectStore,
+) -> None:
+    spec = {"type": "LoadBalancer", "ports": [HTTP]}
+    ingress = {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}
+    objects.apply([service(spec, status=ingress)])
+    assert [r.action for r in objects.apply([service(spec)])] == ["unchanged"]
+    assert objects.get(SERVICE, name="web")["status"] == ingress
+    moved = {"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}}
+    objects.apply([service(spec, status=moved)])
+    assert objects.get(SERVICE, name="web")["status"] == moved

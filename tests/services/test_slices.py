@@ -24,6 +24,12 @@ from ciliate.control.services.slices import (
 )
 from ciliate.control.store import SqliteStore
 
+from ..cluster import etcd_fixtures
+
+require_etcd = etcd_fixtures.require_etcd
+etcd_server = etcd_fixtures.etcd_server
+store_factory = etcd_fixtures.store_factory
+
 SLICE = KINDS["EndpointSlice"]
 
 
@@ -303,3 +309,31 @@ def test_reconcile_deletes_the_slices_of_a_deleted_service(objects: ObjectStore)
     objects.delete(objects.refs_of([raw_service(WEB)]))
     assert reconcile(objects, addresses={}).deleted
     assert objects.list(SLICE) == []
+
+
+def test_reconcile_on_etcd_writes_many_slices_within_its_transaction_limits(
+    store_factory: etcd_fixtures.StoreFactory,
+) -> None:
+    # 30 Services (one pod each) and one of 150 pods: 32 slices, more than one etcd
+    # transaction may hold (128 operations), so the writes go in batches.
+    objects = ObjectStore(store_factory())
+    manifest: list[dict[str, Any]] = []
+    for i in range(30):
+        manifest.append(raw_service({"app": f"s{i}"}, name=f"s{i}"))
+        manifest.append(
+            {
+                **raw_pod(f"s{i}-pod", f"10.1.0.{i + 1}"),
+                "metadata": {"name": f"s{i}-pod", "labels": {"app": f"s{i}"}},
+            }
+        )
+    manifest.append(raw_service(WEB))
+    manifest += [raw_pod(f"web-{i}", f"10.2.{i // 200}.{i % 200 + 1}") for i in range(150)]
+    for start in range(0, len(manifest), 20):
+        objects.apply(manifest[start : start + 20])
+    published = {"default/web-0": PodAddress(ipaddress.IPv4Address("10.79.0.5"), "node-a")}
+    result = reconcile(objects, addresses=published)
+    assert len(result.created) == 32
+    web = stored_addresses(objects)
+    assert sorted(len(v) for v in web.values()) == [50, 100]
+    assert "10.79.0.5" in [a for v in web.values() for a in v]
+    assert not reconcile(objects, addresses=published).changed
