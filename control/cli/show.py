@@ -154,8 +154,9 @@ def monitor(args: argparse.Namespace) -> int:
         event = Event.from_bytes(data)
         if args.output == "json":
             doc = {
-                "type": "drop" if event.is_drop else "trace",
+                "type": event.kind,  # drop, trace or policy (a verdict)
                 "summary": event.summary,
+                "policy": event.policy,
                 "reason": event.reason,
                 "source": event.source,
                 "line": event.line,

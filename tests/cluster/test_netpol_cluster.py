@@ -67,7 +67,22 @@ def cluster_model(bpf_objects: str) -> Iterator[tuple[lab.LabState, ModelPods, A
             _calm(lambda: clients[0].post("/v1/objects/delete", body))
 
         def settled() -> bool:
-            return all(c.get("/v1/policy")["pending"] is False for c in clients)
+            """Every agent's policy loop has caught up, and every agent's ipcache
+            holds every pod's current identity (a relabelled pod's new identity
+            reaches the other nodes through their etcd watches)."""
+            try:
+                if not all(c.get("/v1/policy")["pending"] is False for c in clients):
+                    return False
+                identities = {
+                    f"{e['ip']}/32": e["identity"] for c in clients for e in c.get("/v1/endpoints")
+                }
+                for client in clients:
+                    ipcache = {e["prefix"]: e["identity"] for e in client.get("/v1/bpf/ipcache")}
+                    if any(ipcache.get(p) != i for p, i in identities.items()):
+                        return False
+            except RuntimeError:  # etcd coming back: the cluster calls answer 500
+                return False
+            return True
 
         apply(pod_objects(model_pods.ips))
         model_pods.start()
