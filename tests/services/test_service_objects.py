@@ -438,7 +438,7 @@ def test_the_service_range_is_checked_as_the_api_server_does() -> None:
         parse_service_range("10.96.0.1/24")
 
 
-def test_concurrent_applies_on_etcd_never_share_an_address(
+def test_concurrent_applies_on_etcd_never_share_an_address_or_a_node_port(
     store_factory: etcd_fixtures.StoreFactory,
 ) -> None:
     # A /27: 29 dynamic addresses, 24 services from 4 writers at once, so two writers
@@ -450,7 +450,9 @@ def test_concurrent_applies_on_etcd_never_share_an_address(
         objects = ObjectStore(store_factory())
         try:
             for j in range(6):
-                objects.apply([service({"ports": [HTTP]}, name=f"w{index}-{j}")])
+                objects.apply(
+                    [service({"type": "NodePort", "ports": [HTTP]}, name=f"w{index}-{j}")]
+                )
         except BaseException as exc:  # reported below, with the others'
             errors.append(exc)
 
@@ -464,6 +466,8 @@ def test_concurrent_applies_on_etcd_never_share_an_address(
     addresses = [s["spec"]["clusterIP"] for s in services]
     assert len(services) == 24
     assert len(set(addresses)) == 24
+    node_ports = {s["spec"]["ports"][0]["nodePort"] for s in services}
+    assert len(node_ports) == 24
     # Every one is still free-able: deleting them all empties the bitmap, so all 29
     # dynamic addresses can be taken again.
     objects = ObjectStore(store_factory())
