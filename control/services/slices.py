@@ -123,11 +123,11 @@ def _slice_labels(service: Mapping[str, Any]) -> dict[str, str]:
     labels = {
         k: v
         for k, v in (meta.get("labels") or {}).items()
-        if k not in (SERVICE_NAME_LABEL, MANAGED_BY_LABEL)
+        if k not in (SERVICE_NAME_LABEL, MANAGED_BY_LABEL, HEADLESS_LABEL)
     }
     labels[SERVICE_NAME_LABEL] = meta["name"]
     labels[MANAGED_BY_LABEL] = MANAGED_BY
-    if service["spec"].get("clusterIP") == "None":
+    if service["spec"].get("clusterIP") in ("None", ""):
         labels[HEADLESS_LABEL] = ""
     return labels
 
@@ -155,9 +155,13 @@ def _endpoint(
             "uid": meta.get("uid", ""),
         },
     }
-    node = address.node or pod.get("spec", {}).get("nodeName")
+    spec = pod.get("spec", {})
+    node = address.node or spec.get("nodeName")
     if node:
         endpoint["nodeName"] = node
+    # ShouldSetHostname: a pod naming this Service as its subdomain gets a DNS name.
+    if spec.get("hostname") and spec.get("subdomain") == service["metadata"]["name"]:
+        endpoint["hostname"] = spec["hostname"]
     return endpoint
 
 

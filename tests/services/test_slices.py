@@ -53,8 +53,8 @@ def pod(
     for key, value in extra.items():
         if key in ("deletionTimestamp", "uid"):
             obj["metadata"][key] = value
-        elif key == "nodeName":
-            obj["spec"]["nodeName"] = value
+        elif key in ("nodeName", "hostname", "subdomain"):
+            obj["spec"][key] = value
         else:
             obj.setdefault("status", {})[key] = value
     return validate(obj)
@@ -337,3 +337,22 @@ def test_reconcile_on_etcd_writes_many_slices_within_its_transaction_limits(
     assert sorted(len(v) for v in web.values()) == [50, 100]
     assert "10.79.0.5" in [a for v in web.values() for a in v]
     assert not reconcile(objects, addresses=published).changed
+
+
+def test_a_headless_service_labels_its_slices_and_names_pods_of_its_subdomain() -> None:
+    pods = [
+        pod("a", ip="10.0.0.1", hostname="db-0", subdomain="web"),
+        pod("b", ip="10.0.0.2", hostname="db-1", subdomain="other"),
+    ]
+    got = only(
+        desired_slices(
+            services=[service([{"port": 80}], selector=WEB, clusterIP="None")],
+            pods=pods,
+            addresses={},
+        )
+    )
+    assert got["metadata"]["labels"]["service.kubernetes.io/headless"] == ""
+    assert [e.get("hostname") for e in got["endpoints"]] == ["db-0", None]
+    with_ip = service([{"port": 80}], selector=WEB, clusterIP="10.96.0.9")
+    labels = only(desired_slices(services=[with_ip], pods=pods, addresses={}))["metadata"]["labels"]
+    assert "service.kubernetes.io/headless" not in labels
