@@ -6,9 +6,13 @@ user's slices for a service without selector, refusal shown)."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import socketserver
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from ciliate.control.lab.etcd_server import EtcdServer
@@ -148,3 +152,86 @@ def test_services_through_etcd(etcd_server: EtcdServer) -> None:
         ciliate("service", "list", *target, "-o", "json").stdout
     )["frontends"]
     assert not any(f["service"] == "shop/web" for f in after)
+
+
+class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve_get(socket_path: Path, routes: dict[str, Any]) -> _UnixHttpServer:
+    """GET routes on a UNIX socket, answering JSON (404 elsewhere): the agent's side
+    of the contract until the lead adds ``GET /v1/services`` to the agent."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = routes.get(self.path)
+            body = json.dumps(found if found is not None else {"detail": "Not Found"}).encode()
+            self.send_response(200 if found is not None else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = _UnixHttpServer(str(socket_path), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_service_list_through_an_agent_shows_its_ids(tmp_path: Path) -> None:
+    from ciliate.control.objects import ObjectStore
+    from ciliate.control.services import node
+    from ciliate.control.services.ids import LbIds
+    from ciliate.control.store import SqliteStore
+
+    with SqliteStore(tmp_path / "state.db") as store:
+        objects = ObjectStore(store)
+        objects.apply(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "ext"},
+                    "spec": {"clusterIP": "10.96.0.50", "ports": [{"port": 80}]},
+                },
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {"name": "ext-1", "labels": {"kubernetes.io/service-name": "ext"}},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": ["192.0.2.10"], "nodeName": "node-a"}],
+                    "ports": [{"port": 8080}],
+                },
+            ]
+        )
+        body = node.compute(objects, LbIds(store), node_name="node-a", node_ips=[]).to_json()
+    socket_path = tmp_path / "agent.sock"
+    server = serve_get(socket_path, {"/v1/services": body})
+    try:
+        shown = ciliate("service", "list", "--socket", str(socket_path))
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[1].split() == [
+            "1",
+            "10.96.0.50:80/TCP",
+            "ClusterIP",
+            "default/ext",
+            "1",
+            "=>",
+            "192.0.2.10:8080/TCP",
+            "(active,",
+            "node-a)",
+        ]
+    finally:
+        server.shutdown()
+        server.server_close()
+    older = tmp_path / "older.sock"
+    server = serve_get(older, {})
+    try:
+        refused = ciliate("service", "list", "--socket", str(older))
+        assert refused.returncode == 1
+        assert "does not serve /v1/services (older agent)" in refused.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
