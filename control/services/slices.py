@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliate.control.objects import KINDS, ObjectStore, validate
+from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.objects.service_validation import SERVICE_NAME_LABEL
 
 __all__ = [
@@ -330,9 +330,9 @@ def reconcile(
         addresses=addresses,
         max_endpoints=max_endpoints,
     )
-    # validate() normalises what the store keeps (conditions, port defaults), so
-    # compare the validated form with the stored one.
-    wanted_by_ref = {_ref(s): _comparable(validate(s)) for s in wanted}
+    # The controller writes slices in the form validation keeps them (the tests hold
+    # it to that), so the stored ones compare as they are; apply validates anyway.
+    wanted_by_ref = {_ref(s): s for s in wanted}
     owned = {
         _ref(s): s
         for s in objects.list(KINDS["EndpointSlice"])

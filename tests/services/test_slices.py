@@ -113,7 +113,7 @@ def test_a_selector_picks_the_pods_of_its_namespace_with_all_its_labels() -> Non
         "name": "a",
         "uid": "",
     }
-    validate(got)  # what the controller writes is a valid object
+    assert validate(got) == got  # valid, and in the form the store keeps
 
 
 def test_the_published_endpoint_wins_over_status_pod_ip_and_gives_the_node() -> None:
@@ -167,6 +167,7 @@ def test_named_target_ports_resolve_per_pod_and_group_pods_by_port_mapping() -> 
         (): ["10.0.0.4", "10.0.0.5"],
     }
     assert len({s["metadata"]["name"] for s in slices}) == 3
+    assert all(validate(s) == s for s in slices)
 
 
 def test_conditions_follow_readiness_and_termination_as_upstream_sets_them() -> None:
@@ -199,6 +200,7 @@ def test_conditions_follow_readiness_and_termination_as_upstream_sets_them() -> 
         )
     )
     assert all(e["conditions"]["ready"] for e in published["endpoints"])
+    assert validate(got) == got and validate(published) == published
 
 
 def test_a_service_selecting_nothing_keeps_one_empty_slice_and_none_without_selector() -> None:
@@ -353,6 +355,7 @@ def test_a_headless_service_labels_its_slices_and_names_pods_of_its_subdomain() 
     )
     assert got["metadata"]["labels"]["service.kubernetes.io/headless"] == ""
     assert [e.get("hostname") for e in got["endpoints"]] == ["db-0", None]
+    assert validate(got) == got
     with_ip = service([{"port": 80}], selector=WEB, clusterIP="10.96.0.9")
     labels = only(desired_slices(services=[with_ip], pods=pods, addresses={}))["metadata"]["labels"]
     assert "service.kubernetes.io/headless" not in labels
