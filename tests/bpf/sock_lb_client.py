@@ -8,7 +8,8 @@ cgroup and network namespace (the cgroup hooks see only its sockets).
 - ``udp``: one unconnected socket, COUNT sendto/recvfrom rounds; reports
   each datagram's source address and who answered;
 - ``udp-connected``: a connected UDP socket, one round, getpeername too;
-- ``refused``: one TCP connect; reports the errno.
+- ``refused``: one TCP connect; reports the errno;
+- ``udp-refused``: one UDP sendto; reports the errno.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def main() -> None:
             out["errno"] = exc.errno
         finally:
             sock.close()
+    elif mode == "udp-refused":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(b"hi", (host, port))
+                out["errno"] = 0
+            except OSError as exc:
+                out["errno"] = exc.errno
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(json.dumps(out))

@@ -21,7 +21,7 @@ from ciliate.datapath.lb import (
     L4Protocol,
     maglev_table,
 )
-from ciliate.datapath.tables import DropReason
+from ciliate.datapath.tables import Direction, DropReason
 from ciliate.datapath.testbed import GATEWAY_MAC, NODE_IP, REMOTE_NODE_MAC, WORLD_IP, Testbed
 
 from .packets import IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP, UDP, Ether, ipv4_header_valid
@@ -111,6 +111,9 @@ def test_nodeport_to_a_local_backend_is_dnated_into_the_pod_and_its_reply_leaves
     assert (out.dst, out.src) == (GATEWAY_MAC, bed.uplink.mac)
     assert out[IP].ttl == 63
     assert ipv4_header_valid(out) and l4_valid(out)
+    # Counted: the DNAT coming in, the reply going out.
+    assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.INGRESS)[0] == 1
+    assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.EGRESS)[0] == 1
 
 
 def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_translated_back(

@@ -31,6 +31,7 @@ from ciliate.datapath.lb import (
     attach_socket_lb,
     detach_socket_lb,
 )
+from ciliate.datapath.tables import Direction, DropReason
 from ciliate.datapath.testbed import Testbed
 from ciliate.loader import cgroup2_root, enter_netns
 
@@ -151,6 +152,8 @@ def test_tcp_to_a_clusterip_reaches_backends_and_the_peer_is_the_service(
     assert isinstance(rounds, list)
     assert all(r["peer"] == [str(CLUSTER_IP), 80] for r in rounds)
     served = set(_served(report))
+    translated = tb.datapath.metrics.get(DropReason.FORWARDED_LB_SOCKET, Direction.EGRESS)
+    assert translated[0] == 30
     # Random per connection: 30 connections all to one of 3 backends would be 3^-29.
     assert len(served) > 1
     assert served <= {f"{ip}:{BACKEND_PORT}" for ip in BACKEND_IPS}
@@ -186,6 +189,8 @@ def test_a_service_with_no_active_backend_refuses_at_once(
 ) -> None:
     tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*states), service_id=1)
     assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ECONNREFUSED
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*states), service_id=2)
+    assert lab.client("udp-refused", FRONTEND_UDP)["errno"] == errno.ECONNREFUSED
 
 
 def test_terminating_backends_take_no_new_connections(tb: Testbed, lab: Lab) -> None:

@@ -24,6 +24,8 @@
 enum ciliate_drop_reason {
 	CILIATE_FORWARDED = 0,                  /* forwarded */
 	CILIATE_FORWARDED_SOCKET = 1,           /* forwarded socket to socket (TCP between local pods) */
+	CILIATE_FORWARDED_LB_SOCKET = 2,        /* service translated to a backend at the socket (connect, sendmsg) */
+	CILIATE_FORWARDED_LB_NODEPORT = 3,      /* service packet translated on the uplink (to a backend, or a reply back) */
 	CILIATE_DROP_INVALID_SMAC = 130,        /* source MAC is not the endpoint's */
 	CILIATE_DROP_INVALID_SIP = 131,         /* source IP is not the endpoint's */
 	CILIATE_DROP_TTL_EXCEEDED = 132,        /* TTL expired on the way to a pod */

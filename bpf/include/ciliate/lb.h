@@ -13,6 +13,7 @@
 #include "ciliate/node_config.h"
 #include "ciliate/eth.h"
 #include "ciliate/ipv4.h"
+#include "ciliate/notify.h"
 #include "maps.h"
 
 #define IPPROTO_TCP 6
@@ -295,7 +296,8 @@ static __always_inline int lb_fib_redirect(struct __sk_buff *ctx, struct trace_i
 /* A reply of a translated flow, if `t` is one: it gets the frontend (and,
  * SNATed, the client) back and leaves past the stack. */
 static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
-				      const struct ciliate_lb_tuple *t, struct trace_info *trace)
+				      const struct ciliate_lb_tuple *t, __u8 dir,
+				      struct trace_info *trace)
 {
 	const struct ciliate_lb_nat_rev *rev = bpf_map_lookup_elem(&ciliate_lb_nat_rev, t);
 	struct ciliate_lb_tuple to;
@@ -311,6 +313,7 @@ static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
 	ret = lb_rewrite(ctx, l4_off, t, &to);
 	if (IS_DROP(ret))
 		return ret;
+	metrics_count(CILIATE_FORWARDED_LB_NODEPORT, dir, ctx->len);
 	return lb_fib_redirect(ctx, trace);
 }
 
@@ -325,7 +328,7 @@ static __always_inline int lb_rev_nat_from_pod(struct __sk_buff *ctx, const stru
 
 	if (!lb_tuple(ctx, ip, &t, &l4_off))
 		return CILIATE_LB_PASS;
-	return lb_rev_nat(ctx, l4_off, &t, trace);
+	return lb_rev_nat(ctx, l4_off, &t, CILIATE_DIR_EGRESS, trace);
 }
 
 /* A free SNAT port for a flow to `backend` (tried from a hash of the flow,
@@ -384,7 +387,7 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 
 	if (!lb_tuple(ctx, ip, &t, &l4_off))
 		return CILIATE_LB_PASS;
-	ret = lb_rev_nat(ctx, l4_off, &t, trace);
+	ret = lb_rev_nat(ctx, l4_off, &t, CILIATE_DIR_INGRESS, trace);
 	if (ret != CILIATE_LB_PASS)
 		return ret;
 	key.addr = t.daddr;
@@ -438,6 +441,7 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 	ret = lb_rewrite(ctx, l4_off, &t, &to);
 	if (IS_DROP(ret))
 		return ret;
+	metrics_count(CILIATE_FORWARDED_LB_NODEPORT, CILIATE_DIR_INGRESS, ctx->len);
 	return fwd.nat_port ? lb_fib_redirect(ctx, trace) : CILIATE_LB_PASS;
 }
 
