@@ -27,6 +27,7 @@ import contextlib
 import functools
 import ipaddress
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -144,6 +145,11 @@ def _worker_main(
     from ciliate.control.cluster.member import ClusterMember
     from ciliate.control.store.etcd import EtcdStore
 
+    # The agents' warnings (a watch that failed and is retried, a read that timed out)
+    # are counted and reported, not printed: 500 agents would flood the terminal.
+    warnings = _CountingHandler()
+    logging.getLogger("ciliate").addHandler(warnings)
+    logging.getLogger("ciliate").propagate = False
     rss_idle = _rss_kib()
     changed = threading.Condition()
     members: list[ClusterMember] = []
@@ -184,7 +190,14 @@ def _worker_main(
             if command[0] == "stop":
                 break
             if command[0] == "cpu":
-                results.put({"worker": worker, "cpu_s": _cpu_seconds(), "rss_kib": _rss_kib()})
+                results.put(
+                    {
+                        "worker": worker,
+                        "cpu_s": _cpu_seconds(),
+                        "rss_kib": _rss_kib(),
+                        "warnings": warnings.count,
+                    }
+                )
                 continue
             _, k, ip, publisher, deadline_s = command
             published = None
@@ -217,6 +230,15 @@ def _worker_main(
             for path in sorted(workdir.rglob("*"), reverse=True):
                 path.rmdir() if path.is_dir() else path.unlink()
             workdir.rmdir()
+
+
+class _CountingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
 
 
 def _arrivals(
@@ -390,7 +412,9 @@ def _run(
         say(f"cluster: {n} agents up and mirrored in {setup_s:.1f} s")
         for q in queues:
             q.put(("cpu",))
-        cpu_before = sum(r["cpu_s"] for r in collect(workers, timeout=60))
+        before = collect(workers, timeout=60)
+        cpu_before = sum(r["cpu_s"] for r in before)
+        warnings_before = sum(r["warnings"] for r in before)
         etcd_cpu_before = _cpu_seconds(etcd_pid) if etcd_pid else math.nan
         counters_before = _etcd_counters(endpoint)
         measure_start = time.monotonic()
@@ -472,6 +496,8 @@ def _run(
         "rss_added_per_agent_kib": sum(added) / n,  # over the process before its agents
         "etcd_rss_mib": _rss_kib(etcd_pid) / 1024 if etcd_pid else math.nan,
         "threads_per_process": statistics.mean(r["threads"] for r in ready),
+        # Agent warnings while measuring (watches failed and retried, reads timed out).
+        "agent_warnings": sum(r["warnings"] for r in final) - warnings_before,
     }
 
 
@@ -497,6 +523,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
         "agent CPU ms / endpoint",
         "RSS / agent KiB",
         "setup s",
+        "agent warnings",
     ]
     for column in columns:
         table.add_column(column, justify="right")
@@ -514,6 +541,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
             f"{r['agents_cpu_ms_per_agent_per_endpoint']:.1f}",
             f"{r['rss_per_agent_kib']:.0f} (+{r['rss_added_per_agent_kib']:.0f})",
             f"{r['setup_s']:.1f}",
+            str(r["agent_warnings"]),
         )
     table.caption = (
         "endpoints published one at a time; reach all: until every other agent's ipcache has "

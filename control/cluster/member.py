@@ -120,6 +120,7 @@ class ClusterMember:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._remote_cidrs: dict[str, list[ipaddress.IPv4Network]] = {}
+        self._remote_endpoints: dict[ipaddress.IPv4Network, IpcacheEntry] = {}
         self._lease: Any = None
         self.identities = ClusterIdentities(store, node=node_name)
         # This node's endpoints as published (see endpoint_added).
@@ -257,12 +258,21 @@ class ClusterMember:
                 self._stop.wait(self._republish_interval)
 
     # -- the rest of the cluster, into the ipcache -----------------------------------
+    # Nodes and pod CIDRs change rarely: a change re-reads both prefixes (one resync
+    # for a burst). Endpoints change with every pod: each watch event is applied as
+    # it comes (no re-read), so a new pod costs every agent O(1), not a read of the
+    # whole cluster. ``_remote_endpoints`` (guarded by ``_resync_lock``) is what the
+    # endpoint watch knows; a node resync writes it back beside the node entries.
     def start_mirroring(self, ipcache: IpcacheWriter) -> None:
         self._ipcache = ipcache
+        # The endpoints first: a node resync deletes remote entries it does not know,
+        # and the pinned ipcache of a restarted agent still has them.
+        self._load_endpoints(self.store.list(ENDPOINTS))
         self._resync()
-        for prefix in (IPAM, NODES, ENDPOINTS):
+        watches = ((IPAM, self._watch), (NODES, self._watch), (ENDPOINTS, self._watch_endpoints))
+        for prefix, target in watches:
             thread = threading.Thread(
-                target=self._watch, args=(prefix,), name=f"watch {prefix}", daemon=True
+                target=target, args=(prefix,), name=f"watch {prefix}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
@@ -275,8 +285,8 @@ class ClusterMember:
                     while not self._stop.is_set():
                         event = watch.get(timeout=1.0)
                         if event is not None:
-                            # A burst (nodes registering, a node's endpoints
-                            # republished) costs one resync, not one per event.
+                            # A burst (nodes registering) costs one resync, not one
+                            # per event.
                             while watch.get(timeout=0) is not None:
                                 pass
                             self._resync()
@@ -284,10 +294,75 @@ class ClusterMember:
                 log.warning("watch on %s failed; retrying", prefix, exc_info=True)
                 self._stop.wait(1.0)
 
+    def _watch_endpoints(self, prefix: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with contextlib.closing(self.store.watch_prefix(prefix)) as watch:
+                    # Read after the watch started: what changed in between is both in
+                    # the read and in the events, applied again in order (idempotent).
+                    self._load_endpoints(self.store.list(prefix))
+                    while not self._stop.is_set():
+                        event = watch.get(timeout=1.0)
+                        if event is not None:
+                            self._apply_endpoint_event(event)
+            except Exception:
+                log.warning("watch on %s failed; retrying", prefix, exc_info=True)
+                self._stop.wait(1.0)
+
+    def _remote_endpoint(self, key: str, raw: bytes | None) -> IpcacheEntry | None:
+        """The ipcache entry of a published endpoint; ``None`` for this node's own
+        (the endpoint manager writes those) or a deleted key."""
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        if doc.get("node") == self.node_name:
+            return None
+        prefix = ipaddress.IPv4Network(f"{key.removeprefix(ENDPOINTS)}/32")
+        return IpcacheEntry(prefix, int(doc["identity"]), ipaddress.IPv4Address(doc["nodeIP"]))
+
+    def _load_endpoints(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Every published endpoint (a full read, or a watch's RESYNC): replaces what
+        the mirror knew."""
+        known: dict[ipaddress.IPv4Network, IpcacheEntry] = {}
+        for key, raw in items:
+            entry = self._remote_endpoint(key, raw)
+            if entry is not None:
+                known[entry.prefix] = entry
+        with self._resync_lock:
+            old, self._remote_endpoints = self._remote_endpoints, known
+            if self._ipcache is None:
+                return
+            for prefix, entry in known.items():
+                if old.get(prefix) != entry:
+                    self._ipcache.upsert(entry)
+            for prefix in old.keys() - known.keys():
+                self._ipcache.delete(prefix)
+
+    def _apply_endpoint_event(self, event: Any) -> None:
+        if event.type == "RESYNC":
+            self._load_endpoints(event.items)
+            return
+        address = event.key.removeprefix(ENDPOINTS)
+        try:
+            prefix = ipaddress.IPv4Network(f"{address}/32")
+            entry = self._remote_endpoint(event.key, event.value if event.type == "PUT" else None)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("published endpoint %s ignored: %s", event.key, exc)
+            return
+        with self._resync_lock:
+            if self._ipcache is None:
+                return
+            if entry is not None:
+                if self._remote_endpoints.get(prefix) != entry:
+                    self._remote_endpoints[prefix] = entry
+                    self._ipcache.upsert(entry)
+            elif self._remote_endpoints.pop(prefix, None) is not None:
+                # Only what the mirror wrote: the address may be this node's own now.
+                self._ipcache.delete(prefix)
+
     def _resync(self) -> None:
-        """Rebuild the remote part of the ipcache from the store (cheap: a
-        cluster has few nodes; endpoint changes are bursts). One at a time: the
-        watches of three prefixes call it."""
+        """Rebuild the nodes' part of the ipcache from the store, with the endpoints
+        the endpoint watch knows. One at a time: two watches call it."""
         if self._ipcache is None:
             return
         with self._resync_lock:
@@ -310,14 +385,7 @@ class ClusterMember:
             wanted[ipaddress.IPv4Network(f"{node_ip}/32")] = IpcacheEntry(
                 ipaddress.IPv4Network(f"{node_ip}/32"), REMOTE_NODE_IDENTITY, node_ip
             )
-        for key, raw in self.store.list(ENDPOINTS):
-            doc = json.loads(raw)
-            if doc.get("node") == self.node_name:
-                continue
-            prefix = ipaddress.IPv4Network(f"{key.removeprefix(ENDPOINTS)}/32")
-            wanted[prefix] = IpcacheEntry(
-                prefix, int(doc["identity"]), ipaddress.IPv4Address(doc["nodeIP"])
-            )
+        wanted.update(self._remote_endpoints)
         current = {e.prefix: e for e in ipcache.list() if e.node_ip is not None}
         for prefix, entry in wanted.items():
             if current.get(prefix) != entry:
