@@ -26,7 +26,7 @@ import datetime
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -298,6 +298,10 @@ class ObjectStore:
             objects.append(doc)
         return objects
 
-    def snapshot(self) -> dict[str, builtins.list[dict[str, Any]]]:
-        """Every object of every kind, by kind name (what the policy engine reads)."""
-        return {name: self.list(kind) for name, kind in KINDS.items()}
+    def snapshot(
+        self, kinds: Iterable[str] | None = None
+    ) -> dict[str, builtins.list[dict[str, Any]]]:
+        """Every object of every kind (or of ``kinds``), by kind name (what the policy
+        engine reads; it needs no Services nor EndpointSlices)."""
+        names = KINDS if kinds is None else kinds
+        return {name: self.list(KINDS[name]) for name in names}

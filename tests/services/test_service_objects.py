@@ -526,3 +526,12 @@ def test_a_reapplied_manifest_without_status_keeps_the_load_balancer_status(
     moved = {"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}}
     objects.apply([service(spec, status=moved)])
     assert objects.get(SERVICE, name="web")["status"] == moved
+
+
+def test_a_snapshot_may_read_only_the_kinds_a_reader_needs(objects: ObjectStore) -> None:
+    objects.apply([service({"ports": [HTTP]})])
+    assert set(objects.snapshot()) == set(KINDS)
+    assert objects.snapshot(["Pod", "Namespace"]) == {
+        "Pod": [],
+        "Namespace": objects.list(KINDS["Namespace"]),
+    }
