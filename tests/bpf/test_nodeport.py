@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from scapy.utils import checksum
 
 from ciliate.datapath.lb import (
     MAGLEV_SIZE,
@@ -24,7 +25,7 @@ from ciliate.datapath.lb import (
 from ciliate.datapath.tables import Direction, DropReason
 from ciliate.datapath.testbed import GATEWAY_MAC, NODE_IP, REMOTE_NODE_MAC, WORLD_IP, Testbed
 
-from .packets import IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP, UDP, Ether, ipv4_header_valid
+from .packets import ICMP, IP, TC_ACT_OK, TC_ACT_REDIRECT, TCP, UDP, Ether, ipv4_header_valid
 
 REMOTE_POD = ipaddress.IPv4Address("10.244.2.20")
 NODEPORT = Frontend(NODE_IP, 30080, L4Protocol.TCP)
@@ -214,10 +215,30 @@ def test_terminating_backends_keep_their_flows_and_take_no_new_one(bed: Testbed)
     result = bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex)
     assert result.retval == TC_ACT_REDIRECT
     assert Ether(result.data)[IP].dst == str(REMOTE_POD)
-    # ... a new one finds no active backend: dropped, counted.
-    new_flow = from_client(bed, sport=CLIENT_PORT + 1)
-    assert bed.run("from_netdev", new_flow, ifindex=bed.uplink.ifindex).retval == TC_ACT_SHOT
-    assert bed.datapath.metrics.get(DropReason.NO_SERVICE_BACKEND, 0)[0] == 1
+    # ... a new one finds no active backend: refused at once.
+    assert_refused(bed, from_client(bed, sport=CLIENT_PORT + 1))
+
+
+def assert_refused(bed: Testbed, sent: bytes) -> None:
+    """The packet is answered with an ICMP port unreachable from the
+    frontend, back out of the uplink, and counted as the drop it stands for."""
+    result = bed.run("from_netdev", sent, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    answer, original = Ether(result.data), Ether(sent)
+    assert (answer.src, answer.dst) == (original.dst, original.src)
+    assert (answer[IP].src, answer[IP].dst) == (original[IP].dst, original[IP].src)
+    assert (answer[ICMP].type, answer[ICMP].code) == (3, 3)
+    assert ipv4_header_valid(answer)
+    icmp = bytes(answer[IP].payload)
+    assert checksum(icmp) == 0
+    assert icmp[8:] == bytes(original[IP])[:28]  # the offending header and 8 bytes
+    assert bed.datapath.metrics.get(DropReason.NO_SERVICE_BACKEND, Direction.INGRESS)[0] == 1
+
+
+def test_a_udp_nodeport_without_backends_answers_port_unreachable(bed: Testbed) -> None:
+    frontend = Frontend(NODE_IP, 30053, L4Protocol.UDP)
+    bed.datapath.lb.upsert_service(frontend, [], service_id=2, external=True)
+    assert_refused(bed, from_client(bed, frontend=frontend))
 
 
 def test_a_clusterip_is_not_balanced_from_outside(bed: Testbed) -> None:

@@ -362,6 +362,73 @@ static __always_inline __u16 lb_snat_port(const struct ciliate_lb_tuple *orig,
 	return 0;
 }
 
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+#define ICMP_QUOTE_LEN 28       /* the offending IPv4 header (no options) and 8 bytes of it */
+
+/* The one's complement sum of bpf_csum_diff() folded into a checksum. */
+static __always_inline __u16 lb_csum_fold(__u32 csum)
+{
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	return (__u16)~csum;
+}
+
+struct lb_icmp_reply {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	__u8 quote[ICMP_QUOTE_LEN];
+};
+
+/* Answer a packet to a frontend with no active backend with an ICMP port
+ * unreachable from the frontend, back out of the device it came in by (as
+ * Cilium does): the client's connect() or send fails at once
+ * (ECONNREFUSED) instead of waiting for a time-out. A header with options
+ * is only dropped. Counted as the drop it stands for. */
+static __always_inline int lb_icmp_unreachable(struct __sk_buff *ctx,
+						const struct ciliate_lb_tuple *t)
+{
+	struct lb_icmp_reply reply = {};
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__u32 len = ETH_HLEN + sizeof(reply);
+	__s64 csum;
+
+	/* (Read from the packet again: the parsed pointers do not survive
+	 * the helpers the caller ran.) */
+	if (bpf_skb_load_bytes(ctx, 0, &eth, sizeof(eth)) < 0 ||
+	    bpf_skb_load_bytes(ctx, ETH_HLEN, reply.quote, sizeof(reply.quote)) < 0 ||
+	    (reply.quote[0] & 0xf) != 5)
+		return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+	reply.ip.version = 4;
+	reply.ip.ihl = 5;
+	reply.ip.tot_len = bpf_htons(sizeof(reply));
+	reply.ip.ttl = 64;
+	reply.ip.protocol = 1; /* IPPROTO_ICMP */
+	reply.ip.saddr = t->daddr;
+	reply.ip.daddr = t->saddr;
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&reply.ip, sizeof(reply.ip), 0);
+	if (csum < 0)
+		return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+	reply.ip.check = lb_csum_fold((__u32)csum);
+	reply.icmp.type = ICMP_DEST_UNREACH;
+	reply.icmp.code = ICMP_PORT_UNREACH;
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&reply.icmp,
+			     sizeof(reply.icmp) + sizeof(reply.quote), 0);
+	if (csum < 0)
+		return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+	reply.icmp.checksum = lb_csum_fold((__u32)csum);
+	mac_copy(mac, eth.h_dest);
+	mac_copy(eth.h_dest, eth.h_source);
+	mac_copy(eth.h_source, mac);
+	if (bpf_skb_change_tail(ctx, len, 0) < 0 ||
+	    bpf_skb_store_bytes(ctx, 0, &eth, sizeof(eth), 0) < 0 ||
+	    bpf_skb_store_bytes(ctx, ETH_HLEN, &reply, sizeof(reply), 0) < 0)
+		return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+	metrics_count(CILIATE_DROP_NO_SERVICE_BACKEND, CILIATE_DIR_INGRESS, len);
+	return bpf_redirect(ctx->ifindex, 0);
+}
+
 /*
  * NodePort, LoadBalancer and external IPs from outside, at the uplink:
  * the reply of a flow SNATed here goes back to its client; a packet to an
@@ -406,7 +473,7 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 		backend = lb_select(&key, svc, t.saddr, CILIATE_LB_AFFINITY_CLIENT_IP, hash, true,
 				    &id);
 		if (!backend)
-			return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
+			return lb_icmp_unreachable(ctx, &t);
 		fwd.backend_id = id;
 		if (lookup_endpoint(backend->addr)) {
 			struct ciliate_lb_tuple reply = {
