@@ -266,6 +266,10 @@ _STARTED = re.compile(
     r'grpc_type="unary"\} (\S+)$'
 )
 _SENT = re.compile(r"^etcd_network_client_grpc_sent_bytes_total (\S+)$")
+# Every gRPC message etcd received: unary requests and stream messages (lease
+# keepalives, watch requests) alike.
+_RECEIVED = re.compile(r"^grpc_server_msg_received_total\{[^}]*\} (\S+)$")
+_TOTALS = ("sent_bytes", "msgs_in")
 
 
 def _etcd_counters(endpoint: str) -> dict[str, float]:
@@ -278,6 +282,8 @@ def _etcd_counters(endpoint: str) -> dict[str, float]:
             counters[match[1]] = counters.get(match[1], 0.0) + float(match[2])
         elif match := _SENT.match(line):
             counters["sent_bytes"] = float(match[1])
+        if match := _RECEIVED.match(line):
+            counters["msgs_in"] = counters.get("msgs_in", 0.0) + float(match[1])
     return counters
 
 
@@ -302,6 +308,7 @@ def run(
     budget_s: float = 120.0,
     lease_ttl: int = 10,
     endpoint_timeout_s: float = 60.0,
+    idle_s: float = 3.0,
     etcd_endpoint: str | None = None,
     progress: Callable[[str], None] | None = progress_to_stderr,
 ) -> dict[str, Any]:
@@ -322,6 +329,7 @@ def run(
         budget_s=budget_s,
         lease_ttl=lease_ttl,
         endpoint_timeout_s=endpoint_timeout_s,
+        idle_s=idle_s,
         say=say,
     )
     if etcd_endpoint is not None:
@@ -365,6 +373,7 @@ def _run(
     budget_s: float,
     lease_ttl: int,
     endpoint_timeout_s: float,
+    idle_s: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     n = len(node_list)
@@ -415,8 +424,15 @@ def _run(
         before = collect(workers, timeout=60)
         cpu_before = sum(r["cpu_s"] for r in before)
         warnings_before = sum(r["warnings"] for r in before)
-        etcd_cpu_before = _cpu_seconds(etcd_pid) if etcd_pid else math.nan
+        # What N idle agents cost etcd (lease keepalives, watch upkeep), before any
+        # endpoint is published.
+        idle_before = _etcd_counters(endpoint)
+        time.sleep(idle_s)
         counters_before = _etcd_counters(endpoint)
+        idle_msgs_per_s = (
+            counters_before.get("msgs_in", 0.0) - idle_before.get("msgs_in", 0.0)
+        ) / idle_s
+        etcd_cpu_before = _cpu_seconds(etcd_pid) if etcd_pid else math.nan
         measure_start = time.monotonic()
         reach_all: list[float] = []
         per_agent: list[float] = []
@@ -459,8 +475,9 @@ def _run(
     requests = {
         method: counters_after.get(method, 0.0) - counters_before.get(method, 0.0)
         for method in counters_after
-        if method != "sent_bytes"
+        if method not in _TOTALS
     }
+    msgs_in = counters_after.get("msgs_in", 0.0) - counters_before.get("msgs_in", 0.0)
     total_requests = sum(requests.values())
     rss = [r["rss_kib"] for r in final]
     rss_idle = [r["rss_idle_kib"] for r in ready]
@@ -480,6 +497,8 @@ def _run(
         "measured_s": measured_s,
         "etcd_requests_per_s": total_requests / measured_s,
         "etcd_requests_by_method": {m: c for m, c in sorted(requests.items()) if c},
+        "etcd_messages_in_per_s": msgs_in / measured_s,
+        "etcd_idle_messages_in_per_s": idle_msgs_per_s,
         "etcd_requests_per_endpoint": total_requests / max(published_count, 1),
         "etcd_sent_mb_per_endpoint": (
             counters_after.get("sent_bytes", 0.0) - counters_before.get("sent_bytes", 0.0)
@@ -518,6 +537,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
         "p99 ms",
         "per agent p50 ms",
         "etcd req/s",
+        "etcd idle msgs/s",
         "etcd req / endpoint",
         "etcd MB out / endpoint",
         "agent CPU ms / endpoint",
@@ -536,6 +556,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
             f"{r['reach_all_p99_ms']:.0f}",
             f"{r['per_agent_p50_ms']:.0f}",
             f"{r['etcd_requests_per_s']:.0f}",
+            f"{r['etcd_idle_messages_in_per_s']:.0f}",
             f"{r['etcd_requests_per_endpoint']:.0f}",
             f"{r['etcd_sent_mb_per_endpoint']:.2f}",
             f"{r['agents_cpu_ms_per_agent_per_endpoint']:.1f}",
@@ -545,7 +566,9 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
         )
     table.caption = (
         "endpoints published one at a time; reach all: until every other agent's ipcache has "
-        "it; agent CPU: all agents' CPU per endpoint, per agent; RSS per agent amortised over "
+        "it; etcd req: unary calls (reads, writes) while publishing; idle msgs: every gRPC "
+        "message etcd received from the idle agents (lease keepalives); agent CPU: all "
+        "agents' CPU per endpoint, per agent; RSS per agent amortised over "
         "the agents sharing a process (+ what they add to the idle process)"
     )
     print_wide(table)
