@@ -27,6 +27,7 @@ from __future__ import annotations
 import array
 import contextlib
 import enum
+import errno
 import hashlib
 import ipaddress
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
 from ciliate.loader import (
+    MapError,
     Program,
     attach_sock_addr,
     detach_pinned_link,
@@ -308,6 +310,16 @@ class LoadBalancer:
         old = self._table.get(frontend)
         try:
             self._write(service, old)
+        except MapError as exc:
+            self._undo(service, old)
+            if exc.errno == errno.E2BIG:  # a hash map at max_entries
+                raise MapError(
+                    f"{frontend}: {exc}: the map is full; raise its max_entries in "
+                    "bpf/datapath.toml (maps.ciliate_lb_*) and rebuild",
+                    errno=exc.errno,
+                    op=exc.op,
+                ) from exc
+            raise
         except Exception:
             self._undo(service, old)
             raise

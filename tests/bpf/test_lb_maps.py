@@ -4,6 +4,7 @@ maps, refused input, and the roll-back of a write that fails half-way."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from collections import Counter
 
@@ -189,8 +190,9 @@ class FailingMap:
     """A real map whose n-th update fails (a full map, a kernel out of
     memory for a moment): the fault the roll-back must survive."""
 
-    def __init__(self, real: Map, *, fail_at: int) -> None:
+    def __init__(self, real: Map, *, fail_at: int, errno: int | None = None) -> None:
         self._real = real
+        self._errno = errno
         self._left = fail_at
         self.name = real.name
         self.max_entries = real.max_entries
@@ -198,7 +200,7 @@ class FailingMap:
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         self._left -= 1
         if self._left == 0:
-            raise MapError(f"{self.name}: update refused (injected)")
+            raise MapError(f"{self.name}: update refused (injected)", errno=self._errno)
         self._real.update(key, value, flags)
 
     def __getattr__(self, name: str) -> object:
@@ -226,3 +228,11 @@ def test_a_write_failing_half_way_puts_the_old_service_back(
         lb.upsert_service(FRONTEND, backends(5, first_id=10), service_id=5)
     assert {name: sorted(tb.datapath.maps[name].items()) for name in names} == before
     assert lb.list() == tb.datapath.lb.list()
+
+
+def test_a_full_map_is_named_with_the_setting_to_raise(tb: Testbed) -> None:
+    full = FailingMap(tb.datapath.maps[dpmaps.LB_SERVICE], fail_at=1, errno=errno.E2BIG)
+    lb = lb_over(tb, services=full)  # type: ignore[arg-type]
+    with pytest.raises(MapError, match=r"the map is full; raise its max_entries in bpf/datapath"):
+        lb.upsert_service(FRONTEND, backends(2), service_id=5)
+    assert lb.list() == [] and keys_of(tb, dpmaps.LB_SERVICE) == []
