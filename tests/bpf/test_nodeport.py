@@ -202,6 +202,30 @@ def test_maglev_picks_the_backend_every_node_would_pick(bed: Testbed) -> None:
     assert set(chosen) == set(by_address.values())
 
 
+def test_two_nodes_pick_the_same_backend_for_each_flow(bed: Testbed) -> None:
+    """Two datapaths loaded side by side (two nodes, their own maps), the
+    same service written into each with other backend ids: every flow
+    leaves both for the same backend address."""
+    backends = [
+        remote_backend(20 + i, ipaddress.IPv4Address(f"10.244.2.{20 + i}")) for i in range(5)
+    ]
+    renumbered = [Backend(id=b.id + 500, address=b.address, port=b.port) for b in backends]
+    with Testbed(prefix="cnq") as other:
+        other.route_uplink()
+        bed.datapath.lb.upsert_service(NODEPORT, backends, service_id=1, external=True)
+        other.datapath.lb.upsert_service(NODEPORT, renumbered[::-1], service_id=9, external=True)
+        for sport in range(30000, 30100):
+            picks = [
+                Ether(
+                    node.run(
+                        "from_netdev", from_client(node, sport=sport), ifindex=node.uplink.ifindex
+                    ).data
+                )[IP].dst
+                for node in (bed, other)
+            ]
+            assert picks[0] == picks[1], sport
+
+
 def test_terminating_backends_keep_their_flows_and_take_no_new_one(bed: Testbed) -> None:
     backend = remote_backend()
     bed.datapath.lb.upsert_service(NODEPORT, [backend], service_id=1, external=True)
