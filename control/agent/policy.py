@@ -36,11 +36,11 @@ import ipaddress
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ciliate.control.agent.loop import RevisionLoop
 from ciliate.control.cluster import keys
 from ciliate.control.identity.allocator import Identity
 from ciliate.control.identity.labels import (
@@ -227,25 +227,22 @@ class PolicyController:
         resync_interval: float = 10.0,
     ) -> None:
         self._objects = objects
-        self._revision = revision
         self._endpoints = endpoints
         self._dp = datapath
         self._host_ips = frozenset(host_ips)
         self._cluster = cluster
-        self._poll = poll_interval
-        self._resync = resync_interval
         self._cidr_identities = CidrIdentities()
         self._written: dict[int, EndpointPolicy] = {}  # endpoint id -> what it holds
         self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
         self._last: PolicyResult | None = None
         self._lock = threading.Lock()
-        self._seen: object = None  # the revision the last pass of the loop started from
-        self._passes = 0
-        self._last_error: str | None = None
-        self._last_pass_s = 0.0
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = RevisionLoop(
+            name="policy",
+            revision=revision,
+            run_pass=self._pass,
+            poll_interval=poll_interval,
+            resync_interval=resync_interval,
+        )
 
     # -- labels ----------------------------------------------------------------------
     def labels_for(
@@ -282,7 +279,6 @@ class PolicyController:
         """One pass (see the module docstring). Relabelling takes the endpoint
         manager's lock, so it runs before this loop's own lock is taken: an ADD holds
         the manager's lock while it asks :meth:`enforce_new`, which takes this one."""
-        self._passes += 1
         result = SyncResult()
         snapshot = self._objects.snapshot()
         pods = {
@@ -558,59 +554,23 @@ class PolicyController:
 
     def status(self) -> dict[str, Any]:
         """Whether the last pass saw the current objects and endpoints."""
-        try:
-            pending = self._revision() != self._seen
-        except Exception as exc:  # the store is down
-            return {"pending": None, "error": str(exc), "passes": self._passes}
-        return {
-            "pending": pending,
-            "passes": self._passes,
-            "last_pass_ms": round(self._last_pass_s * 1000, 1),
-            "last_error": self._last_error,
-        }
+        return self._loop.status()
 
     def wake(self) -> None:
         """Something changed here (an apply through this agent): pass now."""
-        self._wake.set()
+        self._loop.wake()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="policy", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
-    def _run(self) -> None:
-        since_resync = 0.0
-        while not self._stop.is_set():
-            woken = self._wake.wait(self._poll)
-            self._wake.clear()
-            since_resync += self._poll
-            try:
-                revision = self._revision()
-            except Exception:  # the store may be down: keep enforcing what we have
-                log.debug("policy: store revision unavailable", exc_info=True)
-                continue
-            if not woken and revision == self._seen and since_resync < self._resync:
-                continue
-            started = time.perf_counter()
-            try:
-                result = self.sync()
-            except Exception as exc:
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("policy: pass failed; retrying")
-                continue
-            # The revision from before the pass: a change made during it (by this
-            # pass's relabelling, or by anyone) makes the next tick run another.
-            self._seen, since_resync, self._last_error = revision, 0.0, None
-            self._last_pass_s = time.perf_counter() - started
-            if result.relabelled or result.written:
-                log.info(
-                    "policy: %d endpoint(s) relabelled, %d given a new policy in %.0f ms",
-                    len(result.relabelled),
-                    len(result.written),
-                    self._last_pass_s * 1000,
-                )
+    def _pass(self) -> None:
+        result = self.sync()
+        if result.relabelled or result.written:
+            log.info(
+                "policy: %d endpoint(s) relabelled, %d given a new policy",
+                len(result.relabelled),
+                len(result.written),
+            )
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._loop.close()
