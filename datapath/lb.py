@@ -158,6 +158,17 @@ class Service:
     active: int = field(default=0, compare=False)  # how many of ``backends`` are active
 
 
+@dataclass(frozen=True)
+class Flow:
+    """A flow from outside the uplink translated to a backend (ciliate_lb_nat_fwd)."""
+
+    client: ipaddress.IPv4Address
+    client_port: int
+    frontend: Frontend
+    backend_id: int
+    snat_port: int | None  # the node's source port toward a remote backend; None: local
+
+
 def maglev_table(backends: Sequence[Backend], size: int = MAGLEV_SIZE) -> list[int]:
     """Maglev's lookup table (Eisenbud et al., NSDI 2016, section 3.4) of
     the active backends: ``size`` (a prime) backend ids, each backend in
@@ -532,6 +543,27 @@ class LoadBalancer:
         if raw is None:
             return []
         return list(array.array("I", _single(raw)))
+
+    def flows(self) -> list[Flow]:
+        """The uplink flows the programs translated, as they keep them."""
+        out = []
+        for key, value in self._nat_fwd.items():
+            k = abi.unpack("ciliate_lb_tuple", key)
+            v = abi.unpack("ciliate_lb_nat_fwd", _single(value))
+            out.append(
+                Flow(
+                    client=_from_ip(k["saddr"]),
+                    client_port=socket.ntohs(k["sport"]),
+                    frontend=Frontend(
+                        address=_from_ip(k["daddr"]),
+                        port=socket.ntohs(k["dport"]),
+                        protocol=L4Protocol(k["protocol"]),
+                    ),
+                    backend_id=v["backend_id"],
+                    snat_port=socket.ntohs(v["nat_port"]) or None,
+                )
+            )
+        return sorted(out, key=lambda f: (f.frontend, int(f.client), f.client_port))
 
     def _read(self) -> list[Service]:
         """Rebuild the services from the maps (an agent restart on pins)."""

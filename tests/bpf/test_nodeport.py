@@ -18,6 +18,7 @@ from ciliate.datapath.lb import (
     MAGLEV_SIZE,
     Backend,
     BackendState,
+    Flow,
     Frontend,
     L4Protocol,
     maglev_table,
@@ -129,6 +130,15 @@ def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_transl
     assert 61000 <= nat_port <= 65535 and out[TCP].dport == 8080
     assert (out.dst, out.src) == (REMOTE_NODE_MAC, bed.uplink.mac)
     assert ipv4_header_valid(out) and l4_valid(out)
+    assert bed.datapath.lb.flows() == [
+        Flow(
+            client=WORLD_IP,
+            client_port=CLIENT_PORT,
+            frontend=NODEPORT,
+            backend_id=9,
+            snat_port=nat_port,
+        )
+    ]
     # The flow's next packet takes the same backend and port.
     again = Ether(
         bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex).data
