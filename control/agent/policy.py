@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ciliate.control.agent.loop import RevisionLoop
 from ciliate.control.cluster import keys
 from ciliate.control.identity.allocator import Identity
 from ciliate.control.identity.labels import (
@@ -61,6 +60,7 @@ from ciliate.control.policy.model import (
     PodEndpoint,
     PolicyResult,
 )
+from ciliate.control.revision_loop import RevisionLoop
 from ciliate.control.store import Reader, StoreError
 from ciliate.datapath.maps import IpcacheEntry, PodSocket
 from ciliate.datapath.policy import PolicyEntry

@@ -18,6 +18,7 @@ from typing import cast
 from ciliate.control.identity import gc as identity_gc
 from ciliate.control.identity.allocator import DEFAULT_QUARANTINE
 from ciliate.control.ipam import ClusterPool, PoolConfigError
+from ciliate.control.operator.endpointslices import EndpointSliceController
 from ciliate.control.operator.reconciler import Operator, OperatorStore
 from ciliate.control.store.base import Store, StoreError
 
@@ -207,9 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace=args.identity_gc_grace_period,
             quarantine=args.identity_quarantine,
         ).start(stop)
+    slice_controller = EndpointSliceController(cast(Store, store))
+    slice_controller.start()
     try:
         operator.run(stop)
     finally:
+        slice_controller.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         close: Callable[[], None] | None = getattr(store, "close", None)

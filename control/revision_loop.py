@@ -1,6 +1,7 @@
-"""One background loop shape for the agent's controllers (policy, services): a
-pass whenever the stores' revision moves (checked every ``poll_interval``), when
-woken (a change made through this agent), and every ``resync_interval``
+"""One background loop shape for the controllers (the agent's policy and services,
+the operator's EndpointSlices): a pass whenever the stores' revision moves
+(checked every ``poll_interval``), when woken (a change made through this
+process), and every ``resync_interval``
 regardless, so a missed change cannot stick. A failed pass is logged and
 retried; the revision seen is the one from before the pass, so a change made
 during it (by the pass itself, or by anyone) makes the next tick run another."""
