@@ -199,22 +199,28 @@ def _worker_main(
                     }
                 )
                 continue
-            _, k, ip, publisher, deadline_s = command
-            published = None
-            local = by_index.get(publisher)
-            if local is not None:
-                published = time.monotonic()
-                members[local].endpoint_added(ip, _ENDPOINT_IDENTITY, f"bench/ep{k}")
-            arrivals = _arrivals(
-                changed,
-                [c for i, c in enumerate(caches) if i != local],
-                ipaddress.IPv4Network(f"{ip}/32"),
-                timeout=deadline_s,
-            )
+            _, batch, deadline_s = command
+            # Published first (all of this worker's), then waited for together: a
+            # batch of one is a single endpoint, a larger one a burst.
+            published = []
+            for k, ip, publisher in batch:
+                local = by_index.get(publisher)
+                if local is not None:
+                    published.append(time.monotonic())
+                    members[local].endpoint_added(ip, _ENDPOINT_IDENTITY, f"bench/ep{k}")
+            deadline = time.monotonic() + deadline_s
+            arrivals: list[float | None] = []
+            for _k, ip, publisher in batch:
+                local = by_index.get(publisher)
+                arrivals += _arrivals(
+                    changed,
+                    [c for i, c in enumerate(caches) if i != local],
+                    ipaddress.IPv4Network(f"{ip}/32"),
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
             results.put(
                 {
                     "worker": worker,
-                    "k": k,
                     "published": published,
                     "arrivals": [a for a in arrivals if a is not None],
                     "missing": sum(a is None for a in arrivals),
@@ -287,6 +293,11 @@ def _etcd_counters(endpoint: str) -> dict[str, float]:
     return counters
 
 
+def _publisher(k: int, nodes: int) -> int:
+    """The agent that publishes endpoint ``k``: spread over the agents and processes."""
+    return (k * 7919 + 1) % nodes
+
+
 def _percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -309,12 +320,14 @@ def run(
     lease_ttl: int = 10,
     endpoint_timeout_s: float = 60.0,
     idle_s: float = 3.0,
+    burst: int = 0,
     etcd_endpoint: str | None = None,
     progress: Callable[[str], None] | None = progress_to_stderr,
 ) -> dict[str, Any]:
     """Start ``nodes`` simulated agents, publish up to ``endpoints`` endpoints one at a
     time (stopping early once ``budget_s`` of measuring has passed) and return the
-    figures. ``etcd_endpoint``: use that etcd instead of a private one on loopback."""
+    figures; then, with ``burst``, publish that many at once and time until all are
+    everywhere. ``etcd_endpoint``: use that etcd instead of a private one on loopback."""
     if nodes < 2:
         raise ValueError("--nodes must be at least 2 (one publishes, the others receive)")
     if endpoints < 1 or agents_per_process < 1:
@@ -330,6 +343,7 @@ def run(
         lease_ttl=lease_ttl,
         endpoint_timeout_s=endpoint_timeout_s,
         idle_s=idle_s,
+        burst=burst,
         say=say,
     )
     if etcd_endpoint is not None:
@@ -374,6 +388,7 @@ def _run(
     lease_ttl: int,
     endpoint_timeout_s: float,
     idle_s: float,
+    burst: int,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     n = len(node_list)
@@ -441,11 +456,11 @@ def _run(
             if k and time.monotonic() - measure_start > budget_s:
                 say(f"cluster: time budget ({budget_s:.0f} s) spent after {k} endpoints")
                 break
-            publisher = (k * 7919 + 1) % n
+            batch = [(k, _endpoint_ip(k), _publisher(k, n))]
             for q in queues:
-                q.put(("endpoint", k, _endpoint_ip(k), publisher, endpoint_timeout_s))
+                q.put(("endpoints", batch, endpoint_timeout_s))
             reports = collect(workers, timeout=endpoint_timeout_s + 60)
-            published = next(r["published"] for r in reports if r["published"] is not None)
+            published = min(p for r in reports for p in r["published"])
             arrivals = [a for r in reports for a in r["arrivals"]]
             missing += sum(r["missing"] for r in reports)
             per_agent += [a - published for a in arrivals]
@@ -463,6 +478,19 @@ def _run(
             q.put(("cpu",))
         final = collect(workers, timeout=60)
         cpu_after = sum(r["cpu_s"] for r in final)
+        burst_s = math.nan
+        if burst:
+            # ``burst`` pods at once (a deployment scaled up), each on another node.
+            batch = [
+                (k, _endpoint_ip(k), _publisher(k, n)) for k in range(endpoints, endpoints + burst)
+            ]
+            for q in queues:
+                q.put(("endpoints", batch, endpoint_timeout_s))
+            reports = collect(workers, timeout=endpoint_timeout_s + 60)
+            missing += sum(r["missing"] for r in reports)
+            last = max((a for r in reports for a in r["arrivals"]), default=math.nan)
+            burst_s = last - min(p for r in reports for p in r["published"])
+            say(f"cluster: a burst of {burst} endpoints reached all {n} agents in {burst_s:.2f} s")
         for q in queues:
             q.put(("stop",))
     finally:
@@ -488,6 +516,10 @@ def _run(
         "processes": workers,
         "agents_per_process": agents_per_process,
         "setup_s": setup_s,
+        "burst": burst,
+        # Until every endpoint of the burst was in every other agent's ipcache.
+        "burst_s": burst_s,
+        "burst_updates_per_s": burst * (n - 1) / burst_s if burst else math.nan,
         "endpoints": published_count,
         "missing": missing,
         "reach_all_p50_ms": 1000 * statistics.median(reach_all) if reach_all else math.nan,
@@ -543,6 +575,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
         "agent CPU ms / endpoint",
         "RSS / agent KiB",
         "setup s",
+        "burst s",
         "agent warnings",
     ]
     for column in columns:
@@ -562,6 +595,7 @@ def print_table(results: Sequence[Mapping[str, Any]]) -> None:
             f"{r['agents_cpu_ms_per_agent_per_endpoint']:.1f}",
             f"{r['rss_per_agent_kib']:.0f} (+{r['rss_added_per_agent_kib']:.0f})",
             f"{r['setup_s']:.1f}",
+            f"{r['burst_s']:.2f} ({r['burst']})" if r["burst"] else "-",
             str(r["agent_warnings"]),
         )
     table.caption = (

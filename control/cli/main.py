@@ -124,7 +124,10 @@ def _bench_cluster(args: argparse.Namespace) -> int:
     from ciliate.bench import cluster
 
     results = cluster.run_many(
-        args.nodes, endpoints=args.endpoints, agents_per_process=args.agents_per_process
+        args.nodes,
+        endpoints=args.endpoints,
+        burst=args.burst,
+        agents_per_process=args.agents_per_process,
     )
     cluster.print_table(results)
     if args.json:
@@ -228,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cl = bench.add_parser("cluster", help="endpoint propagation to N simulated agents")
     bench_cl.add_argument("--nodes", type=int, nargs="+", default=[10], help="one run per count")
     bench_cl.add_argument("--endpoints", type=int, default=30, help="published one at a time")
+    bench_cl.add_argument("--burst", type=int, default=0, help="then this many at once")
     bench_cl.add_argument("--agents-per-process", type=int, default=50)
     bench_cl.add_argument("--json", metavar="FILE")
     bench_cl.set_defaults(func=_bench_cluster)

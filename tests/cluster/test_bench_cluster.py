@@ -62,8 +62,10 @@ def test_the_cli_prints_a_row_per_node_count_and_writes_json(
     require_etcd: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cluster.json"
-    argv = ["bench", "cluster", "--nodes", "2", "3", "--endpoints", "2", "--json", str(out)]
-    assert cli_main(argv) == 0
+    argv = ["bench", "cluster", "--nodes", "2", "3", "--endpoints", "2", "--burst", "5"]
+    assert cli_main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["nodes"], r["endpoints"], r["missing"]) for r in rows] == [(2, 2, 0), (3, 2, 0)]
+    # The burst: 5 endpoints at once, each in every other agent's ipcache.
+    assert all(r["burst"] == 5 and r["burst_s"] > 0 for r in rows)
     assert "reach all" in capsys.readouterr().out
