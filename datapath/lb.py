@@ -237,6 +237,7 @@ class LoadBalancer:
         maglev: RawMap,
         nat_fwd: RawMap,
         nat_rev: RawMap,
+        netns: RawMap,
     ) -> None:
         self._services = services
         self._backends = backends
@@ -246,6 +247,7 @@ class LoadBalancer:
         self._maglev = maglev
         self._nat_fwd = nat_fwd
         self._nat_rev = nat_rev
+        self._netns = netns
         self._table: dict[Frontend, Service] = {}
         # Indexes, so a write costs the same with 10 or 10,000 services:
         # service id -> frontend; backend id -> the backend and its users.
@@ -525,12 +527,41 @@ class LoadBalancer:
             self._maglev,
             self._nat_fwd,
             self._nat_rev,
+            self._netns,
         ):
             raw.clear()
         self._table.clear()
         self._ids.clear()
         self._backend_of.clear()
         self._users.clear()
+
+    # ---- whose sockets
+
+    def restrict_sockets(self, netns_cookies: Iterable[int]) -> None:
+        """Translate only the sockets of these network namespaces (the
+        node's and its pods'; add each new pod's with :meth:`allow_netns`).
+        Needed where several nodes share one cgroup tree (the lab): every
+        node's socket programs see every socket. The namespaces are written
+        before the switch, so no socket of ours is missed meanwhile."""
+        for cookie in netns_cookies:
+            self.allow_netns(cookie)
+        self._netns.update(self._u64(0), self._u32(1))
+
+    def allow_netns(self, cookie: int) -> None:
+        if not 0 < cookie < 1 << 64:
+            raise ValueError(f"netns cookie {cookie} is not a cookie (1..2^64-1)")
+        self._netns.update(self._u64(cookie), self._u32(1))
+
+    def forget_netns(self, cookie: int) -> None:
+        self._netns.delete(self._u64(cookie))
+
+    def unrestrict_sockets(self) -> None:
+        """Translate every socket again (the switch off; cookies kept)."""
+        self._netns.delete(self._u64(0))
+
+    @staticmethod
+    def _u64(value: int) -> bytes:
+        return value.to_bytes(8, sys.byteorder)
 
     # ---- reads
 

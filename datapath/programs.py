@@ -57,6 +57,9 @@ class NodeConfig:
     router_ip: ipaddress.IPv4Address
     node_ip: ipaddress.IPv4Address
     pod_cidrs: Sequence[ipaddress.IPv4Network] = ()
+    # ciliate's service LB is off (a kube-proxy may NAT in the stack): the
+    # programs hand replies of NATed connections to the stack (stack_nat.h).
+    stack_nat_replies: bool = False
 
     def slot_bases(self) -> list[int]:
         """First endpoint slot of each pod CIDR: the CIDRs laid end to end."""
@@ -93,6 +96,7 @@ class NodeConfig:
         return {
             "router_ip": self.router_ip.packed,
             "node_ip": self.node_ip.packed,
+            "stack_nat_replies": bytes([self.stack_nat_replies]),
             "pod_cidr_first": u32s([int(c.network_address) for c in self.pod_cidrs]),
             "pod_cidr_size": u32s([c.num_addresses for c in self.pod_cidrs]),
             "pod_cidr_slot": u32s(self.slot_bases()),
@@ -158,6 +162,7 @@ class Datapath:
                 maglev=self.maps[dpmaps.LB_MAGLEV],
                 nat_fwd=self.maps[dpmaps.LB_NAT_FWD],
                 nat_rev=self.maps[dpmaps.LB_NAT_REV],
+                netns=self.maps[dpmaps.LB_NETNS],
             )
         if dpmaps.shape().enabled("policy"):
             self._policy = Policy(self.maps[dpmaps.POLICY], self.maps[dpmaps.POLICY_STATE])

@@ -77,6 +77,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " path (sock_ops on the cgroup v2 root, sk_msg on a sockhash); default on",
     )
     p.add_argument(
+        "--service-lb",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ciliate's own service load balancing; --no-service-lb leaves services to a"
+        " kube-proxy on the node and sends replies the stack translated back through it",
+    )
+    p.add_argument(
         "--cgroup-root",
         type=Path,
         help="the cgroup v2 directory whose sockets socket forwarding watches (default:"
@@ -178,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bgp_peers=list(args.bgp_peer),
         socket_forwarding=args.socket_forwarding,
         cgroup_root=args.cgroup_root,
+        service_lb=args.service_lb,
     )
     with _StopSignals() as signals:
         try:

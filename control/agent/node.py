@@ -82,6 +82,10 @@ class AgentConfig:
     bgp_peers: list[tuple[ipaddress.IPv4Address, int]] = field(default_factory=list)
     socket_forwarding: bool = True
     cgroup_root: Path | None = None  # None: the root of the cgroup v2 mount
+    # False (--no-service-lb): ciliate balances no service (no socket LB, no
+    # per-packet translation, its LB maps kept empty) and leaves services to
+    # a kube-proxy, whose translated replies the datapath hands to the stack.
+    service_lb: bool = True
 
     @property
     def maps_dir(self) -> Path:
@@ -278,7 +282,15 @@ class NodeAgent:
 
     # -- datapath ------------------------------------------------------------------
     def _load_datapath(self) -> tuple[Datapath, bool]:
-        node = NodeConfig(router_ip=self.router_ip, node_ip=self.node_ip, pod_cidrs=self.pod_cidrs)
+        # Without ciliate's own LB (switched off or not built) a kube-proxy
+        # may NAT in the stack: its replies must not bypass the stack.
+        kube_proxy_beside = not (self.config.service_lb and dpmaps.shape().enabled("services"))
+        node = NodeConfig(
+            router_ip=self.router_ip,
+            node_ip=self.node_ip,
+            pod_cidrs=self.pod_cidrs,
+            stack_nat_replies=kube_proxy_beside,
+        )
         # Pinned maps are re-opened (forwarding survives a restart); maps new
         # since the agent that pinned the others (a feature turned on) are
         # created and pinned beside them.
@@ -291,6 +303,10 @@ class NodeAgent:
             )
         if loaded.reused:
             log.info("maps re-opened from %s: %s", self.config.maps_dir, ", ".join(loaded.reused))
+        if not self.config.service_lb and loaded.datapath.has_services:
+            # Services left by a run with the LB on would still be translated.
+            loaded.datapath.lb.clear()
+            log.info("service load balancing off: replies NATed by the stack go through it")
         return loaded.datapath, not loaded.reused
 
     def _attach_node_programs(self, uplink_ifindex: int | None) -> None:

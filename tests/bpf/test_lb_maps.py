@@ -51,6 +51,7 @@ def lb_over(tb: Testbed, **replace: Map) -> LoadBalancer:
         "maglev": m[dpmaps.LB_MAGLEV],
         "nat_fwd": m[dpmaps.LB_NAT_FWD],
         "nat_rev": m[dpmaps.LB_NAT_REV],
+        "netns": m[dpmaps.LB_NETNS],
     }
     raw.update(replace)
     return LoadBalancer(**raw)  # type: ignore[arg-type]

@@ -246,3 +246,35 @@ def test_attaching_again_swaps_the_programs_and_detaching_stops_the_translation(
         assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
     finally:
         attach_socket_lb(tb.datapath.programs, cgroup=lab.cgroup, links_dir=lab.links)
+
+
+SO_NETNS_COOKIE = 71  # socket(7), Linux >= 5.14
+
+
+def _netns_cookie(netns: str | None) -> int:
+    """The cookie of a namespace (None: this thread's)."""
+    with (
+        enter_netns(None if netns is None else f"/run/netns/{netns}"),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+    ):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int.from_bytes(raw, sys.byteorder)
+
+
+def test_restricted_to_its_own_namespaces_a_node_leaves_other_sockets_alone(
+    tb: Testbed, lab: Lab
+) -> None:
+    lb = tb.datapath.lb
+    lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    client_netns = _netns_cookie(lab.netns)
+    # Another node's sockets (here: only the root namespace is "ours").
+    ours = _netns_cookie(None)
+    assert ours != client_netns
+    lb.restrict_sockets([ours])
+    assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
+    lb.allow_netns(client_netns)
+    assert len(_served(lab.client("tcp", FRONTEND_TCP, count=2))) == 2
+    lb.forget_netns(client_netns)
+    assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
+    lb.unrestrict_sockets()
+    assert len(_served(lab.client("tcp", FRONTEND_TCP, count=2))) == 2

@@ -10,6 +10,7 @@
 #include "ciliate/arp.h"
 #include "ciliate/forward.h"
 #include "ciliate/policy.h"
+#include "ciliate/stack_nat.h"
 #include "maps.h"
 #if CILIATE_FEATURE_SERVICES
 #include "ciliate/lb.h"
@@ -52,6 +53,9 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 		ret = policy_check(ctx, ip, ep, ep->identity, dst, dst->identity, trace);
 		if (IS_DROP(ret))
 			return ret;
+		/* A kube-proxy's translated reply: the stack reverses it. */
+		if (stack_nat_reply(ctx, ip, trace))
+			return TC_ACT_OK;
 		return forward_to_pod(ctx, eth, ip, dst, trace);
 	}
 

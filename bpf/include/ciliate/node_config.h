@@ -12,6 +12,10 @@
 /* Router and node IP in network byte order. */
 const volatile __u32 router_ip = 0;
 const volatile __u32 node_ip = 0;
+/* 1 when ciliate's service load balancer is off (a kube-proxy may be
+ * translating in the stack): replies of NATed connections go through the
+ * stack (stack_nat.h). */
+const volatile __u8 stack_nat_replies = 0;
 /* Pod CIDRs: first address (host byte order), number of addresses (0 =
  * unused), and the endpoint slot of the first address. The slots of all
  * CIDRs together index ciliate_ep_ip. */
