@@ -229,6 +229,12 @@ def _worker_main(
     except BaseException as exc:
         results.put({"worker": worker, "error": f"{type(exc).__name__}: {exc}"})
     finally:
+        # grpc's poller prints "Event loop is closed" tracebacks when many stores of one
+        # process close one after another (each store runs its own loop); harmless
+        # here, and hundreds of them would bury the table.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
         # Closing joins each agent's threads (a watch wakes within 1 s): in parallel.
         with ThreadPoolExecutor(max_workers=64) as pool:
             list(pool.map(_close_quietly, members))

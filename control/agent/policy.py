@@ -325,7 +325,10 @@ class PolicyController:
                 for other in self._endpoints.list():
                     if other.identity == endpoint.identity:
                         policy = self._last.endpoints.get(pod_ref(other))
-                        break
+                        # One added since the last pass has none yet (etcd down: no
+                        # pass succeeds); another endpoint of the identity may.
+                        if policy is not None:
+                            break
             if policy is None:
                 snapshot = self._objects.snapshot()
                 pods = {

@@ -35,9 +35,17 @@ class Cluster:
 
 
 def add_pod(
-    cluster: Cluster, node: lab.NodeState, name: str, *, namespace: str = "default"
+    cluster: Cluster,
+    node: lab.NodeState,
+    name: str,
+    *,
+    namespace: str = "default",
+    listed_first: bool = False,
 ) -> lab.PodState:
+    """``listed_first``: a container ID the node lists before the others' (random) ones."""
     pod = lab.add_pod_netns(cluster.state, node, name, namespace=namespace)
+    if listed_first:
+        pod.container_id = "0" * 16 + pod.container_id[16:]
     result = lab.cni_call(cluster.state, node, pod, "ADD")
     pod.ip = result["ips"][0]["address"].split("/")[0]
     cluster.pods[name] = pod
@@ -93,13 +101,18 @@ def test_pods_already_running_keep_their_network_across_nodes(cluster: Cluster) 
 
 def test_add_of_a_pod_whose_identity_the_node_holds_succeeds(cluster: Cluster) -> None:
     # Same namespace, same (no) labels as a1 on node1: the identity node1 holds.
-    a2 = add_pod(cluster, cluster.node1, "a2")
+    a2 = add_pod(cluster, cluster.node1, "a2", listed_first=True)
     with AgentClient(cluster.node1.socket) as client:
         by_ip = {e["ip"]: e for e in client.get("/v1/endpoints")}
     assert by_ip[a2.ip]["identity"] == by_ip[cluster.pods["a1"].ip]["identity"]
     assert lab.ping(a2.netns, str(cluster.pods["a1"].ip))
     # Across nodes too: node2 sends to it by node1's pod CIDR until it learns it.
     assert lab.ping(a2.netns, str(cluster.pods["b1"].ip))
+    # And again: the policy of a pod added while etcd is down comes from an endpoint
+    # of its identity the policy loop has seen (a1), not from a2, listed first but
+    # added since the loop's last pass, nor from the objects in etcd.
+    a3 = add_pod(cluster, cluster.node1, "a3")
+    assert lab.ping(a3.netns, str(a2.ip))
 
 
 def test_add_that_needs_a_new_identity_fails_with_try_again_and_says_why(
@@ -117,7 +130,7 @@ def test_add_that_needs_a_new_identity_fails_with_try_again_and_says_why(
         owners = client.get("/v1/ipam")["allocations"].values()
         endpoints = client.get("/v1/endpoints")
     assert not any(pod.container_id in owner for owner in owners)
-    assert {e["ip"] for e in endpoints} == {cluster.pods["a1"].ip, cluster.pods["a2"].ip}
+    assert {e["ip"] for e in endpoints} == {cluster.pods[p].ip for p in ("a1", "a2", "a3")}
     cluster.pods["n1"] = pod  # added again once etcd is back
 
 
