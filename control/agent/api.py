@@ -207,6 +207,44 @@ def create_app(agent: NodeAgent) -> FastAPI:
             "lines": outcome.lines(),
         }
 
+    @app.get("/v1/services", tags=["services"])
+    def services() -> dict[str, Any]:
+        """The node's service table: frontends, their backends and states, with ids."""
+        if agent.services is None:
+            return {"frontends": [], "load_balancing": False}
+        return {**agent.services.table(), "load_balancing": True}
+
+    @app.get("/v1/services/status", tags=["services"])
+    def services_status() -> dict[str, Any]:
+        """The service loop: whether it has caught up with the objects."""
+        if agent.services is None:
+            return {"pending": False, "load_balancing": False}
+        return agent.services.status()
+
+    @app.get("/v1/bpf/lb", tags=["bpf"])
+    def bpf_lb() -> list[dict[str, Any]]:
+        """The services in the datapath's maps, as the programs see them."""
+        if not agent.datapath.has_services:
+            return []
+        return [
+            {
+                "frontend": str(svc.frontend),
+                "service_id": svc.service_id,
+                "affinity_timeout": svc.affinity_timeout,
+                "external": svc.external,
+                "backends": [
+                    {
+                        "id": b.id,
+                        "address": f"{b.address}:{b.port}",
+                        "state": b.state.name.lower(),
+                        "local": b.local,
+                    }
+                    for b in svc.backends
+                ],
+            }
+            for svc in agent.datapath.lb.list()
+        ]
+
     @app.get("/v1/policy", tags=["policy"])
     def policy_status() -> dict[str, Any]:
         """The policy loop: whether it has caught up with the objects and endpoints."""
@@ -310,7 +348,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
 
     # Objects live where every agent reads them: etcd in a cluster, else the node's store.
     app.include_router(
-        objects_api.create_router(agent.cluster_store or agent.store, changed=agent.policy.wake)
+        objects_api.create_router(agent.cluster_store or agent.store, changed=agent.objects_changed)
     )
     return app
 

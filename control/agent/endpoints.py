@@ -446,6 +446,13 @@ class EndpointManager:
         self._dp.ipcache.upsert(IpcacheEntry(prefix, record.identity, None))
         if undo is not None:
             undo.callback(_best_effort, "clear the ipcache entry", self._dp.ipcache.delete, prefix)
+        if self._dp.has_services and record.netns_cookie:
+            # The socket LB translates the sockets of this node's pods only.
+            self._dp.lb.allow_netns(record.netns_cookie)
+            if undo is not None:
+                undo.callback(
+                    _best_effort, "forget the netns", self._dp.lb.forget_netns, record.netns_cookie
+                )
 
     def _write_policy(self, record: EndpointRecord, *, undo: contextlib.ExitStack) -> None:
         """The endpoint's policy, in force before its first packet (its slot may
@@ -463,6 +470,8 @@ class EndpointManager:
         fails (what is left, reconcile prunes at the next start)."""
         if self._dp.has_policy:
             _best_effort("clear the policy", self._dp.policy.clear, record.endpoint_id)
+        if self._dp.has_services and record.netns_cookie:
+            _best_effort("forget the netns", self._dp.lb.forget_netns, record.netns_cookie)
         _best_effort("clear ep_ip/ep_dev", self._dp.endpoints.delete, self._endpoint(record))
         _best_effort("clear ep_netns", self._dp.endpoint_netns.clear, record.address)
         _best_effort(

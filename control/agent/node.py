@@ -35,6 +35,7 @@ from typing import Literal
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.agent.lock import AgentLock, Place
 from ciliate.control.agent.policy import PolicyController, cluster_view
+from ciliate.control.agent.services import ServiceController
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
 from ciliate.control.cni.defaults import DEFAULT_MTU
 from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllocator
@@ -44,7 +45,7 @@ from ciliate.control.objects import ObjectStore
 from ciliate.control.store import Store
 from ciliate.control.store.etcd import EtcdStore
 from ciliate.control.store.sqlite import SqliteStore
-from ciliate.datapath import abi, devices
+from ciliate.datapath import abi, devices, lb
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.maps import IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
@@ -173,6 +174,7 @@ class NodeAgent:
         log.info("endpoints reconciled: %s", counts)
         self.restore_counts = counts
         self.policy = self._start_policy()
+        self.services = self._start_services()
         if self.cluster is not None:
             self.cluster.start_mirroring(self.datapath.ipcache)
             self.cluster.start_bgp(self.pod_cidrs)
@@ -211,6 +213,58 @@ class NodeAgent:
             log.info("policy: %d endpoint(s) given their policy", len(result.written))
         controller.start()
         self._stack.callback(controller.close)
+        return controller
+
+    def objects_changed(self) -> None:
+        """An apply or delete through this agent: its loops pass at once."""
+        self.policy.wake()
+        if self.services is not None:
+            self.services.wake()
+
+    def _start_services(self) -> ServiceController | None:
+        """Service load balancing (unless switched off or not built): the socket LB
+        on the cgroup (pinned links, swapped in place on restart) and the service
+        loop, one pass now and then in the background."""
+        links = self.config.bpffs_root / "links" / "sock_lb"
+        if not (self.config.service_lb and self.datapath.has_services):
+            lb.detach_socket_lb(links)
+            return None
+        cgroup = str(self.config.cgroup_root) if self.config.cgroup_root else cgroup2_root()
+        if cgroup is None:
+            log.warning("no cgroup v2 hierarchy is mounted: services are not balanced")
+            return None
+        # Every node's socket programs see every socket of the cgroup tree (nodes of
+        # the lab share one): each translates only its own namespace's and its pods'.
+        self.datapath.lb.restrict_sockets(
+            [devices.netns_cookie("/proc/self/ns/net")]
+            + [r.netns_cookie for r in self.endpoints.list() if r.netns_cookie]
+        )
+        lb.attach_socket_lb(
+            {name: self.datapath.program(name) for name in lb.SOCKET_LB_PROGRAMS},
+            cgroup=cgroup,
+            links_dir=links,
+        )
+        objects_store: Store = self.cluster_store if self.cluster_store else self.store
+        local_store = self.store
+        controller = ServiceController(
+            objects=ObjectStore(objects_store),
+            node_store=self.store,
+            revision=lambda: (objects_store.revision(), local_store.revision()),
+            datapath=self.datapath,
+            node_name=self.config.node_name,
+            node_ips=sorted({self.node_ip, self.router_ip}),
+            # A lone node is its own EndpointSlice controller; in a cluster the operator is.
+            local_endpoints=None
+            if self.cluster
+            else lambda: [(r.pod, r.ip) for r in self.endpoints.list()],
+        )
+        try:
+            controller.sync()
+        except Exception:  # etcd down at start: the pinned services keep working
+            log.exception("services: first pass failed; the loop retries")
+        controller.start()
+        self._stack.callback(controller.close)
+        log.info("service load balancing: socket LB on cgroup %s", cgroup)
         return controller
 
     def _uplink_ifindex(self) -> int | None:
