@@ -452,6 +452,10 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 	__u32 l4_off, hash, id = 0;
 	int ret;
 
+	/* A pod address is never a frontend nor the target of a translated
+	 * reply: traffic between pods pays one range compare here. */
+	if (endpoint_slot(ip->daddr, &l4_off))
+		return CILIATE_LB_PASS;
 	if (!lb_tuple(ctx, ip, &t, &l4_off))
 		return CILIATE_LB_PASS;
 	ret = lb_rev_nat(ctx, l4_off, &t, CILIATE_DIR_INGRESS, trace);
