@@ -161,6 +161,17 @@ def _bench_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_services(args: argparse.Namespace) -> int:
+    from ciliate.bench import services
+
+    results = services.run(service_counts=args.services, rounds=args.rounds)
+    services.print_table(results)
+    if args.json:
+        services.write_json(results, Path(args.json))
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciliate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
@@ -249,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pol.add_argument("--only", choices=("enforce", "peer"), help="run one of the two parts")
     bench_pol.add_argument("--json", metavar="FILE")
     bench_pol.set_defaults(func=_bench_policy)
+
+    bench_svc = bench.add_parser(
+        "services", help="ClusterIP latency vs pod IP and vs kube-proxy's iptables mode"
+    )
+    bench_svc.add_argument("--services", type=int, nargs="+", default=[1, 1000, 10000])
+    bench_svc.add_argument("--rounds", type=int, default=3)
+    bench_svc.add_argument("--json", metavar="FILE")
+    bench_svc.set_defaults(func=_bench_services)
 
     demo = sub.add_parser("demo", help="load the datapath and show packets through it")
     demo.set_defaults(func=_demo)

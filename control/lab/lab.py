@@ -1055,6 +1055,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         from ciliate.control.lab import policy_demo
 
         ok = policy_demo.show(state, console, before)
+        if ok:
+            from ciliate.control.lab import service_demo
+
+            ok = service_demo.show(state, console)
     console.print(f"lab {args.name!r} is up (prefix {state.prefix}); `ciliate lab down` removes it")
     return 0 if ok else 1
 
@@ -1226,7 +1230,7 @@ def register(lab: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="after the first table, label the pods, apply a NetworkPolicy and show the "
-        "table again (default on)",
+        "table again, then put a ClusterIP service in front of the web pod (default on)",
     )
     p.add_argument("--name", default="lab")
     p.set_defaults(func=_cmd_up)
