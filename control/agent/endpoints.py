@@ -694,9 +694,9 @@ def _as_service_errors(operation: str) -> Iterator[None]:
         raise
     except StoreError as exc:
         raise svc.StoreFailedError(
-            f"{operation}: the node's state store refused the change: {exc}",
-            details="nothing was changed; retry later, and if it persists check the agent's "
-            "state directory (full? read-only?) and its log",
+            f"{operation}: a store refused the change or could not be reached: {exc}",
+            details="nothing was changed; retry later; if it persists, check the agent's "
+            "state directory (full? read-only?), the cluster's etcd, and the agent's log",
         ) from exc
     except (devices.DeviceError, NetlinkError) as exc:
         raise svc.DeviceFailedError(
