@@ -40,6 +40,8 @@ def _print(data: Any, output: str, *, columns: Sequence[str] = (), title: str = 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return "\n".join(_cell(v) for v in value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
@@ -119,6 +121,7 @@ _MAP_COLUMNS = {
     "endpoints": ("ip", "ifindex", "mac", "node_mac", "identity", "endpoint_id"),
     "metrics": ("description", "direction", "packets", "bytes"),
     "sockets": ("local", "remote"),
+    "lb": ("frontend", "service_id", "external", "affinity_timeout", "backends"),
 }
 
 

@@ -8,6 +8,7 @@ to the backend."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from ciliate.control.lab import lab
 from ciliate.loader import cgroup2_root, enter_netns
 
 from .conftest import NodeLab
-from .test_policy import apply, delete, deny_ingress, pod_object
+from .test_policy import apply, ciliate, delete, deny_ingress, pod_object
 
 PEER = Path(__file__).with_name("whoami_peer.py")
 TARGET_PORT = 8080
@@ -146,6 +147,13 @@ def test_a_cluster_ip_reaches_every_backend_and_the_app_sees_the_service(
         listed = node_lab.get("/v1/services")["frontends"]
         frontend = next(f for f in listed if f["ip"] == vip and f["protocol"] == "TCP")
         assert {b["ip"] for b in frontend["backends"]} == backends
+        in_maps = json.loads(ciliate("bpf", "lb", "list", "-o", "json", node_lab=node_lab))
+        written = next(s for s in in_maps if s["frontend"] == f"{vip}:80/TCP")
+        assert {b["address"] for b in written["backends"]} == {
+            f"{b}:{TARGET_PORT}" for b in backends
+        }
+        table = ciliate("service", "list", node_lab=node_lab)
+        assert vip in table and "default/web" in table
     finally:
         delete(node_lab, service("web"))
 
