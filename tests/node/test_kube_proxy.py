@@ -195,9 +195,9 @@ def test_a_pod_reaches_a_pod_backend_through_an_nftables_dnat(
     assert_translated(result, str(client.ip))
 
 
-def test_pod_to_pod_traffic_without_a_dnat_is_still_delivered_directly(kp_lab: NodeLab) -> None:
-    """The conntrack question only diverts NATed connections: a plain
-    connection between the pods answers as before."""
+def test_pod_to_pod_traffic_without_a_dnat_still_connects(kp_lab: NodeLab) -> None:
+    """A plain connection between the pods answers as before (that its
+    packets still go past the stack is shown by tests/bpf/test_stack_nat.py)."""
     client, backend = client_and_backend(kp_lab)
     result = call(client.netns, "tcp", str(backend.ip), BACKEND_PORT)
     assert result["peer"] == f"{backend.ip}:{BACKEND_PORT}"
