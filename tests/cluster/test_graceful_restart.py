@@ -28,10 +28,10 @@ def cluster(bpf_objects: str) -> Iterator[lab.LabState]:
         lab.down(name=name, console=Console(quiet=True))
 
 
-def _wait_more_probes(pingers: list[lab.Pinger], count: int) -> None:
+def _wait_more_probes(pingers: list[lab.Pinger], count: int, *, at_least: int = 40) -> None:
     """Let ``count`` more probes go out after the restart, so a path that broke at
-    the very end is caught too."""
-    targets = [p.sent + count for p in pingers]
+    the very end is caught too, and ``at_least`` in all (a quick restart)."""
+    targets = [max(p.sent + count, at_least) for p in pingers]
     deadline = time.monotonic() + 10
     while any(p.sent < t for p, t in zip(pingers, targets, strict=True)):
         assert time.monotonic() < deadline, "ping stopped sending"
