@@ -92,7 +92,7 @@ def _p50_us(output: str) -> float:
     return statistics.median(samples) / 1000
 
 
-def _run_client(pod: podnet.Pod, host: str, cpu: int) -> float:
+def _run_client(pod: podnet.Pod, host: str, port: int, cpu: int) -> float:
     proc = traffic.run_tool(
         podnet.netns_exec(
             pod.netns,
@@ -104,7 +104,7 @@ def _run_client(pod: podnet.Pod, host: str, cpu: int) -> float:
             "-c",
             _CLIENT,
             host,
-            str(PORT if _is_vip(host) else TARGET_PORT),
+            str(port),
             str(REQUESTS),
         ),
         120,
@@ -113,10 +113,6 @@ def _run_client(pod: podnet.Pod, host: str, cpu: int) -> float:
     if proc.returncode != 0:
         raise ServicesBenchError(f"client to {host}: {proc.stderr.strip()}")
     return _p50_us(proc.stdout)
-
-
-def _is_vip(host: str) -> bool:
-    return ipaddress.IPv4Address(host) in SERVICE_CIDR
 
 
 # -- kube-proxy's iptables rules -----------------------------------------------------
@@ -279,9 +275,13 @@ def run(
             figures = CountFigures(services=count)
             for r in range(rounds):
                 say(f"services: {count} services, round {r + 1}/{rounds}")
-                figures.ciliate_vip_us.append(_run_client(cpods["client"], middle, cpu))
-                figures.ciliate_pod_us.append(_run_client(cpods["client"], cpods["b2"].ip, cpu))
-                figures.iptables_vip_us.append(_run_client(pods["ptp"]["client"], ptp_vip, cpu))
+                figures.ciliate_vip_us.append(_run_client(cpods["client"], middle, PORT, cpu))
+                figures.ciliate_pod_us.append(
+                    _run_client(cpods["client"], cpods["b2"].ip, TARGET_PORT, cpu)
+                )
+                figures.iptables_vip_us.append(
+                    _run_client(pods["ptp"]["client"], ptp_vip, PORT, cpu)
+                )
             for r in range(apply_rounds):
                 name = f"new-{count}-{r}"
                 new = _service(0)

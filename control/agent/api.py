@@ -219,7 +219,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
         """The service loop: whether it has caught up with the objects."""
         if agent.services is None:
             return {"pending": False, "load_balancing": False}
-        return agent.services.status()
+        return agent.services.loop.status()
 
     @app.get("/v1/bpf/lb", tags=["bpf"])
     def bpf_lb() -> list[dict[str, Any]]:
@@ -248,7 +248,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
     @app.get("/v1/policy", tags=["policy"])
     def policy_status() -> dict[str, Any]:
         """The policy loop: whether it has caught up with the objects and endpoints."""
-        return agent.policy.status()
+        return agent.policy.loop.status()
 
     @app.get("/v1/identities", tags=["identities"])
     def identities() -> list[dict[str, Any]]:
@@ -346,9 +346,8 @@ def create_app(agent: NodeAgent) -> FastAPI:
         body, content_type = registry.render()
         return Response(content=body, media_type=content_type)
 
-    # Objects live where every agent reads them: etcd in a cluster, else the node's store.
     app.include_router(
-        objects_api.create_router(agent.cluster_store or agent.store, changed=agent.objects_changed)
+        objects_api.create_router(agent.objects_store, changed=agent.objects_changed)
     )
     return app
 

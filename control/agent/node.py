@@ -184,20 +184,14 @@ class NodeAgent:
         """The policy loop over the objects (the cluster store in a cluster, the
         node's own otherwise): one pass now, so policy holds before the API serves,
         then in the background."""
-        objects_store: Store = self.cluster_store if self.cluster_store else self.store
-        local_store = self.store
-
-        def revision() -> object:
-            return (objects_store.revision(), local_store.revision())
-
         controller = PolicyController(
-            objects=ObjectStore(objects_store),
-            revision=revision,
+            objects=ObjectStore(self.objects_store),
+            revision=self.revision,
             endpoints=self.endpoints,
             datapath=self.datapath,
             host_ips={self.router_ip, self.node_ip},
             cluster=cluster_view(
-                store=objects_store,
+                store=self.objects_store,
                 identities=self.cluster.identities,
                 node_name=self.config.node_name,
             )
@@ -211,15 +205,24 @@ class NodeAgent:
             log.exception("policy: first pass failed; the loop retries")
         else:
             log.info("policy: %d endpoint(s) given their policy", len(result.written))
-        controller.start()
-        self._stack.callback(controller.close)
+        controller.loop.start()
+        self._stack.callback(controller.loop.close)
         return controller
+
+    @property
+    def objects_store(self) -> Store:
+        """Where the cluster objects live: etcd in a cluster, the node's store alone."""
+        return self.cluster_store if self.cluster_store else self.store
+
+    def revision(self) -> tuple[int, int]:
+        """What the controllers watch: the objects' store and the node's (endpoints)."""
+        return (self.objects_store.revision(), self.store.revision())
 
     def objects_changed(self) -> None:
         """An apply or delete through this agent: its loops pass at once."""
-        self.policy.wake()
+        self.policy.loop.wake()
         if self.services is not None:
-            self.services.wake()
+            self.services.loop.wake()
 
     def _start_services(self) -> ServiceController | None:
         """Service load balancing (unless switched off or not built): the socket LB
@@ -244,12 +247,10 @@ class NodeAgent:
             cgroup=cgroup,
             links_dir=links,
         )
-        objects_store: Store = self.cluster_store if self.cluster_store else self.store
-        local_store = self.store
         controller = ServiceController(
-            objects=ObjectStore(objects_store),
+            objects=ObjectStore(self.objects_store),
             node_store=self.store,
-            revision=lambda: (objects_store.revision(), local_store.revision()),
+            revision=self.revision,
             datapath=self.datapath,
             node_name=self.config.node_name,
             node_ips=sorted({self.node_ip, self.router_ip}),
@@ -262,8 +263,8 @@ class NodeAgent:
             controller.sync()
         except Exception:  # etcd down at start: the pinned services keep working
             log.exception("services: first pass failed; the loop retries")
-        controller.start()
-        self._stack.callback(controller.close)
+        controller.loop.start()
+        self._stack.callback(controller.loop.close)
         log.info("service load balancing: socket LB on cgroup %s", cgroup)
         return controller
 

@@ -178,6 +178,14 @@ def pod_ref(endpoint: LocalEndpoint) -> str:
     return endpoint.pod or f"/{endpoint.container_id}"
 
 
+def _pods_by_ref(snapshot: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The Pod objects of a snapshot by ``namespace/name``."""
+    return {
+        f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
+        for pod in snapshot.get("Pod", [])
+    }
+
+
 def security_labels_of(
     *,
     attributes: Mapping[str, str],
@@ -236,7 +244,8 @@ class PolicyController:
         self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
         self._last: PolicyResult | None = None
         self._lock = threading.Lock()
-        self._loop = RevisionLoop(
+        # Started, woken, asked for its status and closed by the agent.
+        self.loop = RevisionLoop(
             name="policy",
             revision=revision,
             run_pass=self._pass,
@@ -281,10 +290,7 @@ class PolicyController:
         the manager's lock while it asks :meth:`enforce_new`, which takes this one."""
         result = SyncResult()
         snapshot = self._objects.snapshot()
-        pods = {
-            f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
-            for pod in snapshot.get("Pod", [])
-        }
+        pods = _pods_by_ref(snapshot)
         namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
         for endpoint in self._endpoints.list():
             labels = security_labels_of(
@@ -331,10 +337,7 @@ class PolicyController:
                             break
             if policy is None:
                 snapshot = self._objects.snapshot()
-                pods = {
-                    f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
-                    for pod in snapshot.get("Pod", [])
-                }
+                pods = _pods_by_ref(snapshot)
                 local = [*self._endpoints.list(), endpoint]
                 computed = self._compute(snapshot, pods, local, only=[endpoint])
                 self._write_cidr_identities(computed.cidr_identities, add_only=True)
@@ -423,16 +426,17 @@ class PolicyController:
         """Policy CIDRs into the ipcache, never over an entry of the node's own (a pod
         CIDR, a node or pod address keeps its identity); ``add_only`` keeps the ones
         no longer wanted (a pass for one endpoint does not see every policy's)."""
-        others = {
-            entry.prefix
-            for entry in self._dp.ipcache.list()
-            if entry.prefix not in self._cidr_prefixes
-        }
-        for prefix, identity in wanted.items():
-            if prefix in others or self._cidr_prefixes.get(prefix) == identity:
-                continue
-            self._dp.ipcache.upsert(IpcacheEntry(prefix, identity=identity, node_ip=None))
-            self._cidr_prefixes[prefix] = identity
+        new = {p: i for p, i in wanted.items() if self._cidr_prefixes.get(p) != i}
+        if new:  # the ipcache is read only when there is something to add
+            others = {
+                entry.prefix
+                for entry in self._dp.ipcache.list()
+                if entry.prefix not in self._cidr_prefixes
+            }
+            for prefix, identity in new.items():
+                if prefix not in others:
+                    self._dp.ipcache.upsert(IpcacheEntry(prefix, identity=identity, node_ip=None))
+                    self._cidr_prefixes[prefix] = identity
         if add_only:
             return
         for prefix in [p for p in self._cidr_prefixes if p not in wanted]:
@@ -491,10 +495,7 @@ class PolicyController:
         the real identities and addresses, and which rule or default decides it.
         Raises ``LookupError`` for a pod with no endpoint."""
         snapshot = self._objects.snapshot()
-        pods = {
-            f"{pod['metadata']['namespace']}/{pod['metadata']['name']}": pod
-            for pod in snapshot.get("Pod", [])
-        }
+        pods = _pods_by_ref(snapshot)
         endpoints = self._pod_endpoints(list(self._endpoints.list()), pods)
         by_ref = {endpoint.ref: endpoint for endpoint in endpoints}
         for flag, ref in (("src", src), ("dst", dst)):
@@ -555,17 +556,6 @@ class PolicyController:
             return {}
         return {entry: [str(ref) for ref in refs] for entry, refs in policy.origins.items()}
 
-    def status(self) -> dict[str, Any]:
-        """Whether the last pass saw the current objects and endpoints."""
-        return self._loop.status()
-
-    def wake(self) -> None:
-        """Something changed here (an apply through this agent): pass now."""
-        self._loop.wake()
-
-    def start(self) -> None:
-        self._loop.start()
-
     def _pass(self) -> None:
         result = self.sync()
         if result.relabelled or result.written:
@@ -574,6 +564,3 @@ class PolicyController:
                 len(result.relabelled),
                 len(result.written),
             )
-
-    def close(self) -> None:
-        self._loop.close()

@@ -81,7 +81,8 @@ class ServiceController:
         }
         self._last: node_services.NodeServices | None = None
         self._lock = threading.Lock()
-        self._loop = RevisionLoop(
+        # Started, woken, asked for its status and closed by the agent.
+        self.loop = RevisionLoop(
             name="services",
             revision=revision,
             run_pass=self._pass,
@@ -150,15 +151,6 @@ class ServiceController:
         return last.to_json() if last is not None else {"frontends": []}
 
     # -- the loop ----------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        return self._loop.status()
-
-    def wake(self) -> None:
-        self._loop.wake()
-
-    def start(self) -> None:
-        self._loop.start()
-
     def _pass(self) -> None:
         result = self.sync()
         if result.written or result.deleted:
@@ -168,6 +160,3 @@ class ServiceController:
                 len(result.deleted),
                 f"; not served (protocol): {', '.join(result.skipped)}" if result.skipped else "",
             )
-
-    def close(self) -> None:
-        self._loop.close()

@@ -272,6 +272,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def bpf_policy_get(args: argparse.Namespace) -> int:
     """One endpoint's policy entries as the datapath holds them, with their rules."""
+    from ciliate.control.policy.model import PROTOCOL_NAMES  # loads the datapath's ABI
+
     with _client(args) as c:
         data = c.get(f"/v1/bpf/policy/{args.endpoint}")
     if args.output == "json":
@@ -282,9 +284,9 @@ def bpf_policy_get(args: argparse.Namespace) -> int:
         {
             "direction": e["direction"],
             "identity": e["identity"] or "any",
-            "protocol": {0: "any", 6: "TCP", 17: "UDP", 132: "SCTP"}.get(
-                e["protocol"], e["protocol"]
-            ),
+            "protocol": PROTOCOL_NAMES.get(e["protocol"], e["protocol"])
+            if e["protocol"]
+            else "any",
             "port": (
                 "any"
                 if not e["port"]
