@@ -20,11 +20,13 @@ code  when
 3     CHECK of a container the agent has no endpoint for
 4     a variable the command needs is missing or invalid (``CNI_COMMAND``,
       ``CNI_CONTAINERID``, ``CNI_NETNS`` not a network namespace,
-      ``CNI_IFNAME`` not a name the kernel takes, ``CNI_ARGS``); a second
-      ``CNI_IFNAME`` for a container that has a ciliate interface already
-6     the netconf is not JSON (not UTF-8, not an object, nested too deeply)
+      ``CNI_IFNAME`` not a name the kernel takes, ``CNI_ARGS``, ``CNI_PATH``
+      for CHECK and GC); a second ``CNI_IFNAME`` for a container that has a
+      ciliate interface already
+6     the netconf is not JSON (not UTF-8, not an object, nested too deeply),
+      or its ``cniVersion`` is not a string
 7     the netconf is invalid (``name``, ``type``, ``mtu``,
-      ``args.cni.labels``, a ``prevResult`` on ADD, none on CHECK,
+      ``args.cni.labels``, a malformed ``prevResult``, none on CHECK,
       malformed ``cni.dev/valid-attachments``)
 11    try again later: the agent's state store is busy, full, read-only or
       unreachable (nothing was changed); the node's pod IPs or identities
@@ -32,13 +34,27 @@ code  when
       relay itself, which queues a DEL to replay later)
 50    STATUS while the agent is still restoring its endpoints (the relay
       also answers 50 to STATUS when the agent is not reachable)
-100   the kernel refused a device step (veth, address, route), e.g. the
-      pod's namespace has a link of that name; ADD was rolled back
+100   the pod's namespace has a link named ``CNI_IFNAME`` already (the spec:
+      ADD must fail then), or the kernel refused a device step (veth,
+      address, route); ADD was rolled back
 101   a BPF map write or program attachment failed; ADD was rolled back
 999   a bug: an exception nothing above describes, with its text (the
       traceback goes to the agent's log, never to the runtime); CHECK of a
-      damaged endpoint
+      damaged endpoint, or one that differs from ``prevResult``
 ====  =====================================================================
+
+Codes 0-99 are the spec's; 100 and up are ciliate's own. Every error names
+the ``cniVersion`` of the netconf (the spec: "the same value as provided by
+the configuration"), also one ciliate does not speak; the latest when the
+netconf has none.
+
+In a chain, ciliate may come after another plugin: an ADD with a
+``prevResult`` passes it through, with ciliate's interfaces, address and
+routes appended (the spec: a plugin "MUST handle prevResult by either
+passing it through, or modifying it appropriately"). CHECK compares the
+``prevResult`` with the agent's endpoint and with what the pod's namespace
+holds (interface, MAC, address, ciliate's routes); entries of other plugins
+are left to them.
 
 Codes from the agent arrive as :class:`~.service.ServiceError` subclasses
 carrying their ``cni_code`` (the tree is in ``service``'s docstring).
@@ -65,10 +81,12 @@ from typing import Any, TypedDict
 from ciliate.control.identity import labels as identity
 from ciliate.datapath import devices
 
+from . import podnet
 from .service import (
     AddRequest,
     AddResult,
     CheckFailedError,
+    DeviceFailedError,
     EndpointService,
     InvalidNetnsError,
     ServiceError,
@@ -87,19 +105,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 
-# The variables each command cannot do without. CNI_PATH is not among them:
-# ciliate delegates to no other plugin.
+# The variables each command cannot do without, as the spec (1.1.0, section 2)
+# lists them: CNI_NETNS is optional for DEL (the netns may be gone already),
+# CNI_PATH required for CHECK and GC only, STATUS and VERSION need none but
+# CNI_COMMAND.
 _REQUIRED_ENV: Mapping[str, tuple[str, ...]] = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),  # the netns may be gone already
-    "GC": (),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "GC": ("CNI_PATH",),
     "STATUS": (),
 }
+# A cniVersion echoed back in errors and VERSION answers (the spec: the value
+# the input gave), also one ciliate does not speak; anything else is not
+# repeated to the runtime.
+_VERSION_LIKE = re.compile(r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}")
+# Fields the spec added in 1.1.0, dropped from results of older versions.
+_INTERFACE_FIELDS_1_1 = ("mtu", "socketPath", "pciID")
+_ROUTE_FIELDS_1_1 = ("mtu", "advmss", "priority", "table", "scope")
 # The first spec version that has each command.
 _SINCE: Mapping[str, str] = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
@@ -115,6 +142,7 @@ _VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 _VALID_ATTACHMENTS_DRAFT = "cni.dev/attachments"
 
 CODE_INCOMPATIBLE_VERSION = 1
+CODE_UNKNOWN_CONTAINER = 3
 CODE_INVALID_ENV = 4
 CODE_DECODING = 6
 CODE_INVALID_NETCONF = 7
@@ -172,14 +200,20 @@ def handle(env: Mapping[str, str], stdin: bytes, service: EndpointService) -> Cn
             )
         if command == "VERSION":
             return _version(stdin)
-        netconf = _parse_netconf(stdin)
-        given = netconf.get("cniVersion")
-        if isinstance(given, str) and given in SUPPORTED_VERSIONS:
-            version = given
+        try:
+            netconf: dict[str, Any] | None = _parse_netconf(stdin)
+        except _CniError as exc:
+            netconf, unreadable = None, exc
+        if netconf is not None:
+            version = _echoed_version(netconf.get("cniVersion"))
+        # The environment first, as libcni's skel checks it: a runtime that
+        # leaves out a variable hears that before anything about stdin.
         _check_env(env, command)
-        version = _check_version(netconf, command)
+        if netconf is None:
+            raise unreadable
+        spoken = _check_version(netconf, command)
         _check_netconf(netconf)
-        return _COMMAND_HANDLERS[command](env, netconf, version, service)
+        return _COMMAND_HANDLERS[command](env, netconf, spoken, service)
     except _CniError as exc:
         return _error(version, exc.code, exc.message, exc.details)
     except ServiceError as exc:
@@ -192,13 +226,9 @@ def handle(env: Mapping[str, str], stdin: bytes, service: EndpointService) -> Cn
 def _add(
     env: Mapping[str, str], netconf: dict[str, Any], version: str, service: EndpointService
 ) -> CniResponse:
-    if "prevResult" in netconf:
-        raise _CniError(
-            CODE_INVALID_NETCONF,
-            "ciliate must be the first plugin in the chain",
-            details="the ADD netconf has a prevResult: move ciliate-cni to the top of the "
-            "conflist's plugins",
-        )
+    # After another plugin of a chain: its result is passed on with ciliate's
+    # appended (checked first, so a bad one changes nothing).
+    prev = _PrevResult.parse(netconf["prevResult"]) if "prevResult" in netconf else None
     container_id, ifname = _attachment(env)
     netns = _check_netns(env["CNI_NETNS"])
     cni_args = env.get("CNI_ARGS", "")
@@ -211,8 +241,16 @@ def _add(
         mtu=_mtu(netconf),
         attributes=_attributes(cni_args),
     )
+    # The spec: "If an interface of the requested name already exists in the
+    # container, the CNI plugin MUST return with an error" -- also one ciliate
+    # made for this container by an earlier ADD (a runtime must DEL first).
+    if _read_pod_interface(netns, ifname) is not None:
+        raise DeviceFailedError(
+            f"CNI_IFNAME {ifname!r} exists already in CNI_NETNS {netns!r}: nothing was changed",
+            details="a second ADD needs a DEL of the first, or another CNI_IFNAME",
+        )
     result = service.add(request)
-    return CniResponse(0, _dump(format_result(result, version)))
+    return CniResponse(0, _dump(format_result(result, version, prev=prev)))
 
 
 def _delete(
@@ -239,8 +277,10 @@ def _check(
             details="the runtime must pass the cached ADD result as prevResult",
         )
     expected = _PrevResult.parse(prev)
+    # The agent checks its side (veth, map entries, programs) and says what it
+    # made; the pod's namespace is read here for what prevResult lists in it.
     current = service.check(container_id=container_id, ifname=ifname, netns=netns)
-    problems = expected.differences(current)
+    problems = expected.differences(current, pod=_read_pod_interface(netns, ifname), netns=netns)
     if problems:
         raise CheckFailedError(
             f"the endpoint of {container_id}/{ifname} differs from prevResult: "
@@ -269,30 +309,39 @@ _COMMAND_HANDLERS: Mapping[
 
 
 def _version(stdin: bytes) -> CniResponse:
-    """VERSION: the versions ciliate speaks, in the format of the version asked
-    for (the latest when stdin names none ciliate knows)."""
-    version = LATEST_VERSION
+    """VERSION: the versions ciliate speaks, with the ``cniVersion`` stdin gave
+    (the spec: "the value of cniVersion specified on input"); the latest when
+    stdin names none."""
     try:
         given = json.loads(stdin).get("cniVersion") if stdin.strip() else None
     except (ValueError, AttributeError, RecursionError):
         given = None
-    if isinstance(given, str) and given in SUPPORTED_VERSIONS:
-        version = given
-    return CniResponse(
-        0, _dump({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
-    )
+    answer = {"cniVersion": _echoed_version(given), "supportedVersions": list(SUPPORTED_VERSIONS)}
+    return CniResponse(0, _dump(answer))
+
+
+def _echoed_version(given: object) -> str:
+    """The cniVersion to answer with: the input's when it looks like a version."""
+    if isinstance(given, str) and _VERSION_LIKE.fullmatch(given):
+        return given
+    return LATEST_VERSION
 
 
 # -- results ----------------------------------------------------------------
 
 
-def format_result(result: AddResult, version: str) -> dict[str, Any]:
-    """The ADD result in the format of spec ``version``.
+def format_result(
+    result: AddResult, version: str, *, prev: _PrevResult | None = None
+) -> dict[str, Any]:
+    """The ADD result in the format of spec ``version``, after ``prev`` (the
+    result of the plugins before ciliate in a chain) when there is one.
 
-    Interface 0 is the node-side veth, interface 1 the pod's (with its
-    sandbox); the IP belongs to interface 1. Before 1.0.0 each IP carries
-    ``"version": "4"``; from 1.1.0 interfaces carry their MTU.
+    ciliate's interfaces come after ``prev``'s: the node-side veth, then the
+    pod's (with its sandbox), which the IP names. Before 1.0.0 each IP carries
+    ``"version"``; from 1.1.0 interfaces carry their MTU. ``prev``'s entries
+    are passed through, reshaped to ``version`` the same way.
     """
+    before = prev if prev is not None else _PrevResult((), (), (), {})
     host: dict[str, Any] = {"name": result.host_ifname, "mac": result.host_mac}
     pod: dict[str, Any] = {
         "name": result.pod_ifname,
@@ -305,75 +354,227 @@ def format_result(result: AddResult, version: str) -> dict[str, Any]:
     ip: dict[str, Any] = {
         "address": str(result.ip),
         "gateway": str(result.gateway),
-        "interface": 1,
+        "interface": len(before.interfaces) + 1,
     }
-    if version in ("0.3.1", "0.4.0"):
-        ip = {"version": "4", **ip}
     routes = [
         {"dst": str(dst)} if gw is None else {"dst": str(dst), "gw": str(gw)}
         for dst, gw in result.routes
     ]
     return {
         "cniVersion": version,
-        "interfaces": [host, pod],
-        "ips": [ip],
-        "routes": routes,
-        "dns": {},
+        "interfaces": [
+            *(_without(i, _INTERFACE_FIELDS_1_1, version) for i in before.interfaces),
+            host,
+            pod,
+        ],
+        "ips": [_shaped_ip(i, version) for i in (*before.ips, ip)],
+        "routes": [
+            *(_without(r, _ROUTE_FIELDS_1_1, version) for r in before.routes),
+            *routes,
+        ],
+        "dns": dict(before.dns),
     }
+
+
+def _without(entry: Mapping[str, Any], fields: tuple[str, ...], version: str) -> dict[str, Any]:
+    """``entry`` without the fields 1.1.0 added, for results of older versions."""
+    if version == "1.1.0":
+        return dict(entry)
+    return {k: v for k, v in entry.items() if k not in fields}
+
+
+def _shaped_ip(entry: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """An IP entry as ``version`` writes it: ``"version": "4"`` or ``"6"``
+    first before 1.0.0, no such field from 1.0.0 on."""
+    rest = {k: v for k, v in entry.items() if k != "version"}
+    if _version_key(version) >= (1, 0, 0):
+        return rest
+    family = ipaddress.ip_interface(str(entry["address"])).version
+    return {"version": str(family), **rest}
+
+
+_Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @dataclass(frozen=True)
 class _PrevResult:
-    """What CHECK compares: the addresses and interface names of a prevResult."""
+    """A ``prevResult`` (of any spec version ciliate speaks), checked: lists of
+    objects, addresses in CIDR notation, interface indexes that exist."""
 
-    addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
-    interface_names: tuple[str, ...]
+    interfaces: tuple[dict[str, Any], ...]
+    ips: tuple[dict[str, Any], ...]
+    routes: tuple[dict[str, Any], ...]
+    dns: dict[str, Any]
 
     @classmethod
     def parse(cls, prev: object) -> _PrevResult:
         if not isinstance(prev, dict):
-            raise _CniError(CODE_INVALID_NETCONF, "prevResult must be a JSON object")
-        addresses = []
-        for i, entry in enumerate(_list_field(prev, "ips")):
-            address = entry.get("address") if isinstance(entry, dict) else None
-            try:
-                addresses.append(ipaddress.ip_interface(str(address)))
-            except ValueError:
-                raise _CniError(
-                    CODE_INVALID_NETCONF,
-                    f"prevResult.ips[{i}].address must be an address in CIDR notation, "
-                    f"not {_show(address)}",
-                ) from None
-        names = []
-        for i, entry in enumerate(_list_field(prev, "interfaces")):
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str):
+            raise _CniError(
+                CODE_INVALID_NETCONF, f"prevResult must be a JSON object, not {_show(prev)}"
+            )
+        interfaces = _objects(prev, "interfaces")
+        for i, entry in enumerate(interfaces):
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
                 raise _CniError(
                     CODE_INVALID_NETCONF,
                     f"prevResult.interfaces[{i}].name must be a string, not {_show(name)}",
                 )
-            names.append(name)
-        return cls(addresses=tuple(addresses), interface_names=tuple(names))
+            for key in ("mac", "sandbox"):
+                if not isinstance(entry.get(key, ""), str):
+                    raise _CniError(
+                        CODE_INVALID_NETCONF,
+                        f"prevResult.interfaces[{i}].{key} must be a string, "
+                        f"not {_show(entry[key])}",
+                    )
+        ips = _objects(prev, "ips")
+        for i, entry in enumerate(ips):
+            _address(entry.get("address"), f"prevResult.ips[{i}].address")
+            index = entry.get("interface")
+            if index is not None and (
+                isinstance(index, bool)
+                or not isinstance(index, int)
+                or not 0 <= index < len(interfaces)
+            ):
+                raise _CniError(
+                    CODE_INVALID_NETCONF,
+                    f"prevResult.ips[{i}].interface must index prevResult.interfaces "
+                    f"(0 to {len(interfaces) - 1}), not {_show(index)}",
+                )
+        routes = _objects(prev, "routes")
+        for i, entry in enumerate(routes):
+            _network(entry.get("dst"), f"prevResult.routes[{i}].dst")
+            if "gw" in entry:
+                _gateway(entry["gw"], f"prevResult.routes[{i}].gw")
+        dns = prev.get("dns", {})
+        if not isinstance(dns, dict):
+            raise _CniError(
+                CODE_INVALID_NETCONF, f"prevResult.dns must be a JSON object, not {_show(dns)}"
+            )
+        return cls(tuple(interfaces), tuple(ips), tuple(routes), dns)
 
-    def differences(self, current: AddResult) -> list[str]:
+    def differences(
+        self, current: AddResult, *, pod: podnet.PodInterface | None, netns: str
+    ) -> list[str]:
+        """What differs between this prevResult and ciliate's endpoint: the agent's
+        record (``current``) and the pod's interface as the kernel has it (``pod``,
+        ``None`` when gone). Entries of other plugins are not looked at."""
         problems = []
-        if current.ip not in self.addresses:
-            had = ", ".join(str(a) for a in self.addresses) or "no IP"
-            problems.append(f"prevResult has {had}, the agent has {current.ip}")
-        for role, name in (("pod", current.pod_ifname), ("node-side", current.host_ifname)):
-            if name not in self.interface_names:
+        listed = {entry["name"]: (index, entry) for index, entry in enumerate(self.interfaces)}
+        names = list(listed)
+        pod_index = None
+        for role, name, mac in (
+            ("pod", current.pod_ifname, current.pod_mac),
+            ("node-side", current.host_ifname, current.host_mac),
+        ):
+            if name not in listed:
                 problems.append(
-                    f"the {role} interface {name!r} is not among prevResult's interfaces "
-                    f"{list(self.interface_names)}"
+                    f"the {role} interface {name!r} is not among prevResult's interfaces {names}"
+                )
+                continue
+            index, entry = listed[name]
+            said = str(entry.get("mac", "")).lower()
+            if said and said != mac.lower():
+                problems.append(f"prevResult gives {name} the MAC {said}, the agent has {mac}")
+            if role == "pod":
+                pod_index = index
+                sandbox = entry.get("sandbox")
+                if sandbox and sandbox != netns:
+                    problems.append(f"prevResult puts {name} in {sandbox}, CNI_NETNS is {netns}")
+        if pod is None:
+            problems.append(f"{current.pod_ifname} is gone from {netns}")
+        else:
+            if pod.mac != current.pod_mac.lower():
+                problems.append(
+                    f"{pod.name} in {netns} has the MAC {pod.mac}, not {current.pod_mac}"
+                )
+            if not pod.up:
+                problems.append(f"{pod.name} in {netns} is down")
+        addresses = [_address(entry["address"], "") for entry in self.ips]
+        if current.ip not in addresses:
+            had = ", ".join(str(a) for a in addresses) or "no IP"
+            problems.append(f"prevResult has {had}, the agent has {current.ip}")
+        else:
+            entry = self.ips[addresses.index(current.ip)]
+            named = entry.get("interface")
+            if named is not None and pod_index is not None and named != pod_index:
+                problems.append(
+                    f"prevResult gives {current.ip} to interface {named} "
+                    f"({self.interfaces[named]['name']}), not {current.pod_ifname}"
+                )
+            if pod is not None and current.ip not in pod.addresses:
+                have = ", ".join(sorted(map(str, pod.addresses))) or "none"
+                problems.append(f"{pod.name} in {netns} lacks {current.ip} (it has {have})")
+        # ciliate's routes that prevResult lists must be in the pod; routes a later
+        # plugin added or replaced are its own business (the spec allows it).
+        ours = {dst for dst, _ in current.routes}
+        for i, entry in enumerate(self.routes):
+            dst = _network(entry["dst"], "")
+            if dst not in ours or pod is None:
+                continue
+            gateway = _gateway(entry["gw"], "") if "gw" in entry else None
+            present = any(
+                have_dst == dst and (gateway is None or have_gw == gateway)
+                for have_dst, have_gw in pod.routes
+            )
+            if not present:
+                via = f" via {gateway}" if gateway is not None else ""
+                problems.append(
+                    f"the route to {dst}{via} (prevResult.routes[{i}]) is missing from "
+                    f"{pod.name} in {netns}"
                 )
         return problems
 
 
-def _list_field(prev: dict[str, Any], name: str) -> list[Any]:
+def _objects(prev: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
     value = prev.get(name, [])
-    if not isinstance(value, list):
-        raise _CniError(CODE_INVALID_NETCONF, f"prevResult.{name} must be a list")
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _CniError(
+            CODE_INVALID_NETCONF,
+            f"prevResult.{name} must be a list of JSON objects, not {_show(value)}",
+        )
     return value
+
+
+def _address(value: object, where: str) -> _Address:
+    try:
+        if not isinstance(value, str) or "/" not in value:
+            raise ValueError(value)
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise _CniError(
+            CODE_INVALID_NETCONF,
+            f"{where} must be an address in CIDR notation, not {_show(value)}",
+        ) from None
+
+
+def _network(value: object, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise _CniError(
+            CODE_INVALID_NETCONF, f"{where} must be a network in CIDR notation, not {_show(value)}"
+        ) from None
+
+
+def _gateway(value: object, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise _CniError(
+            CODE_INVALID_NETCONF, f"{where} must be an IP address, not {_show(value)}"
+        ) from None
+
+
+def _read_pod_interface(netns: str, ifname: str) -> podnet.PodInterface | None:
+    try:
+        return podnet.read_interface(netns, ifname)
+    except podnet.PodNetError as exc:
+        raise InvalidNetnsError(f"CNI_NETNS {netns!r}: {exc}") from None
 
 
 def _error(version: str, code: int, message: str, details: str = "") -> CniResponse:
@@ -442,12 +643,20 @@ def _check_version(netconf: Mapping[str, Any], command: str) -> str:
     supported = ", ".join(SUPPORTED_VERSIONS)
     version = netconf.get("cniVersion")
     if version is None or version == "":
+        # libcni reads a missing cniVersion as 0.1.0, which ciliate does not speak.
         raise _CniError(
             CODE_INCOMPATIBLE_VERSION,
             f"incompatible CNI version: the netconf has no cniVersion; set it to one of "
             f"{supported}",
         )
-    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, str):
+        # libcni cannot decode it either (code 6: "failed to decode version info").
+        raise _CniError(
+            CODE_DECODING,
+            f'the netconf\'s cniVersion must be a string such as "{LATEST_VERSION}", '
+            f"not {_show(version)}",
+        )
+    if version not in SUPPORTED_VERSIONS:
         raise _CniError(
             CODE_INCOMPATIBLE_VERSION,
             f"incompatible CNI version: the netconf's cniVersion is {_show(version)}; ciliate "

@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET
 from ciliate.datapath import objects
 
-from .fakes import FakeAgent
+from .fakes import POD_IP, POD_MAC, ROUTER_IP, FakeAgent
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "control" / "cni" / "shim" / "ciliate_cni.c"
 # What CMake passes when it builds the shim (see CMakeLists.txt).
@@ -89,6 +90,44 @@ def pod_netns() -> Iterator[str]:
     yield path
     os.kill(proc.pid, signal.SIGTERM)
     proc.wait(5)
+
+
+@dataclass(frozen=True)
+class ConfiguredPod:
+    """A pod namespace holding what ciliate's ADD leaves in one (fakes.add_result):
+    ``eth0`` with its MAC, address and routes (the veth's peer stays inside too)."""
+
+    netns: str
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["nsenter", f"--net={self.netns}", "ip", *args], check=True)
+
+
+@pytest.fixture
+def configured_pod() -> Iterator[ConfiguredPod]:
+    """A fresh namespace (of a sleeping process) set up as ADD would set it up."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a network namespace")
+    proc = subprocess.Popen([unshare, "--net", "sleep", "3600"])
+    try:
+        path = f"/proc/{proc.pid}/ns/net"
+        own = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 5
+        while os.stat(path).st_ino == own:
+            assert time.monotonic() < deadline, "unshare --net did not create a netns"
+            time.sleep(0.005)
+        pod = ConfiguredPod(path)
+        pod.ip("link", "add", "eth0", "address", POD_MAC, "type", "veth", "peer", "name", "peer0")
+        pod.ip("link", "set", "peer0", "up")
+        pod.ip("link", "set", "eth0", "up")
+        pod.ip("address", "add", POD_IP, "dev", "eth0")
+        pod.ip("route", "add", f"{ROUTER_IP}/32", "dev", "eth0", "scope", "link")
+        pod.ip("route", "add", "default", "via", ROUTER_IP, "dev", "eth0")
+        yield pod
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(5)
 
 
 def netconf(version: str = "1.0.0", **fields: Any) -> dict[str, Any]:

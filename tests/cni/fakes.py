@@ -18,19 +18,21 @@ from typing import Any
 from ciliate.control.cni import handler
 from ciliate.control.cni.service import AddRequest, AddResult, EndpointService
 
+POD_IP = "10.244.1.5/32"
+POD_MAC = "0a:58:0a:f4:01:05"
+ROUTER_IP = "10.244.1.1"
 
-def add_result(
-    *, ip: str = "10.244.1.5/32", netns: str = "/run/netns/pod", mtu: int = 1500
-) -> AddResult:
+
+def add_result(*, ip: str = POD_IP, netns: str = "/run/netns/pod", mtu: int = 1500) -> AddResult:
     return AddResult(
         ip=ipaddress.IPv4Interface(ip),
-        gateway=ipaddress.IPv4Address("10.244.1.1"),
+        gateway=ipaddress.IPv4Address(ROUTER_IP),
         routes=(
-            (ipaddress.IPv4Network("10.244.1.1/32"), None),
-            (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv4Address("10.244.1.1")),
+            (ipaddress.IPv4Network(f"{ROUTER_IP}/32"), None),
+            (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv4Address(ROUTER_IP)),
         ),
         pod_ifname="eth0",
-        pod_mac="0a:58:0a:f4:01:05",
+        pod_mac=POD_MAC,
         host_ifname="lxc1a2b3c4d5e6f",
         host_mac="fe:54:00:12:34:56",
         netns=netns,

@@ -1,6 +1,7 @@
 """The CNI protocol handler, against a fake endpoint service: results per
-spec version, DEL, CHECK, GC, STATUS, VERSION, and every validation error
-with its code and a message that says what to fix."""
+spec version (alone and after another plugin of a chain), DEL, CHECK against
+the agent and a real pod namespace, GC, STATUS, VERSION, and every
+validation error with its code and a message that says what to fix."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ciliate.control.cni.service import (
     UnknownContainerError,
 )
 
-from .conftest import CONTAINER_ID, cni_env, netconf
+from .conftest import CONTAINER_ID, ConfiguredPod, cni_env, netconf
 from .fakes import FakeService, add_result
 
 VERSIONS = handler.SUPPORTED_VERSIONS
@@ -65,7 +66,7 @@ def test_add_returns_the_result_in_the_format_of_each_version(version: str, pod_
     )
     (ip,) = result["ips"]
     expected_ip = {"address": "10.244.1.5/32", "gateway": "10.244.1.1", "interface": 1}
-    if version in ("0.3.1", "0.4.0"):
+    if version in ("0.3.0", "0.3.1", "0.4.0"):
         expected_ip["version"] = "4"
     assert ip == expected_ip
     assert result["routes"] == [
@@ -128,10 +129,79 @@ def test_add_ignores_fields_it_does_not_know(pod_netns: str) -> None:
     assert response.exit_code == 0
 
 
-def test_add_in_a_chain_after_another_plugin_is_refused(pod_netns: str) -> None:
-    conf = netconf(prevResult={"cniVersion": "1.0.0", "interfaces": [], "ips": []})
-    response, parsed = call(cni_env("ADD", CNI_NETNS=pod_netns), conf)
-    assert_error(response, parsed, 7, "first plugin in the chain")
+# What a plugin before ciliate in a chain returned (1.1.0 shape, an IPv6
+# address, a route with 1.1-only fields, DNS).
+EARLIER = {
+    "cniVersion": "1.1.0",
+    "interfaces": [{"name": "macvlan0", "mac": "02:00:00:00:00:01", "mtu": 9000}],
+    "ips": [{"address": "fd00::5/64", "interface": 0}],
+    "routes": [{"dst": "fd00::/8", "priority": 10}],
+    "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]},
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_add_after_another_plugin_passes_its_result_on_with_ciliates_appended(
+    version: str, pod_netns: str
+) -> None:
+    prev = {**EARLIER, "cniVersion": version}
+    response, result = call(cni_env("ADD", CNI_NETNS=pod_netns), netconf(version, prevResult=prev))
+
+    assert response.exit_code == 0, result
+    assert result["cniVersion"] == version
+    names = [i["name"] for i in result["interfaces"]]
+    assert names == ["macvlan0", "lxc1a2b3c4d5e6f", "eth0"]
+    # 1.1-only fields of the earlier result go in older versions.
+    assert ("mtu" in result["interfaces"][0]) == (version == "1.1.0")
+    assert ("priority" in result["routes"][0]) == (version == "1.1.0")
+    old = version in ("0.3.0", "0.3.1", "0.4.0")
+    theirs, ours = result["ips"]
+    assert theirs == {"address": "fd00::5/64", "interface": 0} | ({"version": "6"} if old else {})
+    assert ours["address"] == "10.244.1.5/32"
+    assert ours["interface"] == 2, "the pod's interface, after the earlier ones"
+    assert ("version" in ours) == old
+    assert [r["dst"] for r in result["routes"]] == ["fd00::/8", "10.244.1.1/32", "0.0.0.0/0"]
+    assert result["dns"] == EARLIER["dns"]
+
+
+BAD_PREV_RESULTS = [
+    ("a list", [], "prevResult must be a JSON object"),
+    ("interfaces not a list", {"interfaces": {}}, "prevResult.interfaces must be a list"),
+    ("an interface without a name", {"interfaces": [{"mac": "x"}]}, "interfaces[0].name"),
+    ("an address without a prefix", {"ips": [{"address": "10.0.0.1"}]}, "ips[0].address"),
+    (
+        "an interface index past the list",
+        {"interfaces": [], "ips": [{"address": "10.0.0.1/32", "interface": 0}]},
+        "ips[0].interface",
+    ),
+    ("a route to nowhere", {"routes": [{"dst": "x"}]}, "routes[0].dst"),
+    ("a route via nonsense", {"routes": [{"dst": "0.0.0.0/0", "gw": 5}]}, "routes[0].gw"),
+    ("dns that is a list", {"dns": []}, "prevResult.dns"),
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "prev", "fragment"), BAD_PREV_RESULTS, ids=[c[0] for c in BAD_PREV_RESULTS]
+)
+def test_add_after_a_plugin_with_a_malformed_result_changes_nothing(
+    reason: str, prev: Any, fragment: str, pod_netns: str
+) -> None:
+    service = FakeService()
+    response, parsed = call(cni_env("ADD", CNI_NETNS=pod_netns), netconf(prevResult=prev), service)
+    assert_error(response, parsed, 7, fragment)
+    assert service.calls == [], reason
+
+
+def test_add_when_the_pod_has_the_interface_already_fails_and_changes_nothing(
+    configured_pod: ConfiguredPod,
+) -> None:
+    """The spec: an ADD for an interface name the container has must fail --
+    also a second ADD of the same container and interface, without a DEL."""
+    service = FakeService()
+    response, parsed = call(cni_env("ADD", CNI_NETNS=configured_pod.netns), netconf(), service)
+    assert_error(response, parsed, 100, "exists already")
+    assert "CNI_IFNAME 'eth0'" in parsed["msg"]
+    assert service.calls == []
 
 
 # -- DEL --------------------------------------------------------------------
@@ -175,14 +245,35 @@ def prev_result_of(version: str, netns: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
-def test_check_passes_when_the_endpoint_matches_prev_result(version: str, pod_netns: str) -> None:
-    service = FakeService(result=add_result(netns=pod_netns))
-    conf = netconf(version, prevResult=prev_result_of(version, pod_netns))
+def test_check_passes_when_the_endpoint_matches_prev_result(
+    version: str, configured_pod: ConfiguredPod
+) -> None:
+    netns = configured_pod.netns
+    service = FakeService(result=add_result(netns=netns))
+    conf = netconf(version, prevResult=prev_result_of(version, netns))
 
-    response, parsed = call(cni_env("CHECK", CNI_NETNS=pod_netns), conf, service)
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=netns), conf, service)
 
     assert (response.exit_code, parsed) == (0, None)
-    assert service.calls == [("check", (CONTAINER_ID, "eth0", pod_netns))]
+    assert service.calls == [("check", (CONTAINER_ID, "eth0", netns))]
+
+
+def test_check_leaves_what_later_plugins_added_or_changed_to_them(
+    configured_pod: ConfiguredPod,
+) -> None:
+    """The spec: CHECK must allow a later plugin of the chain to have modified
+    resources (routes); its own entries in prevResult are not ciliate's to check."""
+    netns = configured_pod.netns
+    prev = prev_result_of("1.0.0", netns)
+    prev["interfaces"].append({"name": "tap0", "sandbox": netns})
+    prev["ips"].append({"address": "192.168.9.9/24", "interface": 2})
+    prev["routes"].append({"dst": "192.168.0.0/16", "gw": "10.244.1.1"})
+    configured_pod.ip("route", "add", "172.16.0.0/12", "via", "10.244.1.1", "dev", "eth0")
+    service = FakeService(result=add_result(netns=netns))
+
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=netns), netconf(prevResult=prev), service)
+
+    assert (response.exit_code, parsed) == (0, None)
 
 
 @pytest.mark.parametrize(
@@ -191,17 +282,86 @@ def test_check_passes_when_the_endpoint_matches_prev_result(version: str, pod_ne
         ("another IP", {"ip": "10.244.1.9/32"}, "the agent has 10.244.1.9/32"),
         ("another pod interface", {"pod_ifname": "net1"}, "pod interface 'net1'"),
         ("another node-side veth", {"host_ifname": "lxcffff"}, "node-side interface 'lxcffff'"),
+        ("another node-side MAC", {"host_mac": "fe:54:00:00:00:99"}, "the agent has fe:54"),
     ],
 )
 def test_check_fails_when_the_agent_has(
-    reason: str, agent_has: dict[str, Any], fragment: str, pod_netns: str
+    reason: str, agent_has: dict[str, Any], fragment: str, configured_pod: ConfiguredPod
 ) -> None:
+    netns = configured_pod.netns
     if "ip" in agent_has:
         agent_has = {**agent_has, "ip": ipaddress.IPv4Interface(agent_has["ip"])}
-    service = FakeService(result=dataclasses.replace(add_result(netns=pod_netns), **agent_has))
-    conf = netconf(prevResult=prev_result_of("1.0.0", pod_netns))
+    service = FakeService(result=dataclasses.replace(add_result(netns=netns), **agent_has))
+    conf = netconf(prevResult=prev_result_of("1.0.0", netns))
 
-    response, parsed = call(cni_env("CHECK", CNI_NETNS=pod_netns), conf, service)
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=netns), conf, service)
+
+    assert_error(response, parsed, 999, fragment)
+    assert "differs from prevResult" in parsed["msg"], reason
+
+
+POD_DAMAGE = [
+    # reason, `ip` commands in the pod, message fragment
+    ("the interface is gone", [["link", "del", "eth0"]], "eth0 is gone from"),
+    ("the interface is down", [["link", "set", "eth0", "down"]], "is down"),
+    (
+        "the MAC was changed",
+        [["link", "set", "eth0", "address", "0a:58:00:00:00:01"]],
+        "has the MAC 0a:58:00:00:00:01",
+    ),
+    (
+        "the address was removed",
+        [["address", "del", "10.244.1.5/32", "dev", "eth0"]],
+        "lacks 10.244.1.5/32",
+    ),
+    ("the default route was removed", [["route", "del", "default"]], "route to 0.0.0.0/0 via"),
+    (
+        "the gateway's route was removed",
+        [["route", "del", "default"], ["route", "del", "10.244.1.1/32"]],
+        "route to 10.244.1.1/32 (prevResult.routes[0])",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "commands", "fragment"), POD_DAMAGE, ids=[c[0] for c in POD_DAMAGE]
+)
+def test_check_fails_naming_what_differs_in_the_pod_when(
+    reason: str, commands: list[list[str]], fragment: str, configured_pod: ConfiguredPod
+) -> None:
+    netns = configured_pod.netns
+    for command in commands:
+        configured_pod.ip(*command)
+    service = FakeService(result=add_result(netns=netns))
+    conf = netconf(prevResult=prev_result_of("1.0.0", netns))
+
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=netns), conf, service)
+
+    assert_error(response, parsed, 999, fragment)
+    assert "differs from prevResult" in parsed["msg"], reason
+
+
+PREV_RESULT_CHANGES = [
+    # reason, change to the prevResult ADD returned, message fragment
+    ("it lists another pod MAC", ("interfaces", 1, "mac", "0a:58:ff:ff:ff:ff"), "the MAC 0a:58:ff"),
+    ("it puts eth0 elsewhere", ("interfaces", 1, "sandbox", "/run/netns/x"), "puts eth0 in"),
+    ("it gives the IP to the veth", ("ips", 0, "interface", 0), "to interface 0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "change", "fragment"), PREV_RESULT_CHANGES, ids=[c[0] for c in PREV_RESULT_CHANGES]
+)
+def test_check_fails_when_prev_result(
+    reason: str, change: tuple[str, int, str, Any], fragment: str, configured_pod: ConfiguredPod
+) -> None:
+    netns = configured_pod.netns
+    prev = prev_result_of("1.0.0", netns)
+    field, index, key, value = change
+    prev[field][index][key] = value
+    service = FakeService(result=add_result(netns=netns))
+
+    response, parsed = call(cni_env("CHECK", CNI_NETNS=netns), netconf(prevResult=prev), service)
 
     assert_error(response, parsed, 999, fragment)
     assert "differs from prevResult" in parsed["msg"], reason
@@ -269,7 +429,11 @@ def test_status_reports_not_ready_with_code_50() -> None:
         (b'{"cniVersion": "0.4.0"}', "0.4.0"),
         (b'{"cniVersion": "1.0.0"}', "1.0.0"),
         (b"", "1.1.0"),
-        (b'{"cniVersion": "0.2.0"}', "1.1.0"),
+        # The spec: "the value of cniVersion specified on input", known or not.
+        (b'{"cniVersion": "0.2.0"}', "0.2.0"),
+        (b'{"cniVersion": "2.0.0"}', "2.0.0"),
+        (b'{"cniVersion": "<script>"}', "1.1.0"),
+        (b'{"cniVersion": 1}', "1.1.0"),
         (b"not json", "1.1.0"),
     ],
 )
@@ -278,7 +442,7 @@ def test_version_lists_the_supported_versions(stdin: bytes, answered_in: str) ->
     assert response.exit_code == 0
     assert parsed == {
         "cniVersion": answered_in,
-        "supportedVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
     }
 
 
@@ -299,6 +463,16 @@ INVALID = [
     ("ADD without CNI_NETNS", "ADD", {"CNI_NETNS": ""}, netconf(), 4, "CNI_NETNS"),
     ("ADD without CNI_IFNAME", "ADD", {"CNI_IFNAME": ""}, netconf(), 4, "CNI_IFNAME"),
     ("CHECK without CNI_NETNS", "CHECK", {"CNI_NETNS": ""}, netconf(), 4, "CNI_NETNS"),
+    ("CHECK without CNI_PATH", "CHECK", {"CNI_PATH": ""}, netconf(), 4, "CNI_PATH"),
+    ("GC without CNI_PATH", "GC", {"CNI_PATH": ""}, netconf("1.1.0"), 4, "CNI_PATH"),
+    (
+        "a missing variable before a bad stdin",
+        "ADD",
+        {"CNI_IFNAME": ""},
+        b"not json",
+        4,
+        "CNI_IFNAME",
+    ),
     (
         "DEL without CNI_CONTAINERID",
         "DEL",
@@ -334,10 +508,14 @@ INVALID = [
     ("no cniVersion", "ADD", {}, {"name": "n", "type": "ciliate-cni"}, 1, "no cniVersion"),
     ("cniVersion 0.2.0", "ADD", {}, netconf("0.2.0"), 1, '"0.2.0"'),
     ("cniVersion 2.0.0", "DEL", {}, netconf("2.0.0"), 1, "incompatible CNI version"),
-    ("a numeric cniVersion", "ADD", {}, {**netconf(), "cniVersion": 1}, 1, "incompatible"),
+    ("a numeric cniVersion", "ADD", {}, {**netconf(), "cniVersion": 1}, 6, "must be a string"),
+    ("an empty cniVersion", "DEL", {}, netconf(""), 1, "no cniVersion"),
+    ("cniVersion 0.3.2", "ADD", {}, netconf("0.3.2"), 1, "supports 0.3.0, 0.3.1"),
     ("CHECK in 0.3.1", "CHECK", {}, netconf("0.3.1"), 1, "does not have CHECK"),
     ("GC in 1.0.0", "GC", {}, netconf("1.0.0"), 1, "does not have GC"),
     ("STATUS in 0.4.0", "STATUS", {}, netconf("0.4.0"), 1, "does not have STATUS"),
+    ("STATUS in 1.0.0", "STATUS", {}, netconf("1.0.0"), 1, "does not have STATUS"),
+    ("CHECK in 0.3.0", "CHECK", {}, netconf("0.3.0"), 1, "does not have CHECK"),
     ("no network name", "ADD", {}, netconf(name=None), 7, "'name'"),
     ("an empty network name", "DEL", {}, netconf(name=""), 7, "'name'"),
     ("a network name with a blank", "ADD", {}, netconf(name="my net"), 7, '"my net"'),
@@ -414,9 +592,19 @@ def test_errors_carry_the_netconf_version() -> None:
     assert parsed["cniVersion"] == "0.4.0"
 
 
-def test_errors_of_an_unknown_version_are_in_the_latest_format() -> None:
-    _, parsed = call(cni_env("DEL"), netconf("9.9.9"))
-    assert parsed["cniVersion"] == "1.1.0"
+@pytest.mark.parametrize(
+    ("given", "answered"),
+    [("9.9.9", "9.9.9"), ("0.2.0", "0.2.0"), (None, "1.1.0"), (1, "1.1.0"), ("x y", "1.1.0")],
+)
+def test_errors_of_an_unknown_version_name_it(given: Any, answered: str) -> None:
+    """The spec: an error's cniVersion is "the same value as provided by the
+    configuration"; the latest when there is none to repeat."""
+    conf = {k: v for k, v in netconf().items() if k != "cniVersion"}
+    if given is not None:
+        conf["cniVersion"] = given
+    response, parsed = call(cni_env("DEL"), conf)
+    assert response.exit_code == 1
+    assert parsed["cniVersion"] == answered
 
 
 @pytest.mark.parametrize(

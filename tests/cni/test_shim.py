@@ -171,7 +171,12 @@ def test_an_agent_that_hangs_up_is_try_again_and_del_is_not_queued(
         (b'{"cniVersion": "0.3.1"}', "0.3.1"),
         (b'{"cniVersion": "1.1.0", "name": "x"}', "1.1.0"),
         (b"", "1.1.0"),
-        (b'{"cniVersion": "0.1.0"}', "1.1.0"),
+        # The spec: "the value of cniVersion specified on input", known or not.
+        (b'{"cniVersion": "0.1.0"}', "0.1.0"),
+        (b'{"cniVersion": "10.20.30"}', "10.20.30"),
+        (b'{"cniVersion": "1.0.0-rc1"}', "1.1.0"),
+        (b'{"cniVersion": "12345.0.0"}', "1.1.0"),
+        (b'{"cniVersion": 1}', "1.1.0"),
     ],
 )
 def test_version_is_answered_without_the_agent(
@@ -189,7 +194,7 @@ def test_version_is_answered_without_the_agent(
     assert proc.returncode == 0, proc
     assert json.loads(proc.stdout) == {
         "cniVersion": answered_in,
-        "supportedVersions": ["0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+        "supportedVersions": list(handler.SUPPORTED_VERSIONS),
     }
 
 

@@ -12,7 +12,7 @@ from ciliate.control.lab import lab
 
 from .conftest import NodeLab
 
-VERSIONS = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_a_pod_is_added_checked_and_deleted_in_every_spec_version(
     assert address.network.prefixlen == 32
     assert address.ip in ipaddress.IPv4Network(node_lab.node.pod_cidr)
     assert ip["gateway"] == node_lab.router_ip
-    assert ("version" in ip) == (version in ("0.3.1", "0.4.0"))
+    assert ("version" in ip) == (version in ("0.3.0", "0.3.1", "0.4.0"))
     host, sandbox = result["interfaces"]
     assert host["name"].startswith("lxc") and sandbox["name"] == "eth0"
     assert sandbox["sandbox"] == f"/run/netns/{pod.netns}"
@@ -51,7 +51,7 @@ def test_a_pod_is_added_checked_and_deleted_in_every_spec_version(
     assert not [r for r in node_lab.routes() if str(address.ip) in r]
 
     # CHECK (0.4.0 and later) passes against the cached result.
-    if version != "0.3.1":
+    if version not in ("0.3.0", "0.3.1"):
         assert node_lab.cni(pod, "CHECK", cni_version=version, prev_result=result) == {}
     else:
         with pytest.raises(lab.CniCallError) as caught:
@@ -87,13 +87,21 @@ def test_del_succeeds_when_the_pod_namespace_is_already_gone(node_lab: NodeLab) 
     assert result["ips"][0]["address"].split("/")[0] not in node_lab.get("/v1/ipam")["allocations"]
 
 
-def test_add_is_idempotent_for_one_container_and_interface(node_lab: NodeLab) -> None:
+def test_a_second_add_of_one_container_and_interface_fails_and_keeps_the_first(
+    node_lab: NodeLab,
+) -> None:
+    """CNI spec 1.1: "If an interface of the requested name already exists in
+    the container, the CNI plugin MUST return with an error"."""
     pod = node_lab.pod()
     first = node_lab.add(pod)
-    again = node_lab.add(pod)
-    assert first["ips"] == again["ips"]
-    assert first["interfaces"] == again["interfaces"]
-    node_lab.cni(pod, "DEL")
+    with pytest.raises(lab.CniCallError) as caught:
+        node_lab.add(pod)
+    assert caught.value.code == 100
+    assert "exists already" in str(caught.value)
+    # The first ADD's endpoint is untouched: CHECK passes, the pod answers.
+    assert node_lab.cni(pod, "CHECK", prev_result=first) == {}
+    assert node_lab.ping(pod, node_lab.router_ip)
+    node_lab.cni(pod, "DEL", prev_result=first)
 
 
 def test_32_concurrent_adds_get_distinct_reachable_ips_and_dels_leave_nothing(

@@ -96,7 +96,7 @@ enum {
 	CNI_ERR_INTERNAL = 999,
 };
 
-static const char *const SUPPORTED_VERSIONS[] = {"0.3.1", "0.4.0", "1.0.0", "1.1.0"};
+static const char *const SUPPORTED_VERSIONS[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
 
 static const char *const CNI_VARS[] = {
 	"CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH",
@@ -208,8 +208,12 @@ static void json_escape(struct buf *out, const char *s, size_t n)
 	buf_add(out, s + start, n - start);
 }
 
-/* The cniVersion that error output carries: the netconf's when ciliate
- * supports it, else the latest. Set once stdin has been scanned. */
+/* The cniVersion that error and VERSION output carry: the netconf's when it
+ * looks like a version (the spec: "the same value as provided by the
+ * configuration", also one ciliate does not speak), else the latest. Set
+ * once stdin has been scanned; the handler in the agent follows the same
+ * rule (handler._echoed_version). */
+static char g_version_given[24];
 static const char *g_version = LATEST_VERSION;
 
 static void cni_error(int code, const char *msg, const char *details)
@@ -564,12 +568,25 @@ static int read_stdin(struct buf *b)
 	return 0;
 }
 
-static bool is_supported_version(const char *v)
+/* Up to four dot-separated numbers of 1-4 digits: a cniVersion worth
+ * repeating to the runtime. */
+static bool is_version_like(const char *v)
 {
-	for (size_t i = 0; i < ARRAY_SIZE(SUPPORTED_VERSIONS); i++)
-		if (strcmp(v, SUPPORTED_VERSIONS[i]) == 0)
-			return true;
-	return false;
+	int parts = 0, digits = 0;
+	for (;; v++) {
+		if (*v >= '0' && *v <= '9') {
+			if (++digits > 4)
+				return false;
+		} else if (*v == '.' || *v == '\0') {
+			if (digits == 0 || ++parts > 4)
+				return false;
+			if (*v == '\0')
+				return true;
+			digits = 0;
+		} else {
+			return false;
+		}
+	}
 }
 
 /* Container IDs as the CNI spec allows them: alphanumeric first, then
@@ -1109,10 +1126,10 @@ static int run(struct input *in)
 	struct buf version = {0};
 	bool is_object = json_top_level(in->stdin_data.data, in->stdin_data.len, keys, 2, found);
 	if (json_string_at(in->stdin_data.data, in->stdin_data.len, found[0], &version) &&
-	    strlen(version.data) == version.len && is_supported_version(version.data)) {
-		for (size_t i = 0; i < ARRAY_SIZE(SUPPORTED_VERSIONS); i++)
-			if (strcmp(version.data, SUPPORTED_VERSIONS[i]) == 0)
-				g_version = SUPPORTED_VERSIONS[i];
+	    strlen(version.data) == version.len && version.len < sizeof(g_version_given) &&
+	    is_version_like(version.data)) {
+		memcpy(g_version_given, version.data, version.len + 1);
+		g_version = g_version_given;
 	}
 	buf_free(&version);
 
