@@ -13,7 +13,13 @@ round (rounds interleave every size, so drift hits all alike):
 - per socket: a TCP ``connect()`` to a ClusterIP through the cgroup hook
   (real sockets in a namespace of the benchmark, a client process in a
   cgroup of its own), p50, against ``connect()`` to the backend's address
-  directly, alternated in one process.
+  directly, alternated in one process;
+- the connect4 program itself: its run time per run (the kernel's BPF
+  statistics, switched on with BPF_ENABLE_STATS for the measurement only and
+  off again when its file descriptor closes; read with ``bpftool prog show``)
+  over a run of connects to the service, against a run of connects to an
+  address that is no service (the lookup that misses: what every other
+  connect on the node pays).
 
 The filler services are ClusterIPs (the Maglev map holds external
 services only); the measured one is a NodePort, written last.
@@ -22,6 +28,7 @@ services only); the measured one is a NodePort, written last.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
@@ -55,14 +62,18 @@ SOCKET_BACKEND = ipaddress.IPv4Address("127.0.0.11")
 BACKEND_PORT = 8080
 
 # The client of the socket measurement: alternates connect() to the
-# service and to the backend, prints the per-target latencies (ns).
+# service and to the backend, prints the per-target latencies (ns). With a
+# target named (argv[5]: service or direct), connects to that one only.
 _CLIENT = """
 import json, socket, sys, time
 service, backend, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+only = sys.argv[5] if len(sys.argv) > 5 else None
 out = {"service": [], "direct": []}
 for i in range(count):
     targets = (("service", service, 80), ("direct", backend, port))
     for name, host, p in targets[:: 1 if i % 2 else -1]:
+        if only and name != only:
+            continue
         s = socket.socket()
         t0 = time.perf_counter_ns()
         s.connect((host, p))
@@ -70,6 +81,9 @@ for i in range(count):
         s.close()
 print(json.dumps(out))
 """
+_BPF_ENABLE_STATS = 32  # enum bpf_cmd
+_BPF_STATS_RUN_TIME = 0
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 
 @dataclass(frozen=True)
@@ -156,10 +170,49 @@ def _pod_packet(tb: Testbed) -> bytes:
 
 
 @contextlib.contextmanager
-def _socket_lab(tb: Testbed) -> Iterator[Callable[[int], tuple[float, float]]]:
+def bpf_run_time_stats() -> Iterator[None]:
+    """The kernel's per-program run time statistics on, for the block only:
+    BPF_ENABLE_STATS keeps them on while its file descriptor is open (the
+    sysctl kernel.bpf_stats_enabled is not touched, so nothing is left on if
+    this process dies)."""
+    number = _SYS_BPF.get(os.uname().machine)
+    if number is None:
+        raise RuntimeError(f"BPF statistics: no bpf syscall number for {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 32)(_BPF_STATS_RUN_TIME)  # union bpf_attr, enable_stats.type
+    fd = libc.syscall(number, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prog_run_time(prog: Program) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program, as ``bpftool prog show`` reads them."""
+    proc = subprocess.run(
+        ["bpftool", "prog", "show", "id", str(prog.id), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    info = json.loads(proc.stdout)
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+
+SocketLab = Callable[..., tuple[float, float]]
+
+
+@contextlib.contextmanager
+def _socket_lab(tb: Testbed) -> Iterator[SocketLab]:
     """A namespace with a TCP server on the backend address, a cgroup with
     the socket LB attached; yields a function running the client there for
-    ``count`` rounds and returning (p50 to the service, p50 direct)."""
+    ``count`` rounds and returning (p50 to the service, p50 direct); with
+    ``only`` ("service" or "direct") the client connects to that one alone
+    (the other figure is then 0)."""
     root = cgroup2_root()
     if root is None:
         raise RuntimeError("no cgroup v2 hierarchy mounted: the socket LB cannot be measured")
@@ -190,7 +243,7 @@ def _socket_lab(tb: Testbed) -> Iterator[Callable[[int], tuple[float, float]]]:
 
         threading.Thread(target=serve, daemon=True).start()
 
-        def measure(count: int) -> tuple[float, float]:
+        def measure(count: int, only: str = "") -> tuple[float, float]:
             procs = cgroup / "cgroup.procs"
             proc = subprocess.run(
                 [
@@ -205,6 +258,7 @@ def _socket_lab(tb: Testbed) -> Iterator[Callable[[int], tuple[float, float]]]:
                     str(SOCKET_BACKEND),
                     str(BACKEND_PORT),
                     str(count),
+                    *([only] if only else []),
                 ],
                 preexec_fn=lambda: procs.write_text(str(os.getpid())),
                 capture_output=True,
@@ -213,7 +267,10 @@ def _socket_lab(tb: Testbed) -> Iterator[Callable[[int], tuple[float, float]]]:
                 timeout=600,
             )
             figures = json.loads(proc.stdout)
-            return statistics.median(figures["service"]), statistics.median(figures["direct"])
+            return (
+                statistics.median(figures["service"] or [0]),
+                statistics.median(figures["direct"] or [0]),
+            )
 
         yield measure
 
@@ -231,7 +288,12 @@ def run(
     sizes: tuple[int, ...] = SIZES,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
-    paths = ("nodeport flow (from_netdev)", "not a service (from_netdev)", "connect() (socket LB)")
+    paths = (
+        "nodeport flow (from_netdev)",
+        "not a service (from_netdev)",
+        "connect() (socket LB)",
+        "connect4 program per connect",
+    )
     figures: dict[tuple[int, str], list[float]] = {(n, p): [] for n in sizes for p in paths}
     bases: dict[tuple[int, str], list[float]] = {(n, p): [] for n in sizes for p in paths}
     with (
@@ -244,7 +306,15 @@ def run(
         tb.add_pods()
         netdev = tb.datapath.program("from_netdev")
         ifindex = tb.uplink.ifindex
-        with _socket_lab(tb) as connect_p50:
+        connect4 = tb.datapath.program("sock4_connect")
+
+        def connect4_ns_per_run(only: str) -> float:
+            before = prog_run_time(connect4)
+            connect_p50(connects, only)
+            after = prog_run_time(connect4)
+            return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+        with _socket_lab(tb) as connect_p50, bpf_run_time_stats():
             for round_no in range(1, rounds + 1):
                 for n in sizes:
                     if progress:
@@ -283,6 +353,8 @@ def run(
                     service, direct = connect_p50(connects)
                     figures[n, paths[2]].append(service)
                     bases[n, paths[2]].append(direct)
+                    figures[n, paths[3]].append(connect4_ns_per_run("service"))
+                    bases[n, paths[3]].append(connect4_ns_per_run("direct"))
         tb.datapath.lb.clear()
     results = []
     for path in paths:
@@ -311,7 +383,8 @@ def print_table(results: list[Result]) -> None:
     table = Table(
         title="services: cost by number of services (median of rounds)",
         caption="baseline: empty tc program (packets), connect() to the backend directly "
-        "(sockets); x1 service: the same path with one service, round by round",
+        "(sockets), the connect4 program on a connect to no service (program run time, "
+        "BPF statistics); x1 service: the same path with one service, round by round",
     )
     for column in ("path", "services", "ns", "baseline ns", "x baseline", "x 1 service"):
         table.add_column(column, justify="left" if column == "path" else "right")

@@ -6,8 +6,12 @@ connection with a few bytes, then closing); for each service count, in the same
 run:
 
 1. **ClusterIP against the pod IP, on ciliate**: TCP connect + request + close
-   latency p50 through a ClusterIP (the socket load balancer picks a backend at
-   connect) against the same to a backend's pod IP;
+   latency p50 through a ClusterIP (the socket load balancer picks one of the
+   three backends at random at connect) against the same to the backends' pod
+   IPs, drawn at random too (the same three pods and the same spread); one
+   client process alternates the two connection by connection (the order
+   flipped every other pair), so both see the same interpreter, CPU, caches
+   and load;
 2. **the peer**: the same through a ClusterIP on ``ptp`` with kube-proxy's
    iptables rules, written as kube-proxy writes them (``KUBE-SERVICES`` with one
    rule per service, jumping to ``KUBE-SVC-*`` whose rules pick a ``KUBE-SEP-*``
@@ -17,7 +21,9 @@ run:
    others in place, the time until a connect to its ClusterIP succeeds, p50.
 
 The client is a small Python program (:data:`_CLIENT`) run in the client pod,
-the same on both networks; only ratios taken in the same run mean anything.
+the same on both networks; client and servers are pinned to one CPU (unpinned,
+latency is bimodal with cross-CPU wake-ups and hides the datapath). Only ratios
+taken in the same run mean anything.
 """
 
 from __future__ import annotations
@@ -54,16 +60,25 @@ while True:
         conn.sendall(b"ok")
 """
 
+# argv: service host and port, backend hosts (comma-separated) and port, count.
+# Connection i goes to the service and to a backend drawn at random, as the
+# socket LB draws one (a fixed rotation would always move to another server,
+# colder than a random draw that sometimes repeats one), in an order that
+# flips every other i; prints the latencies (ns) of each.
 _CLIENT = """
-import json, socket, sys, time
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-samples = []
-for _ in range(count):
-    t0 = time.perf_counter_ns()
-    with socket.create_connection((host, port), timeout=2) as s:
-        s.sendall(b"hi")
-        s.recv(64)
-    samples.append(time.perf_counter_ns() - t0)
+import json, random, socket, sys, time
+host, port, backends, bport, count = (
+    sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), int(sys.argv[4]), int(sys.argv[5]))
+draw = random.Random(9)
+samples = {"service": [], "direct": []}
+for i in range(count):
+    pair = (("service", host, port), ("direct", draw.choice(backends), bport))
+    for name, h, p in pair[:: 1 if i % 2 else -1]:
+        t0 = time.perf_counter_ns()
+        with socket.create_connection((h, p), timeout=2) as s:
+            s.sendall(b"hi")
+            s.recv(64)
+        samples[name].append(time.perf_counter_ns() - t0)
 print(json.dumps(samples))
 """
 
@@ -87,12 +102,11 @@ class ServicesBenchError(RuntimeError):
     """A connection failed or a service never became reachable."""
 
 
-def _p50_us(output: str) -> float:
-    samples: list[int] = json.loads(output.strip().splitlines()[-1])
-    return statistics.median(samples) / 1000
-
-
-def _run_client(pod: podnet.Pod, host: str, port: int, cpu: int) -> float:
+def _run_client(
+    pod: podnet.Pod, *, service: str, backends: Sequence[str], cpu: int
+) -> tuple[float, float]:
+    """p50 (us) of connections to ``service`` (port PORT) and, interleaved, to
+    ``backends`` drawn at random (port TARGET_PORT)."""
     proc = traffic.run_tool(
         podnet.netns_exec(
             pod.netns,
@@ -103,16 +117,22 @@ def _run_client(pod: podnet.Pod, host: str, port: int, cpu: int) -> float:
             "-S",
             "-c",
             _CLIENT,
-            host,
-            str(port),
+            service,
+            str(PORT),
+            ",".join(backends),
+            str(TARGET_PORT),
             str(REQUESTS),
         ),
-        120,
+        240,
         f"client in {pod.netns}",
     )
     if proc.returncode != 0:
-        raise ServicesBenchError(f"client to {host}: {proc.stderr.strip()}")
-    return _p50_us(proc.stdout)
+        raise ServicesBenchError(f"client to {service}: {proc.stderr.strip()}")
+    samples: dict[str, list[int]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (
+        statistics.median(samples["service"]) / 1000,
+        statistics.median(samples["direct"]) / 1000,
+    )
 
 
 # -- kube-proxy's iptables rules -----------------------------------------------------
@@ -233,7 +253,16 @@ def run(
                 server = stack.enter_context(
                     traffic.background_server(
                         podnet.netns_exec(
-                            pod.netns, sys.executable, "-S", "-c", _SERVER, pod.ip, str(TARGET_PORT)
+                            pod.netns,
+                            "taskset",
+                            "-c",
+                            str(cpu),
+                            sys.executable,
+                            "-S",
+                            "-c",
+                            _SERVER,
+                            pod.ip,
+                            str(TARGET_PORT),
                         )
                     )
                 )
@@ -259,6 +288,7 @@ def run(
         )
         have = 0
         backends_ptp = [pods["ptp"][b].ip for b in ("b1", "b2", "b3")]
+        backends_ciliate = [cpods[b].ip for b in ("b1", "b2", "b3")]
         for count in sorted(service_counts):
             say(f"services: {count} services: applying")
             for start in range(have, count, APPLY_BATCH):
@@ -275,13 +305,15 @@ def run(
             figures = CountFigures(services=count)
             for r in range(rounds):
                 say(f"services: {count} services, round {r + 1}/{rounds}")
-                figures.ciliate_vip_us.append(_run_client(cpods["client"], middle, PORT, cpu))
-                figures.ciliate_pod_us.append(
-                    _run_client(cpods["client"], cpods["b2"].ip, TARGET_PORT, cpu)
+                vip_us, pod_us = _run_client(
+                    cpods["client"], service=middle, backends=backends_ciliate, cpu=cpu
                 )
-                figures.iptables_vip_us.append(
-                    _run_client(pods["ptp"]["client"], ptp_vip, PORT, cpu)
+                figures.ciliate_vip_us.append(vip_us)
+                figures.ciliate_pod_us.append(pod_us)
+                iptables_us, _ = _run_client(
+                    pods["ptp"]["client"], service=ptp_vip, backends=backends_ptp, cpu=cpu
                 )
+                figures.iptables_vip_us.append(iptables_us)
             for r in range(apply_rounds):
                 name = f"new-{count}-{r}"
                 new = _service(0)
@@ -339,7 +371,8 @@ def print_table(results: ServicesResults) -> None:
             f"{statistics.median(f.apply_to_connect_s) * 1000:.0f}",
         )
     table.caption = (
-        "ciliate: socket LB (the backend chosen at connect); kube-proxy: iptables mode on ptp "
+        "ciliate: socket LB (the backend chosen at connect), paired connection by connection "
+        "with the pod IPs of the same 3 backends drawn at random; kube-proxy: iptables mode on ptp "
         "(KUBE-SERVICES -> KUBE-SVC-* statistic -> KUBE-SEP-* DNAT), the service measured in "
         "the middle of KUBE-SERVICES; ratios paired round by round"
     )

@@ -8,6 +8,9 @@ cgroup and network namespace (the cgroup hooks see only its sockets).
 - ``udp``: one unconnected socket, COUNT sendto/recvfrom rounds; reports
   each datagram's source address and who answered;
 - ``udp-connected``: a connected UDP socket, one round, getpeername too;
+- ``udp-reconnect``: a UDP socket connected to HOST:PORT, one round, then
+  connected again straight to the address that answered; getpeername after
+  each connect;
 - ``refused``: one TCP connect; reports the errno;
 - ``udp-refused``: one UDP sendto; reports the errno.
 """
@@ -47,6 +50,17 @@ def main() -> None:
                 data, source = sock.recvfrom(64)
                 rounds.append({"source": list(source), "served_by": data.decode()})
             out["rounds"] = rounds
+    elif mode == "udp-reconnect":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.connect((host, port))
+            out["peer"] = list(sock.getpeername())
+            sock.send(b"hi")
+            served_by = sock.recv(64).decode()
+            address, _, served_port = served_by.partition(":")
+            sock.connect((address, int(served_port)))
+            out["served_by"] = served_by
+            out["peer_after"] = list(sock.getpeername())
     elif mode == "refused":
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

@@ -159,6 +159,34 @@ def test_tcp_to_a_clusterip_reaches_backends_and_the_peer_is_the_service(
     assert served <= {f"{ip}:{BACKEND_PORT}" for ip in BACKEND_IPS}
 
 
+def test_a_connect_keeps_its_service_on_the_socket_not_in_the_socket_rev_nat_map(
+    tb: Testbed, lab: Lab
+) -> None:
+    """Connected sockets carry their frontend in socket storage: no hash
+    update per connect, nothing left behind when the socket closes; the
+    rev-NAT hash is for unconnected UDP sends only."""
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*ALL_ACTIVE), service_id=2)
+    sock_revnat = tb.datapath.maps["ciliate_lb_sock_revnat"]
+    rounds = lab.client("tcp", FRONTEND_TCP, count=5)["rounds"]
+    assert isinstance(rounds, list)
+    assert all(r["peer"] == [str(CLUSTER_IP), 80] for r in rounds)
+    assert lab.client("udp-connected", FRONTEND_UDP)["peer"] == [str(CLUSTER_IP), 53]
+    assert list(sock_revnat.keys()) == []
+    lab.client("udp", FRONTEND_UDP, count=3)
+    assert len(list(sock_revnat.keys())) == 1  # one socket, one backend
+
+
+def test_a_udp_socket_connected_again_straight_to_the_backend_sees_the_backend(
+    tb: Testbed, lab: Lab
+) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*ALL_ACTIVE), service_id=2)
+    report = lab.client("udp-reconnect", FRONTEND_UDP)
+    assert report["peer"] == [str(CLUSTER_IP), 53]
+    address, _, port = str(report["served_by"]).partition(":")
+    assert report["peer_after"] == [address, int(port)]
+
+
 def test_udp_unconnected_sends_of_one_socket_keep_one_backend_and_replies_come_from_the_service(
     tb: Testbed, lab: Lab
 ) -> None:

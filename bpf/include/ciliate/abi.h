@@ -350,8 +350,8 @@ struct ciliate_lb_affinity_value {
 	__u32 pad;
 };
 
-/* ciliate_lb_sock_revnat (LRU hash): a socket that socket LB sent to a
- * backend -> the frontend, so recvmsg and getpeername show the service. */
+/* ciliate_lb_sock_revnat (LRU hash): an unconnected UDP socket that socket
+ * LB sent to a backend -> the frontend, so recvmsg shows the service. */
 struct ciliate_lb_sock_key {
 	__u64 cookie;           /* socket cookie */
 	__u32 addr;             /* backend, network byte order */
@@ -363,6 +363,20 @@ struct ciliate_lb_sock_value {
 	__u32 addr;             /* frontend, network byte order */
 	__u16 port;             /* frontend, network byte order */
 	__u16 rev_nat_id;
+};
+
+/* ciliate_lb_sock_peer (socket storage): the service a connect() was
+ * translated from, kept on the socket itself: a connected socket has one
+ * peer, and the record goes with the socket (no hash update per connect,
+ * no LRU entry outliving its socket). Unconnected UDP sends, which may
+ * reach several backends, keep using ciliate_lb_sock_revnat. */
+struct ciliate_lb_sock_peer {
+	__u32 frontend_addr;    /* network byte order; 0: none */
+	__u32 backend_addr;     /* network byte order */
+	__u16 frontend_port;    /* network byte order */
+	__u16 backend_port;     /* network byte order */
+	__u16 rev_nat_id;
+	__u16 pad;
 };
 
 /*
