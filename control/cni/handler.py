@@ -5,7 +5,7 @@ posts the invocation (the ``CNI_*`` variables and the netconf from stdin) to
 the agent; the agent calls :func:`handle` and sends back what the plugin
 prints and its exit status. Everything the CNI specification asks of a
 plugin happens here: validation of the environment and the netconf, the spec
-versions (0.3.1, 0.4.0, 1.0.0, 1.1.0), the result format of each version and
+versions (0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0), the result format of each version and
 the error codes; the agent behind :class:`~.service.EndpointService` only
 deals in endpoints.
 
