@@ -16,9 +16,11 @@ import yaml
 from ciliate.control.agent.client import DEFAULT_SOCKET, AgentClient, AgentUnreachableError
 from ciliate.control.objects import (
     KINDS,
+    MAX_MANIFEST_BYTES,
     Kind,
     ObjectsError,
     ObjectStore,
+    decode_manifest,
     load_documents,
     resolve_kind,
 )
@@ -146,15 +148,17 @@ def _backend(args: argparse.Namespace) -> Backend:
 def _read(paths: Sequence[str]) -> list[dict[str, Any]]:
     documents = []
     for path in paths:
+        # Read one byte past the limit: enough to refuse a huge file without holding it.
         if path == "-":
-            text, source = sys.stdin.read(), "<stdin>"
+            data, source = sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1), "<stdin>"
         else:
             try:
-                text, source = Path(path).read_text(), path
+                with Path(path).open("rb") as file:
+                    data, source = file.read(MAX_MANIFEST_BYTES + 1), path
             except OSError as exc:
                 raise CliError(f"error: the path {path!r} cannot be read: {exc.strerror}") from exc
         try:
-            documents += load_documents(text, source=source)
+            documents += load_documents(decode_manifest(data, source=source), source=source)
         except ObjectsError as exc:
             raise CliError(f"error: {exc}") from exc
     if not documents:

@@ -21,13 +21,14 @@ from ciliate.control.objects.errors import (
     UnknownKindError,
 )
 from ciliate.control.objects.kinds import KINDS, Kind, resolve_kind
-from ciliate.control.objects.parse import load_documents
+from ciliate.control.objects.parse import MAX_MANIFEST_BYTES, decode_manifest, load_documents
 from ciliate.control.objects.store import ApplyResult, ObjectRef, ObjectStore, object_key, parse_key
 from ciliate.control.objects.validation import validate
 
 __all__ = [
     "DEFAULT_SERVICE_RANGE",
     "KINDS",
+    "MAX_MANIFEST_BYTES",
     "ApplyResult",
     "DocumentError",
     "FieldError",
@@ -41,6 +42,7 @@ __all__ = [
     "RangeFullError",
     "UnknownKindError",
     "configure_service_range",
+    "decode_manifest",
     "load_documents",
     "object_key",
     "parse_key",

@@ -257,11 +257,19 @@ def admit_service(txn: Txn, obj: dict[str, Any], current: Mapping[str, Any] | No
 
 
 def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:
+    """Keep, check or allocate the ClusterIP. ``old`` is the stored Service's ("" when
+    new, headless or ExternalName). The address is immutable, except that a change to
+    ExternalName gives it back and a change from ExternalName allocates afresh, as
+    ``validateUpgradeDowngradeClusterIPs`` allows."""
     spec = obj["spec"]
     wanted: str = spec["clusterIP"]
+    if spec["type"] == "ExternalName":
+        if old and old != "None":
+            _release_cluster_ip(txn, old)
+        return
     if old:
         if wanted and wanted != old:
-            raise _invalid(obj, "spec.clusterIP", wanted, f"may not change once set (is {old})")
+            raise _invalid(obj, "spec.clusterIPs[0]", wanted, f"may not change once set (is {old})")
         spec["clusterIP"], spec["clusterIPs"] = old, [old]
         return
     if wanted == "None":
@@ -273,27 +281,28 @@ def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:
     if wanted:
         address = ipaddress.IPv4Address(wanted)
         value = int(address) - int(network.network_address) - 1
+        # The registry names the whole list: spec.clusterIPs: Invalid value: ["..."]: ...
         if not 0 <= value < bitmap.size:
             raise _invalid(
                 obj,
-                "spec.clusterIP",
-                wanted,
+                "spec.clusterIPs",
+                [wanted],
                 f"failed to allocate IP {wanted}: the provided IP ({wanted}) is not in the"
                 f" valid range. The range of valid IPs is {network}",
             )
         if value == 0 and not is_api_server:
             raise _invalid(
                 obj,
-                "spec.clusterIP",
-                wanted,
+                "spec.clusterIPs",
+                [wanted],
                 f"failed to allocate IP {wanted}: the range's first address is the API"
                 ' server\'s (Service "kubernetes" in "default")',
             )
         if not bitmap.take(value):
             raise _invalid(
                 obj,
-                "spec.clusterIP",
-                wanted,
+                "spec.clusterIPs",
+                [wanted],
                 f"failed to allocate IP {wanted}: provided IP is already allocated",
             )
         return
@@ -370,14 +379,18 @@ def _admit_node_ports(txn: Txn, obj: dict[str, Any], old_spec: Mapping[str, Any]
         spec["healthCheckNodePort"] = next_port()
 
 
+def _release_cluster_ip(txn: Txn, cluster_ip: str) -> None:
+    network = service_range(txn)
+    value = int(ipaddress.IPv4Address(cluster_ip)) - int(network.network_address) - 1
+    _ip_bitmap(txn, network).release(value)  # outside the range: nothing to free
+
+
 def release_service(txn: Txn, service: Mapping[str, Any]) -> None:
     """Free a deleted Service's ClusterIP and NodePorts."""
     spec = service.get("spec") or {}
     cluster_ip = spec.get("clusterIP") or ""
     if cluster_ip and cluster_ip != "None":
-        network = service_range(txn)
-        value = int(ipaddress.IPv4Address(cluster_ip)) - int(network.network_address) - 1
-        _ip_bitmap(txn, network).release(value)  # outside the range: nothing to free
+        _release_cluster_ip(txn, cluster_ip)
     ports = _node_ports(spec)
     if ports:
         bitmap = _port_bitmap(txn)

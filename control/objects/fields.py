@@ -12,13 +12,17 @@ from ciliate.control.objects.errors import FieldError
 
 __all__ = [
     "CILIUM_SOURCES",
+    "DNS_1035_LABEL",
     "DNS_LABEL",
     "DNS_SUBDOMAIN",
     "PORT_NAME",
     "PROTOCOLS",
     "QUALIFIED_NAME",
     "Errors",
+    "annotation_map",
     "check_name",
+    "dns_label_problem",
+    "dns_subdomain_problem",
     "label_key_problem",
     "label_map",
     "label_value_problem",
@@ -33,9 +37,12 @@ PROTOCOLS = ("TCP", "UDP", "SCTP")
 CILIUM_SOURCES = ("k8s", "any", "reserved", "unspec", "container", "cidr")
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# apimachinery's TotalAnnotationSizeLimitB: keys and values of one object together.
+TOTAL_ANNOTATION_SIZE = 256 * 1024
 
 
 class Errors:
@@ -105,32 +112,70 @@ class Errors:
         return value
 
 
-def check_name(errs: Errors, path: str, name: str, *, dns_label: bool) -> None:
+def dns_label_problem(name: str, *, rfc1035: bool = False) -> str | None:
+    """``IsDNS1123Label`` (or ``IsDNS1035Label``, which must start with a letter)."""
+    if len(name) > 63:
+        return "must be no more than 63 characters"
+    if rfc1035 and not DNS_1035_LABEL.fullmatch(name):
+        return (
+            "a DNS-1035 label must consist of lower case alphanumeric characters or '-',"
+            " start with an alphabetic character, and end with an alphanumeric character"
+            " (e.g. 'my-name',  or 'abc-123', regex used for validation is"
+            " '[a-z]([-a-z0-9]*[a-z0-9])?')"
+        )
+    if not DNS_LABEL.fullmatch(name):
+        return (
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters"
+            " or '-', and must start and end with an alphanumeric character (e.g. 'my-name',"
+            "  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+        )
+    return None
+
+
+def dns_subdomain_problem(name: str) -> str | None:
+    """``IsDNS1123Subdomain``."""
+    if len(name) > 253:
+        return "must be no more than 253 characters"
+    if not DNS_SUBDOMAIN.fullmatch(name):
+        return (
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric"
+            " characters, '-' or '.', and must start and end with an alphanumeric character"
+            " (e.g. 'example.com', regex used for validation is"
+            " '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        )
+    return None
+
+
+def check_name(
+    errs: Errors, path: str, name: str, *, dns_label: bool, rfc1035: bool = False
+) -> None:
+    """A name as the API server checks it: ``dns_label`` for Namespaces (RFC 1123
+    label), ``rfc1035`` for Services (must start with a letter), otherwise an RFC 1123
+    subdomain (Pods, policies, EndpointSlices)."""
     if not name:
         errs.required(path, "name or generateName is required")
         return
-    if dns_label:
-        if len(name) > 63 or not DNS_LABEL.fullmatch(name):
-            errs.invalid(
-                path,
-                name,
-                "a lowercase RFC 1123 label must consist of lower case alphanumeric characters"
-                " or '-', and must start and end with an alphanumeric character"
-                " (at most 63 characters)",
-            )
-    elif len(name) > 253 or not DNS_SUBDOMAIN.fullmatch(name):
-        errs.invalid(
-            path,
-            name,
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric"
-            " characters, '-' or '.', and must start and end with an alphanumeric character",
-        )
+    if dns_label or rfc1035:
+        problem = dns_label_problem(name, rfc1035=rfc1035)
+    else:
+        problem = dns_subdomain_problem(name)
+    if problem is not None:
+        errs.invalid(path, name, problem)
 
 
 def qualified_name_problem(key: str) -> str | None:
+    """``IsQualifiedName``: an optional DNS subdomain prefix and ``/``, then a name."""
+    if key.count("/") > 1:
+        return (
+            "a qualified name must consist of alphanumeric characters, '-', '_' or '.', and"
+            " must start and end with an alphanumeric character, with an optional DNS"
+            " subdomain prefix and '/' (e.g. 'example.com/MyName')"
+        )
     prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
-        return "prefix part must be a lowercase RFC 1123 subdomain"
+    if slash and not prefix:
+        return "prefix part must be non-empty"
+    if slash and (problem := dns_subdomain_problem(prefix)) is not None:
+        return f"prefix part {problem}"
     if not name:
         return "name part must be non-empty"
     if len(name) > 63:
@@ -173,14 +218,41 @@ def label_map(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> 
             continue
         if value is None:
             value = ""
+        # ValidateLabels names the map itself for a bad value, as for a bad key.
         if not isinstance(value, str):
-            errs.invalid(f"{path}[{key}]", value, "must be a string")
+            errs.invalid(path, value, f"the value of {key!r} must be a string")
             continue
         if (problem := label_value_problem(value)) is not None:
-            errs.invalid(f"{path}[{key}]", value, problem)
+            errs.invalid(path, value, problem)
             continue
         labels[key] = value
     return labels
+
+
+def annotation_map(errs: Errors, path: str, raw: object) -> dict[str, str]:
+    """``ValidateAnnotations``: qualified-name keys (compared lower-cased), string
+    values, and at most 256 KiB of keys and values together."""
+    annotations: dict[str, str] = {}
+    total = 0
+    for key, value in errs.mapping(path, raw).items():
+        if not isinstance(key, str):
+            errs.invalid(path, key, "an annotation key must be a string")
+            continue
+        if (problem := qualified_name_problem(key.lower())) is not None:
+            errs.invalid(path, key, problem)
+            continue
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            errs.invalid(path, value, f"the value of {key!r} must be a string")
+            continue
+        total += len(key.encode()) + len(value.encode())
+        annotations[key] = value
+    if total > TOTAL_ANNOTATION_SIZE:
+        errs.items.append(
+            FieldError(path, "Too long", f"may not be more than {TOTAL_ANNOTATION_SIZE} bytes")
+        )
+    return annotations
 
 
 def port_name_problem(name: str) -> str | None:

@@ -25,14 +25,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from ciliate.control.objects.errors import FieldError
 from ciliate.control.objects.fields import (
-    DNS_LABEL,
     PROTOCOLS,
     Errors,
     check_name,
+    dns_label_problem,
+    dns_subdomain_problem,
     label_map,
+    label_value_problem,
     port_name_problem,
     protocol_of,
+    qualified_name_problem,
 )
 
 __all__ = [
@@ -46,12 +50,16 @@ __all__ = [
     "validate_service",
 ]
 
-SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+SERVICE_TYPES = ("ClusterIP", "ExternalName", "LoadBalancer", "NodePort")
 NODE_PORT_RANGE = (30000, 32767)  # the API server's --service-node-port-range default
 CLIENT_IP_TIMEOUT_DEFAULT = 10800  # 3 hours, Kubernetes' DefaultClientIPServiceAffinitySeconds
 CLIENT_IP_TIMEOUT_MAX = 86400
 TRAFFIC_POLICIES = ("Cluster", "Local")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+TOPOLOGY_ZONE_LABEL = "topology.kubernetes.io/zone"
+MAX_TOPOLOGY_LABELS = 16
+MAX_ZONE_HINTS = 8
 MAX_SLICE_ENDPOINTS = 1000
 MAX_SLICE_PORTS = 100
 MAX_ENDPOINT_ADDRESSES = 100
@@ -129,7 +137,10 @@ def _ipv4(errs: Errors, path: str, raw: object, *, special_ok: bool = True) -> s
             (address.is_unspecified, "unspecified (0.0.0.0)"),
             (address.is_loopback, "in the loopback range (127.0.0.0/8)"),
             (address.is_link_local, "in the link-local range (169.254.0.0/16)"),
-            (address.is_multicast, "in the multicast range (224.0.0.0/4)"),
+            (
+                address in ipaddress.IPv4Network("224.0.0.0/24"),
+                "in the link-local multicast range (224.0.0.0/24)",
+            ),
         ):
             if test:
                 errs.invalid(path, text, f"may not be {what}")
@@ -166,16 +177,20 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
     spec = dict(errs.mapping("spec", obj.get("spec"), required=True))
     errs.unknown_fields("spec", spec, _SERVICE_SPEC_FIELDS)
     kind = errs.string("spec.type", spec.get("type")) or "ClusterIP"
-    if kind == "ExternalName":
-        errs.forbidden("spec.type", "ExternalName services are not supported by ciliate")
-    elif kind not in SERVICE_TYPES:
+    if kind not in SERVICE_TYPES:
         errs.unsupported("spec.type", kind, SERVICE_TYPES)
     out: dict[str, Any] = {"type": kind}
 
-    _cluster_ips(errs, spec, out)
-    headless = out["clusterIP"] == "None"
-    if headless and kind in ("NodePort", "LoadBalancer"):
-        errs.invalid("spec.clusterIP", "None", f"may not be set to 'None' for {kind} services")
+    if kind == "ExternalName":
+        _external_name(errs, spec, out)
+        headless = True  # no ClusterIP, so no port is required
+    else:
+        _cluster_ips(errs, spec, out)
+        headless = out["clusterIP"] == "None"
+        if headless and kind in ("NodePort", "LoadBalancer"):
+            errs.invalid(
+                "spec.clusterIPs[0]", "None", f"may not be set to 'None' for {kind} services"
+            )
     out["ports"] = _service_ports(errs, spec.get("ports"), kind=kind, headless=headless)
 
     selector = label_map(errs, "spec.selector", spec.get("selector"))
@@ -209,11 +224,7 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
         for field in ("allocateLoadBalancerNodePorts", "loadBalancerIP", "loadBalancerClass"):
             if spec.get(field) not in (None, ""):
                 errs.forbidden(f"spec.{field}", "may only be used when `type` is 'LoadBalancer'")
-    if spec.get("loadBalancerSourceRanges"):
-        errs.forbidden(
-            "spec.loadBalancerSourceRanges",
-            "source ranges are not enforced by ciliate's datapath; filter with a network policy",
-        )
+    _source_ranges(errs, obj, spec, kind=kind)
     if spec.get("healthCheckNodePort") not in (None, 0):
         number = _port_number(
             errs, "spec.healthCheckNodePort", spec["healthCheckNodePort"], required=False
@@ -244,52 +255,151 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
         out["publishNotReadyAddresses"] = True
     if (distribution := spec.get("trafficDistribution")) is not None:
         out["trafficDistribution"] = errs.string("spec.trafficDistribution", distribution)
+    if kind != "ExternalName" and (name := spec.get("externalName")) not in (None, ""):
+        out["externalName"] = name  # kept, unused, as the API server keeps it
     obj["spec"] = out
     _load_balancer_status(errs, obj)
 
 
+def _external_name(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """An ``ExternalName`` Service is a DNS alias: no ClusterIP, no IP families, no
+    NodePorts; ``externalName`` a DNS name (a trailing dot is allowed)."""
+    name = errs.string("spec.externalName", spec.get("externalName"))
+    cname = (name or "").removesuffix(".")
+    if not cname:
+        errs.required("spec.externalName", "")
+    elif (problem := dns_subdomain_problem(cname)) is not None:
+        errs.invalid("spec.externalName", name, problem)
+    else:
+        out["externalName"] = name
+    cluster_ips = [spec.get("clusterIP"), *errs.sequence("spec.clusterIPs", spec.get("clusterIPs"))]
+    if any(ip not in (None, "") for ip in cluster_ips):
+        errs.forbidden("spec.clusterIPs", "may not be set for ExternalName services")
+    for field in ("ipFamilies", "ipFamilyPolicy"):
+        if spec.get(field):
+            errs.forbidden(f"spec.{field}", "may not be set when `type` is 'ExternalName'")
+    out["clusterIP"] = ""
+    out["clusterIPs"] = []
+
+
 def _cluster_ips(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """``clusterIP``/``clusterIPs`` and the IP families, as the API server defaults and
+    checks them (errors name ``spec.clusterIPs[i]``: the v1 defaulting copies
+    ``clusterIP`` into ``clusterIPs`` before validation). ciliate's cluster is IPv4
+    single-stack: IPv6 is refused as the API server of such a cluster refuses it."""
     raw = spec.get("clusterIP")
     ips = errs.sequence("spec.clusterIPs", spec.get("clusterIPs"))
-    if len(ips) > 1:
-        errs.invalid("spec.clusterIPs", ips, "ciliate serves IPv4 only: one cluster IP at most")
     if raw in (None, "") and ips:
         raw = ips[0]
     elif ips and ips[0] != raw:
         errs.invalid("spec.clusterIPs[0]", ips[0], "must match `clusterIP`")
+    if len(ips) > 2:
+        errs.invalid("spec.clusterIPs", ips, "may only hold up to 2 values")
+    elif len(ips) == 2:
+        errs.invalid(
+            "spec.clusterIPs[1]", ips[1], "this cluster is not configured for dual-stack services"
+        )
     cluster_ip = ""
-    if raw not in (None, "", "None"):
-        path = "spec.clusterIP"
-        if not isinstance(raw, str):
-            errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
-        else:
+    if raw == "None":
+        cluster_ip = "None"
+    elif raw not in (None, ""):
+        path = "spec.clusterIPs[0]"
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        if isinstance(raw, str):
             try:
                 address = ipaddress.ip_address(raw)
             except ValueError:
-                errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
-            else:
-                if isinstance(address, ipaddress.IPv4Address):
-                    cluster_ip = str(address)
-                else:
-                    errs.invalid(path, raw, "ciliate serves IPv4 only: use an IPv4 address")
-    elif raw == "None":
-        cluster_ip = "None"
+                address = None
+        if address is None:
+            errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
+        elif not isinstance(address, ipaddress.IPv4Address):
+            errs.invalid(path, raw, "IPv6 is not configured on this cluster (IPv4 only)")
+        else:
+            cluster_ip = str(address)
     out["clusterIP"] = cluster_ip  # "" until the apply allocates one
     out["clusterIPs"] = [cluster_ip] if cluster_ip else []
-    families = errs.sequence("spec.ipFamilies", spec.get("ipFamilies"))
-    for i, family in enumerate(families):
-        if family != "IPv4":
-            errs.unsupported(f"spec.ipFamilies[{i}]", family, ("IPv4",))
-    out["ipFamilies"] = ["IPv4"]
     policy = spec.get("ipFamilyPolicy")
+    policies = ("SingleStack", "PreferDualStack", "RequireDualStack")
     if policy == "RequireDualStack":
-        errs.invalid("spec.ipFamilyPolicy", policy, "ciliate serves IPv4 only")
-    elif policy not in (None, "SingleStack", "PreferDualStack"):
-        errs.unsupported(
-            "spec.ipFamilyPolicy", policy, ("SingleStack", "PreferDualStack", "RequireDualStack")
+        errs.invalid(
+            "spec.ipFamilyPolicy", policy, "this cluster is not configured for dual-stack services"
         )
-    # PreferDualStack on a single-stack cluster is stored as SingleStack, as Kubernetes does.
-    out["ipFamilyPolicy"] = "SingleStack"
+    elif policy not in (None, "", *policies):
+        errs.unsupported("spec.ipFamilyPolicy", policy, policies)
+    families = errs.sequence("spec.ipFamilies", spec.get("ipFamilies"))
+    if len(families) > 2:
+        errs.invalid("spec.ipFamilies", families, "may specify no more than two IP families")
+    seen: set[object] = set()
+    for i, family in enumerate(families):
+        at = f"spec.ipFamilies[{i}]"
+        if family not in ("IPv4", "IPv6"):
+            errs.unsupported(at, family, ("IPv4", "IPv6"))
+        elif family in seen:
+            errs.duplicate(at, family)
+        elif family == "IPv6" and not (i > 0 and policy == "PreferDualStack"):
+            # A secondary family is dropped for PreferDualStack, as a single-stack
+            # cluster's allocator does; asked for otherwise, it cannot be served.
+            errs.invalid(at, family, "not configured on this cluster (IPv4 only)")
+        seen.add(family)
+    out["ipFamilies"] = ["IPv4"]
+    out["ipFamilyPolicy"] = policy or "SingleStack"
+
+
+def _source_ranges(errs: Errors, obj: dict[str, Any], spec: dict[str, Any], *, kind: str) -> None:
+    """``loadBalancerSourceRanges`` (and its older annotation) as the API server checks
+    them; valid ranges on a LoadBalancer are then refused by ciliate, whose datapath does
+    not filter by source: storing them would silently let everyone in."""
+    ranges = errs.sequence("spec.loadBalancerSourceRanges", spec.get("loadBalancerSourceRanges"))
+    annotations = obj["metadata"].get("annotations") or {}
+    annotation = annotations.get(SOURCE_RANGES_ANNOTATION)
+    annotation_path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+    if kind != "LoadBalancer":
+        if ranges:
+            errs.forbidden(
+                "spec.loadBalancerSourceRanges", "may only be used when `type` is 'LoadBalancer'"
+            )
+        if annotation is not None:
+            errs.invalid(
+                annotation_path, annotation, "may only be used when `type` is 'LoadBalancer'"
+            )
+        return
+    asked = False
+    if ranges:
+        for i, item in enumerate(ranges):
+            text = item.strip() if isinstance(item, str) else item
+            if not isinstance(text, str) or not _is_cidr(text):
+                errs.invalid(
+                    f"spec.loadBalancerSourceRanges[{i}]",
+                    item,
+                    "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
+                )
+            else:
+                asked = True
+    elif annotation is not None and annotation.strip():
+        parts = [p.strip() for p in annotation.split(",")]
+        if not all(_is_cidr(p) for p in parts):
+            errs.invalid(
+                annotation_path,
+                annotation,
+                "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 ",
+            )
+        else:
+            asked = True
+    if asked:
+        errs.forbidden(
+            "spec.loadBalancerSourceRanges",
+            "source ranges are not enforced by ciliate's datapath; filter with a network policy",
+        )
+
+
+def _is_cidr(text: str) -> bool:
+    if "/" not in text:
+        return False
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> list[dict[str, Any]]:
@@ -307,8 +417,8 @@ def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> l
         out: dict[str, Any] = {}
         name = errs.string(f"{at}.name", port.get("name"))
         if name:
-            if len(name) > 63 or not DNS_LABEL.fullmatch(name):
-                errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+            if (problem := dns_label_problem(name)) is not None:
+                errs.invalid(f"{at}.name", name, problem)
             elif name in names:
                 errs.duplicate(f"{at}.name", name)
             names.add(name)
@@ -320,8 +430,11 @@ def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> l
         )
         out["protocol"] = protocol
         if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
+            if (problem := qualified_name_problem(app)) is not None:
+                errs.invalid(f"{at}.appProtocol", app, problem)
             out["appProtocol"] = app
-        number = _port_number(errs, f"{at}.port", port.get("port"), required=True)
+        # A missing port is the API's 0, refused by IsValidPortNum as an Invalid value.
+        number = _port_number(errs, f"{at}.port", port.get("port", 0), required=True)
         out["port"] = number
         if number is not None:
             if (number, protocol) in seen:
@@ -366,11 +479,9 @@ def _session_affinity(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -
     out["sessionAffinity"] = affinity
     config = errs.mapping("spec.sessionAffinityConfig", spec.get("sessionAffinityConfig"))
     if affinity == "None":
-        if config:
-            errs.invalid(
-                "spec.sessionAffinityConfig",
-                config,
-                "must not be set when `sessionAffinity` is None",
+        if "sessionAffinityConfig" in spec and spec["sessionAffinityConfig"] is not None:
+            errs.forbidden(
+                "spec.sessionAffinityConfig", "must not be set when session affinity is None"
             )
         return
     client = errs.mapping("spec.sessionAffinityConfig.clientIP", config.get("clientIP"))
@@ -384,13 +495,12 @@ def _session_affinity(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -
 
 
 def _traffic_policies(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> None:
-    out["internalTrafficPolicy"] = _one_of(
-        errs,
-        "spec.internalTrafficPolicy",
-        spec.get("internalTrafficPolicy"),
-        TRAFFIC_POLICIES,
-        "Cluster",
-    )
+    internal = spec.get("internalTrafficPolicy")
+    if out["type"] != "ExternalName" or internal not in (None, ""):
+        # Defaulted for every type but ExternalName (which has no endpoints to route).
+        out["internalTrafficPolicy"] = _one_of(
+            errs, "spec.internalTrafficPolicy", internal, TRAFFIC_POLICIES, "Cluster"
+        )
     external = spec.get("externalTrafficPolicy")
     if externally_reachable(out):
         out["externalTrafficPolicy"] = _one_of(
@@ -449,8 +559,8 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
         port = errs.mapping(at, raw)
         errs.unknown_fields(at, port, {"name", "protocol", "port", "appProtocol"})
         name = errs.string(f"{at}.name", port.get("name")) or ""
-        if name and (len(name) > 63 or not DNS_LABEL.fullmatch(name)):
-            errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+        if name and (problem := dns_label_problem(name)) is not None:
+            errs.invalid(f"{at}.name", name, problem)
         elif name in names:
             errs.duplicate(f"{at}.name", name)
         names.add(name)
@@ -462,9 +572,35 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
             "port": _port_number(errs, f"{at}.port", port.get("port"), required=False),
         }
         if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
+            if (problem := qualified_name_problem(app)) is not None:
+                errs.invalid(f"{at}.appProtocol", app, problem)
             out["appProtocol"] = app
         out_ports.append(out)
     obj["ports"] = out_ports
+
+
+def _zone_hints(errs: Errors, path: str, raw: object) -> None:
+    hints = errs.mapping(path, raw)
+    zones = errs.sequence(f"{path}.forZones", hints.get("forZones"))
+    if len(zones) > MAX_ZONE_HINTS:
+        errs.items.append(
+            FieldError(
+                f"{path}.forZones",
+                "Too many",
+                f"{len(zones)}: must have at most {MAX_ZONE_HINTS} items",
+            )
+        )
+    seen: set[str] = set()
+    for i, item in enumerate(zones):
+        at = f"{path}.forZones[{i}].name"
+        zone = errs.string(at, errs.mapping(f"{path}.forZones[{i}]", item).get("name"))
+        if zone is None:
+            continue
+        if (problem := label_value_problem(zone)) is not None:
+            errs.invalid(at, zone, problem)
+        elif zone in seen:
+            errs.duplicate(at, zone)
+        seen.add(zone)
 
 
 def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
@@ -479,8 +615,10 @@ def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
             len(addresses),
             f"must have at most {MAX_ENDPOINT_ADDRESSES} items",
         )
+    # ValidateEndpointIP: an endpoint is never a loopback, link-local or unspecified address.
     endpoint["addresses"] = [
-        _ipv4(errs, f"{path}.addresses[{i}]", address) for i, address in enumerate(addresses)
+        _ipv4(errs, f"{path}.addresses[{i}]", address, special_ok=False)
+        for i, address in enumerate(addresses)
     ]
     conditions = errs.mapping(f"{path}.conditions", endpoint.get("conditions"))
     errs.unknown_fields(f"{path}.conditions", conditions, set(_CONDITIONS))
@@ -492,9 +630,26 @@ def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     if (node := errs.string(f"{path}.nodeName", endpoint.get("nodeName"))) is not None:
         check_name(errs, f"{path}.nodeName", node, dns_label=False)
     hostname = errs.string(f"{path}.hostname", endpoint.get("hostname"))
-    if hostname is not None and (len(hostname) > 63 or not DNS_LABEL.fullmatch(hostname)):
-        errs.invalid(f"{path}.hostname", hostname, "must be a lowercase RFC 1123 label")
+    if hostname is not None and (problem := dns_label_problem(hostname)) is not None:
+        errs.invalid(f"{path}.hostname", hostname, problem)
     errs.string(f"{path}.zone", endpoint.get("zone"))
+    topology_path = f"{path}.deprecatedTopology"
+    topology = label_map(errs, topology_path, endpoint.get("deprecatedTopology"))
+    if len(topology) > MAX_TOPOLOGY_LABELS:
+        errs.items.append(
+            FieldError(
+                topology_path,
+                "Too many",
+                f"{len(topology)}: must have at most {MAX_TOPOLOGY_LABELS} items",
+            )
+        )
+    if TOPOLOGY_ZONE_LABEL in topology:
+        errs.invalid(
+            topology_path,
+            TOPOLOGY_ZONE_LABEL,
+            f"may not use {TOPOLOGY_ZONE_LABEL} in deprecatedTopology, use zone instead",
+        )
+    _zone_hints(errs, f"{path}.hints", endpoint.get("hints"))
     target = errs.mapping(f"{path}.targetRef", endpoint.get("targetRef"))
     errs.unknown_fields(f"{path}.targetRef", target, _OBJECT_REFERENCE_FIELDS)
     for key, value in target.items():

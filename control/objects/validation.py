@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 from collections.abc import Callable
 from typing import Any
 
 from ciliate.control.objects.errors import FieldError, ObjectInvalidError
 from ciliate.control.objects.fields import (
-    DNS_LABEL,
     PROTOCOLS,
     Errors,
+    annotation_map,
     check_name,
+    dns_label_problem,
     label_key_problem,
     label_map,
+    label_value_problem,
     port_name_problem,
     protocol_of,
+    qualified_name_problem,
 )
 from ciliate.control.objects.kinds import Kind, kind_for_document
 from ciliate.control.objects.service_validation import validate_endpoint_slice, validate_service
@@ -42,12 +46,15 @@ __all__ = [
     "PROTOCOLS",
     "parse_cidr",
     "validate",
+    "validate_update",
 ]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 CILIUM_PROTOCOLS = (*PROTOCOLS, "ANY")
 CILIUM_ENTITIES = ("host", "remote-node", "world", "cluster", "all")
+_CNP_MAX_PORTS = 40  # Cilium's maxPorts in one toPorts entry
 
+MAX_OBJECT_BYTES = 1536 * 1024  # etcd's default --max-request-bytes, as the API server meets it
 _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
 
 _NP_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
@@ -101,6 +108,15 @@ def validate(raw: object) -> dict[str, Any]:
     }
     obj = {"apiVersion": kind.api_version, "kind": kind.name, "metadata": metadata, **obj}
     _VALIDATORS[kind.name](errs, obj)
+    if not errs.items and (size := len(json.dumps(obj, default=str))) > MAX_OBJECT_BYTES:
+        errs.items.append(
+            FieldError(
+                "<object>",
+                "Too long",
+                f"the object is {size} bytes as JSON; objects are kept up to"
+                f" {MAX_OBJECT_BYTES} bytes (etcd's request limit)",
+            )
+        )
     if errs.items:
         raise ObjectInvalidError(
             kind=f"{kind.name}.{kind.group}" if kind.group else kind.name,
@@ -110,28 +126,68 @@ def validate(raw: object) -> dict[str, Any]:
     return obj
 
 
+_GENERATE_NAME_REFUSED = (
+    "apply cannot use generateName (each apply would create another object, which is why"
+    " kubectl apply refuses it too): set metadata.name"
+)
+
+
+def validate_update(obj: dict[str, Any], current: dict[str, Any]) -> None:
+    """The rules an update adds to those of a create (``Validate*Update``): fields that
+    may not change once stored. ``obj`` is validated, ``current`` the stored object."""
+    if obj["kind"] == "EndpointSlice" and obj.get("addressType") != current.get("addressType"):
+        raise ObjectInvalidError(
+            kind="EndpointSlice.discovery.k8s.io",
+            name=str(obj["metadata"]["name"]),
+            errors=[
+                FieldError("addressType", "Invalid value", "field is immutable", obj["addressType"])
+            ],
+        )
+
+
 def _metadata(errs: Errors, kind: Kind, raw: object) -> dict[str, Any]:
+    """``ValidateObjectMeta`` with the kind's name rule, and the namespace as kubectl
+    and the API server settle it: a namespaced object without one goes to ``default``;
+    a cluster-scoped object's namespace is cleared (the API server's
+    ``EnsureObjectNamespaceMatchesRequestNamespace``), never an error."""
     meta = dict(errs.mapping("metadata", raw, required=True))
     for field in _SERVER_FIELDS:
         meta.pop(field, None)  # set by the store, never by the client
-    name = errs.string("metadata.name", meta.get("name"), required=True)
-    if name is not None:
-        check_name(errs, "metadata.name", name, dns_label=kind.name == "Namespace")
+    is_namespace = kind.name == "Namespace"
+    is_service = kind.name == "Service"
+    generate_name = errs.string("metadata.generateName", meta.get("generateName"))
+    if generate_name:
+        # Checked as a prefix: a trailing '-' is fine (the random suffix follows it).
+        prefix = generate_name[:-1] if generate_name.endswith("-") else generate_name
+        if prefix:
+            before = len(errs.items)
+            check_name(
+                errs, "metadata.generateName", prefix, dns_label=is_namespace, rfc1035=is_service
+            )
+            for i in range(before, len(errs.items)):
+                item = errs.items[i]
+                errs.items[i] = FieldError(item.path, item.kind, item.detail, generate_name)
+    name = errs.string("metadata.name", meta.get("name"))
+    if name is None or name == "":
+        if generate_name:
+            errs.invalid("metadata.generateName", generate_name, _GENERATE_NAME_REFUSED)
+        else:
+            errs.required("metadata.name", "name or generateName is required")
+        name = None
+    else:
+        check_name(errs, "metadata.name", name, dns_label=is_namespace, rfc1035=is_service)
     if kind.namespaced:
         namespace = errs.string("metadata.namespace", meta.get("namespace")) or "default"
         check_name(errs, "metadata.namespace", namespace, dns_label=True)
         meta["namespace"] = namespace
     else:
-        meta.pop("namespace", None)  # the API server clears it on cluster-scoped kinds
+        meta.pop("namespace", None)
     labels = label_map(errs, "metadata.labels", meta.get("labels"))
-    if kind.name == "Namespace" and name is not None:
+    if is_namespace and name is not None:
         labels[NAMESPACE_NAME_LABEL] = name  # always set, as Kubernetes does
     meta["labels"] = labels
-    annotations = errs.mapping("metadata.annotations", meta.get("annotations"))
+    annotations = annotation_map(errs, "metadata.annotations", meta.get("annotations"))
     if annotations:
-        for key, value in annotations.items():
-            if not isinstance(value, str):
-                errs.invalid(f"metadata.annotations[{key}]", value, "must be a string")
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
@@ -156,13 +212,16 @@ def _selector(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> 
         if key is not None and (problem := label_key_problem(key, cilium=cilium)):
             errs.invalid(f"{at}.key", key, problem)
         operator = errs.string(f"{at}.operator", expr.get("operator"), required=True)
-        values = [
-            v
-            for j, v in enumerate(errs.sequence(f"{at}.values", expr.get("values")))
-            if errs.string(f"{at}.values[{j}]", v) is not None
-        ]
+        values = []
+        for j, v in enumerate(errs.sequence(f"{at}.values", expr.get("values"))):
+            if (text := errs.string(f"{at}.values[{j}]", v)) is None:
+                continue
+            # ValidateLabelSelectorRequirement checks values as label values on create.
+            if (problem := label_value_problem(text)) is not None:
+                errs.invalid(f"{at}.values[{j}]", text, problem)
+            values.append(text)
         if operator is not None and operator not in _SELECTOR_OPERATORS:
-            errs.unsupported(f"{at}.operator", operator, _SELECTOR_OPERATORS)
+            errs.invalid(f"{at}.operator", operator, "not a valid selector operator")
         elif operator in ("In", "NotIn") and not values:
             errs.required(f"{at}.values", "must be specified when `operator` is 'In' or 'NotIn'")
         elif operator in ("Exists", "DoesNotExist") and values:
@@ -180,23 +239,31 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
+_CIDR_EXAMPLE = "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
+
+
 def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str | None:
-    text = errs.string(path, raw, required=True)
-    if text is None:
+    """A CIDR as ``IsValidCIDR`` reads it (no surrounding blanks); ``bare_ip`` also
+    takes an address, as Cilium's ``fromCIDR``/``toCIDR`` do."""
+    text = errs.string(path, raw)
+    if text is None or text == "":
+        errs.required(path, "")
         return None
-    if "/" not in text and not bare_ip:
-        errs.invalid(path, text, "must be a valid CIDR (e.g. 10.0.0.0/16)")
+    if text != text.strip() or ("/" not in text and not bare_ip):
+        errs.invalid(path, text, _CIDR_EXAMPLE)
         return None
     try:
         return str(parse_cidr(text))
     except ValueError:
-        errs.invalid(path, text, "must be a valid CIDR (e.g. 10.0.0.0/16)")
+        errs.invalid(path, text, _CIDR_EXAMPLE)
         return None
 
 
 def _cidr_with_except(
     errs: Errors, path: str, raw: object, *, cilium: bool = False
 ) -> dict[str, Any]:
+    """An ``ipBlock`` (or Cilium ``CIDRRule``). Kubernetes wants each ``except`` a
+    strict subset of ``cidr``; Cilium only that ``cidr`` contains it."""
     cidr_field = "cidr"
     block = errs.mapping(path, raw, required=True)
     errs.unknown_fields(
@@ -208,18 +275,31 @@ def _cidr_with_except(
     excepts: list[str] = []
     for i, item in enumerate(errs.sequence(f"{path}.except", block.get("except"))):
         at = f"{path}.except[{i}]"
-        text = _cidr(errs, at, item)
-        if text is None or cidr is None:
+        text = errs.string(at, item)
+        if text is None:
             continue
-        inner, outer = parse_cidr(text), parse_cidr(cidr)
-        if (
-            inner.version != outer.version
-            or not inner.subnet_of(outer)  # type: ignore[arg-type]
-            or inner.prefixlen <= outer.prefixlen
-        ):
+        if text == "" or text != text.strip() or "/" not in text:
+            errs.invalid(at, text, _CIDR_EXAMPLE)
+            continue
+        try:
+            inner = parse_cidr(text)
+        except ValueError:
+            errs.invalid(at, text, _CIDR_EXAMPLE)
+            continue
+        if cidr is None:
+            continue
+        outer = parse_cidr(cidr)
+        same_family = inner.version == outer.version
+        contained = same_family and inner.subnet_of(outer)  # type: ignore[arg-type]
+        if cilium and not contained:
+            errs.invalid(
+                at, item, f"allow CIDR prefix {cidr} does not contain exclude CIDR prefix {text}"
+            )
+            continue
+        if not cilium and (not contained or inner.prefixlen <= outer.prefixlen):
             errs.invalid(at, item, f"must be a strict subset of `{cidr_field}`")
             continue
-        excepts.append(text)
+        excepts.append(str(inner))
     out: dict[str, Any] = {cidr_field: cidr}
     if excepts:
         out["except"] = excepts
@@ -227,7 +307,20 @@ def _cidr_with_except(
 
 
 def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
-    errs.mapping("spec", obj.get("spec"))
+    """``ValidateNamespace``: the name (an RFC 1123 label, checked with the metadata)
+    and ``spec.finalizers``, each a qualified name, and one without a ``/`` only the
+    standard ``kubernetes``."""
+    spec = errs.mapping("spec", obj.get("spec"))
+    for i, item in enumerate(errs.sequence("spec.finalizers", spec.get("finalizers"))):
+        at = f"spec.finalizers[{i}]"
+        if (name := errs.string(at, item)) is None:
+            continue
+        if (problem := qualified_name_problem(name)) is not None:
+            errs.invalid(at, name, problem)
+        elif "/" not in name and name != "kubernetes":
+            errs.invalid(
+                at, name, "name is neither a standard finalizer name nor is it fully qualified"
+            )
 
 
 def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
@@ -241,8 +334,8 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
         container = errs.mapping(at, raw_container)
         name = errs.string(f"{at}.name", container.get("name"), required=True)
         if name is not None:
-            if len(name) > 63 or not DNS_LABEL.fullmatch(name):
-                errs.invalid(f"{at}.name", name, "must be a lowercase RFC 1123 label")
+            if (problem := dns_label_problem(name)) is not None:
+                errs.invalid(f"{at}.name", name, problem)
             elif name in names:
                 errs.duplicate(f"{at}.name", name)
             names.add(name)
@@ -252,12 +345,15 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
             pat = f"{at}.ports[{j}]"
             port = dict(errs.mapping(pat, raw_port))
             number = errs.integer(f"{pat}.containerPort", port.get("containerPort"))
-            if number is None and "containerPort" not in port:
-                errs.required(f"{pat}.containerPort")
+            if number == 0 or (number is None and "containerPort" not in port):
+                errs.required(f"{pat}.containerPort")  # validateContainerPorts: 0 is unset
             elif number is not None and not 1 <= number <= 65535:
                 errs.invalid(
                     f"{pat}.containerPort", number, "must be between 1 and 65535, inclusive"
                 )
+            host_port = errs.integer(f"{pat}.hostPort", port.get("hostPort"))
+            if host_port and not 1 <= host_port <= 65535:
+                errs.invalid(f"{pat}.hostPort", host_port, "must be between 1 and 65535, inclusive")
             port["protocol"] = protocol_of(
                 errs, f"{pat}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
             )
@@ -308,14 +404,20 @@ def _np_ports(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
             out["port"] = value
         end = errs.integer(f"{at}.endPort", port.get("endPort"))
         if end is not None:
+            # ValidateNetworkPolicyPort: every endPort problem is an Invalid value.
             if value is None:
-                errs.required(f"{at}.port", "must be specified when endPort is specified")
+                errs.invalid(
+                    f"{at}.endPort", end, "may not be specified when `port` is not specified"
+                )
             elif isinstance(value, str):
-                errs.forbidden(f"{at}.endPort", "may not be specified when `port` is non-numeric")
-            elif isinstance(value, int) and end < value:
-                errs.invalid(f"{at}.endPort", end, "must be greater than or equal to `port`")
-            elif end > 65535:
-                errs.invalid(f"{at}.endPort", end, "must be between 1 and 65535, inclusive")
+                errs.invalid(
+                    f"{at}.endPort", end, "may not be specified when `port` is non-numeric"
+                )
+            elif isinstance(value, int):
+                if end < value:
+                    errs.invalid(f"{at}.endPort", value, "must be greater than or equal to `port`")
+                if not 1 <= end <= 65535:
+                    errs.invalid(f"{at}.endPort", end, "must be between 1 and 65535, inclusive")
             out["endPort"] = end
         ports.append(out)
     return ports
@@ -369,15 +471,17 @@ def _validate_network_policy(errs: Errors, obj: dict[str, Any]) -> None:
         if rule.get("to"):
             out_rule["to"] = _np_peers(errs, f"spec.egress[{i}].to", rule["to"])
         egress.append(out_rule)
-    types = []
-    for i, item in enumerate(errs.sequence("spec.policyTypes", spec.get("policyTypes"))):
-        if item not in ("Ingress", "Egress"):
-            errs.unsupported(f"spec.policyTypes[{i}]", item, ("Ingress", "Egress"))
-        elif item in types:
-            errs.duplicate(f"spec.policyTypes[{i}]", item)
-        else:
-            types.append(item)
-    if not types and not (isinstance(spec.get("policyTypes"), list) and spec["policyTypes"]):
+    raw_types = errs.sequence("spec.policyTypes", spec.get("policyTypes"))
+    types: list[str] = []
+    if len(raw_types) > 2:
+        errs.invalid("spec.policyTypes", raw_types, "may not specify more than two policyTypes")
+    else:
+        for i, item in enumerate(raw_types):
+            if item not in ("Ingress", "Egress"):
+                errs.unsupported(f"spec.policyTypes[{i}]", item, ("Ingress", "Egress"))
+            else:
+                types.append(item)  # a repeated type is accepted and kept, as upstream
+    if not raw_types:
         # The API server's defaulting: Ingress always, Egress when egress rules exist.
         types = ["Ingress", "Egress"] if egress else ["Ingress"]
     out["policyTypes"] = types
@@ -398,10 +502,14 @@ def _cnp_port(errs: Errors, path: str, raw: object) -> dict[str, Any]:
             errs, f"{path}.protocol", port.get("protocol"), allowed=CILIUM_PROTOCOLS, default="ANY"
         )
     }
-    value = port.get("port", "0")
+    value = port.get("port")
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str):
+    if value is None or value == "":
+        # The CRD's schema requires it, and Cilium's PortProtocol.Validate says so too.
+        errs.required(f"{path}.port", 'port must be specified ("0" means every port)')
+        value = "0"
+    elif not isinstance(value, str):
         errs.invalid(f"{path}.port", value, "must be a port number or a port name")
         value = "0"
     if value.isdigit():
@@ -433,10 +541,12 @@ def _cnp_to_ports(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
             if key in rule:
                 errs.forbidden(f"{at}.{key}", f"{what} are not supported by ciliate")
         errs.unknown_fields(at, rule, {"ports", *_CNP_PORT_RULE_UNSUPPORTED})
-        ports = [
-            _cnp_port(errs, f"{at}.ports[{j}]", p)
-            for j, p in enumerate(errs.sequence(f"{at}.ports", rule.get("ports")))
-        ]
+        raw_ports = errs.sequence(f"{at}.ports", rule.get("ports"))
+        if len(raw_ports) > _CNP_MAX_PORTS:
+            errs.invalid(
+                f"{at}.ports", len(raw_ports), f"too many ports, the max is {_CNP_MAX_PORTS}"
+            )
+        ports = [_cnp_port(errs, f"{at}.ports[{j}]", p) for j, p in enumerate(raw_ports)]
         rules.append({"ports": ports})
     return rules
 
@@ -452,6 +562,11 @@ def _cnp_direction(errs: Errors, path: str, raw: object, *, direction: str) -> l
                 errs.forbidden(f"{at}.{key}", f"{what} is not supported by ciliate (L3/L4 only)")
         errs.unknown_fields(at, rule, {*peers, "toPorts", *_CNP_UNSUPPORTED_PEER})
         endpoints_key, cidr_key, cidrset_key, entities_key = peers
+        # Cilium's IngressCommonRule/EgressCommonRule.Validate: one kind of L3 peer per
+        # rule (several peers of one kind are fine; write one rule per kind).
+        used = [key for key in peers if isinstance(rule.get(key), list) and rule[key]]
+        if len(used) > 1:
+            errs.forbidden(at, f"combining {used[0]} and {used[1]} is not supported yet")
         out: dict[str, Any] = {}
         if endpoints_key in rule:
             out[endpoints_key] = [
