@@ -24,19 +24,25 @@ Kubernetes NetworkPolicy semantics:
 
 Cilium (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy), L3/L4: an endpoint is
 enforced for a direction once a rule selecting it has (non-empty) ``ingress`` or
-``ingressDeny`` (``egress``/``egressDeny``); a namespaced policy selects endpoints and
-``fromEndpoints`` peers of its own namespace unless the selector names a namespace;
-entities map to reserved identities (host 1, world 2 and every CIDR identity,
-remote-node 6, cluster = every pod identity + the cluster's reserved ones, all = any);
-a rule with only ``toPorts`` allows every peer on those ports, an empty rule allows
-nothing; protocol ``ANY`` with a port covers TCP, UDP and SCTP. Deny entries win over
-allow entries; an allow entry a deny entry fully covers is dropped, since it can never
-apply (which also keeps the datapath's longest-prefix lookup from preferring it).
+``ingressDeny`` (``egress``/``egressDeny``); a namespaced policy selects endpoints of its
+own namespace only; ``fromEndpoints``/``toEndpoints`` selectors get the namespace scope
+Cilium's import gives them (:func:`_peer_selector`) and match pods, the reserved
+identities (``reserved:host``, ...) and the CIDR identities (which carry
+``reserved:world``); a present but empty peer list selects nothing; entities map to
+reserved identities (host 1, world 2 and every CIDR identity, remote-node 6, init,
+health, unmanaged, kube-apiserver, ingress; cluster = every pod identity + the cluster's
+reserved ones; all = any); CIDR peers never select pods or nodes (Cilium's default); a
+rule with only ``toPorts`` allows every peer on those ports, an empty rule allows
+nothing; port 0 is every port; protocol ``ANY`` with a port covers TCP, UDP and SCTP,
+without one every protocol. Deny entries win over allow entries, across policies and
+kinds; an allow entry a deny entry fully covers is dropped, since it can never apply
+(which also keeps the datapath's longest-prefix lookup from preferring it).
 
-Endpoint selectors match pods' identity labels; a ``reserved:`` key in a selector
-matches the reserved identity of that name. Because the datapath decides by identity,
-pods with equal labels are treated alike: an ``ipBlock`` lets a pod identity in only if
-none of its pods sits in an ``except``.
+Endpoint selectors match identity labels: a key with a source (``k8s:app``) matches that
+source only, a bare key or ``any:`` every source. Because the datapath decides by
+identity, pods with equal labels are treated alike: an ``ipBlock`` lets a pod identity in
+only if none of its pods sits in an ``except``, and a named egress port allows the
+numbers of every pod of the destination identity.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ciliate.control.identity.allocator import RESERVED_IDENTITIES
 from ciliate.control.identity.labels import (
     K8S_SOURCE,
     NAMESPACE_LABEL,
@@ -59,7 +66,6 @@ from ciliate.control.policy.model import (
     CLUSTER_RESERVED_IDENTITIES,
     HOST_IDENTITY,
     PROTOCOL_NUMBERS,
-    REMOTE_NODE_IDENTITY,
     WORLD_IDENTITY,
     ContainerPort,
     Direction,
@@ -76,11 +82,21 @@ __all__ = ["HOST_DEFAULT", "PolicyInput", "compute"]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 HOST_DEFAULT = RuleRef("default", "traffic from the node itself (kubelet probes) is always allowed")
+# The reserved identities a Cilium endpoint selector can match, with their labels
+# (world-ipv4/-ipv6 left out: the datapath's world is identity 2).
 _RESERVED_LABELS: Mapping[int, Mapping[str, str]] = {
-    HOST_IDENTITY: {f"{RESERVED_SOURCE}host": ""},
-    WORLD_IDENTITY: {f"{RESERVED_SOURCE}world": ""},
-    REMOTE_NODE_IDENTITY: {f"{RESERVED_SOURCE}remote-node": ""},
+    number: {f"{RESERVED_SOURCE}{name}": ""}
+    for number, name in RESERVED_IDENTITIES.items()
+    if name not in ("world-ipv4", "world-ipv6")
 }
+_ENTITY_IDENTITIES: Mapping[str, int] = {
+    name: number
+    for number, name in RESERVED_IDENTITIES.items()
+    if name in ("host", "remote-node", "init", "health", "unmanaged", "kube-apiserver", "ingress")
+}
+# A CIDR identity carries the world label, as in Cilium: reserved:world selects it.
+_CIDR_LABELS: Mapping[str, str] = {f"{RESERVED_SOURCE}world": ""}
+Labels = Mapping[str, str]
 _ALL_PROTOCOLS = tuple(PROTOCOL_NUMBERS.values())
 
 
@@ -161,6 +177,7 @@ class _Universe:
             self.pods_of[pod.identity].append(pod)
         self.k8s = {identity: _k8s_view(labels) for identity, labels in self.labels.items()}
         self._views: dict[int, _K8sView] = {}
+        self._selectable: Mapping[int, Labels] | None = None
         self.blocks = BlockIndex(
             cidr_ids=self.cidr_ids, pods=self.pods, node_identities=self.node_identities
         )
@@ -174,6 +191,20 @@ class _Universe:
 
     def pod_identities(self) -> set[int]:
         return set(self.labels)
+
+    def world_identities(self) -> set[int]:
+        """World itself and every CIDR identity (each is a part of the world)."""
+        return {WORLD_IDENTITY, *self.cidr_ids.values()}
+
+    def selectable(self) -> Mapping[int, Labels]:
+        """Every identity a Cilium endpoint selector may match, with its labels: the
+        pods', the reserved ones and the CIDR identities."""
+        if self._selectable is None:
+            selectable: dict[int, Labels] = dict(_RESERVED_LABELS)
+            selectable.update((i, _CIDR_LABELS) for i in self.cidr_ids.values())
+            selectable.update(self.labels)
+            self._selectable = selectable
+        return self._selectable
 
     def named_ports(self, identity: int, name: str, protocol: int) -> set[tuple[int, int]]:
         """(protocol, port) of the container ports called ``name`` on ``identity``'s
@@ -366,18 +397,49 @@ def _cilium_rules(obj: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
     return rules
 
 
-def _names_namespace_or_reserved(selector: Selector) -> bool:
-    for key in selector.label_keys():
-        source, colon, bare = key.partition(":")
-        if not colon:
-            bare = key
-        if colon and source == "reserved":
-            return True
-        if bare == NAMESPACE_LABEL.removeprefix(K8S_SOURCE) or bare.startswith(
-            NAMESPACE_LABELS_PREFIX.removeprefix(K8S_SOURCE)
-        ):
-            return True
-    return False
+def _key_parts(key: str) -> tuple[str, str]:
+    """``("k8s", "app")`` for ``k8s:app``; a key without a source is ``any``."""
+    source, colon, name = key.partition(":")
+    return (source, name) if colon else ("any", key)
+
+
+def _peer_selector(selector: Selector, *, namespace: str | None) -> Callable[[Labels], bool]:
+    """A ``fromEndpoints``/``toEndpoints`` selector with the namespace scope Cilium's
+    policy import adds (pkg/k8s/apis/cilium.io/utils getEndpointSelector): a selector
+    naming a ``reserved:`` label is taken as it is; otherwise, unless it names the
+    pod namespace label (``k8s:`` or ``any:`` source), a namespaced policy's selector
+    matches only its own namespace -- unless it names namespace labels
+    (``io.cilium.k8s.namespace.labels.*``) -- and a clusterwide policy's only
+    endpoints that have a namespace (pods, not the reserved identities)."""
+    keys = [_key_parts(k) for k in selector.label_keys()]
+    if any(source == RESERVED_SOURCE.rstrip(":") for source, _ in keys):
+        return selector.matches
+    namespace_key = NAMESPACE_LABEL.removeprefix(K8S_SOURCE)
+    namespace_labels = NAMESPACE_LABELS_PREFIX.removeprefix(K8S_SOURCE)
+    scoped = [(s, n) for s, n in keys if s in ("k8s", "any")]
+    if any(name == namespace_key for _, name in scoped):
+        return selector.matches
+    if namespace is None:
+        return lambda labels: NAMESPACE_LABEL in labels and selector.matches(labels)
+    if any(name.startswith(namespace_labels) for _, name in scoped):
+        return selector.matches
+    return lambda labels: labels.get(NAMESPACE_LABEL) == namespace and selector.matches(labels)
+
+
+def _entity_identities(entity: str, universe: _Universe) -> set[int]:
+    """Cilium's entities (pkg/policy/api/entity.go) as identities. The datapath is
+    IPv4 only: ``world-ipv4`` is ``world``, ``world-ipv6`` matches nothing."""
+    if entity == "all":
+        return {ANY_IDENTITY}
+    if entity in ("world", "world-ipv4"):
+        return universe.world_identities()
+    if entity == "cluster":
+        return universe.pod_identities() | set(CLUSTER_RESERVED_IDENTITIES)
+    if entity in _ENTITY_IDENTITIES:
+        return {_ENTITY_IDENTITIES[entity]}
+    if entity in ("none", "world-ipv6"):
+        return set()
+    raise ValueError(f"entity {entity!r} is not one of Cilium's entities")
 
 
 def _cilium_peers(
@@ -392,21 +454,12 @@ def _cilium_peers(
     cidr_sets, entities = section.get(f"{prefix}CIDRSet"), section.get(f"{prefix}Entities")
     if endpoints is None and cidrs is None and cidr_sets is None and entities is None:
         # No L3 part: toPorts alone allows every peer on those ports; {} allows nothing.
+        # (A present but empty list selects nothing, as in Cilium.)
         return frozenset([ANY_IDENTITY]) if section.get("toPorts") else frozenset()
     ids: set[int] = set()
     for raw in endpoints or []:
-        selector = Selector.parse(raw, cilium=True)
-        restrict = namespace is not None and not _names_namespace_or_reserved(selector)
-        for identity, labels in universe.labels.items():
-            if restrict and labels.get(NAMESPACE_LABEL) != namespace:
-                continue
-            if selector.matches(labels):
-                ids.add(identity)
-        for identity, labels in _RESERVED_LABELS.items():
-            if any(
-                k.startswith(RESERVED_SOURCE) for k in selector.label_keys()
-            ) and selector.matches(labels):
-                ids.add(identity)
+        selects = _peer_selector(Selector.parse(raw, cilium=True), namespace=namespace)
+        ids.update(i for i, labels in universe.selectable().items() if selects(labels))
     blocks = [CidrBlock(n) for c in cidrs or [] if (n := _v4(c))]
     for raw in cidr_sets or []:
         if (cidr := _v4(raw["cidr"])) is not None:
@@ -414,16 +467,7 @@ def _cilium_peers(
     for block in blocks:
         ids |= universe.block(block, match_pods=False)
     for entity in entities or []:
-        if entity == "all":
-            ids.add(ANY_IDENTITY)
-        elif entity == "host":
-            ids.add(HOST_IDENTITY)
-        elif entity == "remote-node":
-            ids.add(REMOTE_NODE_IDENTITY)
-        elif entity == "world":
-            ids |= {WORLD_IDENTITY, *universe.cidr_ids.values()}
-        elif entity == "cluster":
-            ids |= universe.pod_identities() | set(CLUSTER_RESERVED_IDENTITIES)
+        ids |= _entity_identities(entity, universe)
     return frozenset(ids)
 
 
@@ -432,7 +476,14 @@ def _cilium_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy]
     namespace = obj["metadata"].get("namespace") if obj["kind"] == "CiliumNetworkPolicy" else None
     policies = []
     for path, rule in _cilium_rules(obj):
-        selector = Selector.parse(rule.get("endpointSelector"), cilium=True)
+        subject = dict(rule.get("endpointSelector") or {})
+        if namespace is not None and NAMESPACE_LABEL in (subject.get("matchLabels") or {}):
+            # Cilium replaces a namespaced policy's own namespace match with the
+            # policy's namespace (and logs it): the policy never reaches beyond it.
+            labels = dict(subject["matchLabels"])
+            del labels[NAMESPACE_LABEL]
+            subject["matchLabels"] = labels
+        selector = Selector.parse(subject, cilium=True)
         isolates: set[Direction] = set()
         rules: list[_Rule] = []
         for key in ("ingress", "ingressDeny", "egress", "egressDeny"):
