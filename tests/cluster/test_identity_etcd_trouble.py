@@ -128,3 +128,45 @@ def test_a_restarted_agent_takes_its_endpoints_identities_again(
     assert [after.release(None, web.id) for _ in range(3)] == [False, False, True]
     assert store.get(ref_key(web.id, "n1")) is None
     after.close()
+
+
+def test_a_restarted_agent_with_etcd_down_serves_its_endpoints_label_sets_only(
+    private_etcd: EtcdServer, store_factory: StoreFactory
+) -> None:
+    """The agent restarts while etcd is unreachable: the endpoint records (the node's
+    own store) say which identities its pods use, and ADDs of those label sets are
+    served without etcd; a label set it did not use gets the "unavailable" error and
+    holds nothing; when etcd returns, the references are written under a new lease."""
+    first_store = store_factory(private_etcd)
+    before = ClusterIdentities(first_store, node="n1", lease_ttl=2)
+    web = before.acquire(None, WEB)
+    db = before.acquire(None, DB)
+    assert before.release(None, db.id) is True  # db's last pod went before the restart
+    before.close()
+    first_store.close()
+    private_etcd.stop()
+
+    store = store_factory(private_etcd)
+    after = ClusterIdentities(store, node="n1", resync_interval=0.1)
+    try:
+        after.restore([(web.id, WEB)])  # etcd is down: nothing written yet, no error
+        again = after.acquire(None, WEB)
+        assert (again.id, again.refcount) == (web.id, 2)
+        with pytest.raises(StoreUnavailableError, match="retry when etcd is back"):
+            after.acquire(None, DB)  # known to the cluster, not used here any more
+        with pytest.raises(StoreUnavailableError):
+            after.acquire(None, {"k8s:io.kubernetes.pod.namespace": "fresh"})
+        assert after.held() == {web.id: 2}, "a refused ADD holds nothing"
+        assert after.release(None, web.id) is False
+
+        private_etcd.start()
+        time.sleep(3)  # past the first agent's lease: the key lives on under the new one
+
+        def written_back() -> None:
+            assert store.get(ref_key(web.id, "n1")) is not None
+            assert store.get(ref_key(db.id, "n1")) is None
+
+        eventually(written_back)
+        assert after.acquire(None, DB).id == db.id, "etcd back: the cluster's id again"
+    finally:
+        after.close()
