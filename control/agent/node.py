@@ -248,7 +248,7 @@ class NodeAgent:
             links_dir=links,
         )
         controller = ServiceController(
-            objects=ObjectStore(self.objects_store),
+            objects_store=self.objects_store,
             node_store=self.store,
             revision=self.revision,
             datapath=self.datapath,

@@ -1,22 +1,29 @@
 """The agent's service loop: Services and EndpointSlices into the datapath's load
-balancer.
+balancer, at the cost of what changed since the last pass.
 
 One pass (:meth:`ServiceController.sync`):
 
-1. on a lone node, the agent is the EndpointSlice controller: the slices of every
-   Service with a selector follow the Pod objects it selects and this node's
-   endpoints (:func:`ciliate.control.services.slices.reconcile`); in a cluster the
-   operator does it, from the endpoints every agent publishes;
-2. the node's service table (:func:`ciliate.control.services.node.compute`): a
+1. what changed among Services, Pods and EndpointSlices since the last pass
+   (:class:`ciliate.control.services.changes.ObjectChanges`: keys and revisions
+   listed, values read only where the revision moved);
+2. on a lone node, the agent is the EndpointSlice controller: the slices of the
+   Services those changes touch follow the Pod objects they select and this node's
+   endpoints (:class:`ciliate.control.services.slices.SliceController`); in a
+   cluster the operator does it, from the endpoints every agent publishes;
+3. the node's service table (:class:`ciliate.control.services.node.NodeTable`):
+   the frontends of the Services whose object or slices changed are recomputed (a
    frontend per ClusterIP, NodePort on the node's addresses, external IP and
-   LoadBalancer address, each with its backends (active or terminating), affinity
-   and traffic policy, numbered with ids kept in the node's store;
-3. every frontend whose service changed is written into the maps
+   LoadBalancer address, each with its backends, affinity and traffic policy);
+   ids for new frontends and backends are taken from (and kept in) the node's store;
+4. each frontend that changed is written into the maps
    (``Datapath.lb.upsert_service``: a program sees the whole old or the whole new
    service), frontends gone are deleted. A service with no backend that can take a
    new flow is written with none, and the datapath refuses at once.
 
-It runs on the same loop shape as the policy loop (:mod:`ciliate.control.revision_loop`).
+The first pass, a pass after a failed one, and one every ``full_resync_interval``
+start over from a full listing and compare everything with the maps, so a change
+missed or a map entry lost is put right. It runs on the same loop shape as the
+policy loop (:mod:`ciliate.control.revision_loop`).
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliate.control.objects import ObjectStore
+from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.revision_loop import RevisionLoop
 from ciliate.control.services import node as node_services
 from ciliate.control.services import slices, table
+from ciliate.control.services.changes import ObjectChanges
 from ciliate.control.services.ids import LbIds
 from ciliate.control.store import Store
 from ciliate.datapath import lb
@@ -44,6 +53,7 @@ _STATES = {
     table.BackendState.ACTIVE: lb.BackendState.ACTIVE,
     table.BackendState.TERMINATING: lb.BackendState.TERMINATING,
 }
+_KINDS = [KINDS["Service"], KINDS["Pod"], KINDS["EndpointSlice"]]
 
 
 @dataclass
@@ -52,13 +62,15 @@ class ServiceSyncResult:
     deleted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # frontends the datapath cannot serve
     slices_changed: bool = False
+    full: bool = False  # started over from a full listing
+    services_recomputed: int = 0  # Services whose frontends were recomputed
 
 
 class ServiceController:
     def __init__(
         self,
         *,
-        objects: ObjectStore,
+        objects_store: Store,
         node_store: Store,
         revision: Callable[[], object],
         datapath: Datapath,
@@ -67,19 +79,28 @@ class ServiceController:
         local_endpoints: Callable[[], Iterable[tuple[str | None, str]]] | None,
         poll_interval: float = 0.1,
         resync_interval: float = 10.0,
+        full_resync_interval: float = 300.0,
     ) -> None:
         """``local_endpoints`` (``(namespace/name, ip)`` of this node's pods) makes
-        this agent the EndpointSlice controller: a lone node; None in a cluster."""
-        self._objects = objects
+        this agent the EndpointSlice controller: a lone node; None in a cluster.
+        ``objects_store`` holds the objects (etcd in a cluster), ``node_store`` the
+        node's own state (the ids)."""
         self._ids = LbIds(node_store)
         self._dp = datapath
         self._node_name = node_name
-        self._node_ips = list(node_ips)
         self._local_endpoints = local_endpoints
+        self._changes = ObjectChanges(objects_store, _KINDS)
+        self._slices = (
+            slices.SliceController(ObjectStore(objects_store))
+            if local_endpoints is not None
+            else None
+        )
+        self._table = node_services.NodeTable(node_name=node_name, node_ips=node_ips)
         self._written: dict[lb.Frontend, lb.Service] = {
             service.frontend: service for service in datapath.lb.list()
         }
-        self._last: node_services.NodeServices | None = None
+        self._full_resync_interval = full_resync_interval
+        self._last_full = time.monotonic()
         self._lock = threading.Lock()
         # Started, woken, asked for its status and closed by the agent.
         self.loop = RevisionLoop(
@@ -90,73 +111,147 @@ class ServiceController:
             resync_interval=resync_interval,
         )
 
+    def resync(self) -> None:
+        """The next pass starts over from a full listing."""
+        self._changes.reset()
+
     def sync(self) -> ServiceSyncResult:
         with self._lock:
-            result = ServiceSyncResult()
-            if self._local_endpoints is not None:
-                addresses = node_services.local_addresses(
-                    self._local_endpoints(), node_name=self._node_name
-                )
-                result.slices_changed = slices.reconcile(self._objects, addresses=addresses).changed
-            computed = node_services.compute(
-                self._objects, self._ids, node_name=self._node_name, node_ips=self._node_ips
+            if time.monotonic() - self._last_full >= self._full_resync_interval:
+                self._changes.reset()
+            try:
+                return self._sync()
+            except Exception:
+                # Whatever this pass had read or half written, the next starts over.
+                self._changes.reset()
+                self._ids.forget()
+                raise
+
+    def _sync(self) -> ServiceSyncResult:
+        changes = self._changes.poll()
+        result = ServiceSyncResult(full=changes.full)
+        if changes.full:
+            self._last_full = time.monotonic()
+        written: dict[str, dict[str, Any]] = {}
+        removed: set[str] = set()
+        if self._slices is not None and self._local_endpoints is not None:
+            addresses = node_services.local_addresses(
+                self._local_endpoints(), node_name=self._node_name
             )
-            wanted: dict[lb.Frontend, tuple[table.Frontend, int]] = {}
-            for frontend in computed.frontends:
-                protocol = _PROTOCOLS.get(frontend.key.protocol)
-                if protocol is None:
-                    result.skipped.append(str(frontend.key))
-                    continue
-                key = lb.Frontend(frontend.key.ip, frontend.key.port, protocol)
-                wanted[key] = (frontend, computed.ids.frontend[frontend.key])
-            for key, (frontend, service_id) in wanted.items():
-                backends = [
-                    lb.Backend(
-                        id=computed.ids.backend[b.key],
-                        address=b.key.ip,
-                        port=b.key.port,
-                        state=_STATES[b.state],
-                        local=b.node == self._node_name,
-                    )
-                    for b in frontend.backends
-                ]
-                current = self._written.get(key)
-                if (
-                    current is not None
-                    and current.service_id == service_id
-                    and sorted(current.backends, key=lambda b: b.id)
-                    == sorted(backends, key=lambda b: b.id)
-                    and current.affinity_timeout == frontend.affinity_timeout
-                    and current.external == (frontend.kind is not table.FrontendKind.CLUSTER_IP)
-                ):
-                    continue
-                self._written[key] = self._dp.lb.upsert_service(
-                    key,
-                    backends,
-                    service_id=service_id,
-                    affinity_timeout=frontend.affinity_timeout,
-                    external=frontend.kind is not table.FrontendKind.CLUSTER_IP,
+            reconciled = self._slices.sync(changes, addresses=addresses)
+            result.slices_changed = reconciled.changed
+            # Its own writes go into the table now, not a pass later.
+            written, removed = reconciled.written, reconciled.removed
+        delta = self._table.update(changes, written=written, removed=removed)
+        result.services_recomputed = delta.services_recomputed
+        if delta.full:
+            self._ids.sync(self._table.frontends())
+        else:
+            self._ids.update(
+                frontends=[k for k, f in delta.changed.items() if f is not None],
+                backends=delta.new_backends,
+                released_frontends=[k for k, f in delta.changed.items() if f is None],
+                released_backends=delta.released_backends,
+            )
+        self._write(delta, result)
+        return result
+
+    def _write(self, delta: node_services.TableDelta, result: ServiceSyncResult) -> None:
+        wanted: dict[lb.Frontend, table.Frontend | None] = {}
+        for table_key, frontend in delta.changed.items():
+            protocol = _PROTOCOLS.get(table_key.protocol)
+            if protocol is None:
+                if frontend is not None:
+                    result.skipped.append(str(table_key))
+                continue
+            wanted[lb.Frontend(table_key.ip, table_key.port, protocol)] = frontend
+        if delta.full:
+            wanted.update({k: None for k in self._written if k not in wanted})
+        for key, frontend in wanted.items():
+            if frontend is None:
+                if self._written.pop(key, None) is not None:
+                    self._dp.lb.delete_service(key)
+                    result.deleted.append(str(key))
+                continue
+            service_id = self._ids.frontend_id(frontend.key)
+            assert service_id is not None, f"{frontend.key} has no id"
+            backends = self._lb_backends(frontend.backends)
+            internal = (
+                None
+                if frontend.internal_backends is None
+                else self._lb_backends(frontend.internal_backends)
+            )
+            external = frontend.kind is not table.FrontendKind.CLUSTER_IP
+            current = self._written.get(key)
+            if (
+                current is not None
+                and current.service_id == service_id
+                and _same(current.backends, backends)
+                and _same(current.internal_backends, internal)
+                and current.affinity_timeout == frontend.affinity_timeout
+                and current.external == external
+            ):
+                continue
+            self._written[key] = self._dp.lb.upsert_service(
+                key,
+                backends,
+                service_id=service_id,
+                affinity_timeout=frontend.affinity_timeout,
+                external=external,
+                internal_backends=internal,
+            )
+            result.written.append(str(key))
+
+    def _lb_backends(self, backends: Iterable[table.Backend]) -> list[lb.Backend]:
+        out = []
+        for b in backends:
+            backend_id = self._ids.backend_id(b.key)
+            assert backend_id is not None, f"{b.key} has no id"
+            out.append(
+                lb.Backend(
+                    id=backend_id,
+                    address=b.key.ip,
+                    port=b.key.port,
+                    state=_STATES[b.state],
+                    local=b.node == self._node_name,
                 )
-                result.written.append(str(key))
-            for key in [k for k in self._written if k not in wanted]:
-                self._dp.lb.delete_service(key)
-                del self._written[key]
-                result.deleted.append(str(key))
-            self._last = computed
-            return result
+            )
+        return out
 
     def table(self) -> dict[str, Any]:
-        """``GET /v1/services``: the last pass's frontends and backends, with ids."""
-        last = self._last
-        return last.to_json() if last is not None else {"frontends": []}
+        """``GET /v1/services``: the table as of the last pass, with ids."""
+        with self._lock:
+            frontends = self._table.frontends()
+            return {
+                "frontends": table.frontends_json(
+                    frontends,
+                    frontend_ids={
+                        f.key: i for f in frontends if (i := self._ids.frontend_id(f.key))
+                    },
+                    backend_ids={
+                        b.key: i
+                        for f in frontends
+                        for b in (*f.backends, *(f.internal_backends or ()))
+                        if (i := self._ids.backend_id(b.key))
+                    },
+                )
+            }
 
     # -- the loop ----------------------------------------------------------------------
     def _pass(self) -> None:
         result = self.sync()
         if result.written or result.deleted:
             log.info(
-                "services: %d frontend(s) written, %d deleted%s",
+                "services: %d frontend(s) written, %d deleted (%d service(s) recomputed%s)%s",
                 len(result.written),
                 len(result.deleted),
+                result.services_recomputed,
+                ", full resync" if result.full else "",
                 f"; not served (protocol): {', '.join(result.skipped)}" if result.skipped else "",
             )
+
+
+def _same(a: Sequence[lb.Backend] | None, b: Sequence[lb.Backend] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return sorted(a, key=lambda x: x.id) == sorted(b, key=lambda x: x.id)

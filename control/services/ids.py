@@ -19,7 +19,7 @@ reverse-translated as another service's.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -47,6 +47,15 @@ class IdsExhaustedError(RuntimeError):
     """Every id of a pool is in use (65,535 frontends on one node)."""
 
 
+def _next_free(last: int, used: Collection[int], maximum: int) -> int:
+    candidate = last
+    for _ in range(maximum):
+        candidate = candidate % maximum + 1
+        if candidate not in used:
+            return candidate
+    raise IdsExhaustedError(f"all {maximum} ids are in use")
+
+
 def assign_ids(
     keys: Iterable[_K], *, current: Mapping[_K, int], last: int, maximum: int
 ) -> tuple[dict[_K, int], int]:
@@ -59,12 +68,7 @@ def assign_ids(
     for key in wanted:
         if key in ids:
             continue
-        for _ in range(maximum):
-            candidate = candidate % maximum + 1
-            if candidate not in used:
-                break
-        else:
-            raise IdsExhaustedError(f"all {maximum} ids are in use")
+        candidate = _next_free(candidate, used, maximum)
         ids[key] = candidate
         used.add(candidate)
     return ids, candidate
@@ -84,12 +88,27 @@ def _parse_key(text: str) -> tuple[ipaddress.IPv4Address, int, str]:
     return ipaddress.IPv4Address(ip), int(port), protocol
 
 
+@dataclass
+class _Pool:
+    ids: dict[str, int]  # key text -> id
+    used: set[int]
+    last: int
+
+
 class LbIds:
-    """The ids of a node, kept in its store."""
+    """The ids of a node, kept in its store, and in memory between passes: a pass
+    that adds one frontend reads and writes that frontend's id alone
+    (:meth:`update`); :meth:`sync` compares the whole table with the store (the
+    first pass, a resync). After a failed write, :meth:`forget` makes the next use
+    read the store again."""
 
     def __init__(self, store: Store, *, prefix: str = PREFIX) -> None:
         self._store = store
         self._prefix = prefix
+        self._pools: dict[str, _Pool] | None = None
+
+    def forget(self) -> None:
+        self._pools = None
 
     def _read(self, txn: Txn, pool: str) -> tuple[dict[str, int], int]:
         current = {}
@@ -105,7 +124,7 @@ class LbIds:
 
     def _sync_pool(
         self, txn: Txn, pool: str, keys: Sequence[str], maximum: int
-    ) -> tuple[dict[str, int], list[int]]:
+    ) -> tuple[dict[str, int], list[int], int]:
         current, last = self._read(txn, pool)
         ids, new_last = assign_ids(keys, current=current, last=last, maximum=maximum)
         for key, value in ids.items():
@@ -118,22 +137,80 @@ class LbIds:
                 released.append(value)
         if new_last != last:
             txn.put_json(f"{self._prefix}last/{pool}", {"id": new_last})
-        return ids, sorted(released)
+        return ids, sorted(released), new_last
 
     def sync(self, frontends: Sequence[Frontend]) -> LoadBalancerIds:
         """Ids for the table's frontends and backends (kept, or new), in one
         transaction; the ids of those no longer in the table are freed."""
-        backend_keys = {b.key for f in frontends for b in f.backends}
+        backend_keys = {
+            b.key for f in frontends for b in (*f.backends, *(f.internal_backends or ()))
+        }
+        self._pools = None
         with self._store.transaction() as txn:
-            frontend_ids, released_frontends = self._sync_pool(
+            frontend_ids, released_frontends, frontend_last = self._sync_pool(
                 txn, "frontend", [str(f.key) for f in frontends], SERVICE_ID_MAX
             )
-            backend_ids, released_backends = self._sync_pool(
+            backend_ids, released_backends, backend_last = self._sync_pool(
                 txn, "backend", [str(k) for k in backend_keys], BACKEND_ID_MAX
             )
+        self._pools = {
+            "frontend": _Pool(frontend_ids, set(frontend_ids.values()), frontend_last),
+            "backend": _Pool(backend_ids, set(backend_ids.values()), backend_last),
+        }
         return LoadBalancerIds(
             frontend={FrontendKey(*_parse_key(k)): v for k, v in frontend_ids.items()},
             backend={BackendKey(*_parse_key(k)): v for k, v in backend_ids.items()},
             released_frontends=released_frontends,
             released_backends=released_backends,
         )
+
+    def update(
+        self,
+        *,
+        frontends: Iterable[FrontendKey] = (),
+        backends: Iterable[BackendKey] = (),
+        released_frontends: Iterable[FrontendKey] = (),
+        released_backends: Iterable[BackendKey] = (),
+    ) -> None:
+        """Ids for new frontends and backends (those that have one keep it), and the
+        released ones' freed, in one transaction that writes only those."""
+        if self._pools is None:
+            with self._store.transaction() as txn:
+                pools = {}
+                for name in ("frontend", "backend"):
+                    ids, last = self._read(txn, name)
+                    pools[name] = _Pool(ids, set(ids.values()), last)
+            self._pools = pools
+        plan = {
+            "frontend": (sorted(map(str, frontends)), sorted(map(str, released_frontends))),
+            "backend": (sorted(map(str, backends)), sorted(map(str, released_backends))),
+        }
+        if not any(new or gone for new, gone in plan.values()):
+            return
+        staged = {name: _Pool(dict(p.ids), set(p.used), p.last) for name, p in self._pools.items()}
+        with self._store.transaction() as txn:
+            for name, (new, gone) in plan.items():
+                pool = staged[name]
+                maximum = SERVICE_ID_MAX if name == "frontend" else BACKEND_ID_MAX
+                for key in gone:
+                    value = pool.ids.pop(key, None)
+                    if value is not None:
+                        pool.used.discard(value)
+                        txn.delete(f"{self._prefix}{name}/{key}")
+                last = pool.last
+                for key in new:
+                    if key in pool.ids:
+                        continue
+                    pool.last = _next_free(pool.last, pool.used, maximum)
+                    pool.ids[key] = pool.last
+                    pool.used.add(pool.last)
+                    txn.put_json(f"{self._prefix}{name}/{key}", {"id": pool.last})
+                if pool.last != last:
+                    txn.put_json(f"{self._prefix}last/{name}", {"id": pool.last})
+        self._pools = staged  # only once committed
+
+    def frontend_id(self, key: FrontendKey) -> int | None:
+        return self._pools["frontend"].ids.get(str(key)) if self._pools else None
+
+    def backend_id(self, key: BackendKey) -> int | None:
+        return self._pools["backend"].ids.get(str(key)) if self._pools else None

@@ -52,7 +52,9 @@ __all__ = [
     "FrontendKey",
     "FrontendKind",
     "frontends_json",
+    "service_frontends",
     "service_table",
+    "slice_service",
 ]
 
 
@@ -110,18 +112,26 @@ class Frontend:
     backends: tuple[Backend, ...]  # sorted by address; only this node's when local_only
     affinity_timeout: int  # seconds of ClientIP affinity; 0 without affinity
     local_only: bool  # a traffic policy Local kept only this node's backends
+    # What clients inside the cluster (pods, the node) reach at this frontend when it
+    # differs from ``backends``: every backend of an externalTrafficPolicy Local
+    # Service's NodePort or external address; None: the same as ``backends``.
+    internal_backends: tuple[Backend, ...] | None = None
 
     @property
     def new_flow_backends(self) -> tuple[Backend, ...]:
         """Those that take new flows: the active ones, or when there is none the
         serving terminating ones."""
-        active = tuple(b for b in self.backends if b.state is BackendState.ACTIVE)
-        return active or self.backends
+        return _new_flow(self.backends)
 
     @property
     def refuses(self) -> bool:
         """No backend may take a new flow: refuse at once."""
         return not self.new_flow_backends
+
+
+def _new_flow(backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
+    active = tuple(b for b in backends if b.state is BackendState.ACTIVE)
+    return active or backends
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -168,20 +178,23 @@ def _slice_backends(
                 if ref.get("name") and ref.get("namespace")
                 else None
             )
-            for text in endpoint.get("addresses") or []:
-                key = BackendKey(_ipv4(text), numbers[0], protocol)
-                backend = Backend(
+            addresses = endpoint.get("addresses") or []
+            if not addresses:
+                continue
+            # Only the first address: the API says the others are interchangeable and
+            # kube-proxy and Cilium read the first alone.
+            key = BackendKey(_ipv4(addresses[0]), numbers[0], protocol)
+            known = best.get(key)
+            if known is None or (
+                known.state is not BackendState.ACTIVE and state is BackendState.ACTIVE
+            ):
+                best[key] = Backend(
                     key=key,
                     state=state,
                     node=endpoint.get("nodeName"),
                     zone=endpoint.get("zone"),
                     pod=pod,
                 )
-                known = best.get(key)
-                if known is None or (
-                    known.state is not BackendState.ACTIVE and state is BackendState.ACTIVE
-                ):
-                    best[key] = backend
     return [best[key] for key in sorted(best)]
 
 
@@ -195,6 +208,9 @@ def _addresses(texts: Iterable[object]) -> list[ipaddress.IPv4Address]:
     return out
 
 
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: sessionAffinityConfig.clientIP's default
+
+
 def service_table(
     *,
     services: Iterable[Mapping[str, Any]],
@@ -204,72 +220,96 @@ def service_table(
 ) -> list[Frontend]:
     """Every frontend this node serves, sorted by key. ``node_ips`` are the node's
     addresses NodePorts listen on; ``node_name`` decides which backends are local."""
-    by_service: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    by_service: dict[str, list[Mapping[str, Any]]] = {}
     for slice_ in slices:
-        meta = slice_["metadata"]
-        name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if name:
-            by_service.setdefault((meta["namespace"], name), []).append(slice_)
+        owner = slice_service(slice_)
+        if owner is not None:
+            by_service.setdefault(owner, []).append(slice_)
     frontends: list[Frontend] = []
     for service in services:
-        meta, spec = service["metadata"], service["spec"]
-        ref = f"{meta['namespace']}/{meta['name']}"
-        own_slices = by_service.get((meta["namespace"], meta["name"]), [])
-        affinity = (
-            int(spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"])
-            if spec.get("sessionAffinity") == "ClientIP"
-            else 0
+        meta = service["metadata"]
+        frontends += service_frontends(
+            service,
+            by_service.get(f"{meta['namespace']}/{meta['name']}", []),
+            node_name=node_name,
+            node_ips=node_ips,
         )
-        internal_local = spec.get("internalTrafficPolicy") == "Local"
-        external_local = spec.get("externalTrafficPolicy") == "Local"
-        lb_ips = (
-            _addresses(
-                i.get("ip")
-                for i in service.get("status", {}).get("loadBalancer", {}).get("ingress", [])
-            )
-            if spec.get("type") == "LoadBalancer"
-            else []
-        )
-        for port in spec.get("ports", []):
-            protocol = port.get("protocol", "TCP")
-            name = port.get("name", "")
-            backends = _slice_backends(own_slices, port_name=name, protocol=protocol)
-            local = [b for b in backends if b.node == node_name]
-            places: list[tuple[FrontendKind, ipaddress.IPv4Address, int, bool]] = []
-            if spec.get("clusterIP") not in (None, "", "None"):
-                places.append(
-                    (
-                        FrontendKind.CLUSTER_IP,
-                        _ipv4(spec["clusterIP"]),
-                        port["port"],
-                        internal_local,
-                    )
-                )
-            if port.get("nodePort"):
-                places += [
-                    (FrontendKind.NODE_PORT, ip, port["nodePort"], external_local)
-                    for ip in node_ips
-                ]
-            places += [
-                (FrontendKind.EXTERNAL_IP, ip, port["port"], external_local)
-                for ip in _addresses(spec.get("externalIPs", []))
-            ]
-            places += [
-                (FrontendKind.LOAD_BALANCER, ip, port["port"], external_local) for ip in lb_ips
-            ]
-            for kind, ip, number, local_only in places:
-                frontends.append(
-                    Frontend(
-                        key=FrontendKey(ip, number, protocol),
-                        kind=kind,
-                        service=ref,
-                        port_name=name,
-                        backends=tuple(local if local_only else backends),
-                        affinity_timeout=affinity,
-                        local_only=local_only,
-                    )
-                )
     return _one_per_key(frontends)
+
+
+def slice_service(slice_: Mapping[str, Any]) -> str | None:
+    """``namespace/name`` of the Service a slice serves (its service-name label)."""
+    meta = slice_["metadata"]
+    name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+    return f"{meta['namespace']}/{name}" if name else None
+
+
+def _affinity_timeout(spec: Mapping[str, Any]) -> int:
+    if spec.get("sessionAffinity") != "ClientIP":
+        return 0
+    config = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+    timeout = config.get("timeoutSeconds")
+    return int(timeout) if isinstance(timeout, int) and timeout > 0 else DEFAULT_AFFINITY_TIMEOUT
+
+
+def service_frontends(
+    service: Mapping[str, Any],
+    slices: Sequence[Mapping[str, Any]],
+    *,
+    node_name: str,
+    node_ips: Sequence[ipaddress.IPv4Address] = (),
+) -> list[Frontend]:
+    """The frontends of one Service from its slices (those labelled with its name),
+    unsorted; where two Services claim one frontend :func:`service_table` decides."""
+    meta, spec = service["metadata"], service["spec"]
+    if spec.get("type") == "ExternalName":
+        return []  # a DNS alias: nothing to balance (kube-proxy and Cilium skip it)
+    ref = f"{meta['namespace']}/{meta['name']}"
+    affinity = _affinity_timeout(spec)
+    internal_local = spec.get("internalTrafficPolicy") == "Local"
+    external_local = spec.get("externalTrafficPolicy") == "Local"
+    lb_ips = (
+        _addresses(
+            i.get("ip")
+            for i in (service.get("status") or {}).get("loadBalancer", {}).get("ingress", [])
+        )
+        if spec.get("type") == "LoadBalancer"
+        else []
+    )
+    external_ips = _addresses(spec.get("externalIPs", []))
+    frontends = []
+    for port in spec.get("ports", []):
+        protocol = port.get("protocol", "TCP")
+        name = port.get("name", "")
+        backends = tuple(_slice_backends(slices, port_name=name, protocol=protocol))
+        local = tuple(b for b in backends if b.node == node_name)
+        places: list[tuple[FrontendKind, ipaddress.IPv4Address, int]] = []
+        if spec.get("clusterIP") not in (None, "", "None"):
+            places.append((FrontendKind.CLUSTER_IP, _ipv4(spec["clusterIP"]), port["port"]))
+        if port.get("nodePort"):
+            places += [(FrontendKind.NODE_PORT, ip, port["nodePort"]) for ip in node_ips]
+        places += [(FrontendKind.EXTERNAL_IP, ip, port["port"]) for ip in external_ips]
+        places += [(FrontendKind.LOAD_BALANCER, ip, port["port"]) for ip in lb_ips]
+        for kind, ip, number in places:
+            # internalTrafficPolicy governs the ClusterIP alone, externalTrafficPolicy
+            # the outside addresses; a client inside the cluster reaching an outside
+            # address of a Local Service is held to neither (kube-proxy: "pod
+            # traffic for external destinations" goes to every endpoint).
+            local_only = internal_local if kind is FrontendKind.CLUSTER_IP else external_local
+            two_scopes = local_only and kind is not FrontendKind.CLUSTER_IP
+            frontends.append(
+                Frontend(
+                    key=FrontendKey(ip, number, protocol),
+                    kind=kind,
+                    service=ref,
+                    port_name=name,
+                    backends=local if local_only else backends,
+                    affinity_timeout=affinity,
+                    local_only=local_only,
+                    internal_backends=backends if two_scopes and local != backends else None,
+                )
+            )
+    return frontends
 
 
 def _one_per_key(frontends: list[Frontend]) -> list[Frontend]:

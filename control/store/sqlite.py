@@ -31,7 +31,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from .base import (
     KeyValues,
@@ -60,6 +60,10 @@ _SCHEMA = (
     "INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0)",
     f"INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', {SCHEMA_VERSION})",
 )
+
+# (key, revision of its last write) pairs; a module-level name because the class
+# defines list().
+KeyRevisions: TypeAlias = list[tuple[str, int]]
 
 # SQLite primary result codes that mean "someone else holds the lock; try again later".
 _SQLITE_BUSY = 5
@@ -291,6 +295,20 @@ class SqliteStore(Store):
             return _list(conn, prefix)
         except sqlite3.Error as exc:
             raise _translate(exc, path=self._path, doing=f"list {prefix!r}") from exc
+
+    def list_revisions(self, prefix: str) -> KeyRevisions:
+        """``(key, revision of its last write)`` of every key under ``prefix``, sorted,
+        without the values: what a controller compares with what it saw last to read
+        only the keys that changed (etcd's keys-only range with ``mod_revision``)."""
+        check_prefix(prefix, allow_empty=True)
+        where, args = _range_clause(prefix)
+        conn = self._connection(writer=False)
+        try:
+            return conn.execute(
+                f"SELECT key, revision FROM kv WHERE {where} ORDER BY key", args
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, path=self._path, doing=f"list revisions {prefix!r}") from exc
 
     def revision(self) -> int:
         conn = self._connection(writer=False)

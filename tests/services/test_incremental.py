@@ -1,0 +1,365 @@
+"""Passes that cost what changed: the change feed reads only the objects written
+since the last poll (and sees deletions), the EndpointSlice controller recomputes
+and writes only the Services a change touches, the node's table recomputes only
+the Services whose object or slices changed, ids are written only for new
+frontends, and a full resync puts right what an incremental pass missed."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ciliate.control.objects import KINDS, ObjectStore, object_key
+from ciliate.control.services.changes import ObjectChanges
+from ciliate.control.services.ids import LbIds
+from ciliate.control.services.node import NodeTable
+from ciliate.control.services.slices import (
+    MANAGED_BY_LABEL,
+    PodAddress,
+    SliceController,
+    reconcile,
+)
+from ciliate.control.services.table import FrontendKey, service_table
+from ciliate.control.store import KeyValues, SqliteStore, Store, StoreUnavailableError, Txn
+
+SERVICE, POD, SLICE = KINDS["Service"], KINDS["Pod"], KINDS["EndpointSlice"]
+KINDS_WATCHED = [SERVICE, POD, SLICE]
+COUNT = 40
+
+
+def service(name: str, app: str, *, port: int = 80) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": app}, "ports": [{"port": port, "targetPort": 8080}]},
+    }
+
+
+def pod(name: str, app: str, ip: str, **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": app}, **meta},
+        "spec": {"containers": [{"name": "c"}]},
+        "status": {"podIP": ip},
+    }
+
+
+class CountingObjects(ObjectStore):
+    """The real object store, counting the documents written and deleted."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.applied: list[str] = []
+        self.deleted: list[str] = []
+
+    def apply(self, documents: Sequence[Mapping[str, Any]]) -> Any:
+        self.applied += [d["metadata"]["name"] for d in documents]
+        return super().apply(documents)
+
+    def delete(self, refs: Sequence[Any], *, ignore_missing: bool = False) -> Any:
+        self.deleted += [r.name for r in refs]
+        return super().delete(refs, ignore_missing=ignore_missing)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "state.db") as s:
+        yield s
+
+
+def many_services(store: Store) -> None:
+    """COUNT Services, each selecting its own pod."""
+    objects = ObjectStore(store)
+    docs: list[dict[str, Any]] = []
+    for i in range(COUNT):
+        docs += [service(f"s{i}", f"a{i}"), pod(f"p{i}", f"a{i}", f"10.0.0.{i + 1}")]
+    objects.apply(docs)
+
+
+# -- the change feed ------------------------------------------------------------------
+
+
+class ValuesOnly:
+    """A store without ``list_revisions`` (the feed compares values instead)."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self._inner = inner
+
+    def get(self, key: str) -> bytes | None:
+        return self._inner.get(key)
+
+    def list(self, prefix: str) -> KeyValues:
+        return self._inner.list(prefix)
+
+    def get_json(self, key: str) -> Any:
+        return self._inner.get_json(key)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self._inner.get_many(keys)
+
+    def transaction(self) -> AbstractContextManager[Txn]:
+        return self._inner.transaction()
+
+    def revision(self) -> int:
+        return self._inner.revision()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize("by", ["revision", "value"])
+def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted(
+    store: SqliteStore, by: str
+) -> None:
+    objects = ObjectStore(store)
+    objects.apply([service("a", "x"), service("b", "y"), pod("p", "x", "10.0.0.1")])
+    feed = ObjectChanges(store if by == "revision" else ValuesOnly(store), KINDS_WATCHED)  # type: ignore[arg-type]
+    first = feed.poll()
+    assert first.full and sorted(first.of("Service")) == [
+        object_key(SERVICE, name="a", namespace="default"),
+        object_key(SERVICE, name="b", namespace="default"),
+    ]
+    assert feed.poll().empty  # nothing written since
+    objects.apply([service("a", "x", port=81)])
+    objects.delete(objects.refs_of([service("b", "y")]))
+    objects.apply([service("a", "x", port=81)])  # unchanged: not written, not reported
+    changes = feed.poll()
+    assert not changes.full
+    assert [s["spec"]["ports"][0]["port"] for s in changes.of("Service").values()] == [81]
+    assert changes.gone("Service") == {object_key(SERVICE, name="b", namespace="default")}
+    assert changes.of("Pod") == {} and changes.gone("Pod") == set()
+    feed.reset()
+    again = feed.poll()
+    assert again.full and len(again.of("Service")) == 1 and len(again.of("Pod")) == 1
+
+
+class FailingOnce(ValuesOnly):
+    """The real store whose listing of one prefix fails once (etcd gone a moment)."""
+
+    def __init__(self, inner: SqliteStore, prefix: str) -> None:
+        super().__init__(inner)
+        self.fail_prefix: str | None = prefix
+
+    def list_revisions(self, prefix: str) -> list[tuple[str, int]]:
+        if prefix == self.fail_prefix:
+            self.fail_prefix = None
+            raise StoreUnavailableError("etcd is away")
+        return self._inner.list_revisions(prefix)
+
+
+def test_a_failed_poll_loses_no_change(store: SqliteStore) -> None:
+    objects = ObjectStore(store)
+    objects.apply([service("a", "x")])
+    flaky = FailingOnce(store, prefix="")
+    feed = ObjectChanges(flaky, KINDS_WATCHED)  # type: ignore[arg-type]
+    feed.poll()
+    objects.apply([service("b", "x"), pod("p", "x", "10.0.0.1")])
+    flaky.fail_prefix = "objects/endpointslice/"  # Services and Pods read, then a failure
+    with pytest.raises(StoreUnavailableError):
+        feed.poll()
+    changes = feed.poll()
+    assert [s["metadata"]["name"] for s in changes.of("Service").values()] == ["b"]
+    assert [p["metadata"]["name"] for p in changes.of("Pod").values()] == ["p"]
+
+
+# -- the EndpointSlice controller -------------------------------------------------------
+
+
+def controller_over(store: Store) -> tuple[SliceController, CountingObjects, ObjectChanges]:
+    objects = CountingObjects(store)
+    return SliceController(objects), objects, ObjectChanges(store, KINDS_WATCHED)
+
+
+def test_one_service_changed_among_many_is_the_only_one_recomputed_and_written(
+    store: SqliteStore,
+) -> None:
+    many_services(store)
+    controller, objects, feed = controller_over(store)
+    first = controller.sync(feed.poll(), addresses={})
+    assert first.services_recomputed == COUNT and len(first.created) == COUNT
+    # Its own writes come back through the feed: compared, not recomputed nor written.
+    objects.applied.clear()
+    settled = controller.sync(feed.poll(), addresses={})
+    assert settled.services_recomputed == 0 and objects.applied == []
+
+    ObjectStore(store).apply([service("s7", "a7", port=8080)])
+    result = controller.sync(feed.poll(), addresses={})
+    assert result.services_recomputed == 1 and not result.changed  # same pods, same slice
+
+    ObjectStore(store).apply([pod("p7b", "a7", "10.0.1.7")])
+    result = controller.sync(feed.poll(), addresses={})
+    assert result.services_recomputed == 1
+    assert [r.split("-")[0] for r in result.updated] == ["default/s7"]
+    assert [name.split("-")[0] for name in objects.applied] == ["s7"]
+
+
+def test_a_published_address_moving_recomputes_the_services_of_that_pod_only(
+    store: SqliteStore,
+) -> None:
+    many_services(store)
+    controller, _, feed = controller_over(store)
+    controller.sync(feed.poll(), addresses={})
+    controller.sync(feed.poll(), addresses={})
+    moved = {"default/p3": PodAddress(ipaddress.IPv4Address("10.79.0.3"), "node-a")}
+    result = controller.sync(feed.poll(), addresses=moved)
+    assert result.services_recomputed == 1
+    (slice_,) = result.written.values()
+    assert slice_["endpoints"][0]["addresses"] == ["10.79.0.3"]
+    assert slice_["endpoints"][0]["nodeName"] == "node-a"
+
+
+def test_services_and_pods_deleted_and_selectors_dropped_are_followed(
+    store: SqliteStore,
+) -> None:
+    many_services(store)
+    controller, _, feed = controller_over(store)
+    controller.sync(feed.poll(), addresses={})
+    plain = ObjectStore(store)
+    plain.delete(plain.refs_of([service("s1", "a1")]))
+    plain.delete(plain.refs_of([pod("p2", "a2", "")]))
+    plain.apply([{**service("s3", "a3"), "spec": {"ports": [{"port": 80}]}}])
+    result = controller.sync(feed.poll(), addresses={})
+    assert result.services_recomputed == 3
+    # s1 (deleted) and s3 (no selector) lose theirs; s2's slice of its one pod gives
+    # way to the empty one a Service selecting nothing keeps.
+    assert sorted(r.split("-")[0] for r in result.deleted) == [
+        "default/s1",
+        "default/s2",
+        "default/s3",
+    ]
+    assert [
+        (s["metadata"]["name"].split("-")[0], s["endpoints"]) for s in result.written.values()
+    ] == [("s2", [])]
+    managed = [
+        s["metadata"]["labels"]["kubernetes.io/service-name"]
+        for s in plain.list(SLICE)
+        if s["metadata"]["labels"].get(MANAGED_BY_LABEL)
+    ]
+    assert "s1" not in managed and "s3" not in managed and "s2" in managed
+
+
+def test_a_slice_deleted_or_edited_behind_its_back_is_put_back(store: SqliteStore) -> None:
+    many_services(store)
+    controller, _, feed = controller_over(store)
+    controller.sync(feed.poll(), addresses={})
+    controller.sync(feed.poll(), addresses={})
+    plain = ObjectStore(store)
+    (mine,) = [s for s in plain.list(SLICE) if s["metadata"]["name"].startswith("s5-")]
+    plain.delete(plain.refs_of([mine]))
+    edited = next(s for s in plain.list(SLICE) if s["metadata"]["name"].startswith("s6-"))
+    edited["endpoints"] = []
+    plain.apply([edited])
+    result = controller.sync(feed.poll(), addresses={})
+    assert result.services_recomputed == 2
+    assert sorted(result.created + result.updated) == sorted(
+        [f"default/{mine['metadata']['name']}", f"default/{edited['metadata']['name']}"]
+    )
+
+
+def test_a_missed_change_is_healed_by_the_next_full_resync(store: SqliteStore) -> None:
+    many_services(store)
+    controller, _, feed = controller_over(store)
+    controller.sync(feed.poll(), addresses={})
+    ObjectStore(store).apply([pod("p9b", "a9", "10.0.2.9")])
+    feed.poll()  # the change is read but lost: never given to the controller
+    assert controller.sync(feed.poll(), addresses={}).services_recomputed == 0
+    feed.reset()
+    healed = controller.sync(feed.poll(), addresses={})
+    assert healed.updated and all(r.startswith("default/s9-") for r in healed.updated)
+    assert not reconcile(ObjectStore(store), addresses={}).changed  # equal to a fresh full pass
+
+
+# -- the node's table and ids ----------------------------------------------------------
+
+
+def slices_for(store: Store) -> None:
+    reconcile(ObjectStore(store), addresses={})
+
+
+def test_the_table_recomputes_only_the_service_whose_slices_changed(store: SqliteStore) -> None:
+    many_services(store)
+    slices_for(store)
+    feed = ObjectChanges(store, KINDS_WATCHED)
+    node = NodeTable(node_name="node-a", node_ips=[])
+    first = node.update(feed.poll())
+    assert first.full and first.services_recomputed == COUNT and len(first.changed) == COUNT
+    objects = ObjectStore(store)
+    assert node.frontends() == service_table(
+        services=objects.list(SERVICE), slices=objects.list(SLICE), node_name="node-a"
+    )
+    assert node.update(feed.poll()).changed == {}
+
+    objects.apply([pod("p4b", "a4", "10.0.3.4")])
+    slices_for(store)
+    delta = node.update(feed.poll())
+    assert delta.services_recomputed == 1
+    (key,) = delta.changed
+    frontend = node.get(key)
+    assert frontend is not None and frontend.service == "default/s4"
+    assert [str(b.key.ip) for b in frontend.backends] == ["10.0.0.5", "10.0.3.4"]
+    assert {str(b.ip) for b in delta.new_backends} == {"10.0.3.4"}
+
+    objects.delete(objects.refs_of([service("s4", "a4")]))
+    slices_for(store)
+    delta = node.update(feed.poll())
+    assert delta.changed == {key: None} and node.get(key) is None
+    assert {str(b.ip) for b in delta.released_backends} == {"10.0.0.5", "10.0.3.4"}
+
+
+def test_ids_are_written_only_for_new_frontends_and_survive_a_restart(
+    store: SqliteStore,
+) -> None:
+    many_services(store)
+    slices_for(store)
+    feed = ObjectChanges(store, KINDS_WATCHED)
+    node = NodeTable(node_name="node-a", node_ips=[])
+    ids = LbIds(store)
+    ids.sync(node.update(feed.poll()) and node.frontends())
+    before = {f.key: ids.frontend_id(f.key) for f in node.frontends()}
+    revision = store.revision()
+    ids.update()  # nothing new: no transaction at all
+    assert store.revision() == revision
+    objects = ObjectStore(store)
+    objects.apply([service("new", "a1")])
+    slices_for(store)
+    delta = node.update(feed.poll())
+    new_keys = [k for k, f in delta.changed.items() if f is not None]
+    revision = store.revision()
+    ids.update(frontends=new_keys, backends=delta.new_backends)
+    assert store.revision() == revision + 1
+    (new_key,) = new_keys
+    assert ids.frontend_id(new_key) == max(v for v in before.values() if v) + 1
+    restarted = LbIds(store).sync(node.frontends())
+    assert restarted.frontend[new_key] == ids.frontend_id(new_key)
+    assert all(restarted.frontend[k] == v for k, v in before.items())
+
+
+def test_two_services_claiming_one_external_address_keep_the_first_by_name(
+    store: SqliteStore,
+) -> None:
+    objects = ObjectStore(store)
+    shared = {"externalIPs": ["203.0.113.9"]}
+    b = service("b", "x")
+    b["spec"].update(shared)
+    objects.apply([b])
+    feed = ObjectChanges(store, KINDS_WATCHED)
+    node = NodeTable(node_name="node-a", node_ips=[])
+    node.update(feed.poll())
+    key = FrontendKey(ipaddress.IPv4Address("203.0.113.9"), 80, "TCP")
+    assert node.get(key) is not None and node.get(key).service == "default/b"  # type: ignore[union-attr]
+    a = service("a", "x")
+    a["spec"].update(shared)
+    objects.apply([a])
+    delta = node.update(feed.poll())
+    assert key in delta.changed and node.get(key).service == "default/a"  # type: ignore[union-attr]
+    objects.delete(objects.refs_of([a]))
+    delta = node.update(feed.poll())
+    assert node.get(key).service == "default/b"  # type: ignore[union-attr]
+    assert key in delta.changed
