@@ -2,7 +2,9 @@
 UDP on 80 and 81; every ordered pair probed) with the upstream cases' policies and
 truth tables, through the real datapath of one node: real pods, the agent's policy
 loop, the BPF programs deciding. The same cases run through the engine alone in
-tests/policy and across three nodes in tests/cluster."""
+tests/policy and across three nodes in tests/cluster; so does a sample of the
+generated cases (tests/policy/generated_cases.py), whose tables come from the
+reference evaluator."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from rich.console import Console
 from ciliate.control.agent.client import AgentClient
 from ciliate.control.lab import lab
 from tests.policy.datapath_runner import Cluster, ModelPods, observer, pod_objects
+from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
 
 # The SCTP context needs SCTP sockets in the pods; this kernel's datapath handles
@@ -80,3 +83,14 @@ def test_without_policy_every_pod_reaches_every_pod(model: tuple[ModelPods, Any]
     for protocol in ("TCP", "UDP"):
         observed = pods.probe(protocol, 80)
         assert all(observed[(s, d)] for s in PODS for d in PODS if s != d)
+
+
+@pytest.mark.parametrize("name", DATAPATH_SAMPLE)
+def test_generated_case_through_the_datapath(model: tuple[ModelPods, Any], name: str) -> None:
+    # A sample of the generated (cyclonus-style) cases, truth tables from the
+    # reference evaluator of tests/policy/k8s_reference.py, on the real pods.
+    pods, observe = model
+    observe.reset()
+    case = next(c for c in datapath_sample() if c.name == name).expected(pods.ips)
+    failures = check_case(case, observe)
+    assert not failures, f"{name}:\n" + "\n\n".join(failures)

@@ -21,7 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Json, Stage
+from .k8s_reference import Reference
+from .model import PODS, Case, Json, Probe, Reachability, Stage
 
 # Pods whose named ports are swapped: pod -> protocol whose 80/81 names trade places.
 SWAPPED_NAMES = {"y/b": "TCP", "x/c": "UDP"}
@@ -31,28 +32,60 @@ OTHER_NODE_IP = "192.168.100.3"
 OUTSIDE_IPS = ("192.0.2.10", "10.244.0.200", "10.244.1.7", "198.51.100.20")
 
 
-def model_objects(stage: Stage, pod_ips: Mapping[str, str]) -> list[Json]:
-    """The stage's objects with the two pods' port names swapped."""
-    objects = copy.deepcopy(stage.objects(pod_ips))
-    for obj in objects:
-        if obj["kind"] != "Pod":
-            continue
-        ref = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-        protocol = SWAPPED_NAMES.get(ref)
-        if protocol is None:
-            continue
-        for container in obj["spec"]["containers"]:
-            for port in container["ports"]:
-                if port["protocol"] == protocol:
-                    other = 81 if port["containerPort"] == 80 else 80
-                    port["name"] = f"serve-{other}-{protocol.lower()}"
-    return objects
+@dataclass(frozen=True)
+class GeneratedStage(Stage):
+    """A stage whose objects have the two pods' port names swapped."""
+
+    def objects(self, pod_ips: Mapping[str, str | None]) -> list[Json]:
+        objects = copy.deepcopy(super().objects(pod_ips))
+        for obj in objects:
+            if obj["kind"] != "Pod":
+                continue
+            ref = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+            protocol = SWAPPED_NAMES.get(ref)
+            if protocol is None:
+                continue
+            for container in obj["spec"]["containers"]:
+                for port in container["ports"]:
+                    if port["protocol"] == protocol:
+                        other = 81 if port["containerPort"] == 80 else 80
+                        port["name"] = f"serve-{other}-{protocol.lower()}"
+        return objects
 
 
 @dataclass(frozen=True)
 class GeneratedCase:
     name: str
-    stage: Stage
+    stage: GeneratedStage
+
+    def expected(self, pod_ips: Mapping[str, str]) -> Case:
+        """The case with its truth tables (TCP and UDP on 80 and 81, every ordered
+        pair) from the reference evaluator, for any runner of the e2e model."""
+        reference = Reference(self.stage.objects(pod_ips))
+        pods = {
+            f"{o['metadata']['namespace']}/{o['metadata']['name']}": Reference.pod(o)
+            for o in self.stage.objects(pod_ips)
+            if o["kind"] == "Pod"
+        }
+        probes = []
+        for protocol in ("TCP", "UDP"):
+            for port in (80, 81):
+                reach = Reachability()
+                for src in PODS:
+                    for dst in PODS:
+                        reach.expect(
+                            src,
+                            dst,
+                            reference.allows(pods[src], pods[dst], protocol=protocol, port=port),
+                        )
+                probes.append(Probe(port, protocol, reach))
+        stage = GeneratedStage(
+            self.stage.policies,
+            probes,
+            pod_labels=self.stage.pod_labels,
+            namespace_labels=self.stage.namespace_labels,
+        )
+        return Case(self.name, [stage])
 
 
 # -- vocabularies --------------------------------------------------------------------
@@ -235,7 +268,7 @@ def _typical(
 
 
 def _one(name: str, *policies: Json, **stage: Any) -> GeneratedCase:
-    return GeneratedCase(name, Stage(list(policies), [], **stage))
+    return GeneratedCase(name, GeneratedStage(list(policies), [], **stage))
 
 
 # -- families ----------------------------------------------------------------------------
@@ -410,6 +443,18 @@ def hand_written() -> Iterator[GeneratedCase]:
         policy_types=["Ingress"],
     )
     yield _one("example: should allow ingress access on one named port", named_81)
+    per_pod = [
+        netpol(
+            "named-x",
+            "x",
+            {},
+            ingress=[
+                {"ports": [{"protocol": "UDP", "port": "serve-81-udp"}, {"port": "serve-80-tcp"}]}
+            ],
+        ),
+        netpol("named-y", "y", {}, ingress=[{"ports": [{"port": "serve-81-tcp"}]}]),
+    ]
+    yield _one("ciliate: named ports resolve on each destination pod", *per_pod)
     base = _typical("ingress")
     base_udp = _typical("ingress", ports=[{"protocol": "UDP", "port": "serve-81-udp"}])
     yield _one("action: create policy", base)
@@ -498,3 +543,28 @@ def generated_cases(random_count: int = 300) -> list[GeneratedCase]:
         *hand_written(),
         *random_sets(random_count),
     ]
+
+
+# Generated cases also run through the real datapath (tests/node/test_netpol_e2e.py):
+# none with an ipBlock (their addresses are the engine runs' fixed pod IPs), each a
+# different feature: named ports on pods that name them differently, ranges, rule
+# shapes and defaulted types, conflicts, label changes, selector operators.
+DATAPATH_SAMPLE = (
+    "ciliate: named ports resolve on each destination pod",
+    "egress: namespace z",
+    "ingress: port 80-81",
+    "ingress: port UDP 79-80",
+    "ingress [], types defaulted, target all",
+    "egress [{}], types [Egress], target pod=a",
+    "egress rules, types defaulted",
+    "conflict: deny all ingress + allow all ingress",
+    "conflict: egress of x allows y only on 80, ingress of y allows x only on 81",
+    "conflict: three policies on one pod, each one port",
+    "action: pod selector, label set on y/b",
+    "ingress: peer ns ns notin (x) pod pod notin (a)",
+)
+
+
+def datapath_sample() -> list[GeneratedCase]:
+    by_name = {case.name: case for case in generated_cases(random_count=0)}
+    return [by_name[name] for name in DATAPATH_SAMPLE]

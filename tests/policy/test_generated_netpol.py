@@ -25,17 +25,17 @@ from ciliate.control.policy.model import (
     EndpointPolicy,
 )
 
-from .engine_runner import by_kind
+from .engine_runner import by_kind, observe_with_engine
 from .generated_cases import (
     HOST_IP,
     OTHER_NODE_IP,
     OUTSIDE_IPS,
     GeneratedCase,
+    datapath_sample,
     generated_cases,
-    model_objects,
 )
 from .k8s_reference import Peer, Reference, RuleId
-from .model import PODS, default_pod_ips
+from .model import PODS, check_case, default_pod_ips
 
 IPS = default_pod_ips()
 CASES = generated_cases()
@@ -63,7 +63,7 @@ class Checker:
     """One case: the engine's world and the reference's, and their disagreements."""
 
     def __init__(self, case: GeneratedCase) -> None:
-        objects = model_objects(case.stage, IPS)
+        objects = case.stage.objects(IPS)
         self.reference = Reference(objects)
         self.ref_pods = {
             f"{o['metadata']['namespace']}/{o['metadata']['name']}": Reference.pod(o)
@@ -206,3 +206,9 @@ def test_the_reference_sees_a_wrong_answer() -> None:
     assert checker.problems and all(
         "engine denies, the reference allows" in p for p in checker.problems
     )
+
+
+@pytest.mark.parametrize("case", datapath_sample(), ids=lambda c: c.name)
+def test_the_datapath_samples_truth_tables_hold_through_the_engine(case: GeneratedCase) -> None:
+    # The tables tests/node/test_netpol_e2e.py checks the real datapath against.
+    assert not check_case(case.expected(IPS), observe_with_engine(IPS))
