@@ -1,10 +1,13 @@
 """CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy through the real datapath
-of one node: deny over allow, entities, ports. (Every feature is also covered,
-packet-free, against the engine in tests/policy/test_cilium.py.)"""
+of one node: deny over allow, entities, ports (port 0, ranges by protocol), an
+ingressDeny alone enforcing, the namespace scope of an empty peer selector (CNP vs
+CCNP), CIDR rules not selecting pods. (Every feature is also covered, packet-free,
+against the engine in tests/policy/test_cilium.py.)"""
 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -130,3 +133,112 @@ def test_from_entities_host_lets_only_the_node_in(node_lab: NodeLab, pods: dict[
         assert lab.ping(node_lab.node.netns, str(b.state.ip))
     finally:
         delete(node_lab, policy)
+
+
+@pytest.fixture
+def outsider(node_lab: NodeLab, pods: dict[str, Pod]) -> Iterator[Pod]:
+    """A pod labelled like ``a`` but in namespace ``other``."""
+    state = lab.add_pod_netns(
+        node_lab.state, node_lab.node, f"o{secrets.token_hex(2)}", namespace="other"
+    )
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": state.name, "namespace": "other", "labels": {"app": "a"}},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+    }
+    apply(node_lab, namespace, pod)
+    node_lab.add(state)
+    running = Pod(state)
+    yield running
+    running.close()
+    node_lab.cni(state, "DEL")
+    delete(node_lab, pod, namespace)
+
+
+def test_an_empty_peer_selector_is_the_namespace_of_a_cnp_and_the_cluster_of_a_ccnp(
+    node_lab: NodeLab, pods: dict[str, Pod], outsider: Pod
+) -> None:
+    a, b = pods["a"], pods["b"]
+    spec = {"endpointSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"fromEndpoints": [{}]}]}
+    namespaced = cnp("b-in", spec)
+    apply(node_lab, namespaced)
+    try:
+        assert a.reaches(b, 80) and a.reaches(b, 81, "UDP")
+        assert not outsider.reaches(b, 80)  # same labels as a, another namespace
+    finally:
+        delete(node_lab, namespaced)
+    clusterwide = cnp("b-in", spec, clusterwide=True)
+    apply(node_lab, clusterwide)
+    try:
+        assert a.reaches(b, 80) and outsider.reaches(b, 80)
+        assert lab.ping(node_lab.node.netns, str(b.state.ip))  # the node, always
+    finally:
+        delete(node_lab, clusterwide)
+
+
+def test_port_zero_any_port_and_an_ingress_deny_alone_enforcing(
+    node_lab: NodeLab, pods: dict[str, Pod]
+) -> None:
+    a, b, c = pods["a"], pods["b"], pods["c"]
+    ports = cnp(
+        "b-ports",
+        {
+            "endpointSelector": {"matchLabels": {"app": "b"}},
+            "ingress": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": "a"}}],
+                    "toPorts": [
+                        {
+                            "ports": [
+                                {"port": "0", "protocol": "TCP"},
+                                {"port": "81", "protocol": "UDP"},
+                            ]
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+    deny_only = cnp(
+        "c-deny",
+        {
+            "endpointSelector": {"matchLabels": {"app": "c"}},
+            "ingressDeny": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": "a"}}],
+                    "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}],
+                }
+            ],
+        },
+    )
+    apply(node_lab, ports, deny_only)
+    try:
+        assert a.reaches(b, 80) and a.reaches(b, 81) and a.reaches(b, 81, "UDP")
+        assert not a.reaches(b, 80, "UDP") and not c.reaches(b, 80)
+        # An ingressDeny alone puts c in default deny: nothing is allowed in.
+        assert not a.reaches(c, 80) and not a.reaches(c, 81) and not b.reaches(c, 81, "UDP")
+        assert lab.ping(node_lab.node.netns, str(c.state.ip))
+    finally:
+        delete(node_lab, ports, deny_only)
+    assert a.reaches(c, 80) and a.reaches(b, 80, "UDP")
+
+
+def test_cidr_rules_do_not_reach_pods_endpoint_rules_do(
+    node_lab: NodeLab, pods: dict[str, Pod]
+) -> None:
+    a, b, c = pods["a"], pods["b"], pods["c"]
+    rules: list[dict[str, Any]] = [{"toCIDR": ["0.0.0.0/0"]}, {"toEntities": ["world"]}]
+    spec = {"endpointSelector": {"matchLabels": {"app": "a"}}, "egress": rules}
+    cidr_only = cnp("a-out", spec)
+    apply(node_lab, cidr_only)
+    try:
+        assert not a.reaches(b, 80) and not a.reaches(c, 81, "UDP")
+        with_c = cnp(
+            "a-out", {**spec, "egress": [*rules, {"toEndpoints": [{"matchLabels": {"app": "c"}}]}]}
+        )
+        apply(node_lab, with_c)
+        assert a.reaches(c, 80) and a.reaches(c, 81, "UDP") and not a.reaches(b, 80)
+    finally:
+        delete(node_lab, cidr_only)
