@@ -55,6 +55,9 @@ NODE_PORT_RANGE = (30000, 32767)  # the API server's --service-node-port-range d
 CLIENT_IP_TIMEOUT_DEFAULT = 10800  # 3 hours, Kubernetes' DefaultClientIPServiceAffinitySeconds
 CLIENT_IP_TIMEOUT_MAX = 86400
 TRAFFIC_POLICIES = ("Cluster", "Local")
+TRAFFIC_DISTRIBUTIONS = ("PreferClose", "PreferSameNode", "PreferSameZone")
+TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # deprecated name
+TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 TOPOLOGY_ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -219,6 +222,8 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
         if (
             cls := errs.string("spec.loadBalancerClass", spec.get("loadBalancerClass"))
         ) is not None:
+            if (problem := qualified_name_problem(cls)) is not None:
+                errs.invalid("spec.loadBalancerClass", cls, problem)
             out["loadBalancerClass"] = cls
     else:
         for field in ("allocateLoadBalancerNodePorts", "loadBalancerIP", "loadBalancerClass"):
@@ -253,8 +258,12 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
         publish = False
     if publish:
         out["publishNotReadyAddresses"] = True
-    if (distribution := spec.get("trafficDistribution")) is not None:
-        out["trafficDistribution"] = errs.string("spec.trafficDistribution", distribution)
+    distribution = errs.string("spec.trafficDistribution", spec.get("trafficDistribution"))
+    if distribution is not None:
+        if distribution not in TRAFFIC_DISTRIBUTIONS:
+            errs.unsupported("spec.trafficDistribution", distribution, TRAFFIC_DISTRIBUTIONS)
+        out["trafficDistribution"] = distribution
+    _topology_annotations(errs, obj)
     if kind != "ExternalName" and (name := spec.get("externalName")) not in (None, ""):
         out["externalName"] = name  # kept, unused, as the API server keeps it
     obj["spec"] = out
@@ -392,6 +401,20 @@ def _source_ranges(errs: Errors, obj: dict[str, Any], spec: dict[str, Any], *, k
         )
 
 
+def _topology_annotations(errs: Errors, obj: dict[str, Any]) -> None:
+    """``validateServiceAnnotations``: the old and the new name of the topology
+    annotation must agree when both are given."""
+    annotations = obj["metadata"].get("annotations") or {}
+    hints = annotations.get(TOPOLOGY_HINTS_ANNOTATION)
+    mode = annotations.get(TOPOLOGY_MODE_ANNOTATION)
+    if hints is not None and mode is not None and hints != mode:
+        errs.invalid(
+            f"metadata.annotations[{TOPOLOGY_MODE_ANNOTATION}]",
+            mode,
+            f"must match annotations[{TOPOLOGY_HINTS_ANNOTATION}] when both are specified",
+        )
+
+
 def _is_cidr(text: str) -> bool:
     if "/" not in text:
         return False
@@ -425,8 +448,9 @@ def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> l
             out["name"] = name
         elif len(items) > 1:
             errs.required(f"{at}.name", "names are required when a service has several ports")
+        # SetDefaults_Service: an empty protocol is TCP (a string field, not a pointer).
         protocol = protocol_of(
-            errs, f"{at}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+            errs, f"{at}.protocol", port.get("protocol") or None, allowed=PROTOCOLS, default="TCP"
         )
         out["protocol"] = protocol
         if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
@@ -502,7 +526,9 @@ def _traffic_policies(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -
             errs, "spec.internalTrafficPolicy", internal, TRAFFIC_POLICIES, "Cluster"
         )
     external = spec.get("externalTrafficPolicy")
-    if externally_reachable(out):
+    # Reachability is the manifest's: an invalid external IP must not turn the policy
+    # into a second, misleading error.
+    if externally_reachable({**out, "externalIPs": spec.get("externalIPs")}):
         out["externalTrafficPolicy"] = _one_of(
             errs, "spec.externalTrafficPolicy", external, TRAFFIC_POLICIES, "Cluster"
         )

@@ -354,8 +354,13 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
             host_port = errs.integer(f"{pat}.hostPort", port.get("hostPort"))
             if host_port and not 1 <= host_port <= 65535:
                 errs.invalid(f"{pat}.hostPort", host_port, "must be between 1 and 65535, inclusive")
+            # SetDefaults_ContainerPort: an empty protocol is TCP.
             port["protocol"] = protocol_of(
-                errs, f"{pat}.protocol", port.get("protocol"), allowed=PROTOCOLS, default="TCP"
+                errs,
+                f"{pat}.protocol",
+                port.get("protocol") or None,
+                allowed=PROTOCOLS,
+                default="TCP",
             )
             port_name = errs.string(f"{pat}.name", port.get("name"))
             if port_name:
