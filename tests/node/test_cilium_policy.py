@@ -61,6 +61,19 @@ def pods(node_lab: NodeLab) -> Iterator[dict[str, Pod]]:
     delete(node_lab, *(pod_object(pod) for pod in made.values()))
 
 
+def trace(node_lab: NodeLab, src: Pod, dst: Pod, port: int, protocol: int = 6) -> Any:
+    with node_lab.api as client:
+        return client.post(
+            "/v1/policy/trace",
+            {
+                "src": f"default/{src.state.name}",
+                "dst": f"default/{dst.state.name}",
+                "protocol": protocol,
+                "port": port,
+            },
+        )
+
+
 def cnp(name: str, spec: Mapping[str, Any], *, clusterwide: bool = False) -> dict[str, Any]:
     kind = "CiliumClusterwideNetworkPolicy" if clusterwide else "CiliumNetworkPolicy"
     metadata: dict[str, Any] = {"name": name}
@@ -91,6 +104,16 @@ def test_ingress_deny_wins_over_an_allow(node_lab: NodeLab, pods: dict[str, Pod]
         assert a.reaches(b, 80, "UDP")  # the deny names TCP
         assert not c.reaches(b, 81)  # not allowed: isolated by the policy
         assert b.reaches(c, 80)  # b's egress is not isolated
+        # The agent's trace (what `ciliate policy trace` prints) names what decided.
+        denied = trace(node_lab, a, b, 80)
+        assert not denied["allowed"]
+        assert "CiliumNetworkPolicy default/b-in spec.ingressDeny[0]" in denied["lines"][1]
+        allowed = trace(node_lab, a, b, 81)
+        assert allowed["allowed"]
+        assert "CiliumNetworkPolicy default/b-in spec.ingress[0]" in allowed["lines"][1]
+        by_default = trace(node_lab, c, b, 81)
+        assert not by_default["allowed"] and "(default deny)" in by_default["lines"][1]
+        assert "not enforced" in trace(node_lab, b, c, 80)["lines"][0]
     finally:
         delete(node_lab, policy)
     assert a.reaches(b, 80) and c.reaches(b, 81)
@@ -219,6 +242,11 @@ def test_port_zero_any_port_and_an_ingress_deny_alone_enforcing(
         assert not a.reaches(b, 80, "UDP") and not c.reaches(b, 80)
         # An ingressDeny alone puts c in default deny: nothing is allowed in.
         assert not a.reaches(c, 80) and not a.reaches(c, 81) and not b.reaches(c, 81, "UDP")
+        assert "spec.ingressDeny[0]" in trace(node_lab, a, c, 80)["lines"][1]
+        assert (
+            "isolated for ingress by CiliumNetworkPolicy default/c-deny spec"
+            in (trace(node_lab, a, c, 81)["lines"][1])
+        )
         assert lab.ping(node_lab.node.netns, str(c.state.ip))
     finally:
         delete(node_lab, ports, deny_only)
