@@ -161,3 +161,19 @@ def test_a_named_ingress_port_resolves_per_endpoint_even_under_one_policy() -> N
 def _is(obj: dict[str, Any], namespace: str, name: str) -> bool:
     meta = obj["metadata"]
     return bool(meta.get("namespace") == namespace and meta.get("name") == name)
+
+
+def test_pods_sharing_an_identity_share_their_named_egress_ports() -> None:
+    # The datapath decides by identity: when two pods with equal labels give a name
+    # different numbers, an egress rule on the name allows both numbers to either pod
+    # (Kubernetes would allow each pod its own number; Cilium resolves per identity too).
+    twin = pod_object("y/twin", ip="10.244.1.99", labels={"pod": "b"})
+    twin["spec"]["containers"][0]["ports"][0]["containerPort"] = 8080  # serve-80-tcp
+    policy = netpol(
+        "named", "x", match_labels(pod="a"), egress=[{"ports": [{"port": "serve-80-tcp"}]}]
+    )
+    inp, result = compute_stage(policy, extra=[twin])
+    b = identity(inp, "y/b")
+    assert identity(inp, "y/twin") == b
+    entries = set(result.endpoints["x/a"].entries)
+    assert {PolicyEntry("egress", b, TCP, 80), PolicyEntry("egress", b, TCP, 8080)} <= entries

@@ -1,5 +1,5 @@
 """Generated NetworkPolicy cases (tests/policy/generated_cases.py, cyclonus-style) on
-the e2e model: for every case, every ordered pod pair, TCP and UDP on 80 and 81, plus
+the e2e model: for every case, every ordered pod pair, TCP, UDP and SCTP on 80 and 81, plus
 ingress from and egress to addresses that are not pods (this node, another node,
 addresses outside the cluster and inside the pod CIDR but unused), the policy engine
 and the datapath's decision (the evaluator) must agree with an independent reading of
@@ -39,7 +39,8 @@ from .model import PODS, check_case, default_pod_ips
 
 IPS = default_pod_ips()
 CASES = generated_cases()
-PROBES = [(protocol, port) for protocol in ("TCP", "UDP") for port in (80, 81)]
+# SCTP too: no pod serves it, but the policies name it and the decision is defined.
+PROBES = [(protocol, port) for protocol in ("TCP", "UDP", "SCTP") for port in (80, 81)]
 NODES = {ipaddress.IPv4Address(HOST_IP): HOST_IDENTITY}
 NODES[ipaddress.IPv4Address(OTHER_NODE_IP)] = REMOTE_NODE_IDENTITY
 
