@@ -175,6 +175,20 @@ def test_each_command_in_each_version(
     assert [c for c in service.calls if c[0] != "ready"] == []
 
 
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "GC", "STATUS"])
+@pytest.mark.parametrize("version", [*VERSIONS, "0.2.0", "1.2.0"])
+def test_with_the_agent_down_a_version_error_is_still_code_1(
+    shim: Path, sock_dir: Path, command: str, version: str
+) -> None:
+    """The relay answers for an unreachable agent as the agent would have about the
+    version (code 1), and only then says "try again" (11; STATUS: 50)."""
+    conf = netconf(version, agentSocket=str(sock_dir / "nobody.sock"))
+    status, document = outcome(run_shim(shim, cni_env(command), conf))
+    has_command = version in VERSIONS and _key(version) >= _key(SINCE.get(command, "0.0.0"))
+    expected = (50 if command == "STATUS" else 11) if has_command else 1
+    assert (status, document["code"], document["cniVersion"]) == (1, expected, version)
+
+
 def test_version_prints_the_supported_versions_in_the_version_asked(shim: Path) -> None:
     for given, answered in (("0.4.0", "0.4.0"), ("1.1.0", "1.1.0"), ("0.2.0", "0.2.0")):
         proc = run_shim(shim, {"CNI_COMMAND": "VERSION"}, {"cniVersion": given})

@@ -36,6 +36,10 @@
  *   STATUS  CNI error 50 (plugin not available).
  *   others  CNI error 11 (try again later).
  *
+ * except that a netconf whose cniVersion ciliate does not speak, or one
+ * older than the command (CHECK: 0.4.0; GC, STATUS: 1.1.0), is CNI error 1
+ * either way, as the agent would answer.
+ *
  * Errors are CNI error JSON on stdout and exit status 1. The timeouts are
  * overall limits for connect + request + answer, per command (ADD, CHECK,
  * DEL 30 s; GC 120 s; STATUS 5 s); CILIATE_CNI_TIMEOUT_MS overrides them
@@ -87,6 +91,7 @@
 
 /* CNI well-known error codes (SPEC.md, "Error codes"). */
 enum {
+	CNI_ERR_VERSION = 1,
 	CNI_ERR_IO = 5,
 	CNI_ERR_DECODE = 6,
 	CNI_ERR_ENV = 4,
@@ -96,7 +101,11 @@ enum {
 	CNI_ERR_INTERNAL = 999,
 };
 
+/* Oldest first (COMMANDS[].since indexes it); the handler's list, which a
+ * test compares. */
 static const char *const SUPPORTED_VERSIONS[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
+_Static_assert(sizeof(SUPPORTED_VERSIONS) / sizeof(SUPPORTED_VERSIONS[0]) == 5,
+	       "the unreachable-agent message lists five versions");
 
 static const char *const CNI_VARS[] = {
 	"CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH",
@@ -105,11 +114,12 @@ static const char *const CNI_VARS[] = {
 struct command {
 	const char *name;
 	int timeout_ms;
+	size_t since; /* the first of SUPPORTED_VERSIONS that has the command */
 };
 
 static const struct command COMMANDS[] = {
-	{"ADD", 30000}, {"DEL", 30000}, {"CHECK", 30000},
-	{"GC", 120000}, {"STATUS", 5000}, {"VERSION", 0},
+	{"ADD", 30000, 0},    {"DEL", 30000, 0},    {"CHECK", 30000, 2},
+	{"GC", 120000, 4},    {"STATUS", 5000, 4},  {"VERSION", 0, 0},
 };
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
@@ -215,6 +225,8 @@ static void json_escape(struct buf *out, const char *s, size_t n)
  * rule (handler._echoed_version). */
 static char g_version_given[24];
 static const char *g_version = LATEST_VERSION;
+/* The netconf's cniVersion among SUPPORTED_VERSIONS; -1: none ciliate speaks. */
+static long g_version_index = -1;
 
 static void cni_error(int code, const char *msg, const char *details)
 {
@@ -1096,6 +1108,26 @@ static int unreachable(const struct input *in, const struct buf *body, int err)
 	const char *cmd = in->command->name;
 	if (strcmp(cmd, "DEL") == 0)
 		return queue_del(in, body);
+	/* What the agent would answer whether up or not: a version ciliate does
+	 * not speak, or one without the command, is code 1 (as libcni's skel
+	 * says before anything else), not "try again". */
+	if (g_version_index < 0) {
+		snprintf(msg, sizeof(msg),
+			 "incompatible CNI version: the netconf's cniVersion is not one ciliate "
+			 "supports (%s, %s, %s, %s, %s)",
+			 SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[1], SUPPORTED_VERSIONS[2],
+			 SUPPORTED_VERSIONS[3], SUPPORTED_VERSIONS[4]);
+		cni_error(CNI_ERR_VERSION, msg, NULL);
+		return 1;
+	}
+	if ((size_t)g_version_index < in->command->since) {
+		snprintf(msg, sizeof(msg),
+			 "incompatible CNI version: cniVersion %s does not have %s (it came with %s); "
+			 "raise the netconf's cniVersion",
+			 g_version, cmd, SUPPORTED_VERSIONS[in->command->since]);
+		cni_error(CNI_ERR_VERSION, msg, NULL);
+		return 1;
+	}
 	snprintf(msg, sizeof(msg), "the agent at %s is not reachable (%s): start ciliate-agent",
 		 in->socket_path.data, strerror(err));
 	/* STATUS: "plugin not available"; ADD, CHECK, GC: the runtime retries. */
@@ -1130,6 +1162,9 @@ static int run(struct input *in)
 	    is_version_like(version.data)) {
 		memcpy(g_version_given, version.data, version.len + 1);
 		g_version = g_version_given;
+		for (size_t i = 0; i < ARRAY_SIZE(SUPPORTED_VERSIONS); i++)
+			if (strcmp(g_version_given, SUPPORTED_VERSIONS[i]) == 0)
+				g_version_index = (long)i;
 	}
 	buf_free(&version);
 
