@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from ciliate.control.objects.allocation import admit_service, release_service
 from ciliate.control.objects.errors import NamespaceNotFoundError, ObjectNotFoundError
 from ciliate.control.objects.kinds import KINDS, Kind, kind_for_document
-from ciliate.control.objects.validation import validate, validate_update
+from ciliate.control.objects.validation import validate
 from ciliate.control.store import Store, StoreConflictError, StoreDataError, Txn, decode_json
 
 __all__ = [
@@ -200,8 +200,6 @@ class ObjectStore:
             self._require_namespace(txn, ref)
         stored = txn.get_json(ref.key)
         current: dict[str, Any] | None = stored if isinstance(stored, dict) else None
-        if current is not None:
-            validate_update(obj, current)
         if ref.kind.name == "Service":
             # ClusterIP and NodePorts: kept from the stored Service or allocated, in this
             # transaction, so two applies never take one address.

@@ -46,7 +46,6 @@ __all__ = [
     "PROTOCOLS",
     "parse_cidr",
     "validate",
-    "validate_update",
 ]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -124,6 +123,12 @@ def validate(raw: object) -> dict[str, Any]:
             errors=errs.items,
         )
     return obj
+
+
+_GENERATE_NAME_REFUSED = (
+    "apply cannot use generateName (each apply would create another object, which is why"
+    " kubectl apply refuses it too): set metadata.name"
+)
 
 
 _GENERATE_NAME_REFUSED = (
