@@ -1,10 +1,10 @@
-"""The connection tracker (ciliate_ct) seen from user space: list, garbage
+"""The connection tracker (ciliate_ct_v2) seen from user space: list, garbage
 collection of expired entries, flush.
 
 The programs keep one entry per connection in a set-associative table (a
-connection's key hashes to a set of CILIATE_CT_WAYS ways), keyed by its two
-ends in a fixed order, and judge a packet of a live connection without a
-policy lookup (bpf/include/ciliate/conntrack.h). An expired way is free for
+connection hashes to a set of CILIATE_CT_WAYS ways), keyed by the tuple of
+the packet that opened it, and judge a packet of a live connection without
+a policy lookup (bpf/include/ciliate/conntrack.h). An expired way is free for
 the datapath already; :meth:`Conntrack.gc` clears expired ways so listings
 show only live connections.
 
@@ -27,7 +27,6 @@ from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
 
 WAYS = abi.constant("CILIATE_CT_WAYS")
-_F_ORIG_HI = abi.constant("CILIATE_CT_F_ORIG_HI")
 _F_SEEN_REPLY = abi.constant("CILIATE_CT_F_SEEN_REPLY")
 _F_CLOSING = abi.constant("CILIATE_CT_F_CLOSING")
 LIFETIMES = {
@@ -111,7 +110,7 @@ class Way:
 
 
 class Conntrack:
-    """ciliate_ct."""
+    """ciliate_ct_v2."""
 
     def __init__(self, raw: RawMap) -> None:
         self._raw = raw
@@ -143,13 +142,10 @@ class Conntrack:
         ticks, per_second = now(), hz()
         connections = []
         for _, key, entry in self.entries():
-            lo = (_addr(key["addr_lo"]), _port(key["port_lo"]))
-            hi = (_addr(key["addr_hi"]), _port(key["port_hi"]))
-            opener_hi = bool(entry["flags"] & _F_ORIG_HI)
             connection = Connection(
                 protocol=key["protocol"],
-                src=hi if opener_hi else lo,
-                dst=lo if opener_hi else hi,
+                src=(_addr(key["saddr"]), _port(key["sport"])),
+                dst=(_addr(key["daddr"]), _port(key["dport"])),
                 expires_in=(entry["expires"] - ticks) / per_second,
                 seen_reply=bool(entry["flags"] & _F_SEEN_REPLY),
                 closing=bool(entry["flags"] & _F_CLOSING),

@@ -199,32 +199,34 @@ struct ciliate_policy_state {
 };
 
 /*
- * ciliate_ct (array of sets): the connection tracker, a set-associative
- * table. A connection's key hashes to one set of CILIATE_CT_WAYS entries;
- * a new connection takes a free or expired way, else the way that expires
+ * ciliate_ct_v2 (array of sets): the connection tracker, a set-associative
+ * table. A connection hashes to one set of CILIATE_CT_WAYS entries (the
+ * hash is symmetric: both directions land in the same set); a new
+ * connection takes a free or expired way, else the way that expires
  * first. An array rather than a hash map: its lookup is inlined, and the
  * established path of a flow must cost little more than forwarding
  * (bench: an LRU hash lookup alone doubled the local delivery path).
  *
- * One entry per connection, found from either direction: the key holds the
- * two ends in a fixed order (the lower address, then port, first), the
- * entry says which end opened it. Entries carry the policy revision of
- * each local end and the identity of each end when the connection was
- * last verified; a packet finding one that moved (a policy change, a label
- * change) re-checks the policy. An all-zero key is a free way.
+ * One entry per connection, found from either direction: the key is the
+ * tuple of the packet that opened it, and a packet matching it reversed
+ * is a reply. Entries carry the policy revision of each local end and the
+ * identity of each end when the connection was last verified; a packet
+ * finding one that moved (a policy change, a label change) re-checks the
+ * policy. An all-zero key is a free way. (v1, ciliate_ct, keyed the two
+ * ends in address order with a flag naming the opener.)
  */
 #define CILIATE_CT_WAYS 4
 
 struct ciliate_ct_key {
-	__u32 addr_lo;          /* network byte order */
-	__u32 addr_hi;
-	__u16 port_lo;          /* network byte order; ICMP echo: the id at one end, 0 at the other */
-	__u16 port_hi;
+	__u32 saddr;            /* the opener's address, network byte order */
+	__u32 daddr;
+	__u16 sport;            /* network byte order; ICMP echo: the id, dport 0 */
+	__u16 dport;
 	__u8 protocol;
 	__u8 pad[3];
 };
 
-#define CILIATE_CT_F_ORIG_HI 1          /* the connection was opened from (addr_hi, port_hi) */
+#define CILIATE_CT_F_ORIG_HI 1          /* unused (v1: opened from the key's second end) */
 #define CILIATE_CT_F_SEEN_REPLY 2       /* the other end has answered */
 #define CILIATE_CT_F_CLOSING 4          /* TCP FIN or RST seen */
 
@@ -234,6 +236,7 @@ struct ciliate_ct_key {
 #define CILIATE_CT_LIFETIME_CLOSE 10    /* TCP after FIN or RST */
 #define CILIATE_CT_LIFETIME_NONTCP 60   /* UDP, ICMP echo, others */
 
+/* The revision and identity pairs are read as one 64-bit word each. */
 struct ciliate_ct_entry {
 	struct ciliate_ct_key key;      /* all zero: a free way */
 	__u64 expires;          /* jiffies after which the entry is dead */
@@ -247,6 +250,26 @@ struct ciliate_ct_entry {
 
 struct ciliate_ct_set {
 	struct ciliate_ct_entry way[4];  /* CILIATE_CT_WAYS */
+};
+
+/*
+ * ciliate_frag (LRU hash): the ports of a fragmented IPv4 datagram, as
+ * Cilium keeps them (bpf/lib/ipv4.h). Only the first fragment carries the
+ * L4 header; it records its ports under the datagram's identity (both
+ * addresses, protocol, IP id) and the later fragments, which carry none,
+ * are tracked and judged with them.
+ */
+struct ciliate_frag_key {
+	__u32 saddr;            /* network byte order */
+	__u32 daddr;
+	__u16 id;               /* IP identification, network byte order */
+	__u8 protocol;
+	__u8 pad;
+};
+
+struct ciliate_frag_ports {
+	__u16 sport;            /* network byte order; ICMP echo: as in ciliate_ct_key */
+	__u16 dport;
 };
 
 /* ciliate_events (ring buffer): one record per drop, trace or policy verdict. */

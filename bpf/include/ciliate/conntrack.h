@@ -1,17 +1,29 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Connection tracker: one ciliate_ct entry per connection, found from both
- * directions (the key orders the two ends, the entry remembers which end
- * opened it). Used by the policy stage only (policy.h): a packet of a
- * known, live connection skips the policy lookups, unless the policy of
- * one of its local ends changed since the connection was verified.
+ * Connection tracker: one ciliate_ct_v2 entry per connection, keyed by the
+ * tuple of the packet that opened it and found from both directions (a
+ * packet whose tuple matches the key reversed is a reply). Used by the
+ * policy stage only (policy.h): a packet of a known, live connection skips
+ * the policy lookups, unless the policy of one of its local ends changed
+ * since the connection was verified. Besides its own packets, a
+ * connection's ICMP errors (destination unreachable, time exceeded,
+ * parameter problem quoting one of its packets) are RELATED to it, as in
+ * Linux's and Cilium's trackers, and the later fragments of a fragmented
+ * datagram are tracked with the ports of its first (ciliate_frag).
  *
- * The table is set-associative (abi.h): a key hashes to a set of
- * CILIATE_CT_WAYS entries. Garbage collection is built in: an entry past
- * its lifetime counts as absent and its way is taken by the next new
- * connection of the set; with every way of the set alive, the one that
- * expires first gives way (the role LRU plays in a hash map). User space
- * frees expired ways too (ciliate.datapath.conntrack.gc()).
+ * The table is set-associative (abi.h): a tuple hashes to a set of
+ * CILIATE_CT_WAYS entries, the same set from either direction (the hash is
+ * symmetric). Garbage collection is built in: an entry past its lifetime
+ * counts as absent and its way is taken by the next new connection of the
+ * set; with every way of the set alive, the one that expires first gives
+ * way (the role LRU plays in a hash map). User space frees expired ways
+ * too (ciliate.datapath.conntrack.gc()).
+ *
+ * The established path is short on purpose (bench datapath): the tuple is
+ * two 64-bit words loaded straight from the headers, its reverse a few
+ * shifts, one multiply finds the set, and a way matches with two compares
+ * per orientation; the verification stamp (both ends' policy revisions
+ * and identities) is two 64-bit compares.
  *
  * Time is jiffies: bpf_jiffies64() is inlined into one load, where even
  * the coarse clock is a helper call (measured: 0.15x of the local
@@ -38,55 +50,130 @@
 #define IPPROTO_SCTP 132
 
 #define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
+/* iphdr.frag_off, host order: more fragments, fragment offset. */
+#define CT_IP_MF 0x2000
+#define CT_IP_OFFSET 0x1fff
+
 /* Ticks per second, resolved by libbpf at load (/proc/config.gz). */
 extern const unsigned int CONFIG_HZ __kconfig;
 
-_Static_assert((CILIATE_SIZE_CT_SETS & (CILIATE_SIZE_CT_SETS - 1)) == 0,
-	       "bpf/datapath.toml sizes.ct_sets must be a power of 2");
+_Static_assert((CILIATE_SIZE_CT_SETS & (CILIATE_SIZE_CT_SETS - 1)) == 0 &&
+		       CILIATE_SIZE_CT_SETS >= 2,
+	       "bpf/datapath.toml sizes.ct_sets must be a power of 2, at least 2");
+/* The tuple words mirror struct ciliate_ct_key in memory (little endian). */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "ct_tuple assumes little endian");
 
 #define ct_barrier() asm volatile("" ::: "memory")
 
+/*
+ * A connection's key seen from one packet, as the two 64-bit words of
+ * struct ciliate_ct_key: both addresses (as they sit in the IPv4 header)
+ * and the ports with the protocol (as they sit in the L4 header).
+ */
+struct ct_tuple {
+	__u64 addrs;            /* saddr | daddr << 32 */
+	__u64 l4;               /* sport | dport << 16 | protocol << 32 */
+};
+
+static __always_inline __u16 ct_sport(const struct ct_tuple *t)
+{
+	return (__u16)t->l4;
+}
+
+static __always_inline __u16 ct_dport(const struct ct_tuple *t)
+{
+	return (__u16)(t->l4 >> 16);
+}
+
+static __always_inline __u8 ct_protocol(const struct ct_tuple *t)
+{
+	return (__u8)(t->l4 >> 32);
+}
+
+/* The tuple of the other direction: addresses and ports swapped. */
+static __always_inline void ct_reverse(const struct ct_tuple *t, struct ct_tuple *r)
+{
+	r->addrs = t->addrs << 32 | t->addrs >> 32;
+	r->l4 = (t->l4 & 0xffffffff00000000ULL) | (t->l4 & 0xffff) << 16 | ((t->l4 >> 16) & 0xffff);
+}
+
 /* The packet as the tracker and the policy see it. */
 struct ct_packet {
-	__u32 saddr;            /* network byte order */
-	__u32 daddr;
-	__u16 sport;            /* network byte order; ICMP echo: id / 0 */
-	__u16 dport;
-	__u8 protocol;
+	struct ct_tuple tuple;  /* its own; for a related ICMP error, the packet it quotes */
+	__u8 protocol;          /* of the packet itself (ICMP for a related error) */
 	__u8 tcp_flags;
-	bool trackable;         /* has a connection: TCP, UDP, SCTP, ICMP echo; first fragment */
+	bool trackable;         /* tuple names a connection: TCP, UDP, SCTP, ICMP echo (fragments too) */
+	bool related;           /* an ICMP error about the connection of tuple */
 };
 
 /*
- * Ports and TCP flags of an IPv4 packet. A fragment other than the first
- * carries no L4 header: it is judged with port 0 (only entries for any
- * port match) and not tracked. ICMP echo is tracked by its id (as the
- * source port of a request, the destination port of a reply); other ICMP
- * types are judged with port 0 and not tracked.
+ * An ICMP error quoting the IPv4 header and first 8 bytes (RFC 792) of a
+ * packet: related to that packet's connection. As Linux does
+ * (nf_conntrack_inet_error), the error must go back to the quoted packet's
+ * sender; the error may come from that packet's destination or from a
+ * router on the way. Anything else (too short, a quoted later fragment,
+ * another protocol) stays a plain ICMP packet, judged alone.
  */
-static __always_inline int ct_parse(struct __sk_buff *ctx, const struct iphdr *ip,
-				    struct ct_packet *pkt)
+static __always_inline int ct_parse_icmp_error(struct __sk_buff *ctx, const struct iphdr *ip,
+					       const __u8 *icmp, struct ct_packet *pkt)
 {
 	void *data_end = (void *)(long)ctx->data_end;
-	/* ihl was checked by ipv4_parse(); the mask tells the verifier its range. */
-	__u8 *l4 = (__u8 *)ip + ((ip->ihl & 0xf) << 2);
+	const struct iphdr *quoted = (const struct iphdr *)(icmp + 8);
+	const __u8 *quoted_l4;
+	__u64 l4;
 
-	pkt->saddr = ip->saddr;
-	pkt->daddr = ip->daddr;
-	pkt->sport = 0;
-	pkt->dport = 0;
-	pkt->protocol = ip->protocol;
-	pkt->tcp_flags = 0;
-	pkt->trackable = false;
-	if (ip->frag_off & bpf_htons(0x1fff))
+	if ((void *)(quoted + 1) > data_end)
 		return TC_ACT_OK;
+	if (quoted->version != 4 || quoted->ihl < 5 ||
+	    (quoted->frag_off & bpf_htons(CT_IP_OFFSET)) || quoted->saddr != ip->daddr)
+		return TC_ACT_OK;
+	quoted_l4 = (const __u8 *)quoted + ((quoted->ihl & 0xf) << 2);
+	if ((void *)(quoted_l4 + 8) > data_end)
+		return TC_ACT_OK;
+	switch (quoted->protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		l4 = *(const __u32 *)quoted_l4;
+		break;
+	case IPPROTO_ICMP:
+		if (quoted_l4[0] == ICMP_ECHO)
+			l4 = *(const __u16 *)(quoted_l4 + 4);
+		else if (quoted_l4[0] == ICMP_ECHOREPLY)
+			l4 = (__u32) * (const __u16 *)(quoted_l4 + 4) << 16;
+		else
+			return TC_ACT_OK;
+		break;
+	default:
+		return TC_ACT_OK;
+	}
+	pkt->tuple.addrs = *(const __u64 *)&quoted->saddr;
+	pkt->tuple.l4 = (__u64)quoted->protocol << 32 | l4;
+	pkt->trackable = true;
+	pkt->related = true;
+	return TC_ACT_OK;
+}
+
+/*
+ * The L4 part of the tuple: ports (TCP, UDP, SCTP) or the ICMP echo id (as
+ * the source port of a request, the destination port of a reply); other
+ * ICMP types are judged with port 0 and not tracked, except errors that
+ * quote a packet (ct_parse_icmp_error()).
+ */
+static __always_inline int ct_parse_l4(struct __sk_buff *ctx, const struct iphdr *ip,
+				       const __u8 *l4, struct ct_packet *pkt)
+{
+	void *data_end = (void *)(long)ctx->data_end;
 
 	switch (ip->protocol) {
 	case IPPROTO_TCP:
@@ -98,79 +185,143 @@ static __always_inline int ct_parse(struct __sk_buff *ctx, const struct iphdr *i
 	case IPPROTO_SCTP:
 		if ((void *)(l4 + 4) > data_end)
 			return DROP(CILIATE_DROP_TRUNCATED);
-		pkt->sport = *(__u16 *)l4;
-		pkt->dport = *(__u16 *)(l4 + 2);
+		pkt->tuple.l4 |= *(const __u32 *)l4;
 		pkt->trackable = true;
 		return TC_ACT_OK;
 	case IPPROTO_ICMP:
-		if ((void *)(l4 + 6) > data_end)
+		if ((void *)(l4 + 8) > data_end)
 			return DROP(CILIATE_DROP_TRUNCATED);
-		if (l4[0] == ICMP_ECHO) {
-			pkt->sport = *(__u16 *)(l4 + 4);
+		switch (l4[0]) {
+		case ICMP_ECHO:
+			pkt->tuple.l4 |= *(const __u16 *)(l4 + 4);
 			pkt->trackable = true;
-		} else if (l4[0] == ICMP_ECHOREPLY) {
-			pkt->dport = *(__u16 *)(l4 + 4);
+			return TC_ACT_OK;
+		case ICMP_ECHOREPLY:
+			pkt->tuple.l4 |= (__u32) * (const __u16 *)(l4 + 4) << 16;
 			pkt->trackable = true;
+			return TC_ACT_OK;
+		case ICMP_DEST_UNREACH:
+		case ICMP_TIME_EXCEEDED:
+		case ICMP_PARAMETERPROB:
+			return ct_parse_icmp_error(ctx, ip, l4, pkt);
+		default:
+			return TC_ACT_OK;
 		}
-		return TC_ACT_OK;
 	default:
 		return TC_ACT_OK;
 	}
 }
 
-/* The key of the packet's connection: the two ends ordered (lower address,
- * then lower port, first); *from_hi says the packet was sent by the second. */
-static __always_inline void ct_key(const struct ct_packet *pkt, struct ciliate_ct_key *key,
-				   bool *from_hi)
+/* The datagram a fragment belongs to (ciliate_frag). */
+static __always_inline void ct_frag_key(const struct iphdr *ip, struct ciliate_frag_key *key)
 {
-	bool swap = pkt->saddr > pkt->daddr ||
-		    (pkt->saddr == pkt->daddr && pkt->sport > pkt->dport);
-
-	key->addr_lo = swap ? pkt->daddr : pkt->saddr;
-	key->addr_hi = swap ? pkt->saddr : pkt->daddr;
-	key->port_lo = swap ? pkt->dport : pkt->sport;
-	key->port_hi = swap ? pkt->sport : pkt->dport;
-	key->protocol = pkt->protocol;
-	*from_hi = swap;
+	key->saddr = ip->saddr;
+	key->daddr = ip->daddr;
+	key->id = ip->id;
+	key->protocol = ip->protocol;
+	key->pad = 0;
 }
 
-/* The set of a key: a multiplicative hash of the tuple (no seed: the
- * table outlives the agent that loads the programs). */
-static __always_inline struct ciliate_ct_set *ct_set_of(const struct ciliate_ct_key *key)
+/*
+ * A fragment: the first carries the L4 header and records its ports for
+ * the others; a later one takes the ports its first fragment recorded.
+ * A later fragment whose first was never seen here (lost, reordered, or
+ * the record pushed out of the LRU) carries no ports: it is judged with
+ * port 0, as any untracked packet, so only rules for any port let it
+ * pass. Fragments arrive here one by one: nothing is reassembled.
+ */
+static __always_inline int ct_parse_fragment(struct __sk_buff *ctx, const struct iphdr *ip,
+					     const __u8 *l4, struct ct_packet *pkt)
 {
-	__u64 h = ((__u64)key->addr_lo << 32 | key->addr_hi) * 0x9e3779b97f4a7c15ULL;
-	__u32 index;
+	struct ciliate_frag_key key;
+	struct ciliate_frag_ports *ports;
+	struct ciliate_frag_ports first;
+	int ret;
 
-	h ^= ((__u64)key->protocol << 32 | (__u32)key->port_lo << 16 | key->port_hi) *
-	     0xc2b2ae3d27d4eb4fULL;
-	index = (__u32)(h >> 32) & (CILIATE_SIZE_CT_SETS - 1);
-	return bpf_map_lookup_elem(&ciliate_ct, &index);
+	ct_frag_key(ip, &key);
+	if (ip->frag_off & bpf_htons(CT_IP_OFFSET)) {
+		ports = bpf_map_lookup_elem(&ciliate_frag, &key);
+		if (ports) {
+			pkt->tuple.l4 |= (__u32)ports->dport << 16 | ports->sport;
+			pkt->trackable = true;
+		}
+		return TC_ACT_OK;
+	}
+	ret = ct_parse_l4(ctx, ip, l4, pkt);
+	if (IS_DROP(ret) || !pkt->trackable || pkt->related)
+		return ret;
+	first.sport = ct_sport(&pkt->tuple);
+	first.dport = ct_dport(&pkt->tuple);
+	/* A full LRU map makes room: the update fails only without memory,
+	 * and then the later fragments are judged without ports. */
+	bpf_map_update_elem(&ciliate_frag, &key, &first, BPF_ANY);
+	return TC_ACT_OK;
 }
 
-/* Keys compare as two 64-bit words (the key is 16 bytes, 8-aligned in the
- * entry; callers keep theirs 8-aligned on the stack). */
-static __always_inline bool ct_key_equal(const struct ciliate_ct_key *a,
-					 const struct ciliate_ct_key *b)
+/* The tuple, TCP flags and whether the packet belongs to a connection. */
+static __always_inline int ct_parse(struct __sk_buff *ctx, const struct iphdr *ip,
+				    struct ct_packet *pkt)
 {
-	const __u64 *x = (const __u64 *)a;
-	const __u64 *y = (const __u64 *)b;
+	/* ihl was checked by ipv4_parse(); the mask tells the verifier its range. */
+	const __u8 *l4 = (const __u8 *)ip + ((ip->ihl & 0xf) << 2);
 
-	return ((x[0] ^ y[0]) | (x[1] ^ y[1])) == 0;
+	/* saddr and daddr are adjacent: one load (x86 takes it unaligned). */
+	pkt->tuple.addrs = *(const __u64 *)&ip->saddr;
+	pkt->tuple.l4 = (__u64)ip->protocol << 32;
+	pkt->protocol = ip->protocol;
+	pkt->tcp_flags = 0;
+	pkt->trackable = false;
+	pkt->related = false;
+	if (ip->frag_off & bpf_htons(CT_IP_MF | CT_IP_OFFSET))
+		return ct_parse_fragment(ctx, ip, l4, pkt);
+	return ct_parse_l4(ctx, ip, l4, pkt);
 }
 
-/* The live entry of the packet's connection in its set, or NULL. */
+/*
+ * The set of a tuple: a multiplicative hash, symmetric in the two ends (so
+ * a reply finds the set of its connection), its top bits the index. No
+ * seed: the table outlives the agent that loads the programs.
+ */
+static __always_inline struct ciliate_ct_set *ct_set_of(const struct ct_tuple *t)
+{
+	__u64 addrs = (__u32)t->addrs ^ (__u32)(t->addrs >> 32);
+	__u64 ports = ((__u32)t->l4 ^ ((__u32)t->l4 >> 16)) & 0xffff;
+	__u64 h = (addrs << 32 | ports << 8 | ct_protocol(t)) * 0x9e3779b97f4a7c15ULL;
+	__u32 index = h >> (64 - __builtin_ctzll(CILIATE_SIZE_CT_SETS));
+
+	return bpf_map_lookup_elem(&ciliate_ct_v2, &index);
+}
+
+/*
+ * The way holding the tuple's connection in its set (live or expired), or
+ * NULL; *reply says the tuple matched the key reversed (the packet goes
+ * from the connection's receiving end to its opener).
+ */
 static __always_inline struct ciliate_ct_entry *ct_lookup(struct ciliate_ct_set *set,
-							  const struct ciliate_ct_key *key,
-							  __u64 now)
+							  const struct ct_tuple *t,
+							  const struct ct_tuple *r, bool *reply)
 {
 #pragma unroll
 	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
 		struct ciliate_ct_entry *entry = &set->way[i];
+		const __u64 *key = (const __u64 *)&entry->key;
+		__u64 addrs = key[0];
 
-		if (ct_key_equal(&entry->key, key))
-			return entry->expires > now ? entry : NULL;
+		if (addrs == t->addrs && key[1] == t->l4) {
+			*reply = false;
+			return entry;
+		}
+		if (addrs == r->addrs && key[1] == r->l4) {
+			*reply = true;
+			return entry;
+		}
 	}
 	return NULL;
+}
+
+static __always_inline bool ct_alive(const struct ciliate_ct_entry *entry, __u64 now)
+{
+	return entry->expires > now;
 }
 
 /* Forget a connection: its way is free again. */
@@ -187,7 +338,7 @@ static __always_inline void ct_delete(struct ciliate_ct_entry *entry)
 static __always_inline bool ct_reopens(const struct ciliate_ct_entry *entry,
 				       const struct ct_packet *pkt)
 {
-	return pkt->protocol == IPPROTO_TCP && (entry->flags & CILIATE_CT_F_CLOSING) &&
+	return (entry->flags & CILIATE_CT_F_CLOSING) && pkt->protocol == IPPROTO_TCP &&
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
@@ -235,11 +386,9 @@ static __always_inline void ct_refresh(struct ciliate_ct_entry *entry, const str
 		entry->expires = expires;
 }
 
-/* The way a new connection takes: the key's own (a dead entry of the same
- * tuple), else a free or expired way, else the way that expires first. */
-static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set *set,
-							  const struct ciliate_ct_key *key,
-							  __u64 now)
+/* The way a new connection takes when its tuple has none: a free or
+ * expired way, else the way that expires first. */
+static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set *set, __u64 now)
 {
 	struct ciliate_ct_entry *victim = &set->way[0];
 
@@ -247,7 +396,7 @@ static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set 
 	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
 		struct ciliate_ct_entry *entry = &set->way[i];
 
-		if (ct_key_equal(&entry->key, key) || entry->expires <= now)
+		if (entry->expires <= now)
 			return entry;
 		if (entry->expires < victim->expires)
 			victim = entry;
@@ -255,13 +404,13 @@ static __always_inline struct ciliate_ct_entry *ct_victim(struct ciliate_ct_set 
 	return victim;
 }
 
-/* A new connection in `entry` (a reopened connection's own way, or the
- * set's victim), all but its verification and its key: the caller sets
- * those, then publishes it with ct_publish(). */
+/* A new connection in `entry` (its tuple's own way, expired or reopened,
+ * or the set's victim), all but its verification and its key: the caller
+ * sets those, then publishes it with ct_publish(). */
 static __always_inline void ct_init(struct ciliate_ct_entry *entry, const struct ct_packet *pkt,
-				    bool from_hi, __u64 now)
+				    __u64 now)
 {
-	__u32 flags = ct_flags_after(from_hi ? CILIATE_CT_F_ORIG_HI : 0, pkt, false);
+	__u32 flags = ct_flags_after(0, pkt, false);
 
 	entry->flags = flags;
 	entry->lifetime = ct_lifetime(pkt->protocol, flags);
@@ -269,15 +418,13 @@ static __always_inline void ct_init(struct ciliate_ct_entry *entry, const struct
 }
 
 /* The key last, after the fields: see the concurrency note above. */
-static __always_inline void ct_publish(struct ciliate_ct_entry *entry,
-				       const struct ciliate_ct_key *key)
+static __always_inline void ct_publish(struct ciliate_ct_entry *entry, const struct ct_tuple *t)
 {
-	const __u64 *src = (const __u64 *)key;
-	__u64 *dst = (__u64 *)&entry->key;
+	__u64 *key = (__u64 *)&entry->key;
 
 	ct_barrier();
-	dst[0] = src[0];
-	dst[1] = src[1];
+	key[0] = t->addrs;
+	key[1] = t->l4;
 }
 
 #endif /* CILIATE_CONNTRACK_H */

@@ -6,8 +6,8 @@
  * lookups) read only the IPv4 header, which each fragment carries whole, so
  * fragments are forwarded one by one like unfragmented packets, with no
  * reassembly. The policy stage needs ports, which only the first fragment
- * carries: later fragments are judged with port 0 and not tracked
- * (conntrack.h), so they pass only where any port is allowed.
+ * carries: it records them for the later fragments of its datagram
+ * (ciliate_frag, conntrack.h), which are tracked and judged with them.
  */
 #ifndef CILIATE_IPV4_H
 #define CILIATE_IPV4_H

@@ -83,7 +83,17 @@ struct policy_end {
 	const struct ciliate_endpoint *ep;              /* a local endpoint, or NULL */
 	const struct ciliate_policy_state *state;       /* its policy if enforced, or NULL */
 	__u32 identity;
+	__u32 revision;                                 /* its policy revision (0: none enforced) */
 };
+
+static __always_inline void policy_end_of(struct policy_end *end,
+					  const struct ciliate_endpoint *ep, __u32 identity)
+{
+	end->ep = ep;
+	end->state = policy_state(ep);
+	end->identity = identity;
+	end->revision = end->state ? end->state->revision : 0;
+}
 
 /*
  * A connection from `from` to `to`: the opener's egress, then the
@@ -119,32 +129,87 @@ denied:
 	return DROP(CILIATE_DROP_POLICY_DENIED);
 }
 
-static __always_inline __u32 policy_revision(const struct ciliate_policy_state *state)
+/* A pair of 32-bit values of the two ends as one word, the opener's low:
+ * how an entry keeps its verified revisions and identities. */
+static __always_inline __u64 ct_pair(__u32 opener, __u32 other)
 {
-	return state ? state->revision : 0;
+	return (__u64)other << 32 | opener;
+}
+
+/* The pair of (src, dst) values in the entry's order: swapped when the
+ * destination opened the connection (a shift by 0 or 32, no branch). */
+static __always_inline __u64 ct_pair_of(__u32 src, __u32 dst, bool dst_opened)
+{
+	__u64 pair = ct_pair(src, dst);
+	__u32 shift = (__u32)dst_opened << 5;
+
+	return pair << shift | pair >> ((64 - shift) & 63);
 }
 
 /* Whether a connection was verified for its ends as they are now: the same
  * policy revisions and the same identities (a label change moves a pod to
  * another identity without touching the entries that name either). */
 static __always_inline bool ct_current(const struct ciliate_ct_entry *entry,
-				       const struct policy_end *opener,
-				       const struct policy_end *other)
+				       const struct policy_end *src,
+				       const struct policy_end *dst, bool dst_opened)
 {
-	return entry->orig_revision == policy_revision(opener->state) &&
-	       entry->reply_revision == policy_revision(other->state) &&
-	       entry->orig_identity == opener->identity &&
-	       entry->reply_identity == other->identity;
+	const __u64 *revisions = (const __u64 *)&entry->orig_revision;
+	const __u64 *identities = (const __u64 *)&entry->orig_identity;
+
+	return *revisions == ct_pair_of(src->revision, dst->revision, dst_opened) &&
+	       *identities == ct_pair_of(src->identity, dst->identity, dst_opened);
 }
 
 static __always_inline void ct_verified(struct ciliate_ct_entry *entry,
 					const struct policy_end *opener,
 					const struct policy_end *other)
 {
-	entry->orig_revision = policy_revision(opener->state);
-	entry->reply_revision = policy_revision(other->state);
-	entry->orig_identity = opener->identity;
-	entry->reply_identity = other->identity;
+	*(__u64 *)&entry->orig_revision = ct_pair(opener->revision, other->revision);
+	*(__u64 *)&entry->orig_identity = ct_pair(opener->identity, other->identity);
+}
+
+/*
+ * An ICMP error related to a live connection (conntrack.h) passes as the
+ * connection's reply would: at once while the connection's verification
+ * holds, else after the connection is judged again as its opener sent it
+ * (and, denied, the connection ends). The error goes to the end that sent
+ * the quoted packet (dst); it comes from the other end or from a router
+ * on the way, and then the other end is taken as the entry last verified
+ * it.
+ */
+static __always_inline int policy_related(struct ciliate_ct_entry *entry, bool quoted_reply,
+					  const struct ct_packet *pkt, __u32 error_saddr,
+					  const struct policy_end *src,
+					  const struct policy_end *dst,
+					  struct trace_info *trace)
+{
+	/* The quoted packet went from dst to the connection's other end: dst
+	 * opened the connection unless the quoted packet was a reply. */
+	bool dst_opened = !quoted_reply;
+	const struct policy_end *opener, *other;
+	struct policy_end peer = *src;
+	int ret;
+
+	if (error_saddr != (__u32)(pkt->tuple.addrs >> 32)) {
+		/* From a router: the other end as the entry knows it. */
+		peer.ep = NULL;
+		peer.state = NULL;
+		peer.revision = dst_opened ? entry->reply_revision : entry->orig_revision;
+		peer.identity = dst_opened ? entry->reply_identity : entry->orig_identity;
+	}
+	if (ct_current(entry, &peer, dst, dst_opened))
+		return TC_ACT_OK;
+	opener = dst_opened ? dst : &peer;
+	other = dst_opened ? &peer : dst;
+	ret = policy_decide(opener, other, ct_protocol(&pkt->tuple),
+			    quoted_reply ? ct_sport(&pkt->tuple) : ct_dport(&pkt->tuple), trace);
+	if (IS_DROP(ret)) {
+		/* No longer allowed: it ends here, as it would on a reply. */
+		ct_delete(entry);
+		return ret;
+	}
+	ct_verified(entry, opener, other);
+	return TC_ACT_OK;
 }
 
 /*
@@ -156,17 +221,18 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 					const struct ciliate_endpoint *dst, __u32 dst_identity,
 					struct trace_info *trace)
 {
-	struct policy_end src_end = { src, policy_state(src), src_identity };
-	struct policy_end dst_end = { dst, policy_state(dst), dst_identity };
-	struct ciliate_ct_key key __attribute__((aligned(8))) = {};
+	struct policy_end src_end, dst_end;
 	const struct policy_end *opener, *other;
 	struct ciliate_ct_entry *entry;
 	struct ciliate_ct_set *set;
+	struct ct_tuple reverse;
 	struct ct_packet pkt;
-	bool from_hi, reply;
+	bool reply = false;
 	__u64 now;
 	int ret;
 
+	policy_end_of(&src_end, src, src_identity);
+	policy_end_of(&dst_end, dst, dst_identity);
 	/* No local end enforces anything: nothing to decide, nothing to track. */
 	if (!src_end.state && !dst_end.state)
 		return TC_ACT_OK;
@@ -174,48 +240,55 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 	if (IS_DROP(ret))
 		return ret;
 	if (!pkt.trackable)
-		return policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
+		return policy_decide(&src_end, &dst_end, pkt.protocol, ct_dport(&pkt.tuple), trace);
 
-	ct_key(&pkt, &key, &from_hi);
-	set = ct_set_of(&key);
-	if (!set) /* unreachable (the index is masked to the array): judge it alone */
-		return policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
+	set = ct_set_of(&pkt.tuple);
+	if (!set) /* unreachable (the index is in the array): judge it alone */
+		return policy_decide(&src_end, &dst_end, pkt.protocol, ct_dport(&pkt.tuple), trace);
+	ct_reverse(&pkt.tuple, &reverse);
+	entry = ct_lookup(set, &pkt.tuple, &reverse, &reply);
 	now = bpf_jiffies64();
-	entry = ct_lookup(set, &key, now);
-	if (entry && !ct_reopens(entry, &pkt)) {
-		reply = from_hi != !!(entry->flags & CILIATE_CT_F_ORIG_HI);
-		opener = reply ? &dst_end : &src_end;
-		other = reply ? &src_end : &dst_end;
-		if (!ct_current(entry, opener, other)) {
-			/* Judged again as the opener sent it. */
-			ret = policy_decide(opener, other, pkt.protocol,
-					    reply ? pkt.sport : pkt.dport, trace);
-			if (IS_DROP(ret))
-				goto denied;
-			ct_verified(entry, opener, other);
+	if (entry && ct_alive(entry, now)) {
+		if (pkt.related)
+			return policy_related(entry, reply, &pkt, ip->saddr, &src_end,
+					      &dst_end, trace);
+		if (!ct_reopens(entry, &pkt)) {
+			if (!ct_current(entry, &src_end, &dst_end, reply)) {
+				/* Judged again as the opener sent it. */
+				opener = reply ? &dst_end : &src_end;
+				other = reply ? &src_end : &dst_end;
+				ret = policy_decide(opener, other, pkt.protocol,
+						    reply ? ct_sport(&pkt.tuple) : ct_dport(&pkt.tuple),
+						    trace);
+				if (IS_DROP(ret)) {
+					/* No longer allowed: it ends here, from both sides. */
+					ct_delete(entry);
+					return ret;
+				}
+				ct_verified(entry, opener, other);
+			}
+			ct_refresh(entry, &pkt, reply, now);
+			return TC_ACT_OK;
 		}
-		ct_refresh(entry, &pkt, reply, now);
-		return TC_ACT_OK;
 	}
+	/* An ICMP error about no live connection is an ICMP packet like any. */
+	if (pkt.related)
+		return policy_decide(&src_end, &dst_end, pkt.protocol, 0, trace);
 
-	ret = policy_decide(&src_end, &dst_end, pkt.protocol, pkt.dport, trace);
+	ret = policy_decide(&src_end, &dst_end, pkt.protocol, ct_dport(&pkt.tuple), trace);
 	if (IS_DROP(ret))
 		return ret;
-	/* A TCP port reused right after close takes its old entry's way. */
+	/* A tuple seen before (expired, or a TCP port reused right after
+	 * close) takes its old way. */
 	if (!entry)
-		entry = ct_victim(set, &key, now);
-	ct_init(entry, &pkt, from_hi, now);
+		entry = ct_victim(set, now);
+	ct_init(entry, &pkt, now);
 	ct_verified(entry, &src_end, &dst_end);
-	ct_publish(entry, &key);
+	ct_publish(entry, &pkt.tuple);
 	if (trace_enabled())
 		send_event(ctx, CILIATE_EVENT_POLICY, CILIATE_FORWARDED, trace->policy_dir, 0, 0,
 			   trace);
 	return TC_ACT_OK;
-
-denied:
-	/* The connection is no longer allowed: it ends here, from both sides. */
-	ct_delete(entry);
-	return ret;
 }
 
 #else /* CILIATE_FEATURE_POLICY */
