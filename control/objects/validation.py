@@ -254,7 +254,7 @@ def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str
     if text is None or text == "":
         errs.required(path, "")
         return None
-    if text != text.strip() or ("/" not in text and not bare_ip):
+    if not _cidr_notation(text, bare_ip=bare_ip):
         errs.invalid(path, text, _CIDR_EXAMPLE)
         return None
     try:
@@ -262,6 +262,16 @@ def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str
     except ValueError:
         errs.invalid(path, text, _CIDR_EXAMPLE)
         return None
+
+
+def _cidr_notation(text: str, *, bare_ip: bool) -> bool:
+    """``address/length`` with a decimal length and no blanks, as Go's ParsePrefix
+    reads it (Python would also take a netmask, ``10.0.0.0/255.0.0.0``, which the API
+    server and Cilium refuse)."""
+    address, slash, length = text.partition("/")
+    if not slash:
+        return bare_ip and bool(address) and address == address.strip()
+    return bool(address) and address == address.strip() and length.isdigit() and length.isascii()
 
 
 def _cidr_with_except(
@@ -283,7 +293,7 @@ def _cidr_with_except(
         text = errs.string(at, item)
         if text is None:
             continue
-        if text == "" or text != text.strip() or "/" not in text:
+        if not _cidr_notation(text, bare_ip=False):
             errs.invalid(at, text, _CIDR_EXAMPLE)
             continue
         try:
