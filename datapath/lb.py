@@ -12,9 +12,10 @@ maps of ``bpf/include/ciliate/lb.h`` in Cilium's layout (see abi.h):
 - ``ciliate_lb_revnat``: service id (rev-NAT id) -> frontend;
 - ``ciliate_lb_maglev``: service id -> Maglev lookup table (external
   services: the same backend for one flow from any node);
-- ``ciliate_lb_affinity``, ``ciliate_lb_sock_revnat``, ``ciliate_lb_nat_fwd``
+- ``ciliate_lb_affinity``, ``ciliate_lb_sock_revnat``, ``ciliate_lb_nat_fwd_v2``
   and ``ciliate_lb_nat_rev`` are written by the programs (kept backends,
-  sockets' frontends, uplink flows); only :meth:`LoadBalancer.clear` empties them.
+  sockets' frontends, uplink flows); :meth:`LoadBalancer.expire_flows` frees
+  the uplink flows that are over, :meth:`LoadBalancer.clear` empties them all.
 
 Updates are ordered so that a program running meanwhile only ever sees a
 whole old or a whole new service: backends, rev-NAT and Maglev first, then
@@ -37,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliate.datapath import abi
+from ciliate.datapath import abi, conntrack
 from ciliate.datapath.maps import RawMap
 from ciliate.loader import (
     MapError,
@@ -54,6 +55,8 @@ F_EXTERNAL = abi.constant("CILIATE_LB_F_EXTERNAL")
 F_AFFINITY = abi.constant("CILIATE_LB_F_AFFINITY")
 F_TWO_SCOPES = abi.constant("CILIATE_LB_F_TWO_SCOPES")
 BACKEND_F_LOCAL = abi.constant("CILIATE_LB_BACKEND_F_LOCAL")
+FLOW_F_SEEN_REPLY = abi.constant("CILIATE_LB_FLOW_F_SEEN_REPLY")
+FLOW_F_CLOSING = abi.constant("CILIATE_LB_FLOW_F_CLOSING")
 MAX_SERVICE_ID = 0xFFFF  # __u16 rev_nat_id
 MAX_BACKEND_ID = 0xFFFFFFFF  # __u32 backend_id
 MAX_SLOTS = 0xFFFF  # __u16 slot
@@ -160,13 +163,16 @@ class Service:
 
 @dataclass(frozen=True)
 class Flow:
-    """A flow from outside the uplink translated to a backend (ciliate_lb_nat_fwd)."""
+    """A flow from outside the uplink translated to a backend (ciliate_lb_nat_fwd_v2)."""
 
     client: ipaddress.IPv4Address
     client_port: int
     frontend: Frontend
     backend_id: int
     snat_port: int | None  # the node's source port toward a remote backend; None: local
+    answered: bool = False  # the backend replied
+    closing: bool = False  # TCP: FIN both ways or RST; lives CILIATE_CT_LIFETIME_CLOSE more
+    expires: int = field(default=0, compare=False)  # jiffies (ciliate.datapath.conntrack.now())
 
 
 def maglev_table(backends: Sequence[Backend], size: int = MAGLEV_SIZE) -> list[int]:
@@ -576,11 +582,13 @@ class LoadBalancer:
         return list(array.array("I", _single(raw)))
 
     def flows(self) -> list[Flow]:
-        """The uplink flows the programs translated, as they keep them."""
+        """The uplink flows the programs translated, as they keep them (the
+        dead among them too, until :meth:`expire_flows` or a new packet of
+        their tuple frees them)."""
         out = []
         for key, value in self._nat_fwd.items():
             k = abi.unpack("ciliate_lb_tuple", key)
-            v = abi.unpack("ciliate_lb_nat_fwd", _single(value))
+            v = abi.unpack("ciliate_lb_flow", _single(value))
             out.append(
                 Flow(
                     client=_from_ip(k["saddr"]),
@@ -592,9 +600,58 @@ class LoadBalancer:
                     ),
                     backend_id=v["backend_id"],
                     snat_port=socket.ntohs(v["nat_port"]) or None,
+                    answered=bool(v["flags"] & FLOW_F_SEEN_REPLY),
+                    closing=bool(v["flags"] & FLOW_F_CLOSING),
+                    expires=v["expires"],
                 )
             )
         return sorted(out, key=lambda f: (f.frontend, int(f.client), f.client_port))
+
+    def expire_flows(self, *, now: int | None = None) -> int:
+        """Free the uplink flows past their deadline (``now``: jiffies, by
+        default the kernel's) with their reply entries, when those are still
+        theirs (a SNAT port may serve a newer flow by then). The programs take
+        such flows back too when their tuple or SNAT port comes again; this
+        keeps the LRU tables for live flows. Returns how many flows were freed."""
+        if now is None:
+            now = conntrack.now()
+        dead: dict[tuple[int, int, int, int, int], int] = {}  # tuple -> SNAT port (0: none)
+        for key, value in self._nat_fwd.items():
+            flow = abi.unpack("ciliate_lb_flow", _single(value))
+            if flow["expires"] < now:
+                k = abi.unpack("ciliate_lb_tuple", key)
+                orig = (k["saddr"], k["daddr"], k["sport"], k["dport"], k["protocol"])
+                dead[orig] = flow["nat_port"]
+        if not dead:
+            return 0
+        for key, value in list(self._nat_rev.items()):
+            reply = abi.unpack("ciliate_lb_tuple", key)
+            rev = abi.unpack("ciliate_lb_nat_rev", _single(value))
+            orig = (rev["daddr"], rev["saddr"], rev["dport"], rev["sport"], reply["protocol"])
+            nat_port = dead.get(orig)
+            if nat_port is None:
+                continue
+            # The reply entry is the dead flow's own: to its SNAT port, or
+            # (a local backend) to the client itself.
+            if (nat_port and reply["dport"] == nat_port) or (
+                not nat_port and (reply["daddr"], reply["dport"]) == (orig[0], orig[2])
+            ):
+                self._nat_rev.delete(key)
+        freed = 0
+        for orig in dead:
+            key = abi.pack(
+                "ciliate_lb_tuple",
+                saddr=orig[0],
+                daddr=orig[1],
+                sport=orig[2],
+                dport=orig[3],
+                protocol=orig[4],
+            )
+            # A packet may have started a new flow of the tuple meanwhile.
+            raw = self._nat_fwd.lookup(key)
+            if raw is not None and abi.unpack("ciliate_lb_flow", _single(raw))["expires"] < now:
+                freed += self._nat_fwd.delete(key)
+        return freed
 
     def _read(self) -> list[Service]:
         """Rebuild the services from the maps (an agent restart on pins)."""

@@ -9,12 +9,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from ciliate.control.agent.client import DEFAULT_SOCKET, AgentClient
+
+if TYPE_CHECKING:  # the datapath's ABI loads on first use, not at every CLI start
+    from ciliate.datapath.events import Event
 
 
 def _print(data: Any, output: str, *, columns: Sequence[str] = (), title: str = "") -> None:
@@ -137,7 +140,9 @@ def bpf_list(args: argparse.Namespace) -> int:
 
 
 def monitor(args: argparse.Namespace) -> int:
-    """Live drop and trace events from the pinned ring buffer, decoded."""
+    """Live drop, trace, policy and service translation events from the
+    pinned ring buffer, decoded. Tracing (forwarded packets, allowed new
+    connections, translations) is on while a monitor listens."""
     from ciliate.datapath.events import Event
     from ciliate.loader import Map, RingBuffer
 
@@ -154,28 +159,7 @@ def monitor(args: argparse.Namespace) -> int:
         if args.count is not None and seen >= args.count:
             return
         seen += 1
-        event = Event.from_bytes(data)
-        if args.output == "json":
-            doc = {
-                "type": event.kind,  # drop, trace or policy (a verdict)
-                "summary": event.summary,
-                "policy": event.policy,
-                "reason": event.reason,
-                "source": event.source,
-                "line": event.line,
-                "ifindex": event.ifindex,
-                "target_ifindex": event.target_ifindex,
-                "length": event.orig_len,
-                "ktime_ns": event.ktime_ns,
-                "packet": _decode_packet(event.data),
-            }
-            print(json.dumps(doc), flush=True)
-        else:
-            print(
-                f"{event.ktime_ns / 1e9:14.6f} ifindex {event.ifindex:<5} {event.summary:<60} "
-                f"{_decode_packet(event.data)}",
-                flush=True,
-            )
+        print(format_event(Event.from_bytes(data), args.output), flush=True)
 
     with (
         _client(args) as client,
@@ -196,6 +180,31 @@ def monitor(args: argparse.Namespace) -> int:
             if not args.drops_only:
                 client.put("/v1/datapath/config", {"trace": False})
     return 0
+
+
+def format_event(event: Event, output: str) -> str:
+    """One monitor line: a table row, or a JSON document (``output`` "json")."""
+    packet = _decode_packet(event.data) if event.data else ""
+    if output == "json":
+        doc = {
+            "type": event.kind,  # drop, trace, policy (a verdict) or lb (a translation)
+            "summary": event.summary,
+            "policy": event.policy,
+            "reason": event.reason,
+            "source": event.source,
+            "line": event.line,
+            "ifindex": event.ifindex,
+            "target_ifindex": event.target_ifindex,
+            "length": event.orig_len,
+            "ktime_ns": event.ktime_ns,
+            "packet": packet,
+        }
+        if event.translation is not None:
+            doc["translation"] = event.translation.to_dict()
+        return json.dumps(doc)
+    on_socket = event.translation is not None and event.translation.kind == "socket"
+    where = "socket       " if on_socket else f"ifindex {event.ifindex:<5}"
+    return f"{event.ktime_ns / 1e9:14.6f} {where} {event.summary:<60} {packet}".rstrip()
 
 
 def node_list(args: argparse.Namespace) -> int:
@@ -262,7 +271,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     delete = common(node.add_parser("delete", help="remove a node from the cluster"))
     delete.add_argument("name")
     delete.set_defaults(func=node_delete)
-    mon = common(sub.add_parser("monitor", help="live drop and trace events"))
+    mon = common(
+        sub.add_parser("monitor", help="live drop, trace, policy and service translation events")
+    )
     mon.add_argument("--bpffs-root", help="default: where the agent pinned its maps")
     mon.add_argument("--count", type=int, help="stop after this many events")
     mon.add_argument("--timeout", type=float, help="stop after this many seconds")

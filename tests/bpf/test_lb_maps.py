@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from ciliate.datapath import abi, objects
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.lb import (
     MAGLEV_SIZE,
@@ -21,7 +22,7 @@ from ciliate.datapath.lb import (
     maglev_table,
 )
 from ciliate.datapath.testbed import Testbed
-from ciliate.loader import Map, MapError
+from ciliate.loader import BpfObject, Map, MapError
 
 
 def backends(count: int, *, first_id: int = 1, port: int = 8080) -> list[Backend]:
@@ -55,6 +56,30 @@ def lb_over(tb: Testbed, **replace: Map) -> LoadBalancer:
     }
     raw.update(replace)
     return LoadBalancer(**raw)  # type: ignore[arg-type]
+
+
+# -- the ABI of the structs the programs write ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "struct"),
+    [
+        ("uplink", "ciliate_lb_flow"),
+        ("uplink", "ciliate_lb_event"),
+        ("uplink", "ciliate_lb_tuple"),
+        ("sock_lb", "ciliate_lb_event"),
+        ("sock_lb", "ciliate_lb_sock_peer"),
+    ],
+)
+def test_the_lb_structs_python_reads_match_the_compiled_objects(
+    bpf_objects: str, kind: str, struct: str
+) -> None:
+    with BpfObject.open(objects.object_path(kind)) as obj:
+        layout = obj.btf.struct_layout(struct)
+    assert layout.size == abi.sizeof(struct)
+    assert set(layout.members) == set(abi.field_names(struct))
+    for name, (offset, _size) in layout.members.items():
+        assert offset == abi.offsetof(struct, name), f"{struct}.{name}"
 
 
 # -- Maglev --------------------------------------------------------------------

@@ -8,12 +8,18 @@ gateway and a remote node as permanent neighbours, so the FIB answers."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import socket
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from scapy.utils import checksum
 
+from ciliate.control.cli.show import format_event
+from ciliate.datapath import abi, conntrack
+from ciliate.datapath import maps as dpmaps
+from ciliate.datapath.events import Event
 from ciliate.datapath.lb import (
     MAGLEV_SIZE,
     Backend,
@@ -29,6 +35,11 @@ from ciliate.datapath.testbed import GATEWAY_MAC, NODE_IP, REMOTE_NODE_MAC, WORL
 from .packets import ICMP, IP, TC_ACT_OK, TC_ACT_REDIRECT, TCP, UDP, Ether, ipv4_header_valid
 
 REMOTE_POD = ipaddress.IPv4Address("10.244.2.20")
+CT_SYN = abi.constant("CILIATE_CT_LIFETIME_SYN")
+CT_CLOSE = abi.constant("CILIATE_CT_LIFETIME_CLOSE")
+CT_NONTCP = abi.constant("CILIATE_CT_LIFETIME_NONTCP")
+NAT_PORT_MIN = abi.constant("CILIATE_LB_NAT_PORT_MIN")
+NAT_PORT_MAX = abi.constant("CILIATE_LB_NAT_PORT_MAX")
 NODEPORT = Frontend(NODE_IP, 30080, L4Protocol.TCP)
 CLIENT_PORT = 40000
 
@@ -113,9 +124,11 @@ def test_nodeport_to_a_local_backend_is_dnated_into_the_pod_and_its_reply_leaves
     assert (out.dst, out.src) == (GATEWAY_MAC, bed.uplink.mac)
     assert out[IP].ttl == 63
     assert ipv4_header_valid(out) and l4_valid(out)
-    # Counted: the DNAT coming in, the reply going out.
-    assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.INGRESS)[0] == 1
-    assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.EGRESS)[0] == 1
+    # Counted by kind: the DNAT to a local backend coming in, the reply going out.
+    metrics = bed.datapath.metrics
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.INGRESS)[0] == 1
+    assert metrics.get(DropReason.FORWARDED_LB_REPLY, Direction.EGRESS)[0] == 1
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT_REMOTE, Direction.INGRESS)[0] == 0
 
 
 def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_translated_back(
@@ -139,6 +152,9 @@ def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_transl
             snat_port=nat_port,
         )
     ]
+    metrics = bed.datapath.metrics
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT_REMOTE, Direction.INGRESS)[0] == 1
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.INGRESS)[0] == 0
     # The flow's next packet takes the same backend and port.
     again = Ether(
         bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex).data
@@ -159,6 +175,8 @@ def test_nodeport_to_a_remote_backend_is_snated_to_the_node_and_the_reply_transl
     assert (back.dst, back.src) == (GATEWAY_MAC, bed.uplink.mac)
     assert ipv4_header_valid(back) and l4_valid(back)
     assert bytes(back[TCP].payload) == b"answer"
+    assert metrics.get(DropReason.FORWARDED_LB_REPLY, Direction.INGRESS)[0] == 1
+    assert [f.answered for f in bed.datapath.lb.flows()] == [True]
 
 
 def test_udp_nodeport_checksums_stay_valid(bed: Testbed) -> None:
@@ -281,3 +299,233 @@ def test_a_clusterip_is_not_balanced_from_outside(bed: Testbed) -> None:
     sent = from_client(bed, frontend=cluster_ip)
     result = bed.run("from_netdev", sent, ifindex=bed.uplink.ifindex)
     assert (result.retval, result.data) == (TC_ACT_OK, sent)
+
+
+# ---- flows: state and lifetime -------------------------------------------------------
+
+
+def _remote_reply(bed: Testbed, nat_port: int, flags: str) -> bytes:
+    return bytes(
+        Ether(src=REMOTE_NODE_MAC, dst=bed.uplink.mac)
+        / IP(src=str(REMOTE_POD), dst=str(NODE_IP), ttl=62)
+        / TCP(sport=8080, dport=nat_port, flags=flags)
+    )
+
+
+def _send(bed: Testbed, packet: bytes) -> Ether:
+    result = bed.run("from_netdev", packet, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_REDIRECT
+    return Ether(result.data)
+
+
+def _only_flow(bed: Testbed) -> Flow:
+    flows = bed.datapath.lb.flows()
+    assert len(flows) == 1
+    return flows[0]
+
+
+def _lives(flow: Flow) -> float:
+    """Seconds the flow has left."""
+    return (flow.expires - conntrack.now()) / conntrack.hz()
+
+
+def test_a_tcp_flow_closed_both_ways_lives_briefly_and_a_new_syn_on_its_tuple_starts_afresh(
+    bed: Testbed,
+) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [remote_backend()], service_id=1, external=True)
+    nat_port = _send(bed, from_client(bed, flags="S"))[TCP].sport
+    flow = _only_flow(bed)
+    assert (flow.answered, flow.closing) == (False, False)
+    assert CT_SYN - 2 < _lives(flow) <= CT_SYN
+    _send(bed, _remote_reply(bed, nat_port, "SA"))
+    _send(bed, from_client(bed, flags="A"))
+    flow = _only_flow(bed)
+    assert (flow.answered, flow.closing) == (True, False)
+    assert _lives(flow) > CT_SYN  # established: CILIATE_CT_LIFETIME_TCP
+    # FIN from the client alone: half closed, still a live flow.
+    _send(bed, from_client(bed, flags="FA"))
+    assert _only_flow(bed).closing is False
+    # The backend's FIN: closed both ways, the short lifetime.
+    back = _send(bed, _remote_reply(bed, nat_port, "FA"))
+    assert (back[IP].dst, back[TCP].dport) == (str(WORLD_IP), CLIENT_PORT)
+    flow = _only_flow(bed)
+    assert flow.closing
+    assert 0 < _lives(flow) <= CT_CLOSE
+    # The last ACK still goes through on the flow's port.
+    assert _send(bed, from_client(bed, flags="A"))[TCP].sport == nat_port
+    # The client reuses its port at once: a new flow, its old reply entry freed.
+    again = _send(bed, from_client(bed, flags="S"))
+    assert (again[IP].dst, again[TCP].dport) == (str(REMOTE_POD), 8080)
+    flow = _only_flow(bed)
+    assert (flow.answered, flow.closing) == (False, False)
+    assert len(list(bed.datapath.maps[dpmaps.LB_NAT_REV].keys())) == 1
+    assert _send(bed, _remote_reply(bed, again[TCP].sport, "SA"))[TCP].dport == CLIENT_PORT
+
+
+def test_a_reset_from_a_local_backend_closes_its_flow(bed: Testbed) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [local_backend(bed)], service_id=1, external=True)
+    bed.run("from_netdev", from_client(bed, flags="S"), ifindex=bed.uplink.ifindex)
+    reset = bytes(
+        Ether(src=bed.pod_a.eth0.mac, dst=bed.pod_a.lxc.mac)
+        / IP(src=str(bed.pod_a.ip), dst=str(WORLD_IP), ttl=64)
+        / TCP(sport=8080, dport=CLIENT_PORT, flags="R")
+    )
+    out = Ether(bed.run("from_container", reset, ifindex=bed.pod_a.lxc.ifindex).data)
+    assert (out[IP].src, out[TCP].sport, out[TCP].flags) == (str(NODE_IP), NODEPORT.port, "R")
+    flow = _only_flow(bed)
+    assert flow.closing and 0 < _lives(flow) <= CT_CLOSE
+
+
+def test_a_udp_flow_lives_the_non_tcp_lifetime(bed: Testbed) -> None:
+    frontend = Frontend(NODE_IP, 30053, L4Protocol.UDP)
+    bed.datapath.lb.upsert_service(frontend, [remote_backend()], service_id=2, external=True)
+    _send(bed, from_client(bed, frontend=frontend))
+    flow = _only_flow(bed)
+    assert not flow.closing and CT_NONTCP - 2 < _lives(flow) <= CT_NONTCP
+
+
+def test_expire_flows_frees_dead_flows_with_their_reply_entries_and_keeps_live_ones(
+    bed: Testbed,
+) -> None:
+    lb = bed.datapath.lb
+    lb.upsert_service(NODEPORT, [local_backend(bed)], service_id=1, external=True)
+    frontend = Frontend(NODE_IP, 30081, L4Protocol.TCP)
+    lb.upsert_service(frontend, [remote_backend()], service_id=2, external=True)
+    bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex)
+    bed.run("from_netdev", from_client(bed, frontend=frontend), ifindex=bed.uplink.ifindex)
+    nat_rev = bed.datapath.maps[dpmaps.LB_NAT_REV]
+    assert len(lb.flows()) == 2 and len(list(nat_rev.keys())) == 2
+    assert lb.expire_flows() == 0  # both live
+    assert len(lb.flows()) == 2
+    later = conntrack.now() + (CT_SYN + 1) * conntrack.hz()
+    assert lb.expire_flows(now=later) == 2
+    assert lb.flows() == [] and list(nat_rev.keys()) == []
+
+
+def _snat_candidates(src: ipaddress.IPv4Address, sport: int, frontend: Frontend) -> list[int]:
+    """The SNAT ports lb_snat_port() tries for a flow, in order."""
+    span = NAT_PORT_MAX - NAT_PORT_MIN + 1
+    h = _tuple_hash(src, sport, frontend)
+    return [NAT_PORT_MIN + ((h + i * 7919) & 0xFFFFFFFF) % span for i in range(8)]
+
+
+def test_snat_ports_left_by_dead_flows_are_taken_again_and_live_ones_are_not(
+    bed: Testbed,
+) -> None:
+    """Every port the flow may take is held by a reply entry: the first by
+    a live flow, the others by flows that are gone. Before flows had
+    lifetimes such a flow was dropped until the LRU evicted the entries."""
+    backend = remote_backend()
+    bed.datapath.lb.upsert_service(NODEPORT, [backend], service_id=1, external=True)
+    candidates = _snat_candidates(WORLD_IP, CLIENT_PORT, NODEPORT)
+    other_client = ipaddress.IPv4Address("203.0.113.9")
+    nat_rev = bed.datapath.maps[dpmaps.LB_NAT_REV]
+    nat_fwd = bed.datapath.maps[dpmaps.LB_NAT_FWD]
+
+    def addr(a: ipaddress.IPv4Address) -> int:
+        return int.from_bytes(a.packed, "little")
+
+    for i, port in enumerate(candidates):
+        reply_key = abi.pack(
+            "ciliate_lb_tuple",
+            saddr=addr(backend.address),
+            daddr=addr(NODE_IP),
+            sport=socket.htons(backend.port),
+            dport=socket.htons(port),
+            protocol=6,
+        )
+        owner = {"saddr": addr(other_client), "sport": socket.htons(50000 + i)}
+        nat_rev.update(
+            reply_key,
+            abi.pack(
+                "ciliate_lb_nat_rev",
+                saddr=addr(NODEPORT.address),
+                sport=socket.htons(NODEPORT.port),
+                daddr=owner["saddr"],
+                dport=owner["sport"],
+            ),
+        )
+        if i == 0:  # the live one
+            nat_fwd.update(
+                abi.pack(
+                    "ciliate_lb_tuple",
+                    saddr=owner["saddr"],
+                    daddr=addr(NODEPORT.address),
+                    sport=owner["sport"],
+                    dport=socket.htons(NODEPORT.port),
+                    protocol=6,
+                ),
+                abi.pack(
+                    "ciliate_lb_flow",
+                    expires=conntrack.now() + 600 * conntrack.hz(),
+                    backend_id=backend.id,
+                    nat_port=socket.htons(port),
+                ),
+            )
+    out = _send(bed, from_client(bed, flags="S"))
+    assert out[TCP].sport == candidates[1]
+    back = _send(bed, _remote_reply(bed, candidates[1], "SA"))
+    assert (back[IP].dst, back[TCP].dport) == (str(WORLD_IP), CLIENT_PORT)
+
+
+# ---- translations in the monitor and in the metrics ----------------------------------
+
+
+def _translations(bed: Testbed) -> list[Event]:
+    return [e for e in bed.events() if e.translation is not None]
+
+
+def test_translations_are_traced_only_while_tracing_is_on(bed: Testbed) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [local_backend(bed)], service_id=1, external=True)
+    bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex)
+    assert _translations(bed) == []
+    bed.datapath.config.set_trace(True)
+    bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex)
+    [event] = _translations(bed)
+    t = event.translation
+    assert t is not None
+    assert (event.kind, event.ifindex, t.kind, t.protocol) == ("lb", bed.uplink.ifindex, "local", 6)
+    assert (t.service_id, t.backend_id) == (1, 7)
+    assert (str(t.orig_source), str(t.orig_destination)) == (
+        f"{WORLD_IP}:40000",
+        f"{NODE_IP}:30080",
+    )
+    assert (str(t.source), str(t.destination)) == (f"{WORLD_IP}:40000", f"{bed.pod_a.ip}:8080")
+
+    reply = bytes(
+        Ether(src=bed.pod_a.eth0.mac, dst=bed.pod_a.lxc.mac)
+        / IP(src=str(bed.pod_a.ip), dst=str(WORLD_IP), ttl=64)
+        / TCP(sport=8080, dport=CLIENT_PORT, flags="SA")
+    )
+    bed.run("from_container", reply, ifindex=bed.pod_a.lxc.ifindex)
+    [event] = _translations(bed)
+    t = event.translation
+    assert t is not None and t.kind == "reply" and event.direction == Direction.EGRESS
+    assert (str(t.orig_source), str(t.source)) == (f"{bed.pod_a.ip}:8080", f"{NODE_IP}:30080")
+    assert str(t.destination) == f"{WORLD_IP}:40000"
+
+
+def test_a_remote_translation_shows_the_snat_and_the_monitor_prints_it(bed: Testbed) -> None:
+    bed.datapath.lb.upsert_service(NODEPORT, [remote_backend()], service_id=1, external=True)
+    bed.datapath.config.set_trace(True)
+    nat_port = _send(bed, from_client(bed))[TCP].sport
+    [event] = _translations(bed)
+    t = event.translation
+    assert t is not None and (t.kind, t.backend_id) == ("remote", 9)
+    assert (str(t.source), str(t.destination)) == (f"{NODE_IP}:{nat_port}", f"{REMOTE_POD}:8080")
+    line = format_event(event, "table")
+    assert (
+        f"LB tcp {WORLD_IP}:40000 -> {NODE_IP}:30080 => {NODE_IP}:{nat_port} -> {REMOTE_POD}:8080 "
+        "(to a backend on another node (DNAT, SNAT to this node))"
+    ) in line
+    assert f"ifindex {bed.uplink.ifindex}" in line
+    doc = json.loads(format_event(event, "json"))
+    assert doc["type"] == "lb" and doc["packet"] == ""
+    assert doc["translation"] == {
+        "kind": "remote",
+        "protocol": "tcp",
+        "service_id": 1,
+        "backend_id": 9,
+        "original": {"source": f"{WORLD_IP}:40000", "destination": f"{NODE_IP}:30080"},
+        "translated": {"source": f"{NODE_IP}:{nat_port}", "destination": f"{REMOTE_POD}:8080"},
+    }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ciliate.control.cli.show import format_event
 from ciliate.datapath.lb import (
     Backend,
     BackendState,
@@ -306,3 +307,21 @@ def test_restricted_to_its_own_namespaces_a_node_leaves_other_sockets_alone(
     assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ENETUNREACH
     lb.unrestrict_sockets()
     assert len(_served(lab.client("tcp", FRONTEND_TCP, count=2))) == 2
+
+
+def test_a_translated_connect_is_traced_while_tracing_is_on(tb: Testbed, lab: Lab) -> None:
+    """A socket has no packet to show: the record names the service asked
+    for and the backend given, and the monitor prints it as on a socket."""
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*ALL_ACTIVE), service_id=1)
+    lab.client("tcp", FRONTEND_TCP)
+    assert [e for e in tb.events() if e.translation is not None] == []
+    tb.datapath.config.set_trace(True)
+    [served] = _served(lab.client("tcp", FRONTEND_TCP))
+    [event] = [e for e in tb.events() if e.translation is not None]
+    t = event.translation
+    assert t is not None and (t.kind, t.service_id, t.protocol) == ("socket", 1, socket.IPPROTO_TCP)
+    assert str(t.orig_destination) == f"{CLUSTER_IP}:80"
+    assert str(t.destination) == served
+    assert t.backend_id == 100 + BACKEND_IPS.index(ipaddress.IPv4Address(served.split(":")[0]))
+    line = format_event(event, "table")
+    assert f"socket        LB tcp {CLUSTER_IP}:80 => {served}" in line

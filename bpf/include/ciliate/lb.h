@@ -19,6 +19,48 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+#define TCP_FLAGS_OFF 13
+
+/* Ticks per second, resolved by libbpf at load (/proc/config.gz): flow
+ * deadlines are jiffies, as the conntrack's (bpf_jiffies64() is one load). */
+extern const unsigned int CONFIG_HZ __kconfig;
+
+/* The translation record is used through a ring buffer pointer only: this
+ * anchor keeps its type in BTF (as node_config.h does for ciliate_event). */
+const volatile struct ciliate_lb_event *const ciliate_btf_anchor_lb_event = 0;
+
+/* A service translation for `ciliate monitor`, while tracing is on (the
+ * gate of trace and policy records: one inlined array lookup otherwise). */
+static __always_inline void lb_trace_xlate(__u32 ifindex, __u8 kind, __u8 dir,
+					   const struct ciliate_lb_tuple *orig,
+					   const struct ciliate_lb_tuple *xlated, __u16 rev_nat_id,
+					   __u32 backend_id)
+{
+	struct ciliate_lb_event *ev;
+
+	if (!trace_enabled())
+		return;
+	ev = bpf_ringbuf_reserve(&ciliate_events, sizeof(*ev), 0);
+	if (!ev)
+		return; /* ring full: the reader is behind */
+	ev->type = CILIATE_EVENT_LB;
+	ev->kind = kind;
+	ev->direction = dir;
+	ev->pad = 0;
+	ev->rev_nat_id = rev_nat_id;
+	ev->pad2 = 0;
+	ev->ifindex = ifindex;
+	ev->backend_id = backend_id;
+	ev->orig = *orig;
+	ev->xlated = *xlated;
+	ev->ktime_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /* The slot-0 entry of a frontend, as clients of `scope` see it: a service
  * with two scopes (a traffic policy of Local on one side only) keeps the
  * in-cluster backends under CILIATE_LB_SCOPE_INTERNAL. */
@@ -198,6 +240,127 @@ static __always_inline bool lb_tuple(struct __sk_buff *ctx, const struct iphdr *
 	return true;
 }
 
+/* The TCP flags of a packet (0 for UDP, or when they cannot be read). */
+static __always_inline __u8 lb_tcp_flags(struct __sk_buff *ctx, __u32 l4_off, __u8 protocol)
+{
+	__u8 flags = 0;
+
+	if (protocol == IPPROTO_TCP && bpf_skb_load_bytes(ctx, l4_off + TCP_FLAGS_OFF, &flags, 1) < 0)
+		flags = 0;
+	return flags;
+}
+
+/* ---- Uplink flows: state and lifetime (abi.h, ciliate_lb_flow) ---- */
+
+/* Lifetime in jiffies, the conntrack's per protocol and state. */
+static __always_inline __u64 lb_flow_lifetime(__u8 protocol, __u16 flags)
+{
+	__u64 seconds;
+
+	if (protocol != IPPROTO_TCP)
+		seconds = CILIATE_CT_LIFETIME_NONTCP;
+	else if (flags & CILIATE_LB_FLOW_F_CLOSING)
+		seconds = CILIATE_CT_LIFETIME_CLOSE;
+	else if (flags & CILIATE_LB_FLOW_F_SEEN_REPLY)
+		seconds = CILIATE_CT_LIFETIME_TCP;
+	else
+		seconds = CILIATE_CT_LIFETIME_SYN;
+	return seconds * CONFIG_HZ;
+}
+
+/* A flow's state after a packet with `tcp_flags`, from the client or (reply) the backend. */
+static __always_inline __u16 lb_flow_flags(__u16 flags, __u8 tcp_flags, bool reply)
+{
+	if (reply)
+		flags |= CILIATE_LB_FLOW_F_SEEN_REPLY;
+	if (tcp_flags & TCP_FLAG_FIN)
+		flags |= reply ? CILIATE_LB_FLOW_F_FIN_REPLY : CILIATE_LB_FLOW_F_FIN_ORIG;
+	if ((tcp_flags & TCP_FLAG_RST) ||
+	    ((flags & CILIATE_LB_FLOW_F_FIN_ORIG) && (flags & CILIATE_LB_FLOW_F_FIN_REPLY)))
+		flags |= CILIATE_LB_FLOW_F_CLOSING;
+	return flags;
+}
+
+/* Account a packet to its flow, in place: its state, and its deadline
+ * moved on. An unchanged state moves the deadline at most once a second:
+ * a write per packet would bounce the entry between CPUs for nothing. */
+static __always_inline void lb_flow_touch(struct ciliate_lb_flow *flow, __u8 protocol,
+					  __u8 tcp_flags, bool reply, __u64 now)
+{
+	__u16 flags = lb_flow_flags(flow->flags, tcp_flags, reply);
+	__u64 expires = now + lb_flow_lifetime(protocol, flags);
+
+	if (flags != flow->flags) {
+		flow->flags = flags;
+		flow->expires = expires;
+	} else if (expires > flow->expires + CONFIG_HZ) {
+		flow->expires = expires;
+	}
+}
+
+/* Whether a packet with `tcp_flags` finds its flow over: past its
+ * deadline, or a new connection (a bare SYN) over a closing flow of the
+ * same tuple (the client reused its port at once). */
+static __always_inline bool lb_flow_over(const struct ciliate_lb_flow *flow, __u8 tcp_flags,
+					 __u64 now)
+{
+	if (flow->expires < now)
+		return true;
+	return (flow->flags & CILIATE_LB_FLOW_F_CLOSING) &&
+	       (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* The tuple a flow arrived with, from its reply entry. */
+static __always_inline void lb_rev_orig(const struct ciliate_lb_nat_rev *rev, __u8 protocol,
+					struct ciliate_lb_tuple *orig)
+{
+	orig->saddr = rev->daddr;
+	orig->daddr = rev->saddr;
+	orig->sport = rev->dport;
+	orig->dport = rev->sport;
+	orig->protocol = protocol;
+}
+
+/* Whether the reply entry `rev` (of a reply to SNAT port `port`) belongs
+ * to no live flow: its flow is gone, over, or has another port now. */
+static __always_inline bool lb_rev_stale(const struct ciliate_lb_nat_rev *rev, __u8 protocol,
+					 __u16 port, __u64 now)
+{
+	struct ciliate_lb_tuple orig = {};
+	const struct ciliate_lb_flow *flow;
+
+	lb_rev_orig(rev, protocol, &orig);
+	flow = bpf_map_lookup_elem(&ciliate_lb_nat_fwd_v2, &orig);
+	return !flow || flow->expires < now || flow->nat_port != port;
+}
+
+/* Free the reply entry of flow `t` that is over, if the entry is still
+ * this flow's (its SNAT port may serve another flow by now). */
+static __always_inline void lb_flow_forget(const struct ciliate_lb_tuple *t,
+					   const struct ciliate_lb_flow *flow)
+{
+	const struct ciliate_lb_backend *backend = lb_lookup_backend(flow->backend_id);
+	struct ciliate_lb_tuple reply = {};
+	const struct ciliate_lb_nat_rev *rev;
+
+	if (!backend)
+		return; /* the backend is gone: its entries age out of the LRU */
+	reply.saddr = backend->addr;
+	reply.sport = backend->port;
+	reply.protocol = t->protocol;
+	if (flow->nat_port) {
+		reply.daddr = node_ip;
+		reply.dport = flow->nat_port;
+	} else {
+		reply.daddr = t->saddr;
+		reply.dport = t->sport;
+	}
+	rev = bpf_map_lookup_elem(&ciliate_lb_nat_rev, &reply);
+	if (rev && rev->daddr == t->saddr && rev->dport == t->sport && rev->saddr == t->daddr &&
+	    rev->sport == t->dport)
+		bpf_map_delete_elem(&ciliate_lb_nat_rev, &reply);
+}
+
 /* Rewrite one address (offset `off` in the IPv4 header) with both
  * checksums; the L4 one covers it through the pseudo-header. */
 static __always_inline int lb_set_addr(struct __sk_buff *ctx, __u32 l4_off, __u8 protocol,
@@ -300,6 +463,8 @@ static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
 				      struct trace_info *trace)
 {
 	const struct ciliate_lb_nat_rev *rev = bpf_map_lookup_elem(&ciliate_lb_nat_rev, t);
+	struct ciliate_lb_tuple orig = {};
+	struct ciliate_lb_flow *flow;
 	struct ciliate_lb_tuple to;
 	int ret;
 
@@ -310,10 +475,18 @@ static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
 	to.sport = rev->sport;
 	to.daddr = rev->daddr;
 	to.dport = rev->dport;
+	/* The flow learns the backend answered, or closed. */
+	lb_rev_orig(rev, t->protocol, &orig);
+	flow = bpf_map_lookup_elem(&ciliate_lb_nat_fwd_v2, &orig);
+	if (flow)
+		lb_flow_touch(flow, t->protocol, lb_tcp_flags(ctx, l4_off, t->protocol), true,
+			      bpf_jiffies64());
 	ret = lb_rewrite(ctx, l4_off, t, &to);
 	if (IS_DROP(ret))
 		return ret;
-	metrics_count(CILIATE_FORWARDED_LB_NODEPORT, dir, ctx->len);
+	metrics_count(CILIATE_FORWARDED_LB_REPLY, dir, ctx->len);
+	lb_trace_xlate(ctx->ifindex, CILIATE_LB_XLATE_REPLY, dir, t, &to, 0,
+		       flow ? flow->backend_id : 0);
 	return lb_fib_redirect(ctx, trace);
 }
 
@@ -332,10 +505,11 @@ static __always_inline int lb_rev_nat_from_pod(struct __sk_buff *ctx, const stru
 }
 
 /* A free SNAT port for a flow to `backend` (tried from a hash of the flow,
- * a few ports on), its reply entry written; 0 if none was free. */
+ * a few ports on; a port whose flow is over counts as free), its reply
+ * entry written; 0 if none was free. */
 static __always_inline __u16 lb_snat_port(const struct ciliate_lb_tuple *orig,
 					  const struct ciliate_lb_backend *backend,
-					  __u32 hash)
+					  __u32 hash, __u64 now)
 {
 	const __u32 range = CILIATE_LB_NAT_PORT_MAX - CILIATE_LB_NAT_PORT_MIN + 1;
 	struct ciliate_lb_tuple reply = {
@@ -355,8 +529,15 @@ static __always_inline __u16 lb_snat_port(const struct ciliate_lb_tuple *orig,
 	for (int i = 0; i < 8; i++) {
 		__u16 port = bpf_htons((__u16)(CILIATE_LB_NAT_PORT_MIN + (hash + i * 7919) % range));
 
+		const struct ciliate_lb_nat_rev *taken;
+
 		reply.dport = port;
 		if (!bpf_map_update_elem(&ciliate_lb_nat_rev, &reply, &rev, BPF_NOEXIST))
+			return port;
+		/* A port left by a flow that is over is free again. */
+		taken = bpf_map_lookup_elem(&ciliate_lb_nat_rev, &reply);
+		if (taken && lb_rev_stale(taken, orig->protocol, port, now) &&
+		    !bpf_map_update_elem(&ciliate_lb_nat_rev, &reply, &rev, BPF_ANY))
 			return port;
 	}
 	return 0;
@@ -443,13 +624,15 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 				       struct trace_info *trace)
 {
 	const struct ciliate_lb_service_value *svc;
-	const struct ciliate_lb_backend *backend;
+	const struct ciliate_lb_backend *backend = NULL;
 	struct ciliate_lb_service_key key = {};
-	struct ciliate_lb_nat_fwd *flow;
-	struct ciliate_lb_nat_fwd fwd = {};
+	struct ciliate_lb_flow *flow;
+	struct ciliate_lb_flow fwd = {};
 	struct ciliate_lb_tuple t = {};
 	struct ciliate_lb_tuple to;
 	__u32 l4_off, hash, id = 0;
+	__u64 now;
+	__u8 tcp_flags;
 	int ret;
 
 	/* A pod address is never a frontend nor the target of a translated
@@ -468,9 +651,20 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 	if (!svc || !(svc->flags & CILIATE_LB_F_EXTERNAL))
 		return CILIATE_LB_PASS;
 
-	flow = bpf_map_lookup_elem(&ciliate_lb_nat_fwd, &t);
-	backend = flow ? lb_lookup_backend(flow->backend_id) : NULL;
+	now = bpf_jiffies64();
+	tcp_flags = lb_tcp_flags(ctx, l4_off, t.protocol);
+	flow = bpf_map_lookup_elem(&ciliate_lb_nat_fwd_v2, &t);
+	if (flow) {
+		backend = lb_lookup_backend(flow->backend_id);
+		/* Over (or its backend gone): its reply entry goes, and the
+		 * packet starts a new flow. */
+		if (!backend || lb_flow_over(flow, tcp_flags, now)) {
+			lb_flow_forget(&t, flow);
+			backend = NULL;
+		}
+	}
 	if (backend) {
+		lb_flow_touch(flow, t.protocol, tcp_flags, false, now);
 		fwd = *flow;
 	} else {
 		hash = lb_tuple_hash(&t);
@@ -496,11 +690,13 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 
 			bpf_map_update_elem(&ciliate_lb_nat_rev, &reply, &rev, BPF_ANY);
 		} else {
-			fwd.nat_port = lb_snat_port(&t, backend, hash);
+			fwd.nat_port = lb_snat_port(&t, backend, hash, now);
 			if (!fwd.nat_port)
 				return DROP(CILIATE_DROP_NO_SERVICE_BACKEND);
 		}
-		bpf_map_update_elem(&ciliate_lb_nat_fwd, &t, &fwd, BPF_ANY);
+		fwd.flags = lb_flow_flags(0, tcp_flags, false);
+		fwd.expires = now + lb_flow_lifetime(t.protocol, fwd.flags);
+		bpf_map_update_elem(&ciliate_lb_nat_fwd_v2, &t, &fwd, BPF_ANY);
 	}
 	to = t;
 	to.daddr = backend->addr;
@@ -512,7 +708,12 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 	ret = lb_rewrite(ctx, l4_off, &t, &to);
 	if (IS_DROP(ret))
 		return ret;
-	metrics_count(CILIATE_FORWARDED_LB_NODEPORT, CILIATE_DIR_INGRESS, ctx->len);
+	metrics_count(fwd.nat_port ? CILIATE_FORWARDED_LB_NODEPORT_REMOTE
+				   : CILIATE_FORWARDED_LB_NODEPORT,
+		      CILIATE_DIR_INGRESS, ctx->len);
+	lb_trace_xlate(ctx->ifindex,
+		       fwd.nat_port ? CILIATE_LB_XLATE_REMOTE : CILIATE_LB_XLATE_LOCAL,
+		       CILIATE_DIR_INGRESS, &t, &to, svc->rev_nat_id, fwd.backend_id);
 	return fwd.nat_port ? lb_fib_redirect(ctx, trace) : CILIATE_LB_PASS;
 }
 
