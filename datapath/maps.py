@@ -78,7 +78,7 @@ LB_REVNAT = "ciliate_lb_revnat"
 LB_AFFINITY = "ciliate_lb_affinity"
 LB_SOCK_REVNAT = "ciliate_lb_sock_revnat"
 LB_MAGLEV = "ciliate_lb_maglev"
-LB_NAT_FWD = "ciliate_lb_nat_fwd"
+LB_NAT_FWD = "ciliate_lb_nat_fwd_v2"
 LB_NAT_REV = "ciliate_lb_nat_rev"
 LB_NETNS = "ciliate_lb_netns"
 # Every map the built datapath has (those of enabled features): what the

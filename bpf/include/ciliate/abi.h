@@ -25,7 +25,9 @@ enum ciliate_drop_reason {
 	CILIATE_FORWARDED = 0,                  /* forwarded */
 	CILIATE_FORWARDED_SOCKET = 1,           /* forwarded socket to socket (TCP between local pods) */
 	CILIATE_FORWARDED_LB_SOCKET = 2,        /* service translated to a backend at the socket (connect, sendmsg) */
-	CILIATE_FORWARDED_LB_NODEPORT = 3,      /* service packet translated on the uplink (to a backend, or a reply back) */
+	CILIATE_FORWARDED_LB_NODEPORT = 3,      /* service packet from outside translated to a backend on this node (DNAT) */
+	CILIATE_FORWARDED_LB_NODEPORT_REMOTE = 4, /* service packet from outside translated to a backend on another node (DNAT and SNAT) */
+	CILIATE_FORWARDED_LB_REPLY = 5,         /* reply of a translated service flow given the service back */
 	CILIATE_DROP_INVALID_SMAC = 130,        /* source MAC is not the endpoint's */
 	CILIATE_DROP_INVALID_SIP = 131,         /* source IP is not the endpoint's */
 	CILIATE_DROP_TTL_EXCEEDED = 132,        /* TTL expired on the way to a pod */
@@ -60,6 +62,7 @@ enum ciliate_event_type {
 	CILIATE_EVENT_DROP = 1,
 	CILIATE_EVENT_TRACE = 2,
 	CILIATE_EVENT_POLICY = 3,       /* a new connection allowed by policy (traced) */
+	CILIATE_EVENT_LB = 4,           /* a service translation (traced): struct ciliate_lb_event */
 };
 
 /* Reserved identities the datapath itself assigns (Cilium's numbering; the
@@ -272,7 +275,9 @@ struct ciliate_frag_ports {
 	__u16 dport;
 };
 
-/* ciliate_events (ring buffer): one record per drop, trace or policy verdict. */
+/* ciliate_events (ring buffer): one record per drop, trace or policy
+ * verdict; service translations have a record of their own
+ * (ciliate_lb_event), told apart by the type byte both start with. */
 struct ciliate_event {
 	__u8 type;              /* enum ciliate_event_type */
 	__u8 reason;            /* drop reason or trace point */
@@ -405,7 +410,7 @@ struct ciliate_lb_sock_peer {
 /*
  * Per-packet load balancing on the uplink (NodePort, LoadBalancer and
  * external IPs from outside): one flow keeps its backend and its SNAT port
- * through ciliate_lb_nat_fwd, keyed by the tuple as it arrived; replies
+ * through ciliate_lb_nat_fwd_v2, keyed by the tuple as it arrived; replies
  * are translated back through ciliate_lb_nat_rev, keyed by the tuple of
  * the reply as the node sees it (from a local backend pod, or from a
  * remote backend to this node's SNAT port).
@@ -419,10 +424,22 @@ struct ciliate_lb_tuple {
 	__u8 pad[3];
 };
 
-struct ciliate_lb_nat_fwd {
+/* ciliate_lb_nat_fwd_v2 (LRU hash): a flow as it arrived -> its backend,
+ * SNAT port and state. A flow is dead after `expires` (a TCP flow closed by
+ * FIN both ways or by RST lives CILIATE_CT_LIFETIME_CLOSE more seconds): a
+ * packet of a dead flow starts a new one, its reply entry and SNAT port are
+ * taken back, and user space frees dead flows (LoadBalancer.expire_flows).
+ * Lifetimes are the conntrack's (CILIATE_CT_LIFETIME_*); time is jiffies. */
+#define CILIATE_LB_FLOW_F_SEEN_REPLY 1  /* the backend answered */
+#define CILIATE_LB_FLOW_F_FIN_ORIG 2    /* the client sent FIN */
+#define CILIATE_LB_FLOW_F_FIN_REPLY 4   /* the backend sent FIN */
+#define CILIATE_LB_FLOW_F_CLOSING 8     /* FIN both ways or RST: short lifetime */
+
+struct ciliate_lb_flow {
+	__u64 expires;          /* jiffies after which the flow is dead */
 	__u32 backend_id;
 	__u16 nat_port;         /* SNAT source port (network byte order); 0: not SNATed (local backend) */
-	__u16 pad;
+	__u16 flags;            /* CILIATE_LB_FLOW_F_* */
 };
 
 /* The addresses and ports a reply gets. */
@@ -435,6 +452,30 @@ struct ciliate_lb_nat_rev {
 
 #define CILIATE_LB_NAT_PORT_MIN 61000   /* SNAT ports: above Linux's default ephemeral range */
 #define CILIATE_LB_NAT_PORT_MAX 65535
+
+/* What a service translation did (trace events, metrics). */
+enum ciliate_lb_xlate {
+	CILIATE_LB_XLATE_LOCAL = 1,     /* to a backend on this node (DNAT) */
+	CILIATE_LB_XLATE_REMOTE = 2,    /* to a backend on another node (DNAT, SNAT to this node) */
+	CILIATE_LB_XLATE_REPLY = 3,     /* a reply given the service back */
+	CILIATE_LB_XLATE_SOCKET = 4,    /* a socket's connect or send to a backend */
+};
+
+/* ciliate_events record of a service translation, sent while tracing is on
+ * (CILIATE_CONFIG_F_TRACE, as trace and policy records). */
+struct ciliate_lb_event {
+	__u8 type;              /* CILIATE_EVENT_LB */
+	__u8 kind;              /* enum ciliate_lb_xlate */
+	__u8 direction;         /* enum ciliate_direction */
+	__u8 pad;
+	__u16 rev_nat_id;       /* the service; 0: not known (replies) */
+	__u16 pad2;
+	__u32 ifindex;          /* device of the packet; 0: a socket */
+	__u32 backend_id;       /* 0: not known (replies) */
+	struct ciliate_lb_tuple orig;   /* as it came (a socket: the address it asked for) */
+	struct ciliate_lb_tuple xlated; /* as it went on */
+	__u64 ktime_ns;
+};
 
 /* ciliate_lb_maglev (hash): rev-NAT id -> the service's Maglev lookup
  * table, CILIATE_LB_MAGLEV_SIZE backend ids (computed in user space). */
