@@ -67,6 +67,9 @@ from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.programs import Datapath
 
 log = logging.getLogger(__name__)
+# What the policy engine reads: not Services nor EndpointSlices, which would make
+# every pass decode thousands of objects it never looks at.
+_POLICY_INPUT_KINDS = ("Namespace", "Pod", *POLICY_KINDS)
 
 POD_NAMESPACE_ATTRIBUTE = "K8S_POD_NAMESPACE"
 POD_NAME_ATTRIBUTE = "K8S_POD_NAME"
@@ -289,7 +292,7 @@ class PolicyController:
         manager's lock, so it runs before this loop's own lock is taken: an ADD holds
         the manager's lock while it asks :meth:`enforce_new`, which takes this one."""
         result = SyncResult()
-        snapshot = self._objects.snapshot()
+        snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
         pods = _pods_by_ref(snapshot)
         namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
         for endpoint in self._endpoints.list():
@@ -336,7 +339,7 @@ class PolicyController:
                         if policy is not None:
                             break
             if policy is None:
-                snapshot = self._objects.snapshot()
+                snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
                 pods = _pods_by_ref(snapshot)
                 local = [*self._endpoints.list(), endpoint]
                 computed = self._compute(snapshot, pods, local, only=[endpoint])
@@ -494,7 +497,7 @@ class PolicyController:
         """What the datapath decides for ``src`` -> ``dst`` (``namespace/name``), with
         the real identities and addresses, and which rule or default decides it.
         Raises ``LookupError`` for a pod with no endpoint."""
-        snapshot = self._objects.snapshot()
+        snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
         pods = _pods_by_ref(snapshot)
         endpoints = self._pod_endpoints(list(self._endpoints.list()), pods)
         by_ref = {endpoint.ref: endpoint for endpoint in endpoints}

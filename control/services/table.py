@@ -11,24 +11,34 @@ Frontends, one per (address, port, protocol):
 * ``LoadBalancer``: each ``status.loadBalancer.ingress[].ip`` of a LoadBalancer
   Service, at the service port.
 
+A Service of type ``ExternalName`` is a DNS alias and has none.
+
 Backends come from the slices labelled ``kubernetes.io/service-name`` with the
-Service's name in its namespace; a slice port is matched to a service port by
-name and protocol, and an address listed twice (slices overlap while they are
-rewritten) counts once, in its best state. Each backend is:
+Service's name in its namespace (every such slice, the controller's and the
+user's); a slice port is matched to a service port by name and protocol, an
+endpoint is read at its first address (the others are interchangeable, the API
+says; kube-proxy and Cilium read the first alone), only IPv4 slices count, and an
+address listed twice (slices overlap while they are rewritten) counts once, in its
+best state. Each backend is:
 
 * ``active``: ``ready`` (a condition left out counts as true, as Kubernetes says);
 * ``terminating``: not ready, but ``serving`` and ``terminating``: it keeps the
   flows it has and takes no new one, except when the frontend has no active
-  backend at all, when the serving terminating ones take new flows too (kube-proxy
-  and Cilium do the same, so a rolling update of the last pod loses nothing);
+  backend at all, when the serving terminating ones take new flows too (KEP-1669,
+  as kube-proxy and Cilium do, so a rolling update of the last pod loses nothing);
 * left out: neither ready nor serving.
 
 Traffic policies: ``internalTrafficPolicy: Local`` keeps only this node's backends
 on the ClusterIP frontend; ``externalTrafficPolicy: Local`` does the same on the
-NodePort, ExternalIP and LoadBalancer frontends. A frontend whose backends can take
-no new flow (none at all, none on this node, or all terminating and none
-serving) is marked ``refuses``: the datapath answers at once (TCP reset, ICMP
-unreachable) instead of timing out.
+NodePort, ExternalIP and LoadBalancer frontends for clients outside the cluster,
+while clients inside it (pods, the node) reaching those addresses get every
+backend (kube-proxy: such traffic is "subject to neither form of traffic policy";
+Cilium keeps it in a second scope, ``Frontend.internal_backends``). The fallback
+to terminating backends happens among the backends a policy leaves. A frontend
+whose backends can take no new flow (none at all, none on this node, or all
+terminating and none serving) is marked ``refuses``: the datapath answers at once
+(TCP reset, ICMP unreachable) instead of timing out. ``sessionAffinity: ClientIP``
+without a timeout holds 10,800 s, the API's default.
 
 Everything here is a pure function; numeric ids come from :mod:`.ids`.
 """
@@ -331,8 +341,25 @@ def frontends_json(
     """The table as the agent's ``GET /v1/services`` answers it and ``ciliate service
     list`` prints it (ids are null when computed from the objects alone)."""
     out = []
+
+    def listed(backends: Sequence[Backend]) -> list[dict[str, Any]]:
+        new_flows = {b.key for b in _new_flow(tuple(backends))}
+        return [
+            {
+                "id": (backend_ids or {}).get(backend.key),
+                "address": str(backend.key),
+                "ip": str(backend.key.ip),
+                "port": backend.key.port,
+                "state": str(backend.state),
+                "new_flows": backend.key in new_flows,
+                "node": backend.node,
+                "zone": backend.zone,
+                "pod": backend.pod,
+            }
+            for backend in backends
+        ]
+
     for frontend in frontends:
-        new_flows = {b.key for b in frontend.new_flow_backends}
         out.append(
             {
                 "id": (frontend_ids or {}).get(frontend.key),
@@ -346,20 +373,12 @@ def frontends_json(
                 "affinity_timeout": frontend.affinity_timeout,
                 "local_only": frontend.local_only,
                 "refuses": frontend.refuses,
-                "backends": [
-                    {
-                        "id": (backend_ids or {}).get(backend.key),
-                        "address": str(backend.key),
-                        "ip": str(backend.key.ip),
-                        "port": backend.key.port,
-                        "state": str(backend.state),
-                        "new_flows": backend.key in new_flows,
-                        "node": backend.node,
-                        "zone": backend.zone,
-                        "pod": backend.pod,
-                    }
-                    for backend in frontend.backends
-                ],
+                "backends": listed(frontend.backends),
+                # Clients inside the cluster, when they reach other backends
+                # (externalTrafficPolicy Local on an outside address); null: the same.
+                "in_cluster_backends": None
+                if frontend.internal_backends is None
+                else listed(frontend.internal_backends),
             }
         )
     return out

@@ -200,3 +200,69 @@ def test_policy_applies_to_the_backend_behind_a_cluster_ip(
             tcp_ask(web["client"], vip, 80)
     finally:
         delete(node_lab, service("web"), deny_ingress("deny-web"))
+
+
+def test_local_traffic_policies_in_the_maps_and_on_connect(
+    node_lab: NodeLab, web: dict[str, lab.PodState]
+) -> None:
+    """internalTrafficPolicy Local: the ClusterIP reaches this node's backend only;
+    externalTrafficPolicy Local: the NodePort serves outside clients with this node's
+    backend only while a pod reaching it gets every backend (the second scope). The
+    user's slice (a Service without selector) puts web2 on another node."""
+    node_name = node_lab.get("/v1/status")["node"]
+    local = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "local", "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "internalTrafficPolicy": "Local",
+            "externalTrafficPolicy": "Local",
+            "ports": [{"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": TARGET_PORT}],
+        },
+    }
+    user_slice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "local-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "local"},
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [str(web["web1"].ip)], "nodeName": node_name},
+            {"addresses": [str(web["web2"].ip)], "nodeName": "elsewhere"},
+        ],
+        "ports": [{"name": "tcp", "protocol": "TCP", "port": TARGET_PORT}],
+    }
+    apply(node_lab, local, user_slice)
+    try:
+        settle_services(node_lab)
+        with node_lab.api as client:
+            svc = client.get("/v1/objects/services/local?namespace=default")
+        vip, node_port = str(svc["spec"]["clusterIP"]), int(svc["spec"]["ports"][0]["nodePort"])
+        here, both = {str(web["web1"].ip)}, {str(web["web1"].ip), str(web["web2"].ip)}
+        assert {tcp_ask(web["client"], vip, 80)[0] for _ in range(15)} == here
+        router = node_lab.router_ip
+        assert {tcp_ask(web["client"], router, node_port)[0] for _ in range(30)} == both
+        in_maps = node_lab.get("/v1/bpf/lb")
+        node_port_entry = next(s for s in in_maps if s["frontend"] == f"{router}:{node_port}/TCP")
+        assert [b["address"] for b in node_port_entry["backends"]] == [
+            f"{web['web1'].ip}:{TARGET_PORT}"
+        ]
+        listed = node_lab.get("/v1/services")["frontends"]
+        node_port_row = next(f for f in listed if f["frontend"] == f"{router}:{node_port}/TCP")
+        assert {b["ip"] for b in node_port_row["in_cluster_backends"]} == both
+        # The node's own backend gone: the ClusterIP refuses at once; pods still reach
+        # the other node's backend through the NodePort.
+        user_slice["endpoints"] = user_slice["endpoints"][1:]
+        apply(node_lab, user_slice)
+        settle_services(node_lab)
+        with pytest.raises(ConnectionRefusedError):
+            tcp_ask(web["client"], vip, 80)
+        assert {tcp_ask(web["client"], router, node_port)[0] for _ in range(5)} == {
+            str(web["web2"].ip)
+        }
+    finally:
+        delete(node_lab, local, user_slice)

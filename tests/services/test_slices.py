@@ -359,3 +359,99 @@ def test_a_headless_service_labels_its_slices_and_names_pods_of_its_subdomain() 
     with_ip = service([{"port": 80}], selector=WEB, clusterIP="10.96.0.9")
     labels = only(desired_slices(services=[with_ip], pods=pods, addresses={}))["metadata"]["labels"]
     assert "service.kubernetes.io/headless" not in labels
+
+
+# -- upstream's cases (pkg/controller/endpointslice, staging k8s.io/endpointslice) ------
+
+
+def test_reserved_labels_of_the_service_are_not_copied_and_the_owner_is_the_service() -> None:
+    svc = service([{"port": 80}], selector=WEB, clusterIP="10.96.0.9")
+    svc["metadata"]["labels"] = {
+        "tier": "front",
+        "kubernetes.io/service-name": "spoofed",
+        MANAGED_BY_LABEL: "someone-else",
+        "service.kubernetes.io/headless": "",
+    }
+    got = only(desired_slices(services=[svc], pods=[pod("a", ip="10.0.0.1")], addresses={}))
+    assert got["metadata"]["labels"] == {
+        "tier": "front",
+        "kubernetes.io/service-name": "web",
+        MANAGED_BY_LABEL: MANAGED_BY,
+    }
+    assert got["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "name": "web",
+            "uid": "svc-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert got["addressType"] == "IPv4"
+
+
+def test_an_external_name_service_gets_no_slices_even_with_a_selector() -> None:
+    alias = validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web"},
+            "spec": {"type": "ExternalName", "externalName": "db.example.com", "selector": WEB},
+        }
+    )
+    assert desired_slices(services=[alias], pods=[pod("a", ip="10.0.0.1")], addresses={}) == []
+
+
+def test_a_named_port_is_found_on_a_sidecar_but_not_on_a_plain_init_container() -> None:
+    def with_init(name: str, ip: str, restart: str | None) -> dict[str, Any]:
+        obj = pod(name, ip=ip)
+        init = {"name": "side", "ports": [{**HTTP_PORT, "protocol": "TCP"}]}
+        if restart:
+            init["restartPolicy"] = restart
+        obj["spec"]["initContainers"] = [init]
+        return obj
+
+    pods = [with_init("sidecar", "10.0.0.1", "Always"), with_init("init", "10.0.0.2", None)]
+    slices = desired_slices(services=[service(HTTP_NAMED, selector=WEB)], pods=pods, addresses={})
+    by_port = {tuple(p["port"] for p in s["ports"]): addresses_of(s) for s in slices}
+    assert by_port == {(8080,): ["10.0.0.1"], (): ["10.0.0.2"]}
+
+
+def test_the_first_ipv4_of_status_pod_ips_is_the_address() -> None:
+    obj = pod("a")
+    obj["status"] = {"podIPs": [{"ip": "fd00::1"}, {"ip": "10.0.0.7"}]}
+    got = only(
+        desired_slices(services=[service([{"port": 80}], selector=WEB)], pods=[obj], addresses={})
+    )
+    assert addresses_of(got) == ["10.0.0.7"]
+
+
+def test_a_user_slice_of_a_selected_service_is_never_touched(objects: ObjectStore) -> None:
+    # A slice the user applies for a Service with a selector is not the controller's
+    # (no managed-by label): it is neither rewritten nor deleted, and both serve.
+    user_slice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-extra", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["192.0.2.10"]}],
+        "ports": [{"name": "http", "port": 80}],
+    }
+    objects.apply([raw_service(WEB), raw_pod("a", "10.0.0.1"), user_slice])
+    reconcile(objects, addresses={})
+    objects.apply([raw_service(None)])
+    assert reconcile(objects, addresses={}).deleted
+    (left,) = objects.list(SLICE)
+    assert left["metadata"]["name"] == "web-extra" and addresses_of(left) == ["192.0.2.10"]
+
+
+def test_a_recreated_service_gets_slices_owned_by_its_new_uid(objects: ObjectStore) -> None:
+    objects.apply([raw_service(WEB), raw_pod("a", "10.0.0.1")])
+    reconcile(objects, addresses={})
+    objects.delete(objects.refs_of([raw_service(WEB)]))
+    objects.apply([raw_service(WEB)])
+    uid = objects.get(KINDS["Service"], name="web")["metadata"]["uid"]
+    reconcile(objects, addresses={})
+    (mine,) = objects.list(SLICE)
+    assert mine["metadata"]["ownerReferences"][0]["uid"] == uid

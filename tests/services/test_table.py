@@ -309,3 +309,96 @@ def test_a_lone_node_runs_controller_table_and_ids_from_its_store(tmp_path: Path
     assert [(b["id"], b["address"], b["state"], b["node"]) for b in frontend["backends"]] == [
         (1, "10.79.0.5:8080/TCP", "active", "node-a")
     ]
+
+
+# -- kube-proxy's and Cilium's reading of slices and policies ---------------------------
+
+
+def test_external_traffic_policy_local_still_gives_in_cluster_clients_every_backend() -> None:
+    # kube-proxy: pod traffic to a Local Service's NodePort or external address is
+    # "subject to neither form of traffic policy"; Cilium keeps it in a second scope.
+    svc = service(
+        {
+            "type": "NodePort",
+            "ports": [{**HTTP[0], "nodePort": 30080}],
+            "externalIPs": ["203.0.113.7"],
+            "externalTrafficPolicy": "Local",
+            "internalTrafficPolicy": "Local",
+        }
+    )
+    got = table([svc], [endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS)])
+    outside = [f for f in got if f.kind is not FrontendKind.CLUSTER_IP]
+    assert len(outside) == 3
+    for frontend in outside:
+        assert backends(frontend) == ["10.79.0.5:8080/TCP"]
+        assert frontend.internal_backends is not None
+        assert [str(b.key) for b in frontend.internal_backends] == [
+            "10.79.0.5:8080/TCP",
+            "10.79.1.5:8080/TCP",
+        ]
+    (cluster_ip,) = [f for f in got if f.kind is FrontendKind.CLUSTER_IP]
+    assert backends(cluster_ip) == ["10.79.0.5:8080/TCP"] and cluster_ip.internal_backends is None
+    # Every backend local: one scope is enough.
+    only_local = table([svc], [endpoint_slice(TWO_NODES[:1], HTTP_SLICE_PORTS)])
+    assert all(f.internal_backends is None for f in only_local)
+
+
+def test_internal_traffic_policy_local_without_a_local_backend_refuses() -> None:
+    svc = service({"ports": HTTP, "internalTrafficPolicy": "Local"})
+    (only,) = table([svc], [endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS)], "node-c")
+    assert only.backends == () and only.refuses and only.local_only
+
+
+def test_a_local_policy_falls_back_to_local_terminating_backends_not_remote_ready_ones() -> None:
+    # KEP-1669 applies within the node's own backends under a Local policy.
+    leaving_here = endpoint("10.79.0.6", "node-a", ready=False, serving=True, terminating=True)
+    svc = service({"ports": HTTP, "internalTrafficPolicy": "Local"})
+    (only,) = table([svc], [endpoint_slice([leaving_here, TWO_NODES[1]], HTTP_SLICE_PORTS)])
+    assert backends(only) == ["10.79.0.6:8080/TCP"]
+    assert [str(b.key) for b in only.new_flow_backends] == ["10.79.0.6:8080/TCP"]
+    assert not only.refuses
+
+
+def test_an_external_name_service_is_ignored() -> None:
+    alias = validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "alias"},
+            "spec": {
+                "type": "ExternalName",
+                "externalName": "db.example.com",
+                "ports": HTTP,
+                "externalIPs": ["203.0.113.8"],
+            },
+        }
+    )
+    slices = [endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS, service_name="alias", name="alias-1")]
+    assert table([alias], slices) == []
+
+
+def test_only_the_first_address_of_an_endpoint_is_read() -> None:
+    # The API says the other addresses are fungible; kube-proxy and Cilium use the first.
+    two_addresses = {**endpoint("10.79.0.5", "node-a"), "addresses": ["10.79.0.5", "10.79.0.9"]}
+    (only,) = table([service({"ports": HTTP})], [endpoint_slice([two_addresses], HTTP_SLICE_PORTS)])
+    assert backends(only) == ["10.79.0.5:8080/TCP"]
+
+
+def test_backends_of_all_slices_of_a_service_are_merged_and_deduplicated() -> None:
+    first = endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS, name="web-a")
+    second = endpoint_slice(
+        [TWO_NODES[1], endpoint("10.79.2.5", "node-c")], HTTP_SLICE_PORTS, name="web-b"
+    )
+    (only,) = table([service({"ports": HTTP})], [first, second])
+    assert backends(only) == ["10.79.0.5:8080/TCP", "10.79.1.5:8080/TCP", "10.79.2.5:8080/TCP"]
+
+
+def test_an_endpoint_ready_in_one_slice_and_terminating_in_another_counts_as_ready() -> None:
+    leaving = endpoint("10.79.0.5", "node-a", ready=False, serving=True, terminating=True)
+    for order in ([leaving], [TWO_NODES[0]]), ([TWO_NODES[0]], [leaving]):
+        slices = [
+            endpoint_slice(order[0], HTTP_SLICE_PORTS, name="web-a"),
+            endpoint_slice(order[1], HTTP_SLICE_PORTS, name="web-b"),
+        ]
+        (only,) = table([service({"ports": HTTP})], slices)
+        assert [b.state for b in only.backends] == [BackendState.ACTIVE]
