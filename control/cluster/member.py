@@ -15,6 +15,12 @@ next agent renews it first, and its BGP speaker stops as a *restarting* speaker
 :mod:`ciliate.control.cluster.bgp`), while the pinned datapath keeps forwarding.
 The next agent announces the same pod CIDRs in its first UPDATE.
 
+An agent that starts while etcd is unreachable (restarted during an etcd
+outage) still serves: it registers in the background once etcd answers, takes
+the pod CIDRs it was given last from its state directory (``pod-cidrs.json``,
+written whenever the operator's answer is read), and leaves the pinned ipcache
+as the last agent wrote it until the watches can read the cluster again.
+
 The node leaves when its ``cluster/nodes/<name>`` key is deleted: by ``ciliate
 node delete``, or by the operator once the node's liveness has been gone for its
 grace period (node loss). An agent that sees its own node deleted withdraws its
@@ -37,7 +43,7 @@ from typing import Any, Protocol
 from ciliate.control.cluster.bgp import DEFAULT_RESTART_TIME, BgpSpeaker, Peer
 from ciliate.control.cluster.keys import ALIVE, BGP, ENDPOINTS, IPAM, NODES, remove_node
 from ciliate.control.identity.cluster import ClusterIdentities
-from ciliate.control.store import StoreClosedError, StoreError, Txn
+from ciliate.control.store import StoreClosedError, StoreError, StoreUnavailableError, Txn
 from ciliate.datapath.maps import IpcacheEntry
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,8 @@ DEFAULT_LEASE_TTL = 10
 REMOTE_NODE_IDENTITY = 6  # reserved:remote-node
 # Seconds between attempts to publish endpoint changes the store refused.
 DEFAULT_REPUBLISH_INTERVAL = 1.0
+# The pod CIDRs last read from the operator, in the agent's state directory.
+POD_CIDRS_CACHE = "pod-cidrs.json"
 
 
 class ClusterError(RuntimeError):
@@ -121,6 +129,10 @@ class ClusterMember:
         self._threads: list[threading.Thread] = []
         self._remote_cidrs: dict[str, list[ipaddress.IPv4Network]] = {}
         self._remote_endpoints: dict[ipaddress.IPv4Network, IpcacheEntry] = {}
+        # Until the published endpoints have been read once, a resync must not
+        # delete the remote entries the pinned ipcache has (it cannot tell them
+        # from stale ones).
+        self._endpoints_read = False
         self._lease: Any = None
         self.identities = ClusterIdentities(store, node=node_name)
         # This node's endpoints as published (see endpoint_added).
@@ -132,6 +144,26 @@ class ClusterMember:
 
     # -- registration -------------------------------------------------------------
     def register(self) -> None:
+        """Write the node's object and its liveness key. With etcd unreachable (an
+        agent restarted during an outage) the agent goes on, and a thread registers
+        once etcd answers."""
+        try:
+            self._register()
+        except StoreUnavailableError as exc:
+            log.warning("node %s not registered yet: %s; retrying", self.node_name, exc)
+            thread = threading.Thread(target=self._register_later, name="register", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _register_later(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._register()
+                return
+            except StoreError as exc:
+                log.info("node %s not registered yet: %s", self.node_name, exc)
+
+    def _register(self) -> None:
         key, doc = (
             f"{NODES}{self.node_name}",
             _dumps({"name": self.node_name, "nodeIP": str(self.node_ip)}),
@@ -152,16 +184,27 @@ class ClusterMember:
         log.info("registered node %s (%s)", self.node_name, self.node_ip)
 
     def wait_for_pod_cidrs(self, timeout: float = 60) -> list[ipaddress.IPv4Network]:
-        """The pod CIDRs the operator gave this node (IPv4 ones)."""
+        """The pod CIDRs the operator gave this node (IPv4 ones); with etcd
+        unreachable, the ones it gave last (kept in the state directory)."""
         deadline = time.monotonic() + timeout
         last_error = None
         while time.monotonic() < deadline:
-            raw = self.store.get(f"{IPAM}{self.node_name}")
+            try:
+                raw = self.store.get(f"{IPAM}{self.node_name}")
+            except StoreUnavailableError as exc:
+                cached = self._cached_pod_cidrs()
+                if cached:
+                    log.warning("pod CIDRs from the last answer (%s): %s", exc, cached)
+                    return cached
+                last_error = str(exc)
+                time.sleep(0.5)
+                continue
             if raw is not None:
                 doc = json.loads(raw)
                 cidrs = [ipaddress.ip_network(c) for c in doc.get("podCIDRs", [])]
                 v4 = [c for c in cidrs if isinstance(c, ipaddress.IPv4Network)]
                 if v4:
+                    self._cache_pod_cidrs(v4)
                     return v4
                 last_error = (doc.get("status") or {}).get("error")
             time.sleep(0.1)
@@ -169,6 +212,23 @@ class ClusterMember:
             f"the operator gave node {self.node_name} no pod CIDR within {timeout:.0f} s"
             + (f": {last_error}" if last_error else ": is ciliate-operator running?")
         )
+
+    def _cached_pod_cidrs(self) -> list[ipaddress.IPv4Network]:
+        try:
+            doc = json.loads((self._workdir / POD_CIDRS_CACHE).read_text())
+            return [ipaddress.IPv4Network(c) for c in doc["podCIDRs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    def _cache_pod_cidrs(self, cidrs: Sequence[ipaddress.IPv4Network]) -> None:
+        path = self._workdir / POD_CIDRS_CACHE
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"podCIDRs": [str(c) for c in cidrs]}))
+            tmp.replace(path)
+        except OSError as exc:  # a restart during an etcd outage will not find them
+            log.warning("could not keep the pod CIDRs in %s: %s", path, exc)
 
     # -- endpoints: published for the other nodes ------------------------------------
     # The member keeps what it must publish (this node's endpoints, address -> doc):
@@ -267,8 +327,12 @@ class ClusterMember:
         self._ipcache = ipcache
         # The endpoints first: a node resync deletes remote entries it does not know,
         # and the pinned ipcache of a restarted agent still has them.
-        self._load_endpoints(self.store.list(ENDPOINTS))
-        self._resync()
+        try:
+            self._load_endpoints(self.store.list(ENDPOINTS))
+            self._resync()
+        except StoreUnavailableError as exc:
+            # The pinned ipcache keeps forwarding; the watches read when etcd is back.
+            log.warning("cluster not mirrored yet: %s", exc)
         watches = ((IPAM, self._watch), (NODES, self._watch), (ENDPOINTS, self._watch_endpoints))
         for prefix, target in watches:
             thread = threading.Thread(
@@ -301,6 +365,7 @@ class ClusterMember:
                     # Read after the watch started: what changed in between is both in
                     # the read and in the events, applied again in order (idempotent).
                     self._load_endpoints(self.store.list(prefix))
+                    self._resync()  # the node resyncs skipped until the first read
                     while not self._stop.is_set():
                         event = watch.get(timeout=1.0)
                         if event is not None:
@@ -330,6 +395,7 @@ class ClusterMember:
                 known[entry.prefix] = entry
         with self._resync_lock:
             old, self._remote_endpoints = self._remote_endpoints, known
+            self._endpoints_read = True
             if self._ipcache is None:
                 return
             for prefix, entry in known.items():
@@ -366,6 +432,8 @@ class ClusterMember:
         if self._ipcache is None:
             return
         with self._resync_lock:
+            if not self._endpoints_read:
+                return  # the endpoint watch resyncs once it has read them
             self._resync_locked(self._ipcache)
 
     def _resync_locked(self, ipcache: IpcacheWriter) -> None:
