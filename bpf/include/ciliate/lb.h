@@ -115,17 +115,22 @@ lb_affinity_backend(const struct ciliate_lb_affinity_key *akey, __u32 timeout, _
 {
 	struct ciliate_lb_affinity_value *aff = bpf_map_lookup_elem(&ciliate_lb_affinity, akey);
 	const struct ciliate_lb_backend *backend;
-	__u64 now;
+	__u64 now = 0;
 
 	if (!aff)
 		return NULL;
-	now = lb_now_seconds();
-	if (timeout && aff->last_used + timeout < now)
-		return NULL;
+	/* Without a time limit (a UDP socket's sends) the clock is not read
+	 * and the entry not written: a hit costs the lookup alone. */
+	if (timeout) {
+		now = lb_now_seconds();
+		if (aff->last_used + timeout < now)
+			return NULL;
+	}
 	backend = lb_lookup_backend(aff->backend_id);
 	if (!backend || backend->state != CILIATE_LB_BACKEND_ACTIVE)
 		return NULL;
-	aff->last_used = now;
+	if (timeout && aff->last_used != now)
+		aff->last_used = now;
 	*id = aff->backend_id;
 	return backend;
 }
