@@ -244,7 +244,11 @@ def _add(
     # The spec: "If an interface of the requested name already exists in the
     # container, the CNI plugin MUST return with an error" -- also one ciliate
     # made for this container by an earlier ADD (a runtime must DEL first).
-    if _read_pod_interface(netns, ifname) is not None:
+    try:
+        exists = podnet.has_interface(netns, ifname)
+    except podnet.PodNetError as exc:
+        raise InvalidNetnsError(f"CNI_NETNS {netns!r}: {exc}") from None
+    if exists:
         raise DeviceFailedError(
             f"CNI_IFNAME {ifname!r} exists already in CNI_NETNS {netns!r}: nothing was changed",
             details="a second ADD needs a DEL of the first, or another CNI_IFNAME",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ciliate.loader import LoaderError, enter_netns
 
-__all__ = ["PodInterface", "PodNetError", "read_interface"]
+__all__ = ["PodInterface", "PodNetError", "has_interface", "read_interface"]
 
 _IFF_UP = 0x1
 _RT_TABLE_MAIN = 254
@@ -39,6 +39,21 @@ class PodInterface:
     up: bool
     addresses: frozenset[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
     routes: frozenset[Route]
+
+
+def has_interface(netns: str, ifname: str) -> bool:
+    """Whether the namespace at ``netns`` has a link called ``ifname`` (one ioctl:
+    ADD asks this every time, so no netlink dump). Raises :class:`PodNetError`
+    when the namespace cannot be entered."""
+    try:
+        with enter_netns(netns):
+            try:
+                socket.if_nametoindex(ifname)
+            except OSError:
+                return False
+            return True
+    except LoaderError as exc:
+        raise PodNetError(f"cannot read {netns}: {exc}") from exc
 
 
 def read_interface(netns: str, ifname: str) -> PodInterface | None:
