@@ -3,7 +3,9 @@
 
 Errors answer as the API server would: 422 for an invalid object (the detail
 names every field), 404 for an unknown kind, a missing object or namespace,
-400 for input that is not objects.
+403 for what is forbidden (deleting ``default``), 500 for a full ClusterIP or
+NodePort range (a condition of the cluster, not of the object), 400 for input that
+is not objects.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pydantic import Field
 
 from ciliate.control.agent.schema import ApiModel, errors
 from ciliate.control.objects import (
+    ForbiddenError,
     NamespaceNotFoundError,
     ObjectInvalidError,
     ObjectNotFoundError,
     ObjectsError,
     ObjectStore,
+    RangeFullError,
     UnknownKindError,
     resolve_kind,
 )
@@ -43,8 +47,10 @@ class DeleteRequest(ApiModel):
 _ANSWERS = errors(
     {
         400: "The input is not Kubernetes objects",
+        403: "Forbidden, such as deleting an immortal namespace",
         404: "Unknown kind, or a missing object or namespace",
         422: "An object is invalid; the detail names each field",
+        500: "No ClusterIP or NodePort left in the range",
     }
 )
 
@@ -54,6 +60,10 @@ def _status(exc: ObjectsError) -> int:
         return 422
     if isinstance(exc, UnknownKindError | ObjectNotFoundError | NamespaceNotFoundError):
         return 404
+    if isinstance(exc, ForbiddenError):
+        return 403
+    if isinstance(exc, RangeFullError):
+        return 500
     return 400
 
 

@@ -13,6 +13,7 @@ from ciliate.control.objects.allocation import (
 from ciliate.control.objects.errors import (
     DocumentError,
     FieldError,
+    ForbiddenError,
     NamespaceNotFoundError,
     ObjectInvalidError,
     ObjectNotFoundError,
@@ -32,6 +33,7 @@ __all__ = [
     "ApplyResult",
     "DocumentError",
     "FieldError",
+    "ForbiddenError",
     "Kind",
     "NamespaceNotFoundError",
     "ObjectInvalidError",

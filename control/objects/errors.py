@@ -8,6 +8,7 @@
     ├── UnknownKindError     kind/apiVersion this store does not keep
     ├── ObjectNotFoundError  get/delete of an object that is not there
     ├── NamespaceNotFoundError  a namespaced object whose Namespace does not exist
+    ├── ForbiddenError       an operation the API server forbids (deleting ``default``)
     └── RangeFullError       no ClusterIP or NodePort left to allocate
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "DocumentError",
     "FieldError",
+    "ForbiddenError",
     "NamespaceNotFoundError",
     "ObjectInvalidError",
     "ObjectNotFoundError",
@@ -46,6 +48,10 @@ class ObjectNotFoundError(ObjectsError, LookupError):
 
 class NamespaceNotFoundError(ObjectsError, LookupError):
     """A namespaced object refers to a Namespace that does not exist."""
+
+
+class ForbiddenError(ObjectsError, PermissionError):
+    """What the API server answers 403 to, such as deleting an immortal Namespace."""
 
 
 class RangeFullError(ObjectsError):

@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ciliate.control.objects.allocation import admit_service, release_service
-from ciliate.control.objects.errors import NamespaceNotFoundError, ObjectNotFoundError
+from ciliate.control.objects.errors import (
+    ForbiddenError,
+    NamespaceNotFoundError,
+    ObjectNotFoundError,
+)
 from ciliate.control.objects.kinds import KINDS, Kind, kind_for_document
 from ciliate.control.objects.validation import validate
 from ciliate.control.store import Store, StoreConflictError, StoreDataError, Txn, decode_json
@@ -49,6 +53,8 @@ __all__ = [
 PREFIX = "objects/"
 REVISION_KEY = "objects-meta/revision"
 DEFAULT_NAMESPACE = "default"
+# The NamespaceLifecycle admission plugin's immortal namespaces: never deleted.
+IMMORTAL_NAMESPACES = ("default", "kube-system", "kube-public")
 _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp")
 _CONFLICT_RETRIES = 10
 _T = TypeVar("_T")
@@ -251,6 +257,10 @@ class ObjectStore:
         )
 
     def _delete_one(self, txn: Txn, ref: ObjectRef, ignore_missing: bool) -> ApplyResult | None:
+        if ref.kind.name == "Namespace" and ref.name in IMMORTAL_NAMESPACES:
+            raise ForbiddenError(
+                f'namespaces "{ref.name}" is forbidden: this namespace may not be deleted'
+            )
         if ref.kind.name == "Service":
             stored = txn.get_json(ref.key)
             if isinstance(stored, dict):

@@ -14,6 +14,7 @@ import pytest
 
 from ciliate.control.objects import (
     KINDS,
+    ForbiddenError,
     ObjectInvalidError,
     ObjectNotFoundError,
     ObjectRef,
@@ -219,4 +220,21 @@ def test_an_invalid_document_anywhere_in_a_list_stores_nothing(
     }
     with pytest.raises(ObjectInvalidError, match=r"spec.policyTypes\[0\]"):
         objects.apply([namespace, service(**node_port(30091)), bad])
+    assert everything(store) == before
+
+
+# -- deletion ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default", "kube-system", "kube-public"])
+def test_the_immortal_namespaces_may_not_be_deleted(
+    objects: ObjectStore, store: SqliteStore, name: str
+) -> None:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    objects.apply([namespace, {**service(), "metadata": {"name": "web", "namespace": name}}])
+    before = everything(store)
+    with pytest.raises(
+        ForbiddenError, match=f'namespaces "{name}" is forbidden: this namespace may not be deleted'
+    ):
+        objects.delete([ObjectRef(KINDS["Namespace"], name=name)])
     assert everything(store) == before
