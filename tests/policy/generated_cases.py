@@ -26,10 +26,6 @@ from .model import PODS, Case, Json, Probe, Reachability, Stage
 
 # Pods whose named ports are swapped: pod -> protocol whose 80/81 names trade places.
 SWAPPED_NAMES = {"y/b": "TCP", "x/c": "UDP"}
-# Addresses that are not pods, probed too (see test_generated_netpol.py).
-HOST_IP = "192.168.100.2"  # this node: ingress from it is always allowed
-OTHER_NODE_IP = "192.168.100.3"
-OUTSIDE_IPS = ("192.0.2.10", "10.244.0.200", "10.244.1.7", "198.51.100.20")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Peer:
     # (port name, number, protocol) of its containers.
     container_ports: tuple[tuple[str, int, str], ...] = ()
     local_node: bool = False
+    remote_node: bool = False
 
     @property
     def is_pod(self) -> bool:
@@ -243,6 +244,27 @@ class Reference:
         return bool(
             self.allowing_rules(pod, direction=direction, other=other, protocol=protocol, port=port)
         )
+
+    def decide(
+        self, pod: Peer, *, direction: str, other: Peer, protocol: str, port: int
+    ) -> tuple[bool, set[str], set[str], set[str]]:
+        """(allowed, the deny rules that match: none in Kubernetes, the allow rules
+        that match, the policies isolating the direction), named as ``policy trace``
+        names them (``NetworkPolicy x/p spec.ingress[0]``, ``NetworkPolicy x/p``)."""
+        allowed = self.direction_allows(
+            pod, direction=direction, other=other, protocol=protocol, port=port
+        )
+        allowing = {
+            f"NetworkPolicy {r.policy} spec.{r.direction}[{r.index}]"
+            for r in self.allowing_rules(
+                pod, direction=direction, other=other, protocol=protocol, port=port
+            )
+        }
+        isolating = {
+            f"NetworkPolicy {p['metadata']['namespace']}/{p['metadata']['name']}"
+            for p in self.selecting(pod, direction)
+        }
+        return allowed, set(), allowing, isolating
 
     def allows(self, src: Peer, dst: Peer, *, protocol: str, port: int) -> bool:
         """A connection from ``src`` to ``dst``: the source's egress (if a pod) and the
