@@ -197,14 +197,19 @@ class _Universe:
         return {WORLD_IDENTITY, *self.cidr_ids.values()}
 
     def selectable(self) -> Mapping[int, Labels]:
-        """Every identity a Cilium endpoint selector may match, with its labels: the
-        pods', the reserved ones and the CIDR identities."""
+        """Every identity but the CIDR ones a Cilium endpoint selector may match, with
+        its labels: the pods' and the reserved ones. (CIDR identities all carry the
+        same label, so a selector is matched against it once: :meth:`endpoints`.)"""
         if self._selectable is None:
-            selectable: dict[int, Labels] = dict(_RESERVED_LABELS)
-            selectable.update((i, _CIDR_LABELS) for i in self.cidr_ids.values())
-            selectable.update(self.labels)
-            self._selectable = selectable
+            self._selectable = {**_RESERVED_LABELS, **self.labels}
         return self._selectable
+
+    def endpoints(self, selects: Callable[[Labels], bool]) -> set[int]:
+        """The identities a Cilium endpoint selector matches."""
+        ids = {i for i, labels in self.selectable().items() if selects(labels)}
+        if self.cidr_ids and selects(_CIDR_LABELS):
+            ids.update(self.cidr_ids.values())
+        return ids
 
     def named_ports(self, identity: int, name: str, protocol: int) -> set[tuple[int, int]]:
         """(protocol, port) of the container ports called ``name`` on ``identity``'s
@@ -458,8 +463,9 @@ def _cilium_peers(
         return frozenset([ANY_IDENTITY]) if section.get("toPorts") else frozenset()
     ids: set[int] = set()
     for raw in endpoints or []:
-        selects = _peer_selector(Selector.parse(raw, cilium=True), namespace=namespace)
-        ids.update(i for i, labels in universe.selectable().items() if selects(labels))
+        ids |= universe.endpoints(
+            _peer_selector(Selector.parse(raw, cilium=True), namespace=namespace)
+        )
     blocks = [CidrBlock(n) for c in cidrs or [] if (n := _v4(c))]
     for raw in cidr_sets or []:
         if (cidr := _v4(raw["cidr"])) is not None:

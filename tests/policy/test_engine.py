@@ -177,3 +177,27 @@ def test_pods_sharing_an_identity_share_their_named_egress_ports() -> None:
     assert identity(inp, "y/twin") == b
     entries = set(result.endpoints["x/a"].entries)
     assert {PolicyEntry("egress", b, TCP, 80), PolicyEntry("egress", b, TCP, 8080)} <= entries
+
+
+def test_an_ip_block_matches_pods_a_cilium_cidr_does_not() -> None:
+    # Kubernetes leaves it to the implementation. ciliate lets a NetworkPolicy ipBlock
+    # match pod (and node) addresses inside it: the upstream e2e cases "should allow
+    # egress access to server in CIDR block" and the two except cases need it (Cilium
+    # itself does not, cilium/cilium#9209, #19601, and fails them). Cilium's CIDR rules
+    # keep Cilium's default: they never select pods or nodes.
+    block = netpol(
+        "np", "x", match_labels(pod="a"), egress=[{"to": [{"ipBlock": {"cidr": "10.244.1.0/24"}}]}]
+    )
+    cilium = {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "cnp", "namespace": "x"},
+        "spec": {
+            "endpointSelector": match_labels(pod="b"),
+            "egress": [{"toCIDR": ["10.244.1.0/24"]}],
+        },
+    }
+    inp, result = compute_stage(block, cilium)
+    y_pods = {identity(inp, f"y/{p}") for p in "abc"}
+    assert y_pods <= {e.identity for e in result.endpoints["x/a"].entries}
+    assert not y_pods & {e.identity for e in result.endpoints["x/b"].entries}
