@@ -35,11 +35,13 @@ from ciliate.control.agent.client import AgentClient
 from ciliate.control.lab.runtime.common import (
     REFERENCE_PLUGIN_DIR,
     RuntimeUnavailable,
+    cni_cache_entries,
     traced_plugin_dir,
 )
 from ciliate.control.lab.runtime.podman import PodmanLab
 from ciliate.loader import enter_netns
 
+from ..cni.conftest import run_shim
 from . import plugins
 from .helpers import Call, assert_nothing_left, node_veths, plugin_calls
 
@@ -175,6 +177,23 @@ def test_portmap_and_bandwidth_take_ciliates_result_and_a_host_port_reaches_the_
         check=True,
     ).stdout
     assert "tbf" in qdiscs, qdiscs
+
+    # CHECK, as libcni runs it, with the chain's final result (cached by libcni)
+    # as prevResult: ciliate accepts what portmap and bandwidth passed on.
+    cid = ciliate_add.env["CNI_CONTAINERID"]
+    [cached] = cni_cache_entries([cid])
+    final = json.loads(cached.read_text())["result"]
+    assert final["interfaces"] == first["interfaces"] and final["ips"] == first["ips"]
+    netconf = {
+        **ciliate_add.conf,
+        "prevResult": final,
+    }
+    check = run_shim(
+        chain.plugin_set.plugin_dirs[0] / "ciliate-cni",
+        {**ciliate_add.env, "CNI_COMMAND": "CHECK"},
+        netconf,
+    )
+    assert (check.returncode, check.stdout) == (0, b""), check
 
     container_netns = chain.podman.netns_of("web")
     chain.podman.rm("web")
