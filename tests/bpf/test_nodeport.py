@@ -2,6 +2,9 @@
 and external frontends from outside, to a local backend (DNAT, delivered
 into the pod, its reply leaving as the service) and to a remote one (DNAT
 and SNAT to the node, out through the FIB, its reply translated back).
+Flows keep a state and a lifetime (closed TCP: briefly; a new SYN on the
+tuple starts afresh; dead flows' SNAT ports are taken again); translations
+are traced for the monitor while tracing is on and counted by kind.
 scapy packets through the loaded programs; the testbed namespace gets a
 gateway and a remote node as permanent neighbours, so the FIB answers."""
 

@@ -623,7 +623,9 @@ static __always_inline int lb_icmp_unreachable(struct __sk_buff *ctx,
  * affinity). A local backend: DNAT, and CILIATE_LB_PASS so the caller
  * delivers it into the pod (with the pod's policy, which sees the backend
  * and its port). A remote one: DNAT and SNAT to this node, so its reply
- * comes back here, and out through the FIB. Anything else: PASS.
+ * comes back here, and out through the FIB. Anything else: PASS. A flow
+ * lives as a conntrack entry does (lb_flow_touch): closed TCP briefly,
+ * then its tuple and its SNAT port serve a new flow.
  */
 static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr *ip,
 				       struct trace_info *trace)
