@@ -73,10 +73,14 @@ class FieldError:
     value: object = None
 
     def __str__(self) -> str:
+        # field.Error's format: the value for the value-bearing types, and no trailing
+        # ": " when there is no detail (``spec.ports: Required value``).
+        parts = [self.path, self.kind]
         if self.kind in ("Invalid value", "Unsupported value", "Duplicate value"):
-            shown = json.dumps(self.value, default=str)
-            return f"{self.path}: {self.kind}: {shown}: {self.detail}"
-        return f"{self.path}: {self.kind}: {self.detail}"
+            parts.append(json.dumps(self.value, default=str))
+        if self.detail:
+            parts.append(self.detail)
+        return ": ".join(parts)
 
 
 class ObjectInvalidError(ObjectsError, ValueError):

@@ -177,7 +177,8 @@ def _one_of(errs: Errors, path: str, raw: object, allowed: tuple[str, ...], defa
 
 
 def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
-    spec = dict(errs.mapping("spec", obj.get("spec"), required=True))
+    # No spec is the empty spec, refused for what it lacks (spec.ports), as upstream.
+    spec = dict(errs.mapping("spec", obj.get("spec")))
     errs.unknown_fields("spec", spec, _SERVICE_SPEC_FIELDS)
     kind = errs.string("spec.type", spec.get("type")) or "ClusterIP"
     if kind not in SERVICE_TYPES:

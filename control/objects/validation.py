@@ -339,9 +339,10 @@ def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
 
 
 def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
-    spec = errs.mapping("spec", obj.get("spec"), required=True)
+    # spec is a struct, not a pointer: a Pod without one has no containers.
+    spec = errs.mapping("spec", obj.get("spec"))
     containers = errs.sequence("spec.containers", spec.get("containers"))
-    if "spec" in obj and not containers:
+    if not containers:
         errs.required("spec.containers")
     names: set[str] = set()
     for i, raw_container in enumerate(containers):
@@ -467,7 +468,8 @@ def _np_peers(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
 
 
 def _validate_network_policy(errs: Errors, obj: dict[str, Any]) -> None:
-    spec = errs.mapping("spec", obj.get("spec"), required=True)
+    # No spec is the empty spec (it selects every pod for ingress), as upstream reads it.
+    spec = errs.mapping("spec", obj.get("spec"))
     errs.unknown_fields("spec", spec, _NP_SPEC_FIELDS)
     out: dict[str, Any] = {
         "podSelector": _selector(errs, "spec.podSelector", spec.get("podSelector"))

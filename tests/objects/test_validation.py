@@ -325,3 +325,17 @@ def test_documents_come_from_yaml_streams_json_and_lists() -> None:
         load_documents("apiVersion: v1\nmetadata: {name: x}\n", source="f.yaml")
     with pytest.raises(DocumentError, match=r"f\.yaml: not valid YAML"):
         load_documents("a: [1,\n", source="f.yaml")
+
+
+def test_a_missing_spec_is_the_empty_spec_as_upstream_reads_it() -> None:
+    # The specs are structs, not pointers: absent means empty, judged for what it lacks.
+    policy = validate(
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p"}}
+    )
+    assert policy["spec"]["podSelector"] == {} and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert field_errors({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}) == [
+        "spec.ports: Required value"
+    ]
+    assert field_errors({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}) == [
+        "spec.containers: Required value"
+    ]
