@@ -68,7 +68,7 @@ class Errors:
         self.items.append(FieldError(path, "Forbidden", detail))
 
     def duplicate(self, path: str, value: object) -> None:
-        self.items.append(FieldError(path, "Duplicate value", "may not be repeated", value))
+        self.items.append(FieldError(path, "Duplicate value", "", value))  # as field.Duplicate
 
     def unknown_fields(self, path: str, raw: dict[str, Any], allowed: set[str]) -> None:
         for key in sorted(set(raw) - allowed):

@@ -714,6 +714,10 @@ def test_validate_service_external_traffic_policy(
             "spec.sessionAffinityConfig: Forbidden: must not be set when session affinity is None",
         ),
         (
+            (port0(name="p"), add_port("p", 12345)),
+            'spec.ports[1].name: Duplicate value: "p"',
+        ),
+        (
             (spec(loadBalancerSourceRanges=["1.2.3.0/24"]),),
             "spec.loadBalancerSourceRanges: Forbidden: may only be used when `type` is"
             " 'LoadBalancer'",

@@ -339,3 +339,13 @@ def test_a_missing_spec_is_the_empty_spec_as_upstream_reads_it() -> None:
     assert field_errors({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}) == [
         "spec.containers: Required value"
     ]
+
+
+def test_a_duplicate_prints_as_field_duplicate_does() -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c"}, {"name": "c"}]},
+    }
+    assert field_errors(pod) == ['spec.containers[1].name: Duplicate value: "c"']
