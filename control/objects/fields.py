@@ -70,6 +70,10 @@ class Errors:
     def duplicate(self, path: str, value: object) -> None:
         self.items.append(FieldError(path, "Duplicate value", "", value))  # as field.Duplicate
 
+    def too_many(self, path: str, count: int, most: int) -> None:
+        """field.TooMany: ``path: Too many: 1001: must have at most 1000 items``."""
+        self.items.append(FieldError(path, "Too many", f"{count}: must have at most {most} items"))
+
     def unknown_fields(self, path: str, raw: dict[str, Any], allowed: set[str]) -> None:
         for key in sorted(set(raw) - allowed):
             where = f"{path}.{key}" if path else key

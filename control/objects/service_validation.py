@@ -25,7 +25,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ciliate.control.objects.errors import FieldError
 from ciliate.control.objects.fields import (
     PROTOCOLS,
     Errors,
@@ -572,13 +571,13 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
         errs.unsupported("addressType", address_type, ("IPv4", "IPv6", "FQDN"))
     endpoints = errs.sequence("endpoints", obj.get("endpoints"))
     if len(endpoints) > MAX_SLICE_ENDPOINTS:
-        errs.invalid("endpoints", len(endpoints), f"must have at most {MAX_SLICE_ENDPOINTS} items")
+        errs.too_many("endpoints", len(endpoints), MAX_SLICE_ENDPOINTS)
     obj["endpoints"] = [
         _slice_endpoint(errs, f"endpoints[{i}]", raw) for i, raw in enumerate(endpoints)
     ]
     ports = errs.sequence("ports", obj.get("ports"))
     if len(ports) > MAX_SLICE_PORTS:
-        errs.invalid("ports", len(ports), f"must have at most {MAX_SLICE_PORTS} items")
+        errs.too_many("ports", len(ports), MAX_SLICE_PORTS)
     names: set[str] = set()
     out_ports = []
     for i, raw in enumerate(ports):
@@ -610,13 +609,7 @@ def _zone_hints(errs: Errors, path: str, raw: object) -> None:
     hints = errs.mapping(path, raw)
     zones = errs.sequence(f"{path}.forZones", hints.get("forZones"))
     if len(zones) > MAX_ZONE_HINTS:
-        errs.items.append(
-            FieldError(
-                f"{path}.forZones",
-                "Too many",
-                f"{len(zones)}: must have at most {MAX_ZONE_HINTS} items",
-            )
-        )
+        errs.too_many(f"{path}.forZones", len(zones), MAX_ZONE_HINTS)
     seen: set[str] = set()
     for i, item in enumerate(zones):
         at = f"{path}.forZones[{i}].name"
@@ -637,11 +630,7 @@ def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     if not addresses:
         errs.required(f"{path}.addresses", "must contain at least 1 address")
     elif len(addresses) > MAX_ENDPOINT_ADDRESSES:
-        errs.invalid(
-            f"{path}.addresses",
-            len(addresses),
-            f"must have at most {MAX_ENDPOINT_ADDRESSES} items",
-        )
+        errs.too_many(f"{path}.addresses", len(addresses), MAX_ENDPOINT_ADDRESSES)
     # ValidateEndpointIP: an endpoint is never a loopback, link-local or unspecified address.
     endpoint["addresses"] = [
         _ipv4(errs, f"{path}.addresses[{i}]", address, special_ok=False)
@@ -663,13 +652,7 @@ def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     topology_path = f"{path}.deprecatedTopology"
     topology = label_map(errs, topology_path, endpoint.get("deprecatedTopology"))
     if len(topology) > MAX_TOPOLOGY_LABELS:
-        errs.items.append(
-            FieldError(
-                topology_path,
-                "Too many",
-                f"{len(topology)}: must have at most {MAX_TOPOLOGY_LABELS} items",
-            )
-        )
+        errs.too_many(topology_path, len(topology), MAX_TOPOLOGY_LABELS)
     if TOPOLOGY_ZONE_LABEL in topology:
         errs.invalid(
             topology_path,

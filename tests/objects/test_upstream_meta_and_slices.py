@@ -531,3 +531,9 @@ def test_update_of_a_slice_is_validated_as_a_create(objects: ObjectStore) -> Non
     with pytest.raises(ObjectInvalidError) as info:
         objects.apply([slice_with(addressType="FQDN", endpoints=[])])
     assert [e.path for e in info.value.errors] == ["addressType"]
+
+
+def test_too_many_items_print_as_field_too_many_does() -> None:
+    assert errors_text(slice_with(ports=named_ports(101), endpoints=[])) == [
+        "ports: Too many: 101: must have at most 100 items"
+    ]

@@ -296,7 +296,7 @@ def test_an_endpoint_slice_is_defaulted_and_kept() -> None:
         ({"ports": [{"name": "A", "port": 80}]}, 'ports[0].name: Invalid value: "A"'),
         (
             {"endpoints": [{"addresses": ["10.0.0.1"]}] * 1001},
-            "endpoints: Invalid value: 1001: must have at most 1000 items",
+            "endpoints: Too many: 1001: must have at most 1000 items",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
