@@ -166,6 +166,9 @@ class ServiceController:
                 continue
             wanted[lb.Frontend(table_key.ip, table_key.port, protocol)] = frontend
         if delta.full:
+            # Compared with what the datapath holds now, not with what this loop
+            # last wrote: a service removed or rewritten behind its back is put right.
+            self._written = {service.frontend: service for service in self._dp.lb.list()}
             wanted.update({k: None for k in self._written if k not in wanted})
         for key, frontend in wanted.items():
             if frontend is None:

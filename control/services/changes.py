@@ -2,10 +2,13 @@
 controllers' input, so that a pass costs what changed rather than what exists.
 
 :class:`ObjectChanges` remembers, per object key, what it last saw. Each
-:meth:`~ObjectChanges.poll` lists the keys of its kinds with the revision of their
-last write (``SqliteStore.list_revisions``: keys only, no values), reads the values
-of the keys whose revision moved, and reports those and the keys that went. A store
-that cannot list revisions is listed whole and compared by value (slower, same
+:meth:`~ObjectChanges.poll` lists the keys of its kinds written since the last
+poll began (``SqliteStore.list_revisions(after=...)``: keys and revisions, no
+values), counts the keys (``SqliteStore.count``) to tell whether one was deleted
+(only then are all the keys listed), reads the values of the keys written, and
+reports those and the keys that went: a poll with nothing new costs two range
+scans inside SQLite per kind, whatever the number of objects. A store that cannot
+list revisions (etcd today) is listed whole and compared by value (slower, same
 answer). The first poll, and the first after :meth:`~ObjectChanges.reset`, lists
 everything and says so (``full``): a controller rebuilds its caches from it.
 
@@ -29,7 +32,9 @@ __all__ = ["Changes", "ObjectChanges"]
 
 @runtime_checkable
 class _ListsRevisions(Protocol):
-    def list_revisions(self, prefix: str) -> list[tuple[str, int]]: ...
+    def list_revisions(self, prefix: str, *, after: int = 0) -> list[tuple[str, int]]: ...
+
+    def count(self, prefix: str) -> int: ...
 
 
 @dataclass
@@ -62,6 +67,7 @@ class ObjectChanges:
         self._kinds = list(kinds)
         # key -> what identifies the version seen: its revision, or its bytes.
         self._seen: dict[str, dict[str, object]] = {}
+        self._polled_at = 0  # the store's revision when the last poll began
         self._full = True
 
     def reset(self) -> None:
@@ -72,11 +78,14 @@ class ObjectChanges:
         full = self._full
         changes = Changes(full=full)
         seen: dict[str, dict[str, object]] = {}
+        by_revision = isinstance(self._store, _ListsRevisions)
+        # Read before the listings: a write landing during them is listed again next time.
+        polled_at = self._store.revision() if by_revision else 0
         for kind in self._kinds:
             prefix = f"{PREFIX}{kind.key}/"
             before = {} if full else self._seen.get(kind.name, {})
-            if isinstance(self._store, _ListsRevisions):
-                now, values = self._by_revision(prefix, before)
+            if by_revision:
+                now, values = self._by_revision(prefix, before, full=full)
             else:
                 now, values = self._by_value(prefix, before)
             objects: dict[str, dict[str, Any]] = {}
@@ -92,26 +101,47 @@ class ObjectChanges:
             changes.deleted[kind.name] = {key for key in before if key not in now}
             seen[kind.name] = now
         # Remembered only once every kind was read: a failed poll is repeated whole.
-        self._seen, self._full = seen, False
+        self._seen, self._polled_at, self._full = seen, polled_at, False
         return changes
 
     def _by_revision(
-        self, prefix: str, before: dict[str, object]
+        self, prefix: str, before: dict[str, object], *, full: bool
     ) -> tuple[dict[str, object], dict[str, bytes | None]]:
         assert isinstance(self._store, _ListsRevisions)
-        now: dict[str, object] = dict(self._store.list_revisions(prefix))
-        # Keys that are not objects (none are written there, but the store is shared)
-        # are dropped once, when first seen.
-        for key in [key for key in now if key not in before and parse_key(key) is None]:
-            del now[key]
-        if not before:
+        if full:
+            now: dict[str, object] = dict(self._store.list_revisions(prefix))
             # A first listing reads the values in one range, not key by key.
             values: dict[str, bytes | None] = {
                 key: raw for key, raw in self._store.list(prefix) if key in now
             }
+            now = self._objects_only(now)
             return now, {key: values.get(key) for key in now}
-        stale = [key for key, revision in now.items() if before.get(key) != revision]
+        # Written since the last poll, and how many there are: if the count is the
+        # one expected from what was known plus what is new, nothing was deleted and
+        # the unchanged keys need not be listed at all. (A write racing the two
+        # queries can hide a deletion from this count; it shows at the next poll,
+        # which the write itself causes.)
+        written = self._store.list_revisions(prefix, after=self._polled_at)
+        count = self._store.count(prefix)
+        fresh = {key for key, _ in written if key not in before}
+        if count == len(before) + len(fresh):
+            now = dict(before)
+            now.update((k, r) for k, r in written if k not in fresh or parse_key(k) is not None)
+            stale = [key for key, _ in written if key in now and now[key] != before.get(key)]
+        else:
+            now = {
+                k: r
+                for k, r in self._store.list_revisions(prefix)
+                if k in before or parse_key(k) is not None
+            }
+            stale = [key for key, revision in now.items() if before.get(key) != revision]
         return now, dict(zip(stale, self._store.get_many(stale), strict=True))
+
+    @staticmethod
+    def _objects_only(now: dict[str, object]) -> dict[str, object]:
+        """Keys that are not objects (none are written there, but the store is
+        shared) dropped."""
+        return {key: value for key, value in now.items() if parse_key(key) is not None}
 
     def _by_value(
         self, prefix: str, before: dict[str, object]

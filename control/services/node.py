@@ -22,7 +22,7 @@ from typing import Any
 from ciliate.control.objects import KINDS, ObjectStore, parse_key
 from ciliate.control.services.changes import Changes
 from ciliate.control.services.ids import LbIds, LoadBalancerIds
-from ciliate.control.services.slices import PodAddress
+from ciliate.control.services.slices import PodAddress, without_server_fields
 from ciliate.control.services.table import (
     BackendKey,
     Frontend,
@@ -157,6 +157,14 @@ class NodeTable:
         slice_changes.update(changes.of("EndpointSlice"))
         slice_changes.update(written or {})
         for key, slice_ in slice_changes.items():
+            old = self._slices.get(key)
+            if (
+                slice_ is not None
+                and old is not None
+                and without_server_fields(old) == without_server_fields(slice_)
+            ):
+                self._slices[key] = slice_  # a slice this pass wrote, back from the store
+                continue
             for owner in {self._set_slice(key, slice_), slice_service(slice_) if slice_ else None}:
                 if owner is not None:
                     dirty.add(owner)

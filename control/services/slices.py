@@ -52,6 +52,7 @@ __all__ = [
     "reconcile",
     "resolve_target_port",
     "selects",
+    "without_server_fields",
 ]
 
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -364,7 +365,9 @@ class ReconcileResult:
         return bool(self.created or self.updated or self.deleted)
 
 
-def _comparable(obj: Mapping[str, Any]) -> dict[str, Any]:
+def without_server_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object as its writer wrote it: without uid, resourceVersion, generation
+    and creationTimestamp, which the store adds."""
     meta = {k: v for k, v in obj["metadata"].items() if k not in _SERVER_FIELDS}
     return {**obj, "metadata": meta}
 
@@ -502,7 +505,7 @@ class SliceController:
             owner = _owner(slice_) if _managed(slice_) else None
             for owner_ref in {before, owner} - {None}:
                 assert owner_ref is not None
-                if _comparable(slice_) != self._desired.get(owner_ref, {}).get(ref):
+                if without_server_fields(slice_) != self._desired.get(owner_ref, {}).get(ref):
                     dirty.add(owner_ref)  # not as this controller left it
         if changes.full:
             dirty |= set(self._owned_by_service)
@@ -532,7 +535,7 @@ class SliceController:
                 if current is None:
                     result.created.append(ref)
                     writes.append(desired)
-                elif _comparable(current) != desired:
+                elif without_server_fields(current) != desired:
                     result.updated.append(ref)
                     writes.append(desired)
             gone += [self._owned[ref] for ref in sorted(owned) if ref not in wanted]

@@ -7,6 +7,7 @@ frontends, and a full resync puts right what an incremental pass missed."""
 from __future__ import annotations
 
 import ipaddress
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -114,6 +115,38 @@ class ValuesOnly:
         self._inner.close()
 
 
+def test_the_store_lists_keys_written_after_a_revision_and_counts_them(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with SqliteStore(path) as store:
+        with store.transaction() as txn:
+            txn.put("objects/pod/default/a", b"1")
+            txn.put("objects/pod/default/b", b"1")
+        first = store.revision()
+        with store.transaction() as txn:
+            txn.put("objects/pod/default/b", b"2")
+            txn.put("objects/service/default/b", b"2")
+        assert store.list_revisions("objects/pod/", after=first) == [
+            ("objects/pod/default/b", first + 1)
+        ]
+        assert store.list_revisions("objects/pod/") == [
+            ("objects/pod/default/a", first),
+            ("objects/pod/default/b", first + 1),
+        ]
+        assert store.count("objects/pod/") == 2 and store.count("objects/none/") == 0
+    # A store made before the revision index: the index is built on first use.
+    raw = sqlite3.connect(path)
+    raw.execute("DROP INDEX kv_key_revision")
+    raw.commit()
+    raw.close()
+    with SqliteStore(path) as store:
+        revision = store.revision()
+        assert store.count("objects/pod/") == 2
+        assert store.revision() == revision  # building it is no write of a key
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'kv_key_revision'").fetchone()
+    raw.close()
+
+
 @pytest.mark.parametrize("by", ["revision", "value"])
 def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted(
     store: SqliteStore, by: str
@@ -141,17 +174,21 @@ def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted
 
 
 class FailingOnce(ValuesOnly):
-    """The real store whose listing of one prefix fails once (etcd gone a moment)."""
+    """The real store whose listing of one prefix fails once (a locked file, a full
+    disk)."""
 
     def __init__(self, inner: SqliteStore, prefix: str) -> None:
         super().__init__(inner)
         self.fail_prefix: str | None = prefix
 
-    def list_revisions(self, prefix: str) -> list[tuple[str, int]]:
+    def list_revisions(self, prefix: str, *, after: int = 0) -> list[tuple[str, int]]:
         if prefix == self.fail_prefix:
             self.fail_prefix = None
-            raise StoreUnavailableError("etcd is away")
-        return self._inner.list_revisions(prefix)
+            raise StoreUnavailableError("the store is away")
+        return self._inner.list_revisions(prefix, after=after)
+
+    def count(self, prefix: str) -> int:
+        return self._inner.count(prefix)
 
 
 def test_a_failed_poll_loses_no_change(store: SqliteStore) -> None:
