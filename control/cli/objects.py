@@ -186,9 +186,33 @@ def _run(args: argparse.Namespace, action: Any) -> int:
         backend.close()
 
 
+def _in_namespace(documents: list[dict[str, Any]], namespace: str | None) -> list[dict[str, Any]]:
+    """kubectl's ``-n``: the namespace of namespaced objects that name none; an object
+    that names another is an error, not silently moved; cluster-scoped ones ignore it."""
+    if not namespace:
+        return documents
+    for document in documents:
+        kind_name = document.get("kind")
+        kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+        if kind is None or not kind.namespaced:
+            continue
+        meta = document.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            continue
+        given = meta.get("namespace")
+        if given and given != namespace:
+            raise CliError(
+                f'error: the namespace from the provided object "{given}" does not match the'
+                f" namespace \"{namespace}\". You must pass '--namespace={given}' to perform"
+                " this operation."
+            )
+        meta["namespace"] = namespace
+    return documents
+
+
 def apply(args: argparse.Namespace) -> int:
     def run(backend: Backend) -> int:
-        for result in backend.apply(_read(args.filename)):
+        for result in backend.apply(_in_namespace(_read(args.filename), args.namespace)):
             print(_describe(result))
         return 0
 
@@ -200,11 +224,7 @@ def delete(args: argparse.Namespace) -> int:
         if args.filename:
             if args.kind:
                 raise CliError("error: give either -f FILE or KIND NAME, not both")
-            documents = _read(args.filename)
-            for document in documents:
-                meta = document.setdefault("metadata", {})
-                if isinstance(meta, dict) and args.namespace and not meta.get("namespace"):
-                    meta["namespace"] = args.namespace
+            documents = _in_namespace(_read(args.filename), args.namespace)
         else:
             if not args.kind or not args.name:
                 raise CliError(
@@ -420,6 +440,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "-f", "--filename", action="append", required=True, help="a file, or - for stdin"
     )
+    p.add_argument("-n", "--namespace", help="for namespaced objects that name none")
     p.set_defaults(func=apply)
 
     p = target_options(sub.add_parser("get", help="show objects"))

@@ -255,3 +255,21 @@ def test_get_yaml_shows_the_defaulted_objects_as_kubectl_would(etcd_server: Etcd
     assert spec["clusterIP"].startswith("10.") and spec["clusterIPs"] == [spec["clusterIP"]]
     assert spec["internalTrafficPolicy"] == "Cluster" and spec["ipFamilies"] == ["IPv4"]
     assert shown["metadata"]["namespace"] == "default" and shown["metadata"]["uid"]
+
+
+def test_apply_namespace_flag_fills_in_and_never_moves_an_object(etcd_server: EtcdServer) -> None:
+    target = ("--etcd-endpoint", etcd_server.endpoint)
+    namespace = b"apiVersion: v1\nkind: Namespace\nmetadata: {name: flagged}\n"
+    assert ciliate("apply", "-f", "-", *target, stdin=namespace).returncode == 0
+    pod = b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n"
+    filled = ciliate("apply", "-f", "-", "-n", "flagged", *target, stdin=pod)
+    assert filled.returncode == 0, filled.stderr
+    shown = ciliate("get", "pod", "p", "-n", "flagged", "-o", "json", *target)
+    assert json.loads(shown.stdout)["metadata"]["namespace"] == "flagged"
+    elsewhere = pod.replace(b"{name: p}", b"{name: q, namespace: default}")
+    refused = ciliate("apply", "-f", "-", "-n", "flagged", *target, stdin=elsewhere)
+    assert refused.returncode == 1
+    assert (
+        'the namespace from the provided object "default" does not match the namespace'
+        ' "flagged"' in refused.stderr.decode()
+    )
