@@ -17,6 +17,8 @@ from rich.console import Console
 
 from ciliate.control.agent.client import AgentClient
 from ciliate.control.lab import lab
+from tests.policy import generated_cilium
+from tests.policy.cilium_reference import CiliumReference
 from tests.policy.datapath_runner import Cluster, ModelPods, observer, pod_objects
 from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
@@ -92,5 +94,19 @@ def test_generated_case_through_the_datapath(model: tuple[ModelPods, Any], name:
     pods, observe = model
     observe.reset()
     case = next(c for c in datapath_sample() if c.name == name).expected(pods.ips)
+    failures = check_case(case, observe)
+    assert not failures, f"{name}:\n" + "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("name", generated_cilium.DATAPATH_SAMPLE)
+def test_generated_cilium_case_through_the_datapath(
+    model: tuple[ModelPods, Any], name: str
+) -> None:
+    # Generated Cilium cases on the same pods, tables from the Cilium reference
+    # evaluator (tests/policy/cilium_reference.py).
+    pods, observe = model
+    observe.reset()
+    generated = next(c for c in generated_cilium.datapath_sample() if c.name == name)
+    case = generated.expected(pods.ips, judge=CiliumReference)
     failures = check_case(case, observe)
     assert not failures, f"{name}:\n" + "\n\n".join(failures)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import copy
 import itertools
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .k8s_reference import Reference
+from .k8s_reference import Peer, Reference
 from .model import PODS, Case, Json, Probe, Reachability, Stage
 
 # Pods whose named ports are swapped: pod -> protocol whose 80/81 names trade places.
@@ -49,15 +49,22 @@ class GeneratedStage(Stage):
         return objects
 
 
+class Judge(Protocol):
+    def allows(self, src: Peer, dst: Peer, *, protocol: str, port: int) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GeneratedCase:
     name: str
     stage: GeneratedStage
 
-    def expected(self, pod_ips: Mapping[str, str]) -> Case:
+    def expected(
+        self, pod_ips: Mapping[str, str], *, judge: Callable[[list[Json]], Judge] = Reference
+    ) -> Case:
         """The case with its truth tables (TCP and UDP on 80 and 81, every ordered
-        pair) from the reference evaluator, for any runner of the e2e model."""
-        reference = Reference(self.stage.objects(pod_ips))
+        pair) from a reference evaluator (Kubernetes', or ``judge``), for any runner of
+        the e2e model."""
+        reference = judge(self.stage.objects(pod_ips))
         pods = {
             f"{o['metadata']['namespace']}/{o['metadata']['name']}": Reference.pod(o)
             for o in self.stage.objects(pod_ips)

@@ -258,3 +258,27 @@ def random_sets(count: int, *, seed: int = 26) -> Iterator[GeneratedCase]:
 
 def generated_cilium_cases(random_count: int = 300) -> list[GeneratedCase]:
     return [*perturbations(), *shapes(), *random_sets(random_count)]
+
+
+# Cilium cases also run through the real datapath (tests/node/test_netpol_e2e.py); a
+# Cilium CIDR rule never selects a pod, so every case's pod-to-pod table holds for any
+# pod addresses.
+DATAPATH_SAMPLE = (
+    "cnp ingressDeny: ports UDP 80-81",
+    "ccnp egressDeny: ports ANY 79-80",
+    "ccnp ingress: peer endpoints ns notin (x)",
+    "cnp ingress: peer endpoints {}",
+    "ccnp ingress: peer endpoints {}",
+    "cnp egress: peer entities cluster",
+    "cnp egress: peer entities world",
+    "ccnp egress: ports serve-81-tcp TCP",
+    "cnp ingress: ports TCP 0",
+    "cnp ingress: peer endpoints []",
+    "shape: ingressDeny alone",
+    "shape: deny across policies and kinds",
+)
+
+
+def datapath_sample() -> list[GeneratedCase]:
+    by_name = {case.name: case for case in generated_cilium_cases(random_count=0)}
+    return [by_name[name] for name in DATAPATH_SAMPLE]

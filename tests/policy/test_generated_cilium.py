@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 
 from .cilium_reference import CiliumReference
+from .engine_runner import observe_with_engine
 from .generated_cases import GeneratedCase
-from .generated_cilium import generated_cilium_cases
-from .model import default_pod_ips
+from .generated_cilium import datapath_sample, generated_cilium_cases
+from .model import check_case, default_pod_ips
 from .reference_check import Checker
 
 IPS = default_pod_ips()
@@ -31,3 +32,10 @@ def test_generated_cilium_case_agrees_with_the_reference(case: GeneratedCase) ->
 def test_the_generated_cilium_set_is_large_and_distinct() -> None:
     assert len(CASES) >= 500
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", datapath_sample(), ids=lambda c: c.name)
+def test_the_datapath_samples_truth_tables_hold_through_the_engine(case: GeneratedCase) -> None:
+    # The tables tests/node/test_netpol_e2e.py checks the real datapath against.
+    expected = case.expected(IPS, judge=CiliumReference)
+    assert not check_case(expected, observe_with_engine(IPS))
