@@ -239,16 +239,23 @@ struct ciliate_ct_key {
 #define CILIATE_CT_LIFETIME_CLOSE 10    /* TCP after FIN or RST */
 #define CILIATE_CT_LIFETIME_NONTCP 60   /* UDP, ICMP echo, others */
 
-/* The revision and identity pairs are read as one 64-bit word each. */
+/*
+ * An entry is 64 bytes (a set 256: the array's index scales by a shift).
+ * What it verified is kept twice, as each direction's packets see their
+ * two ends (sender first), so a packet compares two 64-bit words with no
+ * swapping: the opener's packets against orig_revision.., replies against
+ * swapped.
+ */
 struct ciliate_ct_entry {
 	struct ciliate_ct_key key;      /* all zero: a free way */
 	__u64 expires;          /* jiffies after which the entry is dead */
+	__u32 flags;            /* CILIATE_CT_F_* */
+	__u32 lifetime;         /* jiffies: what its flags give it (see ct_lifetime()) */
 	__u32 orig_revision;    /* opener's policy revision when verified (local opener) */
 	__u32 reply_revision;   /* other end's policy revision when verified (local) */
 	__u32 orig_identity;    /* opener's identity when verified */
 	__u32 reply_identity;   /* other end's identity when verified */
-	__u32 flags;            /* CILIATE_CT_F_* */
-	__u32 lifetime;         /* jiffies: what its flags give it (see ct_lifetime()) */
+	__u32 swapped[4];       /* reply_, orig_revision, reply_, orig_identity: as replies see them */
 };
 
 struct ciliate_ct_set {

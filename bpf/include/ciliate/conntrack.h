@@ -116,6 +116,17 @@ struct ct_packet {
 	bool related;           /* an ICMP error about the connection of tuple */
 };
 
+/* saddr and daddr, adjacent in the header, in one load: clang would split
+ * it in two (the header is only 4-byte aligned), x86 takes it unaligned,
+ * so the pointer's alignment is hidden from clang. */
+static __always_inline __u64 ct_load_addrs(const struct iphdr *ip)
+{
+	const __u8 *addrs = (const __u8 *)ip + offsetof(struct iphdr, saddr);
+
+	asm volatile("" : "+r"(addrs));
+	return *(const __u64 *)addrs;
+}
+
 /*
  * An ICMP error quoting the IPv4 header and first 8 bytes (RFC 792) of a
  * packet: related to that packet's connection. As Linux does
@@ -157,7 +168,7 @@ static __always_inline int ct_parse_icmp_error(struct __sk_buff *ctx, const stru
 	default:
 		return TC_ACT_OK;
 	}
-	pkt->tuple.addrs = *(const __u64 *)&quoted->saddr;
+	pkt->tuple.addrs = ct_load_addrs(quoted);
 	pkt->tuple.l4 = (__u64)quoted->protocol << 32 | l4;
 	pkt->trackable = true;
 	pkt->related = true;
@@ -265,8 +276,7 @@ static __always_inline int ct_parse(struct __sk_buff *ctx, const struct iphdr *i
 	/* ihl was checked by ipv4_parse(); the mask tells the verifier its range. */
 	const __u8 *l4 = (const __u8 *)ip + ((ip->ihl & 0xf) << 2);
 
-	/* saddr and daddr are adjacent: one load (x86 takes it unaligned). */
-	pkt->tuple.addrs = *(const __u64 *)&ip->saddr;
+	pkt->tuple.addrs = ct_load_addrs(ip);
 	pkt->tuple.l4 = (__u64)ip->protocol << 32;
 	pkt->protocol = ip->protocol;
 	pkt->tcp_flags = 0;

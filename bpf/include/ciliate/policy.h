@@ -129,43 +129,38 @@ denied:
 	return DROP(CILIATE_DROP_POLICY_DENIED);
 }
 
-/* A pair of 32-bit values of the two ends as one word, the opener's low:
- * how an entry keeps its verified revisions and identities. */
-static __always_inline __u64 ct_pair(__u32 opener, __u32 other)
+/* Two 32-bit values of a packet's ends as one word, the sender's low: how
+ * an entry keeps the revisions and identities it verified. */
+static __always_inline __u64 ct_pair(__u32 src, __u32 dst)
 {
-	return (__u64)other << 32 | opener;
-}
-
-/* The pair of (src, dst) values in the entry's order: swapped when the
- * destination opened the connection (a shift by 0 or 32, no branch). */
-static __always_inline __u64 ct_pair_of(__u32 src, __u32 dst, bool dst_opened)
-{
-	__u64 pair = ct_pair(src, dst);
-	__u32 shift = (__u32)dst_opened << 5;
-
-	return pair << shift | pair >> ((64 - shift) & 63);
+	return (__u64)dst << 32 | src;
 }
 
 /* Whether a connection was verified for its ends as they are now: the same
  * policy revisions and the same identities (a label change moves a pod to
- * another identity without touching the entries that name either). */
-static __always_inline bool ct_current(const struct ciliate_ct_entry *entry,
-				       const struct policy_end *src,
-				       const struct policy_end *dst, bool dst_opened)
+ * another identity without touching the entries that name either), as a
+ * packet from `src` to `dst` sees them; `reply`: it goes from the
+ * connection's other end to its opener. */
+static __always_inline bool ct_current(const struct ciliate_ct_entry *entry, __u64 revisions,
+				       __u64 identities, bool reply)
 {
-	const __u64 *revisions = (const __u64 *)&entry->orig_revision;
-	const __u64 *identities = (const __u64 *)&entry->orig_identity;
+	const __u64 *seen = reply ? (const __u64 *)entry->swapped :
+				    (const __u64 *)&entry->orig_revision;
 
-	return *revisions == ct_pair_of(src->revision, dst->revision, dst_opened) &&
-	       *identities == ct_pair_of(src->identity, dst->identity, dst_opened);
+	return seen[0] == revisions && seen[1] == identities;
 }
 
 static __always_inline void ct_verified(struct ciliate_ct_entry *entry,
 					const struct policy_end *opener,
 					const struct policy_end *other)
 {
-	*(__u64 *)&entry->orig_revision = ct_pair(opener->revision, other->revision);
-	*(__u64 *)&entry->orig_identity = ct_pair(opener->identity, other->identity);
+	__u64 *seen = (__u64 *)&entry->orig_revision;
+	__u64 *swapped = (__u64 *)entry->swapped;
+
+	seen[0] = ct_pair(opener->revision, other->revision);
+	seen[1] = ct_pair(opener->identity, other->identity);
+	swapped[0] = ct_pair(other->revision, opener->revision);
+	swapped[1] = ct_pair(other->identity, opener->identity);
 }
 
 /*
@@ -197,7 +192,9 @@ static __always_inline int policy_related(struct ciliate_ct_entry *entry, bool q
 		peer.revision = dst_opened ? entry->reply_revision : entry->orig_revision;
 		peer.identity = dst_opened ? entry->reply_identity : entry->orig_identity;
 	}
-	if (ct_current(entry, &peer, dst, dst_opened))
+	/* The error goes from the other end to the opener when dst opened it. */
+	if (ct_current(entry, ct_pair(peer.revision, dst->revision),
+		       ct_pair(peer.identity, dst->identity), dst_opened))
 		return TC_ACT_OK;
 	opener = dst_opened ? dst : &peer;
 	other = dst_opened ? &peer : dst;
@@ -253,7 +250,8 @@ static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphd
 			return policy_related(entry, reply, &pkt, ip->saddr, &src_end,
 					      &dst_end, trace);
 		if (!ct_reopens(entry, &pkt)) {
-			if (!ct_current(entry, &src_end, &dst_end, reply)) {
+			if (!ct_current(entry, ct_pair(src_end.revision, dst_end.revision),
+					ct_pair(src_end.identity, dst_end.identity), reply)) {
 				/* Judged again as the opener sent it. */
 				opener = reply ? &dst_end : &src_end;
 				other = reply ? &src_end : &dst_end;
