@@ -10,6 +10,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from . import generated_cases
 from .generated_cases import GeneratedCase, GeneratedStage
 from .model import Json
 
@@ -282,3 +283,12 @@ DATAPATH_SAMPLE = (
 def datapath_sample() -> list[GeneratedCase]:
     by_name = {case.name: case for case in generated_cilium_cases(random_count=0)}
     return [by_name[name] for name in DATAPATH_SAMPLE]
+
+
+def mixed_sets(count: int) -> Iterator[GeneratedCase]:
+    """Random NetworkPolicy sets and random Cilium policy sets in force together."""
+    kubernetes = generated_cases.random_sets(count, seed=81)
+    cilium = random_sets(count, seed=62)
+    for number, (k8s, cnp) in enumerate(zip(kubernetes, cilium, strict=True)):
+        policies = [*k8s.stage.policies, *cnp.stage.policies]
+        yield _one(f"mixed {number} ({len(policies)} policies)", *policies)

@@ -158,3 +158,44 @@ class Checker:
             self.pairs(protocol, port)
             self.outside(protocol, port)
         return self.problems
+
+
+class Combined:
+    """Kubernetes and Cilium policies on the same endpoints, as Cilium combines them:
+    a direction is enforced if either kind enforces it; a Cilium deny wins; else the
+    node is let in, and otherwise any allow of either kind allows."""
+
+    def __init__(self, kubernetes: Decider, cilium: Decider) -> None:
+        self.parts = (kubernetes, cilium)
+
+    def decide(
+        self, pod: Peer, *, direction: str, other: Peer, protocol: str, port: int
+    ) -> tuple[bool, set[str], set[str], set[str]]:
+        denying: set[str] = set()
+        allowing: set[str] = set()
+        enforcing: set[str] = set()
+        for part in self.parts:
+            _, deny, allow, enforce = part.decide(
+                pod, direction=direction, other=other, protocol=protocol, port=port
+            )
+            denying |= deny
+            allowing |= allow
+            enforcing |= enforce
+        if not enforcing:
+            return True, denying, allowing, enforcing
+        if denying:
+            return False, denying, allowing, enforcing
+        if direction == "ingress" and other.local_node:
+            return True, denying, allowing, enforcing
+        return bool(allowing), denying, allowing, enforcing
+
+    def allows(self, src: Peer, dst: Peer, *, protocol: str, port: int) -> bool:
+        if (
+            src.is_pod
+            and not self.decide(src, direction="egress", other=dst, protocol=protocol, port=port)[0]
+        ):
+            return False
+        return (
+            not dst.is_pod
+            or self.decide(dst, direction="ingress", other=src, protocol=protocol, port=port)[0]
+        )

@@ -1,4 +1,5 @@
-"""Generated Cilium policy cases (tests/policy/generated_cilium.py) on the e2e model:
+"""Generated Cilium policy cases (tests/policy/generated_cilium.py) on the e2e model,
+alone and mixed with generated NetworkPolicies:
 the policy engine and the datapath's decision (the evaluator) against an independent
 reading of Cilium's L3/L4 semantics (tests/policy/cilium_reference.py), every ordered
 pod pair and every pod against this node, another node and outside addresses, TCP,
@@ -12,9 +13,10 @@ import pytest
 from .cilium_reference import CiliumReference
 from .engine_runner import observe_with_engine
 from .generated_cases import GeneratedCase
-from .generated_cilium import datapath_sample, generated_cilium_cases
+from .generated_cilium import datapath_sample, generated_cilium_cases, mixed_sets
+from .k8s_reference import Reference
 from .model import check_case, default_pod_ips
-from .reference_check import Checker
+from .reference_check import Checker, Combined
 
 IPS = default_pod_ips()
 CASES = generated_cilium_cases()
@@ -25,6 +27,20 @@ PROBES = [(protocol, port) for protocol in ("TCP", "UDP", "SCTP") for port in (8
 def test_generated_cilium_case_agrees_with_the_reference(case: GeneratedCase) -> None:
     objects = case.stage.objects(IPS)
     problems = Checker(objects, CiliumReference(objects)).run(PROBES)
+    policies = "\n".join(str(p) for p in case.stage.policies)
+    assert not problems, f"{case.name}\n{policies}\n" + "\n".join(problems[:20])
+
+
+MIXED = list(mixed_sets(100))
+
+
+@pytest.mark.parametrize("case", MIXED, ids=[c.name for c in MIXED])
+def test_kubernetes_and_cilium_policies_together_agree_with_both_references(
+    case: GeneratedCase,
+) -> None:
+    objects = case.stage.objects(IPS)
+    judge = Combined(Reference(objects), CiliumReference(objects))
+    problems = Checker(objects, judge).run(PROBES)
     policies = "\n".join(str(p) for p in case.stage.policies)
     assert not problems, f"{case.name}\n{policies}\n" + "\n".join(problems[:20])
 
