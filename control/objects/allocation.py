@@ -269,7 +269,8 @@ def _admit_cluster_ip(txn: Txn, obj: dict[str, Any], old: str) -> None:
         return
     if old:
         if wanted and wanted != old:
-            raise _invalid(obj, "spec.clusterIPs[0]", wanted, f"may not change once set (is {old})")
+            # validateUpgradeDowngradeClusterIPs's words; the value is the new list.
+            raise _invalid(obj, "spec.clusterIPs[0]", [wanted], "may not change once set")
         spec["clusterIP"], spec["clusterIPs"] = old, [old]
         return
     if wanted == "None":
@@ -334,12 +335,18 @@ def _admit_node_ports(txn: Txn, obj: dict[str, Any], old_spec: Mapping[str, Any]
             if not port.get("nodePort") and (port["port"], port["protocol"]) in kept:
                 port["nodePort"] = kept[(port["port"], port["protocol"])]
     needs_health_check = _needs_health_check_port(spec)
-    if (
-        needs_health_check
-        and not spec.get("healthCheckNodePort")
-        and old_spec.get("healthCheckNodePort")
-    ):
-        spec["healthCheckNodePort"] = old_spec["healthCheckNodePort"]
+    old_health_check = old_spec.get("healthCheckNodePort") if old_spec else None
+    if needs_health_check and old_health_check and _needs_health_check_port(old_spec):
+        asked = spec.get("healthCheckNodePort")
+        if asked and asked != old_health_check:
+            # validateServiceExternalTrafficFieldsUpdate: kept while both need one.
+            raise ObjectInvalidError(
+                kind="Service",
+                name=str(obj["metadata"]["name"]),
+                errors=[FieldError("spec.healthCheckNodePort", "Forbidden", "field is immutable")],
+            )
+    if needs_health_check and not spec.get("healthCheckNodePort") and old_health_check:
+        spec["healthCheckNodePort"] = old_health_check
     missing = [p for p in spec["ports"] if not p.get("nodePort")] if _needs_node_ports(spec) else []
     missing_health_check = needs_health_check and not spec.get("healthCheckNodePort")
     wanted = _node_ports(spec)

@@ -5,22 +5,26 @@ protocols."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
 from ciliate.control.objects.errors import FieldError
 
 __all__ = [
+    "CIDR_EXAMPLE",
     "CILIUM_SOURCES",
     "DNS_1035_LABEL",
     "DNS_LABEL",
     "DNS_SUBDOMAIN",
+    "IP_EXAMPLE",
     "PORT_NAME",
     "PROTOCOLS",
     "QUALIFIED_NAME",
     "Errors",
     "annotation_map",
     "check_name",
+    "cidr_notation_ok",
     "dns_label_problem",
     "dns_subdomain_problem",
     "label_key_problem",
@@ -41,6 +45,9 @@ DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# IsValidIP's and IsValidCIDR's words.
+IP_EXAMPLE = "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
+CIDR_EXAMPLE = "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
 # apimachinery's TotalAnnotationSizeLimitB: keys and values of one object together.
 TOTAL_ANNOTATION_SIZE = 256 * 1024
 
@@ -165,6 +172,22 @@ def check_name(
         problem = dns_subdomain_problem(name)
     if problem is not None:
         errs.invalid(path, name, problem)
+
+
+def cidr_notation_ok(text: str, *, bare_ip: bool = False) -> bool:
+    """``address/length`` with a decimal length and no blanks, as Go's ParsePrefix
+    reads it (Python would also take a netmask, ``10.0.0.0/255.0.0.0``, which the API
+    server and Cilium refuse); ``bare_ip`` also takes an address alone."""
+    address, slash, length = text.partition("/")
+    if not address or address != address.strip():
+        return False
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    if not slash:
+        return bare_ip and network.prefixlen == network.max_prefixlen
+    return length.isdigit() and length.isascii()
 
 
 def qualified_name_problem(key: str) -> str | None:

@@ -26,9 +26,12 @@ import ipaddress
 from typing import Any
 
 from ciliate.control.objects.fields import (
+    CIDR_EXAMPLE,
+    IP_EXAMPLE,
     PROTOCOLS,
     Errors,
     check_name,
+    cidr_notation_ok,
     dns_label_problem,
     dns_subdomain_problem,
     label_map,
@@ -128,7 +131,7 @@ def _ipv4(errs: Errors, path: str, raw: object, *, special_ok: bool = True) -> s
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        errs.invalid(path, text, "must be a valid IP address, (e.g. 10.9.8.7)")
+        errs.invalid(path, text, IP_EXAMPLE)
         return None
     if not isinstance(address, ipaddress.IPv4Address):
         errs.invalid(path, text, "ciliate serves IPv4 only: use an IPv4 address")
@@ -286,7 +289,7 @@ def _external_name(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> N
         errs.forbidden("spec.clusterIPs", "may not be set for ExternalName services")
     for field in ("ipFamilies", "ipFamilyPolicy"):
         if spec.get(field):
-            errs.forbidden(f"spec.{field}", "may not be set when `type` is 'ExternalName'")
+            errs.forbidden(f"spec.{field}", "may not be set for ExternalName services")
     out["clusterIP"] = ""
     out["clusterIPs"] = []
 
@@ -301,7 +304,7 @@ def _cluster_ips(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> Non
     if raw in (None, "") and ips:
         raw = ips[0]
     elif ips and ips[0] != raw:
-        errs.invalid("spec.clusterIPs[0]", ips[0], "must match `clusterIP`")
+        errs.invalid("spec.clusterIPs", ips, "first value must match `clusterIP`")
     if len(ips) > 2:
         errs.invalid("spec.clusterIPs", ips, "may only hold up to 2 values")
     elif len(ips) == 2:
@@ -320,7 +323,7 @@ def _cluster_ips(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> Non
             except ValueError:
                 address = None
         if address is None:
-            errs.invalid(path, raw, "must be empty, 'None', or a valid IP address")
+            errs.invalid(path, raw, IP_EXAMPLE)
         elif not isinstance(address, ipaddress.IPv4Address):
             errs.invalid(path, raw, "IPv6 is not configured on this cluster (IPv4 only)")
         else:
@@ -355,46 +358,32 @@ def _cluster_ips(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> Non
 
 
 def _source_ranges(errs: Errors, obj: dict[str, Any], spec: dict[str, Any], *, kind: str) -> None:
-    """``loadBalancerSourceRanges`` (and its older annotation) as the API server checks
-    them; valid ranges on a LoadBalancer are then refused by ciliate, whose datapath does
-    not filter by source: storing them would silently let everyone in."""
+    """``loadBalancerSourceRanges`` (or, without it, its older annotation) as the API
+    server checks them, on its own path spelling (``spec.LoadBalancerSourceRanges``, a
+    historical capital it still names). Valid ranges on a LoadBalancer are then refused
+    by ciliate, whose datapath does not filter by source: storing them would silently
+    let everyone in."""
     ranges = errs.sequence("spec.loadBalancerSourceRanges", spec.get("loadBalancerSourceRanges"))
-    annotations = obj["metadata"].get("annotations") or {}
-    annotation = annotations.get(SOURCE_RANGES_ANNOTATION)
-    annotation_path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
-    if kind != "LoadBalancer":
-        if ranges:
-            errs.forbidden(
-                "spec.loadBalancerSourceRanges", "may only be used when `type` is 'LoadBalancer'"
-            )
-        if annotation is not None:
-            errs.invalid(
-                annotation_path, annotation, "may only be used when `type` is 'LoadBalancer'"
-            )
-        return
-    asked = False
+    annotation = (obj["metadata"].get("annotations") or {}).get(SOURCE_RANGES_ANNOTATION)
+    before = len(errs.items)
     if ranges:
+        path = "spec.LoadBalancerSourceRanges"
+        if kind != "LoadBalancer":
+            errs.forbidden(path, "may only be used when `type` is 'LoadBalancer'")
         for i, item in enumerate(ranges):
-            text = item.strip() if isinstance(item, str) else item
-            if not isinstance(text, str) or not _is_cidr(text):
-                errs.invalid(
-                    f"spec.loadBalancerSourceRanges[{i}]",
-                    item,
-                    "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
-                )
-            else:
-                asked = True
-    elif annotation is not None and annotation.strip():
-        parts = [p.strip() for p in annotation.split(",")]
-        if not all(_is_cidr(p) for p in parts):
-            errs.invalid(
-                annotation_path,
-                annotation,
-                "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 ",
-            )
-        else:
-            asked = True
-    if asked:
+            # Space padding is allowed: a leftover of the move from the annotation.
+            if not isinstance(item, str) or not cidr_notation_ok(item.strip()):
+                errs.invalid(f"{path}[{i}]", item, CIDR_EXAMPLE)
+    elif annotation is not None:
+        path = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+        if kind != "LoadBalancer":
+            errs.forbidden(path, "may only be used when `type` is 'LoadBalancer'")
+        if annotation.strip():
+            for part in annotation.strip().split(","):
+                if not cidr_notation_ok(part.strip()):
+                    errs.invalid(path, part.strip(), CIDR_EXAMPLE)
+    asked = bool(ranges) or bool(annotation and annotation.strip())
+    if asked and len(errs.items) == before:
         errs.forbidden(
             "spec.loadBalancerSourceRanges",
             "source ranges are not enforced by ciliate's datapath; filter with a network policy",
@@ -413,16 +402,6 @@ def _topology_annotations(errs: Errors, obj: dict[str, Any]) -> None:
             mode,
             f"must match annotations[{TOPOLOGY_HINTS_ANNOTATION}] when both are specified",
         )
-
-
-def _is_cidr(text: str) -> bool:
-    if "/" not in text:
-        return False
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return False
-    return True
 
 
 def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> list[dict[str, Any]]:

@@ -25,10 +25,13 @@ from typing import Any
 
 from ciliate.control.objects.errors import FieldError, ObjectInvalidError
 from ciliate.control.objects.fields import (
+    CIDR_EXAMPLE,
+    IP_EXAMPLE,
     PROTOCOLS,
     Errors,
     annotation_map,
     check_name,
+    cidr_notation_ok,
     dns_label_problem,
     label_key_problem,
     label_map,
@@ -244,9 +247,6 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-_CIDR_EXAMPLE = "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
-
-
 def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str | None:
     """A CIDR as ``IsValidCIDR`` reads it (no surrounding blanks); ``bare_ip`` also
     takes an address, as Cilium's ``fromCIDR``/``toCIDR`` do."""
@@ -254,24 +254,14 @@ def _cidr(errs: Errors, path: str, raw: object, *, bare_ip: bool = False) -> str
     if text is None or text == "":
         errs.required(path, "")
         return None
-    if not _cidr_notation(text, bare_ip=bare_ip):
-        errs.invalid(path, text, _CIDR_EXAMPLE)
+    if not cidr_notation_ok(text, bare_ip=bare_ip):
+        errs.invalid(path, text, CIDR_EXAMPLE)
         return None
     try:
         return str(parse_cidr(text))
     except ValueError:
-        errs.invalid(path, text, _CIDR_EXAMPLE)
+        errs.invalid(path, text, CIDR_EXAMPLE)
         return None
-
-
-def _cidr_notation(text: str, *, bare_ip: bool) -> bool:
-    """``address/length`` with a decimal length and no blanks, as Go's ParsePrefix
-    reads it (Python would also take a netmask, ``10.0.0.0/255.0.0.0``, which the API
-    server and Cilium refuse)."""
-    address, slash, length = text.partition("/")
-    if not slash:
-        return bare_ip and bool(address) and address == address.strip()
-    return bool(address) and address == address.strip() and length.isdigit() and length.isascii()
 
 
 def _cidr_with_except(
@@ -293,13 +283,13 @@ def _cidr_with_except(
         text = errs.string(at, item)
         if text is None:
             continue
-        if not _cidr_notation(text, bare_ip=False):
-            errs.invalid(at, text, _CIDR_EXAMPLE)
+        if not cidr_notation_ok(text):
+            errs.invalid(at, text, CIDR_EXAMPLE)
             continue
         try:
             inner = parse_cidr(text)
         except ValueError:
-            errs.invalid(at, text, _CIDR_EXAMPLE)
+            errs.invalid(at, text, CIDR_EXAMPLE)
             continue
         if cidr is None:
             continue
@@ -395,7 +385,7 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
-            errs.invalid("status.podIP", ip, "must be a valid IP address")
+            errs.invalid("status.podIP", ip, IP_EXAMPLE)
 
 
 # -- NetworkPolicy -----------------------------------------------------------------

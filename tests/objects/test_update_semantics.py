@@ -73,7 +73,7 @@ def test_a_cluster_ip_may_not_change_and_the_refusal_changes_nothing(
     with pytest.raises(ObjectInvalidError) as info:
         objects.apply([service(clusterIP="10.96.0.11")])
     assert field_errors(info.value) == [
-        'spec.clusterIPs[0]: Invalid value: "10.96.0.11": may not change once set (is 10.96.0.10)'
+        'spec.clusterIPs[0]: Invalid value: ["10.96.0.11"]: may not change once set'
     ]
     assert everything(store) == before
 
@@ -238,3 +238,20 @@ def test_the_immortal_namespaces_may_not_be_deleted(
     ):
         objects.delete([ObjectRef(KINDS["Namespace"], name=name)])
     assert everything(store) == before
+
+
+def test_a_health_check_node_port_may_not_change_while_it_is_needed(
+    objects: ObjectStore, store: SqliteStore
+) -> None:
+    local = {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}
+    objects.apply([service(**local, healthCheckNodePort=31500)])
+    before = everything(store)
+    with pytest.raises(ObjectInvalidError) as info:
+        objects.apply([service(**local, healthCheckNodePort=31501)])
+    assert field_errors(info.value) == ["spec.healthCheckNodePort: Forbidden: field is immutable"]
+    assert everything(store) == before
+    objects.apply([service(**local)])  # not given: kept
+    assert stored_spec(objects)["healthCheckNodePort"] == 31500
+    objects.apply([service(type="LoadBalancer")])  # no longer needed: given back
+    assert "healthCheckNodePort" not in stored_spec(objects)
+    objects.apply([service("other", **local, healthCheckNodePort=31500)])
