@@ -22,19 +22,31 @@ from ciliate.control.objects import (
     RangeFullError,
     configure_service_range,
 )
-from ciliate.control.store import SqliteStore
+from ciliate.control.store import SqliteStore, Store
+
+from ..cluster import etcd_fixtures
+
+require_etcd = etcd_fixtures.require_etcd
+etcd_server = etcd_fixtures.etcd_server
+store_factory = etcd_fixtures.store_factory
 
 SERVICE = KINDS["Service"]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
+@pytest.fixture(params=["sqlite", "etcd"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The node's SQLite store and a real etcd (under a prefix of the test's own): the
+    same transactions, the same rollbacks."""
+    if request.param == "etcd":
+        make = request.getfixturevalue("store_factory")
+        yield make()
+        return
     with SqliteStore(tmp_path / "state.db") as opened:
         yield opened
 
 
 @pytest.fixture
-def objects(store: SqliteStore) -> ObjectStore:
+def objects(store: Store) -> ObjectStore:
     return ObjectStore(store)
 
 
@@ -48,7 +60,7 @@ def node_port(number: int, **spec: Any) -> dict[str, Any]:
     return {"type": "NodePort", "ports": [{"port": 80, "nodePort": number}], **spec}
 
 
-def everything(store: SqliteStore) -> dict[str, bytes]:
+def everything(store: Store) -> dict[str, bytes]:
     """Every key and value: what must not change when an apply fails."""
     return dict(store.list(""))
 
@@ -66,7 +78,7 @@ def stored_spec(objects: ObjectStore, name: str = "web") -> dict[str, Any]:
 
 
 def test_a_cluster_ip_may_not_change_and_the_refusal_changes_nothing(
-    objects: ObjectStore, store: SqliteStore
+    objects: ObjectStore, store: Store
 ) -> None:
     objects.apply([service(clusterIP="10.96.0.10")])
     before = everything(store)
@@ -157,7 +169,7 @@ def test_to_external_name_gives_the_cluster_ip_back_and_from_it_allocates_anew(
 
 
 def test_a_failed_type_change_rolls_back_every_allocation(
-    objects: ObjectStore, store: SqliteStore
+    objects: ObjectStore, store: Store
 ) -> None:
     objects.apply([service("holder", **node_port(30084))])
     objects.apply([service()])
@@ -180,7 +192,7 @@ def test_a_failed_type_change_rolls_back_every_allocation(
 
 
 def test_a_list_failing_on_its_last_item_stores_and_allocates_nothing(
-    objects: ObjectStore, store: SqliteStore
+    objects: ObjectStore, store: Store
 ) -> None:
     before = everything(store)
     first = service("a", clusterIP="10.96.0.40", **node_port(30090))
@@ -194,7 +206,7 @@ def test_a_list_failing_on_its_last_item_stores_and_allocates_nothing(
     assert stored_spec(objects, "a")["ports"][0]["nodePort"] == 30090
 
 
-def test_a_list_that_runs_the_range_out_rolls_back_what_it_took(store: SqliteStore) -> None:
+def test_a_list_that_runs_the_range_out_rolls_back_what_it_took(store: Store) -> None:
     configure_service_range(store, "10.100.0.0/29")  # 6 usable addresses, the first reserved
     objects = ObjectStore(store)
     objects.apply([service(f"s{i}") for i in range(4)])
@@ -208,7 +220,7 @@ def test_a_list_that_runs_the_range_out_rolls_back_what_it_took(store: SqliteSto
 
 
 def test_an_invalid_document_anywhere_in_a_list_stores_nothing(
-    objects: ObjectStore, store: SqliteStore
+    objects: ObjectStore, store: Store
 ) -> None:
     before = everything(store)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}
@@ -228,7 +240,7 @@ def test_an_invalid_document_anywhere_in_a_list_stores_nothing(
 
 @pytest.mark.parametrize("name", ["default", "kube-system", "kube-public"])
 def test_the_immortal_namespaces_may_not_be_deleted(
-    objects: ObjectStore, store: SqliteStore, name: str
+    objects: ObjectStore, store: Store, name: str
 ) -> None:
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
     objects.apply([namespace, {**service(), "metadata": {"name": "web", "namespace": name}}])
@@ -241,7 +253,7 @@ def test_the_immortal_namespaces_may_not_be_deleted(
 
 
 def test_a_health_check_node_port_may_not_change_while_it_is_needed(
-    objects: ObjectStore, store: SqliteStore
+    objects: ObjectStore, store: Store
 ) -> None:
     local = {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}
     objects.apply([service(**local, healthCheckNodePort=31500)])
