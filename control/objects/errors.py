@@ -90,5 +90,7 @@ class ObjectInvalidError(ObjectsError, ValueError):
         self.kind = kind
         self.name = name
         self.errors = list(errors)
+        # errors.NewInvalid's words: one error as it is, several as an aggregate "[a, b]".
         joined = ", ".join(str(e) for e in self.errors)
-        super().__init__(f'{kind} "{name}" is invalid: {joined}')
+        shown = joined if len(self.errors) == 1 else f"[{joined}]"
+        super().__init__(f'{kind} "{name}" is invalid: {shown}')

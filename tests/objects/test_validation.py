@@ -349,3 +349,13 @@ def test_a_duplicate_prints_as_field_duplicate_does() -> None:
         "spec": {"containers": [{"name": "c"}, {"name": "c"}]},
     }
     assert field_errors(pod) == ['spec.containers[1].name: Duplicate value: "c"']
+
+
+def test_several_errors_read_as_the_api_servers_aggregate() -> None:
+    with pytest.raises(ObjectInvalidError) as info:
+        validate(netpol({"ingress": [{"ports": [{"port": 0}, {"port": 70000}]}]}, name="web"))
+    assert str(info.value) == (
+        'NetworkPolicy.networking.k8s.io "web" is invalid: [spec.ingress[0].ports[0].port:'
+        " Invalid value: 0: must be between 1 and 65535, inclusive, spec.ingress[0].ports[1].port:"
+        " Invalid value: 70000: must be between 1 and 65535, inclusive]"
+    )
