@@ -302,31 +302,40 @@ static __always_inline struct ciliate_ct_set *ct_set_of(const struct ct_tuple *t
 	return bpf_map_lookup_elem(&ciliate_ct_v2, &index);
 }
 
-/*
- * The way holding the tuple's connection in its set (live or expired), or
- * NULL; *reply says the tuple matched the key reversed (the packet goes
- * from the connection's receiving end to its opener).
- */
+/* ct_find(): the way of the tuple's connection, with this flag when the
+ * tuple matched the key reversed (the packet goes from the connection's
+ * receiving end to its opener). */
+#define CT_FOUND_REPLY 4
+
+/* The way holding the tuple's connection in its set (live or expired):
+ * its index, | CT_FOUND_REPLY for a reply; -1 when none. */
+static __always_inline int ct_find(const struct ciliate_ct_set *set, const struct ct_tuple *t,
+				   const struct ct_tuple *r)
+{
+#pragma unroll
+	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
+		const __u64 *key = (const __u64 *)&set->way[i].key;
+		__u64 addrs = key[0], l4 = key[1];
+
+		if (addrs == t->addrs && l4 == t->l4)
+			return i;
+		if (addrs == r->addrs && l4 == r->l4)
+			return i | CT_FOUND_REPLY;
+	}
+	return -1;
+}
+
+/* The same as an entry, or NULL; *reply as CT_FOUND_REPLY. */
 static __always_inline struct ciliate_ct_entry *ct_lookup(struct ciliate_ct_set *set,
 							  const struct ct_tuple *t,
 							  const struct ct_tuple *r, bool *reply)
 {
-#pragma unroll
-	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
-		struct ciliate_ct_entry *entry = &set->way[i];
-		const __u64 *key = (const __u64 *)&entry->key;
-		__u64 addrs = key[0];
+	int found = ct_find(set, t, r);
 
-		if (addrs == t->addrs && key[1] == t->l4) {
-			*reply = false;
-			return entry;
-		}
-		if (addrs == r->addrs && key[1] == r->l4) {
-			*reply = true;
-			return entry;
-		}
-	}
-	return NULL;
+	if (found < 0)
+		return NULL;
+	*reply = found & CT_FOUND_REPLY;
+	return &set->way[found & (CILIATE_CT_WAYS - 1)];
 }
 
 static __always_inline bool ct_alive(const struct ciliate_ct_entry *entry, __u64 now)
