@@ -35,8 +35,9 @@ code  when
 50    STATUS while the agent is still restoring its endpoints (the relay
       also answers 50 to STATUS when the agent is not reachable)
 100   the pod's namespace has a link named ``CNI_IFNAME`` already (the spec:
-      ADD must fail then), or the kernel refused a device step (veth,
-      address, route); ADD was rolled back
+      ADD must fail then: ciliate's own from an earlier ADD of the
+      attachment, or another plugin's), or the kernel refused a device step
+      (veth, address, route); ADD was rolled back
 101   a BPF map write or program attachment failed; ADD was rolled back
 999   a bug: an exception nothing above describes, with its text (the
       traceback goes to the agent's log, never to the runtime); CHECK of a
@@ -90,6 +91,7 @@ from .service import (
     EndpointService,
     InvalidNetnsError,
     ServiceError,
+    UnknownContainerError,
 )
 
 __all__ = [
@@ -242,16 +244,19 @@ def _add(
         attributes=_attributes(cni_args),
     )
     # The spec: "If an interface of the requested name already exists in the
-    # container, the CNI plugin MUST return with an error" -- also one ciliate
-    # made for this container by an earlier ADD (a runtime must DEL first).
-    try:
-        exists = podnet.has_interface(netns, ifname)
-    except podnet.PodNetError as exc:
-        raise InvalidNetnsError(f"CNI_NETNS {netns!r}: {exc}") from None
-    if exists:
+    # container, the CNI plugin MUST return with an error" -- here: ciliate's own
+    # from an earlier ADD of this attachment (a runtime must DEL first). The pod
+    # is looked at first (one ioctl); only a link of that name costs a question
+    # to the agent, since it may also be a DELeted endpoint's veth the agent has
+    # yet to remove (it does so before creating the new one) or a link of
+    # another plugin (the agent's ADD fails on it and rolls back, code 100).
+    if _pod_has_interface(netns, ifname) and _has_endpoint(
+        service, container_id=container_id, ifname=ifname, netns=netns
+    ):
         raise DeviceFailedError(
-            f"CNI_IFNAME {ifname!r} exists already in CNI_NETNS {netns!r}: nothing was changed",
-            details="a second ADD needs a DEL of the first, or another CNI_IFNAME",
+            f"CNI_IFNAME {ifname!r} exists already in CNI_NETNS {netns!r}: container "
+            f"{container_id} has it from an earlier ADD; nothing was changed",
+            details="a second ADD of an attachment needs a DEL of the first",
         )
     result = service.add(request)
     return CniResponse(0, _dump(format_result(result, version, prev=prev)))
@@ -572,6 +577,24 @@ def _gateway(value: object, where: str) -> ipaddress.IPv4Address | ipaddress.IPv
         raise _CniError(
             CODE_INVALID_NETCONF, f"{where} must be an IP address, not {_show(value)}"
         ) from None
+
+
+def _pod_has_interface(netns: str, ifname: str) -> bool:
+    try:
+        return podnet.has_interface(netns, ifname)
+    except podnet.PodNetError as exc:
+        raise InvalidNetnsError(f"CNI_NETNS {netns!r}: {exc}") from None
+
+
+def _has_endpoint(service: EndpointService, *, container_id: str, ifname: str, netns: str) -> bool:
+    """Whether the agent has an endpoint for the attachment (intact or not)."""
+    try:
+        service.check(container_id=container_id, ifname=ifname, netns=netns)
+    except UnknownContainerError:
+        return False
+    except CheckFailedError:
+        return True
+    return True
 
 
 def _read_pod_interface(netns: str, ifname: str) -> podnet.PodInterface | None:

@@ -19,6 +19,7 @@ import pytest
 from ciliate.control.cni import handler
 from ciliate.control.cni.service import (
     AddRequest,
+    CheckFailedError,
     NotReadyError,
     PoolExhaustedError,
     ServiceError,
@@ -192,16 +193,42 @@ def test_add_after_a_plugin_with_a_malformed_result_changes_nothing(
     assert service.calls == [], reason
 
 
-def test_add_when_the_pod_has_the_interface_already_fails_and_changes_nothing(
+def test_a_second_add_of_an_attachment_fails_and_changes_nothing(
     configured_pod: ConfiguredPod,
 ) -> None:
-    """The spec: an ADD for an interface name the container has must fail --
-    also a second ADD of the same container and interface, without a DEL."""
+    """The spec: an ADD for an interface name the container has must fail -- here
+    the agent has the endpoint of this attachment from an earlier ADD."""
     service = FakeService()
     response, parsed = call(cni_env("ADD", CNI_NETNS=configured_pod.netns), netconf(), service)
     assert_error(response, parsed, 100, "exists already")
     assert "CNI_IFNAME 'eth0'" in parsed["msg"]
-    assert service.calls == []
+    assert [name for name, _ in service.calls] == ["check"], "the agent was asked, not changed"
+
+
+def test_a_second_add_fails_also_when_the_first_ones_endpoint_is_damaged(
+    configured_pod: ConfiguredPod,
+) -> None:
+    service = FakeService(error=CheckFailedError("the veth is gone"))
+    response, parsed = call(cni_env("ADD", CNI_NETNS=configured_pod.netns), netconf(), service)
+    assert_error(response, parsed, 100, "exists already")
+    assert [name for name, _ in service.calls] == ["check"]
+
+
+def test_a_link_of_the_name_the_agent_has_no_endpoint_for_is_left_to_the_agent(
+    configured_pod: ConfiguredPod,
+) -> None:
+    """The veth of an endpoint just DELeted (removed behind DEL's answer) or another
+    plugin's link: the agent's ADD deals with it (removes its own, fails on another's)."""
+
+    class Unknown(FakeService):
+        def check(self, *, container_id: str, ifname: str, netns: str) -> Any:
+            self.calls.append(("check", (container_id, ifname, netns)))
+            raise UnknownContainerError("no endpoint")
+
+    service = Unknown()
+    response, _ = call(cni_env("ADD", CNI_NETNS=configured_pod.netns), netconf(), service)
+    assert response.exit_code == 0
+    assert [name for name, _ in service.calls] == ["check", "add"]
 
 
 # -- DEL --------------------------------------------------------------------
