@@ -210,6 +210,11 @@ class ObjectStore:
             # ClusterIP and NodePorts: kept from the stored Service or allocated, in this
             # transaction, so two applies never take one address.
             admit_service(txn, obj, current)
+        elif ref.kind.name == "Namespace" and current is not None:
+            # The namespace strategy's PrepareForUpdate: finalizers and status change only
+            # through their own subresources, never through an apply.
+            obj["spec"] = current.get("spec") or obj["spec"]
+            obj["status"] = current.get("status") or obj["status"]
         if current is not None and _without_server_fields(current) == obj:
             return ApplyResult(ref, "unchanged")
         meta = obj["metadata"]

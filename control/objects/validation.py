@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+NAMESPACE_FINALIZER = "kubernetes"
 CILIUM_PROTOCOLS = (*PROTOCOLS, "ANY")
 CILIUM_ENTITIES = ("host", "remote-node", "world", "cluster", "all")
 _CNP_MAX_PORTS = 40  # Cilium's maxPorts in one toPorts entry
@@ -316,6 +317,7 @@ def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
     and ``spec.finalizers``, each a qualified name, and one without a ``/`` only the
     standard ``kubernetes``."""
     spec = errs.mapping("spec", obj.get("spec"))
+    finalizers: list[str] = []
     for i, item in enumerate(errs.sequence("spec.finalizers", spec.get("finalizers"))):
         at = f"spec.finalizers[{i}]"
         if (name := errs.string(at, item)) is None:
@@ -326,6 +328,14 @@ def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
             errs.invalid(
                 at, name, "name is neither a standard finalizer name nor is it fully qualified"
             )
+        else:
+            finalizers.append(name)
+    # The namespace strategy's PrepareForCreate: the kubernetes finalizer is always
+    # there, and a new namespace is Active (an update keeps the stored ones: see store).
+    if NAMESPACE_FINALIZER not in finalizers:
+        finalizers.append(NAMESPACE_FINALIZER)
+    obj["spec"] = {**spec, "finalizers": finalizers}
+    obj["status"] = {"phase": "Active"}
 
 
 def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:

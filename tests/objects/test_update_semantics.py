@@ -267,3 +267,19 @@ def test_a_health_check_node_port_may_not_change_while_it_is_needed(
     objects.apply([service(type="LoadBalancer")])  # no longer needed: given back
     assert "healthCheckNodePort" not in stored_spec(objects)
     objects.apply([service("other", **local, healthCheckNodePort=31500)])
+
+
+def test_a_namespace_is_active_with_the_kubernetes_finalizer_and_keeps_them(
+    objects: ObjectStore,
+) -> None:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fin"}}
+    objects.apply([namespace])
+    stored = objects.get(KINDS["Namespace"], name="fin")
+    assert stored["spec"] == {"finalizers": ["kubernetes"]}
+    assert stored["status"] == {"phase": "Active"}
+    # An apply changes metadata only: finalizers have their own subresource upstream.
+    relabelled = {**namespace, "metadata": {"name": "fin", "labels": {"team": "a"}}}
+    objects.apply([{**relabelled, "spec": {"finalizers": ["example.com/x"]}}])
+    stored = objects.get(KINDS["Namespace"], name="fin")
+    assert stored["spec"] == {"finalizers": ["kubernetes"]}
+    assert stored["metadata"]["labels"]["team"] == "a"
