@@ -142,6 +142,7 @@ class ServiceController:
             result.slices_changed = reconciled.changed
             # Its own writes go into the table now, not a pass later.
             written, removed = reconciled.written, reconciled.removed
+            self._changes.forget(removed)
         delta = self._table.update(changes, written=written, removed=removed)
         result.services_recomputed = delta.services_recomputed
         if delta.full:

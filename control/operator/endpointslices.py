@@ -70,6 +70,7 @@ class EndpointSliceController:
                 if changes.full:
                     self._last_full = time.monotonic()
                 result = self._controller.sync(changes, addresses=self.addresses())
+                self._changes.forget(result.removed)
             except Exception:
                 self._changes.reset()  # the next pass starts over
                 raise

@@ -19,7 +19,7 @@ poll reads the key again (a harmless repeat), never the reverse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,6 +74,13 @@ class ObjectChanges:
         """The next poll lists everything (after a store error, or to heal a cache)."""
         self._full = True
 
+    def forget(self, keys: Iterable[str]) -> None:
+        """Keys the caller deleted itself: not reported as deletions again, and the
+        next poll need not list every key to find them."""
+        for seen in self._seen.values():
+            for key in keys:
+                seen.pop(key, None)
+
     def poll(self) -> Changes:
         full = self._full
         changes = Changes(full=full)
@@ -126,15 +133,18 @@ class ObjectChanges:
         fresh = {key for key, _ in written if key not in before}
         if count == len(before) + len(fresh):
             now = dict(before)
-            now.update((k, r) for k, r in written if k not in fresh or parse_key(k) is not None)
-            stale = [key for key, _ in written if key in now and now[key] != before.get(key)]
+            now.update(written)
+            changed = [key for key, _ in written]
         else:
-            now = {
-                k: r
-                for k, r in self._store.list_revisions(prefix)
-                if k in before or parse_key(k) is not None
-            }
-            stale = [key for key, revision in now.items() if before.get(key) != revision]
+            listed = self._store.list_revisions(prefix)
+            now = dict(listed)
+            fresh = now.keys() - before.keys()
+            # Not ``written``: a key written since that query has a newer revision.
+            changed = [key for key, revision in listed if revision > self._polled_at]
+        for key in fresh:
+            if parse_key(key) is None:
+                del now[key]
+        stale = [key for key in changed if key in now and now[key] != before.get(key)]
         return now, dict(zip(stale, self._store.get_many(stale), strict=True))
 
     @staticmethod

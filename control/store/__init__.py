@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .base import (
     Json,
     JsonIn,
+    KeyRevisions,
     KeyValues,
     Reader,
     Store,
@@ -50,6 +51,7 @@ __all__ = [
     "EtcdWatch",
     "Json",
     "JsonIn",
+    "KeyRevisions",
     "KeyValues",
     "Reader",
     "SqliteStore",

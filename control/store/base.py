@@ -28,6 +28,7 @@ from typing import Protocol, TypeAlias
 __all__ = [
     "Json",
     "JsonIn",
+    "KeyRevisions",
     "KeyValues",
     "Reader",
     "Store",
@@ -54,6 +55,8 @@ JsonIn: TypeAlias = Mapping[str, "JsonIn"] | Sequence["JsonIn"] | str | int | fl
 
 # A module-level name because ``list`` is shadowed inside classes that define list().
 KeyValues: TypeAlias = list[tuple[str, bytes]]
+# (key, revision of its last write): what a store that can list revisions returns.
+KeyRevisions: TypeAlias = list[tuple[str, int]]
 Values: TypeAlias = list[bytes | None]
 
 

@@ -78,6 +78,7 @@ import grpc
 from aetcd import rpc  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 from .base import (
+    KeyRevisions,
     KeyValues,
     Store,
     StoreClosedError,
@@ -918,6 +919,43 @@ class EtcdStore(Store):
         items.sort(key=lambda item: item[0])
         return items, at
 
+    async def _a_range_revisions(
+        self, key: bytes, end: bytes, min_mod_revision: int
+    ) -> list[tuple[bytes, int]]:
+        """(key, mod_revision) of every key in [key, end) written at or after
+        ``min_mod_revision``, without the values; paged, every page at one revision."""
+        items: list[tuple[bytes, int]] = []
+        start, at = key or b"\0", 0
+        while True:
+            response = await self._kv_stub.Range(
+                rpc.RangeRequest(
+                    key=start,
+                    range_end=end,
+                    revision=at,
+                    limit=_PAGE,
+                    keys_only=True,
+                    min_mod_revision=min_mod_revision,
+                    serializable=bool(at),
+                ),
+                timeout=self._timeout,
+            )
+            if not at:
+                at = int(response.header.revision)
+            for kv in response.kvs:
+                items.append((bytes(kv.key), int(kv.mod_revision)))
+            if not response.more or not response.kvs:
+                break
+            start = items[-1][0] + b"\0"
+        items.sort(key=lambda item: item[0])
+        return items
+
+    async def _a_count(self, key: bytes, end: bytes) -> int:
+        response = await self._kv_stub.Range(
+            rpc.RangeRequest(key=key or b"\0", range_end=end, count_only=True),
+            timeout=self._timeout,
+        )
+        return int(response.count)
+
     async def _a_txn(self, request: Any) -> bool:
         response = await self._kv_stub.Txn(request, timeout=self._timeout)
         return bool(response.succeeded)
@@ -977,6 +1015,26 @@ class EtcdStore(Store):
         items, _ = self._run(self._a_range(full, _range_end(full), None), doing=f"list {prefix!r}")
         strip = len(self._prefix_bytes)
         return [(k[strip:].decode(errors="replace"), v) for k, v, _ in items]
+
+    def list_revisions(self, prefix: str, *, after: int = 0) -> KeyRevisions:
+        """``(key, mod_revision)`` of every key under ``prefix`` written after revision
+        ``after``, sorted, without the values (a keys-only range with
+        ``min_mod_revision``): with :meth:`count`, what a controller needs to read only
+        the keys that changed since it last looked."""
+        check_prefix(prefix, allow_empty=True)
+        full = self._full(prefix)
+        items = self._run(
+            self._a_range_revisions(full, _range_end(full), after + 1 if after else 0),
+            doing=f"list revisions {prefix!r}",
+        )
+        strip = len(self._prefix_bytes)
+        return [(k[strip:].decode(errors="replace"), r) for k, r in items]
+
+    def count(self, prefix: str) -> int:
+        """How many keys there are under ``prefix``."""
+        check_prefix(prefix, allow_empty=True)
+        full = self._full(prefix)
+        return self._run(self._a_count(full, _range_end(full)), doing=f"count {prefix!r}")
 
     def revision(self) -> int:
         """etcd's current revision (the header revision; it counts every write to the

@@ -31,9 +31,10 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Literal, TypeAlias
+from typing import Literal
 
 from .base import (
+    KeyRevisions,
     KeyValues,
     Store,
     StoreClosedError,
@@ -67,10 +68,6 @@ _SCHEMA = (
     "INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0)",
     f"INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', {SCHEMA_VERSION})",
 )
-
-# (key, revision of its last write) pairs; a module-level name because the class
-# defines list().
-KeyRevisions: TypeAlias = list[tuple[str, int]]
 
 # SQLite primary result codes that mean "someone else holds the lock; try again later".
 _SQLITE_BUSY = 5

@@ -28,6 +28,12 @@ from ciliate.control.services.slices import (
 from ciliate.control.services.table import FrontendKey, service_table
 from ciliate.control.store import KeyValues, SqliteStore, Store, StoreUnavailableError, Txn
 
+from ..cluster import etcd_fixtures
+
+require_etcd = etcd_fixtures.require_etcd
+etcd_server = etcd_fixtures.etcd_server
+store_factory = etcd_fixtures.store_factory
+
 SERVICE, POD, SLICE = KINDS["Service"], KINDS["Pod"], KINDS["EndpointSlice"]
 KINDS_WATCHED = [SERVICE, POD, SLICE]
 COUNT = 40
@@ -147,13 +153,8 @@ def test_the_store_lists_keys_written_after_a_revision_and_counts_them(tmp_path:
     raw.close()
 
 
-@pytest.mark.parametrize("by", ["revision", "value"])
-def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted(
-    store: SqliteStore, by: str
-) -> None:
-    objects = ObjectStore(store)
+def feed_reports_writes_and_deletions(objects: ObjectStore, feed: ObjectChanges) -> None:
     objects.apply([service("a", "x"), service("b", "y"), pod("p", "x", "10.0.0.1")])
-    feed = ObjectChanges(store if by == "revision" else ValuesOnly(store), KINDS_WATCHED)  # type: ignore[arg-type]
     first = feed.poll()
     assert first.full and sorted(first.of("Service")) == [
         object_key(SERVICE, name="a", namespace="default"),
@@ -168,9 +169,33 @@ def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted
     assert [s["spec"]["ports"][0]["port"] for s in changes.of("Service").values()] == [81]
     assert changes.gone("Service") == {object_key(SERVICE, name="b", namespace="default")}
     assert changes.of("Pod") == {} and changes.gone("Pod") == set()
+    # A deletion and a creation between two polls (the count alone would not tell).
+    objects.delete(objects.refs_of([pod("p", "x", "")]))
+    objects.apply([pod("q", "x", "10.0.0.2")])
+    changes = feed.poll()
+    assert list(changes.of("Pod")) == [object_key(POD, name="q", namespace="default")]
+    assert changes.gone("Pod") == {object_key(POD, name="p", namespace="default")}
     feed.reset()
     again = feed.poll()
     assert again.full and len(again.of("Service")) == 1 and len(again.of("Pod")) == 1
+
+
+@pytest.mark.parametrize("by", ["revision", "value"])
+def test_the_feed_reports_everything_first_then_only_what_was_written_or_deleted(
+    store: SqliteStore, by: str
+) -> None:
+    reader = store if by == "revision" else ValuesOnly(store)
+    feed_reports_writes_and_deletions(
+        ObjectStore(store),
+        ObjectChanges(reader, KINDS_WATCHED),  # type: ignore[arg-type]
+    )
+
+
+def test_the_feed_reads_etcd_by_revision_too(
+    store_factory: etcd_fixtures.StoreFactory,
+) -> None:
+    etcd = store_factory()
+    feed_reports_writes_and_deletions(ObjectStore(etcd), ObjectChanges(etcd, KINDS_WATCHED))
 
 
 class FailingOnce(ValuesOnly):
