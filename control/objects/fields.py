@@ -18,21 +18,20 @@ __all__ = [
     "DNS_LABEL",
     "DNS_SUBDOMAIN",
     "IP_EXAMPLE",
-    "PORT_NAME",
     "PROTOCOLS",
     "QUALIFIED_NAME",
     "Errors",
     "annotation_map",
     "check_name",
     "cidr_notation_ok",
-    "dns_label_problem",
-    "dns_subdomain_problem",
-    "label_key_problem",
+    "dns_label_problems",
+    "dns_subdomain_problems",
+    "label_key_problems",
     "label_map",
-    "label_value_problem",
-    "port_name_problem",
+    "label_value_problems",
+    "port_name_problems",
     "protocol_of",
-    "qualified_name_problem",
+    "qualified_name_problems",
 ]
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -44,7 +43,6 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # IsValidIP's and IsValidCIDR's words.
 IP_EXAMPLE = "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
 CIDR_EXAMPLE = "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
@@ -76,6 +74,12 @@ class Errors:
 
     def duplicate(self, path: str, value: object) -> None:
         self.items.append(FieldError(path, "Duplicate value", "", value))  # as field.Duplicate
+
+    def invalid_each(self, path: str, value: object, problems: list[str]) -> bool:
+        """One Invalid value per message (upstream reports each); True if any."""
+        for problem in problems:
+            self.invalid(path, value, problem)
+        return bool(problems)
 
     def too_many(self, path: str, count: int, most: int) -> None:
         """field.TooMany: ``path: Too many: 1001: must have at most 1000 items``."""
@@ -123,38 +127,60 @@ class Errors:
         return value
 
 
-def dns_label_problem(name: str, *, rfc1035: bool = False) -> str | None:
-    """``IsDNS1123Label`` (or ``IsDNS1035Label``, which must start with a letter)."""
+def _regex_error(message: str, pattern: str, *examples: str) -> str:
+    """apimachinery's RegexError: the rule, examples, and the regex itself."""
+    shown = ",  or ".join(f"'{e}'" for e in examples)
+    return f"{message} (e.g. {shown}, regex used for validation is '{pattern}')"
+
+
+_DNS_LABEL_RULE = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-',"
+    " and must start and end with an alphanumeric character"
+)
+_DNS_1035_RULE = (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with"
+    " an alphabetic character, and end with an alphanumeric character"
+)
+_DNS_SUBDOMAIN_RULE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-'"
+    " or '.', and must start and end with an alphanumeric character"
+)
+_QUALIFIED_NAME_RULE = (
+    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with"
+    " an alphanumeric character"
+)
+_LABEL_VALUE_RULE = (
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_'"
+    " or '.', and must start and end with an alphanumeric character"
+)
+
+
+def dns_label_problems(name: str, *, rfc1035: bool = False) -> list[str]:
+    """``IsDNS1123Label`` (or ``IsDNS1035Label``): every message, as upstream lists them."""
+    problems = []
     if len(name) > 63:
-        return "must be no more than 63 characters"
-    if rfc1035 and not DNS_1035_LABEL.fullmatch(name):
-        return (
-            "a DNS-1035 label must consist of lower case alphanumeric characters or '-',"
-            " start with an alphabetic character, and end with an alphanumeric character"
-            " (e.g. 'my-name',  or 'abc-123', regex used for validation is"
-            " '[a-z]([-a-z0-9]*[a-z0-9])?')"
-        )
-    if not DNS_LABEL.fullmatch(name):
-        return (
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters"
-            " or '-', and must start and end with an alphanumeric character (e.g. 'my-name',"
-            "  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
-        )
-    return None
+        problems.append("must be no more than 63 characters")
+    if rfc1035:
+        if not DNS_1035_LABEL.fullmatch(name):
+            problems.append(
+                _regex_error(_DNS_1035_RULE, DNS_1035_LABEL.pattern, "my-name", "abc-123")
+            )
+    elif not DNS_LABEL.fullmatch(name):
+        if DNS_SUBDOMAIN.fullmatch(name):
+            problems.append("must not contain dots")  # a subdomain, so only its dots are wrong
+        else:
+            problems.append(_regex_error(_DNS_LABEL_RULE, DNS_LABEL.pattern, "my-name", "123-abc"))
+    return problems
 
 
-def dns_subdomain_problem(name: str) -> str | None:
+def dns_subdomain_problems(name: str) -> list[str]:
     """``IsDNS1123Subdomain``."""
+    problems = []
     if len(name) > 253:
-        return "must be no more than 253 characters"
+        problems.append("must be no more than 253 characters")
     if not DNS_SUBDOMAIN.fullmatch(name):
-        return (
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric"
-            " characters, '-' or '.', and must start and end with an alphanumeric character"
-            " (e.g. 'example.com', regex used for validation is"
-            " '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
-        )
-    return None
+        problems.append(_regex_error(_DNS_SUBDOMAIN_RULE, DNS_SUBDOMAIN.pattern, "example.com"))
+    return problems
 
 
 def check_name(
@@ -167,11 +193,10 @@ def check_name(
         errs.required(path, "name or generateName is required")
         return
     if dns_label or rfc1035:
-        problem = dns_label_problem(name, rfc1035=rfc1035)
+        problems = dns_label_problems(name, rfc1035=rfc1035)
     else:
-        problem = dns_subdomain_problem(name)
-    if problem is not None:
-        errs.invalid(path, name, problem)
+        problems = dns_subdomain_problems(name)
+    errs.invalid_each(path, name, problems)
 
 
 def cidr_notation_ok(text: str, *, bare_ip: bool = False) -> bool:
@@ -190,69 +215,82 @@ def cidr_notation_ok(text: str, *, bare_ip: bool = False) -> bool:
     return length.isdigit() and length.isascii()
 
 
-def qualified_name_problem(key: str) -> str | None:
+def qualified_name_problems(key: str) -> list[str]:
     """``IsQualifiedName``: an optional DNS subdomain prefix and ``/``, then a name."""
-    if key.count("/") > 1:
-        return (
-            "a qualified name must consist of alphanumeric characters, '-', '_' or '.', and"
-            " must start and end with an alphanumeric character, with an optional DNS"
-            " subdomain prefix and '/' (e.g. 'example.com/MyName')"
-        )
-    prefix, slash, name = key.rpartition("/")
-    if slash and not prefix:
-        return "prefix part must be non-empty"
-    if slash and (problem := dns_subdomain_problem(prefix)) is not None:
-        return f"prefix part {problem}"
+    parts = key.split("/")
+    if len(parts) > 2:
+        return [
+            "a qualified name "
+            + _regex_error(
+                _QUALIFIED_NAME_RULE, QUALIFIED_NAME.pattern, "MyName", "my.name", "123-abc"
+            )
+            + " with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"
+        ]
+    problems = []
+    name = parts[-1]
+    if len(parts) == 2:
+        prefix = parts[0]
+        if not prefix:
+            problems.append("prefix part must be non-empty")
+        else:
+            problems += [f"prefix part {p}" for p in dns_subdomain_problems(prefix)]
     if not name:
-        return "name part must be non-empty"
-    if len(name) > 63:
-        return "name part must be no more than 63 characters"
+        problems.append("name part must be non-empty")
+    elif len(name) > 63:
+        problems.append("name part must be no more than 63 characters")
     if not QUALIFIED_NAME.fullmatch(name):
-        return (
-            "name part must consist of alphanumeric characters, '-', '_' or '.', and must"
-            " start and end with an alphanumeric character"
+        problems.append(
+            "name part "
+            + _regex_error(
+                _QUALIFIED_NAME_RULE, QUALIFIED_NAME.pattern, "MyName", "my.name", "123-abc"
+            )
         )
-    return None
+    return problems
 
 
-def label_value_problem(value: str) -> str | None:
+def label_value_problems(value: str) -> list[str]:
+    """``IsValidLabelValue``."""
+    problems = []
     if len(value) > 63:
-        return "must be no more than 63 characters"
+        problems.append("must be no more than 63 characters")
     if value and not QUALIFIED_NAME.fullmatch(value):
-        return (
-            "a valid label must be an empty string or consist of alphanumeric characters,"
-            " '-', '_' or '.', and must start and end with an alphanumeric character"
+        problems.append(
+            _regex_error(
+                _LABEL_VALUE_RULE, f"({QUALIFIED_NAME.pattern})?", "MyValue", "my_value", "12345"
+            )
         )
-    return None
+    return problems
 
 
-def label_key_problem(key: str, *, cilium: bool) -> str | None:
+def label_key_problems(key: str, *, cilium: bool) -> list[str]:
+    """A label key (``ValidateLabelName``); Cilium selectors may prefix a source
+    (``k8s:app``), and ``reserved:`` names a reserved label as it is."""
     if cilium:
         source, colon, rest = key.partition(":")
         if colon and source in CILIUM_SOURCES:
             if source == "reserved" and rest:
-                return None  # reserved:host, reserved:world ...
+                return []  # reserved:host, reserved:world ...
             key = rest
-    return qualified_name_problem(key)
+    return qualified_name_problems(key)
 
 
 def label_map(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, str]:
+    """``ValidateLabels``: each key and each value checked, every error on the map's
+    own path (as upstream names them), bad pairs left out of the result."""
     labels: dict[str, str] = {}
     for key, value in errs.mapping(path, raw).items():
-        problem = label_key_problem(key, cilium=cilium) if isinstance(key, str) else "not a string"
-        if problem:
-            errs.invalid(f"{path}", key, problem)
+        if not isinstance(key, str):
+            errs.invalid(path, key, "a label key must be a string")
             continue
+        bad = errs.invalid_each(path, key, label_key_problems(key, cilium=cilium))
         if value is None:
             value = ""
-        # ValidateLabels names the map itself for a bad value, as for a bad key.
         if not isinstance(value, str):
             errs.invalid(path, value, f"the value of {key!r} must be a string")
             continue
-        if (problem := label_value_problem(value)) is not None:
-            errs.invalid(path, value, problem)
-            continue
-        labels[key] = value
+        bad = errs.invalid_each(path, value, label_value_problems(value)) or bad
+        if not bad:
+            labels[key] = value
     return labels
 
 
@@ -265,8 +303,7 @@ def annotation_map(errs: Errors, path: str, raw: object) -> dict[str, str]:
         if not isinstance(key, str):
             errs.invalid(path, key, "an annotation key must be a string")
             continue
-        if (problem := qualified_name_problem(key.lower())) is not None:
-            errs.invalid(path, key, problem)
+        if errs.invalid_each(path, key, qualified_name_problems(key.lower())):
             continue
         if value is None:
             value = ""
@@ -282,16 +319,20 @@ def annotation_map(errs: Errors, path: str, raw: object) -> dict[str, str]:
     return annotations
 
 
-def port_name_problem(name: str) -> str | None:
+def port_name_problems(name: str) -> list[str]:
+    """``IsValidPortName`` (an IANA service name): every message, as upstream lists them."""
+    problems = []
     if len(name) > 15:
-        return "must be no more than 15 characters"
-    if not PORT_NAME.fullmatch(name):
-        return "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)"
-    if "--" in name:
-        return "must not contain consecutive hyphens"
+        problems.append("must be no more than 15 characters")
+    if not re.fullmatch(r"[-a-z0-9]+", name):
+        problems.append("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)")
     if not re.search(r"[a-z]", name):
-        return "must contain at least one letter (a-z)"
-    return None
+        problems.append("must contain at least one letter (a-z)")
+    if "--" in name:
+        problems.append("must not contain consecutive hyphens")
+    if name.startswith("-") or name.endswith("-"):
+        problems.append("must not begin or end with a hyphen")
+    return problems
 
 
 def protocol_of(

@@ -32,13 +32,13 @@ from ciliate.control.objects.fields import (
     Errors,
     check_name,
     cidr_notation_ok,
-    dns_label_problem,
-    dns_subdomain_problem,
+    dns_label_problems,
+    dns_subdomain_problems,
     label_map,
-    label_value_problem,
-    port_name_problem,
+    label_value_problems,
+    port_name_problems,
     protocol_of,
-    qualified_name_problem,
+    qualified_name_problems,
 )
 
 __all__ = [
@@ -225,8 +225,7 @@ def validate_service(errs: Errors, obj: dict[str, Any]) -> None:
         if (
             cls := errs.string("spec.loadBalancerClass", spec.get("loadBalancerClass"))
         ) is not None:
-            if (problem := qualified_name_problem(cls)) is not None:
-                errs.invalid("spec.loadBalancerClass", cls, problem)
+            errs.invalid_each("spec.loadBalancerClass", cls, qualified_name_problems(cls))
             out["loadBalancerClass"] = cls
     else:
         for field in ("allocateLoadBalancerNodePorts", "loadBalancerIP", "loadBalancerClass"):
@@ -280,9 +279,7 @@ def _external_name(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -> N
     cname = (name or "").removesuffix(".")
     if not cname:
         errs.required("spec.externalName", "")
-    elif (problem := dns_subdomain_problem(cname)) is not None:
-        errs.invalid("spec.externalName", name, problem)
-    else:
+    elif not errs.invalid_each("spec.externalName", name, dns_subdomain_problems(cname)):
         out["externalName"] = name
     cluster_ips = [spec.get("clusterIP"), *errs.sequence("spec.clusterIPs", spec.get("clusterIPs"))]
     if any(ip not in (None, "") for ip in cluster_ips):
@@ -419,9 +416,8 @@ def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> l
         out: dict[str, Any] = {}
         name = errs.string(f"{at}.name", port.get("name"))
         if name:
-            if (problem := dns_label_problem(name)) is not None:
-                errs.invalid(f"{at}.name", name, problem)
-            elif name in names:
+            bad_name = errs.invalid_each(f"{at}.name", name, dns_label_problems(name))
+            if not bad_name and name in names:
                 errs.duplicate(f"{at}.name", name)
             names.add(name)
             out["name"] = name
@@ -433,8 +429,7 @@ def _service_ports(errs: Errors, raw: object, *, kind: str, headless: bool) -> l
         )
         out["protocol"] = protocol
         if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
-            if (problem := qualified_name_problem(app)) is not None:
-                errs.invalid(f"{at}.appProtocol", app, problem)
+            errs.invalid_each(f"{at}.appProtocol", app, qualified_name_problems(app))
             out["appProtocol"] = app
         # A missing port is the API's 0, refused by IsValidPortNum as an Invalid value.
         number = _port_number(errs, f"{at}.port", port.get("port", 0), required=True)
@@ -469,8 +464,7 @@ def _target_port(errs: Errors, path: str, raw: object, port: int | None) -> int 
     if raw is None or raw == 0 or raw == "":
         return port  # defaulted to the port, as the API server does
     if isinstance(raw, str):
-        if (problem := port_name_problem(raw)) is not None:
-            errs.invalid(path, raw, problem)
+        errs.invalid_each(path, raw, port_name_problems(raw))
         return raw
     return _port_number(errs, path, raw, required=False)
 
@@ -564,9 +558,8 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
         port = errs.mapping(at, raw)
         errs.unknown_fields(at, port, {"name", "protocol", "port", "appProtocol"})
         name = errs.string(f"{at}.name", port.get("name")) or ""
-        if name and (problem := dns_label_problem(name)) is not None:
-            errs.invalid(f"{at}.name", name, problem)
-        elif name in names:
+        bad_name = bool(name) and errs.invalid_each(f"{at}.name", name, dns_label_problems(name))
+        if not bad_name and name in names:
             errs.duplicate(f"{at}.name", name)
         names.add(name)
         out: dict[str, Any] = {
@@ -577,8 +570,7 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
             "port": _port_number(errs, f"{at}.port", port.get("port"), required=False),
         }
         if (app := errs.string(f"{at}.appProtocol", port.get("appProtocol"))) is not None:
-            if (problem := qualified_name_problem(app)) is not None:
-                errs.invalid(f"{at}.appProtocol", app, problem)
+            errs.invalid_each(f"{at}.appProtocol", app, qualified_name_problems(app))
             out["appProtocol"] = app
         out_ports.append(out)
     obj["ports"] = out_ports
@@ -595,9 +587,8 @@ def _zone_hints(errs: Errors, path: str, raw: object) -> None:
         zone = errs.string(at, errs.mapping(f"{path}.forZones[{i}]", item).get("name"))
         if zone is None:
             continue
-        if (problem := label_value_problem(zone)) is not None:
-            errs.invalid(at, zone, problem)
-        elif zone in seen:
+        bad_zone = errs.invalid_each(at, zone, label_value_problems(zone))
+        if not bad_zone and zone in seen:
             errs.duplicate(at, zone)
         seen.add(zone)
 
@@ -625,8 +616,8 @@ def _slice_endpoint(errs: Errors, path: str, raw: object) -> dict[str, Any]:
     if (node := errs.string(f"{path}.nodeName", endpoint.get("nodeName"))) is not None:
         check_name(errs, f"{path}.nodeName", node, dns_label=False)
     hostname = errs.string(f"{path}.hostname", endpoint.get("hostname"))
-    if hostname is not None and (problem := dns_label_problem(hostname)) is not None:
-        errs.invalid(f"{path}.hostname", hostname, problem)
+    if hostname is not None:
+        errs.invalid_each(f"{path}.hostname", hostname, dns_label_problems(hostname))
     errs.string(f"{path}.zone", endpoint.get("zone"))
     topology_path = f"{path}.deprecatedTopology"
     topology = label_map(errs, topology_path, endpoint.get("deprecatedTopology"))

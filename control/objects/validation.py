@@ -32,13 +32,13 @@ from ciliate.control.objects.fields import (
     annotation_map,
     check_name,
     cidr_notation_ok,
-    dns_label_problem,
-    label_key_problem,
+    dns_label_problems,
+    label_key_problems,
     label_map,
-    label_value_problem,
-    port_name_problem,
+    label_value_problems,
+    port_name_problems,
     protocol_of,
-    qualified_name_problem,
+    qualified_name_problems,
 )
 from ciliate.control.objects.kinds import Kind, kind_for_document
 from ciliate.control.objects.service_validation import validate_endpoint_slice, validate_service
@@ -218,16 +218,15 @@ def _selector(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> 
         expr = errs.mapping(at, expr)
         errs.unknown_fields(at, expr, {"key", "operator", "values"})
         key = errs.string(f"{at}.key", expr.get("key"), required=True)
-        if key is not None and (problem := label_key_problem(key, cilium=cilium)):
-            errs.invalid(f"{at}.key", key, problem)
+        if key is not None:
+            errs.invalid_each(f"{at}.key", key, label_key_problems(key, cilium=cilium))
         operator = errs.string(f"{at}.operator", expr.get("operator"), required=True)
         values = []
         for j, v in enumerate(errs.sequence(f"{at}.values", expr.get("values"))):
             if (text := errs.string(f"{at}.values[{j}]", v)) is None:
                 continue
             # ValidateLabelSelectorRequirement checks values as label values on create.
-            if (problem := label_value_problem(text)) is not None:
-                errs.invalid(f"{at}.values[{j}]", text, problem)
+            errs.invalid_each(f"{at}.values[{j}]", text, label_value_problems(text))
             values.append(text)
         if operator is not None and operator not in _SELECTOR_OPERATORS:
             errs.invalid(f"{at}.operator", operator, "not a valid selector operator")
@@ -322,9 +321,9 @@ def _validate_namespace(errs: Errors, obj: dict[str, Any]) -> None:
         at = f"spec.finalizers[{i}]"
         if (name := errs.string(at, item)) is None:
             continue
-        if (problem := qualified_name_problem(name)) is not None:
-            errs.invalid(at, name, problem)
-        elif "/" not in name and name != "kubernetes":
+        if errs.invalid_each(at, name, qualified_name_problems(name)):
+            continue
+        if "/" not in name and name != "kubernetes":
             errs.invalid(
                 at, name, "name is neither a standard finalizer name nor is it fully qualified"
             )
@@ -350,9 +349,8 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
         container = errs.mapping(at, raw_container)
         name = errs.string(f"{at}.name", container.get("name"), required=True)
         if name is not None:
-            if (problem := dns_label_problem(name)) is not None:
-                errs.invalid(f"{at}.name", name, problem)
-            elif name in names:
+            bad_name = errs.invalid_each(f"{at}.name", name, dns_label_problems(name))
+            if not bad_name and name in names:
                 errs.duplicate(f"{at}.name", name)
             names.add(name)
         port_names: set[str] = set()
@@ -380,9 +378,10 @@ def _validate_pod(errs: Errors, obj: dict[str, Any]) -> None:
             )
             port_name = errs.string(f"{pat}.name", port.get("name"))
             if port_name:
-                if (problem := port_name_problem(port_name)) is not None:
-                    errs.invalid(f"{pat}.name", port_name, problem)
-                elif port_name in port_names:
+                bad_name = errs.invalid_each(
+                    f"{pat}.name", port_name, port_name_problems(port_name)
+                )
+                if not bad_name and port_name in port_names:
                     errs.duplicate(f"{pat}.name", port_name)
                 port_names.add(port_name)
             ports.append(port)
@@ -420,8 +419,7 @@ def _np_ports(errs: Errors, path: str, raw: object) -> list[dict[str, Any]]:
                 errs.invalid(f"{at}.port", value, "must be between 1 and 65535, inclusive")
             out["port"] = value
         elif isinstance(value, str):
-            if (problem := port_name_problem(value)) is not None:
-                errs.invalid(f"{at}.port", value, problem)
+            errs.invalid_each(f"{at}.port", value, port_name_problems(value))
             out["port"] = value
         end = errs.integer(f"{at}.endPort", port.get("endPort"))
         if end is not None:
@@ -541,8 +539,7 @@ def _cnp_port(errs: Errors, path: str, raw: object) -> dict[str, Any]:
         out["port"] = str(number)
     else:
         named = value.lower()  # Cilium compares port names case-insensitively
-        if (problem := port_name_problem(named)) is not None:
-            errs.invalid(f"{path}.port", value, problem)
+        errs.invalid_each(f"{path}.port", value, port_name_problems(named))
         out["port"] = named
     end = errs.integer(f"{path}.endPort", port.get("endPort"))
     if end is not None:

@@ -227,9 +227,10 @@ ERROR_CASES: dict[str, tuple[tuple[Tweak, ...], list[str]]] = {
         (ingress_ports(port("TCP", 123456789)),),
         [f"{IN_PORT0}.port"],
     ),
+    # IsValidPortName gives two messages for "!@#$" (charset, no letter): two errors.
     "invalid ingress.ports.port (str)": (
         (ingress_ports(port("TCP", "!@#$")),),
-        [f"{IN_PORT0}.port"],
+        [f"{IN_PORT0}.port", f"{IN_PORT0}.port"],
     ),
     "invalid ingress.from.podSelector": (
         (
@@ -265,7 +266,7 @@ ERROR_CASES: dict[str, tuple[tuple[Tweak, ...], list[str]]] = {
     ),
     "invalid egress.ports.port (str)": (
         (egress_ports(port("TCP", "!@#$")),),
-        [f"{EG_PORTS}[0].port"],
+        [f"{EG_PORTS}[0].port", f"{EG_PORTS}[0].port"],
     ),
     "invalid ingress.from.namespaceSelector": (
         (
