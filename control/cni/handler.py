@@ -796,12 +796,37 @@ def _netconf_labels(netconf: Mapping[str, Any]) -> dict[str, str] | None:
     labels = cni.get("labels")
     if labels is None:
         return None
+    if isinstance(labels, list):
+        return _labels_list(labels)
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise _CniError(
             CODE_INVALID_NETCONF,
-            f"args.cni.labels must map label names to strings, not {_show(labels)}",
+            'args.cni.labels must be a list of {"key": ..., "value": ...} objects (the CNI '
+            "conventions) or an object mapping label names to strings, "
+            f"not {_show(labels)}",
         )
     return labels
+
+
+def _labels_list(labels: list[Any]) -> dict[str, str]:
+    """``args.cni.labels`` as CONVENTIONS.md writes it: ``[{"key": "app", "value":
+    "web"}, ...]``; a key given twice is refused (which one would count?)."""
+    out: dict[str, str] = {}
+    for i, entry in enumerate(labels):
+        key = entry.get("key") if isinstance(entry, dict) else None
+        value = entry.get("value") if isinstance(entry, dict) else None
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _CniError(
+                CODE_INVALID_NETCONF,
+                f'args.cni.labels[{i}] must be {{"key": "<name>", "value": "<string>"}}, '
+                f"not {_show(entry)}",
+            )
+        if key in out:
+            raise _CniError(
+                CODE_INVALID_NETCONF, f"args.cni.labels[{i}]: the label {key!r} is given twice"
+            )
+        out[key] = value
+    return out
 
 
 def _mtu(netconf: Mapping[str, Any]) -> int | None:

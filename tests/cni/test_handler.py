@@ -112,6 +112,17 @@ def test_add_asks_the_service_for_the_endpoint_with_labels_mtu_and_attributes(
     )
 
 
+def test_add_takes_labels_in_the_conventions_list_form_too(pod_netns: str) -> None:
+    """CONVENTIONS.md: ``args.cni.labels`` is a list of key/value objects."""
+    service = FakeService()
+    listed = [{"key": "app", "value": "web"}, {"key": "k8s:tier", "value": "front"}]
+    conf = netconf(args={"cni": {"labels": listed}})
+    response, _ = call(cni_env("ADD", CNI_NETNS=pod_netns), conf, service)
+    assert response.exit_code == 0
+    labels = service.calls[0][1].labels
+    assert (labels["k8s:app"], labels["k8s:tier"]) == ("web", "front")
+
+
 def test_add_without_cni_args_or_mtu_leaves_them_to_the_agent(pod_netns: str) -> None:
     service = FakeService()
     env = cni_env("ADD", CNI_NETNS=pod_netns)
@@ -554,7 +565,23 @@ INVALID = [
     ("an mtu that is a float", "ADD", {}, netconf(mtu=1500.0), 7, "mtu"),
     ("args that are a list", "ADD", {}, netconf(args=[]), 7, "args must be"),
     ("args.cni that is a string", "ADD", {}, netconf(args={"cni": "x"}), 7, "args.cni must"),
-    ("labels that are a list", "ADD", {}, netconf(args={"cni": {"labels": []}}), 7, "labels"),
+    ("labels that are a string", "ADD", {}, netconf(args={"cni": {"labels": "a"}}), 7, "labels"),
+    (
+        "a listed label without a value",
+        "ADD",
+        {},
+        netconf(args={"cni": {"labels": [{"key": "app"}]}}),
+        7,
+        "args.cni.labels[0]",
+    ),
+    (
+        "a listed label given twice",
+        "ADD",
+        {},
+        netconf(args={"cni": {"labels": [{"key": "a", "value": "1"}, {"key": "a", "value": "2"}]}}),
+        7,
+        "given twice",
+    ),
     ("a label with a number", "ADD", {}, netconf(args={"cni": {"labels": {"a": 1}}}), 7, "labels"),
     (
         "a reserved label",
