@@ -200,7 +200,32 @@ def _metadata(errs: Errors, kind: Kind, raw: object) -> dict[str, Any]:
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
+    _finalizers(errs, meta.get("finalizers"))
     return meta
+
+
+# Finalizers the API server knows without a domain prefix.
+_STANDARD_FINALIZERS = ("kubernetes", "orphan", "foregroundDeletion")
+
+
+def _finalizers(errs: Errors, raw: object) -> None:
+    """``ValidateFinalizers``: qualified names, unprefixed ones only the standard ones,
+    and never both ``orphan`` and ``foregroundDeletion`` (errors name the list)."""
+    path = "metadata.finalizers"
+    names = [
+        name
+        for i, item in enumerate(errs.sequence(path, raw))
+        if (name := errs.string(f"{path}[{i}]", item)) is not None
+    ]
+    for name in names:
+        if not errs.invalid_each(path, name, qualified_name_problems(name)) and (
+            "/" not in name and name not in _STANDARD_FINALIZERS
+        ):
+            errs.invalid(
+                path, name, "name is neither a standard finalizer name nor is it fully qualified"
+            )
+    if "orphan" in names and "foregroundDeletion" in names:
+        errs.invalid(path, names, "finalizer orphan and foregroundDeletion cannot be both set")
 
 
 def _selector(errs: Errors, path: str, raw: object, *, cilium: bool = False) -> dict[str, Any]:

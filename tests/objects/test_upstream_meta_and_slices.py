@@ -562,3 +562,19 @@ def test_too_many_items_print_as_field_too_many_does() -> None:
     assert errors_text(slice_with(ports=named_ports(101), endpoints=[])) == [
         "ports: Too many: 101: must have at most 100 items"
     ]
+
+
+@pytest.mark.parametrize(
+    ("finalizers", "valid"),
+    [
+        (["example.com/cleanup"], True),
+        (["orphan"], True),
+        (["foregroundDeletion"], True),
+        (["cleanup"], False),  # neither standard nor qualified
+        (["Example.com/x"], False),
+        (["orphan", "foregroundDeletion"], False),  # TestValidateFinalizersPreventConflicting
+    ],
+)
+def test_metadata_finalizers(finalizers: list[str], valid: bool) -> None:
+    paths = error_paths(build(POD, with_meta(finalizers=finalizers)))
+    assert (paths == []) if valid else (set(paths) == {"metadata.finalizers"})
