@@ -13,11 +13,17 @@ None`` (``ClientIP`` gets ``timeoutSeconds: 10800``), port ``protocol: TCP`` and
 ``targetPort`` = ``port``, ``internalTrafficPolicy: Cluster``,
 ``externalTrafficPolicy: Cluster`` on externally reachable services,
 ``allocateLoadBalancerNodePorts: true`` on LoadBalancers, ``ipFamilies: [IPv4]``,
-``ipFamilyPolicy: SingleStack``, ``clusterIPs`` mirroring ``clusterIP``.
+``ipFamilyPolicy: SingleStack`` (a given ``PreferDualStack`` is kept, with the IPv4
+family only), ``clusterIPs`` mirroring ``clusterIP``. ``ExternalName`` Services (a DNS
+alias) get no ClusterIP, IP families nor traffic policy.
 
-ciliate's datapath is IPv4 only: IPv6 and dual-stack services, ``ExternalName``
-services and ``loadBalancerSourceRanges`` (a filter the datapath would not apply)
-are refused by name rather than stored and ignored.
+Errors name the paths ``ValidateService`` names, including its quirks
+(``spec.clusterIPs[0]`` for a bad ``clusterIP``, since the v1 defaulting copies it
+there first; ``spec.LoadBalancerSourceRanges`` with its historical capital).
+
+ciliate's cluster is IPv4 single-stack: IPv6 and dual-stack Services are refused as
+such a cluster's API server refuses them, and ``loadBalancerSourceRanges`` (a filter
+the datapath would not apply) is refused by name rather than stored and ignored.
 """
 
 from __future__ import annotations

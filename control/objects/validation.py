@@ -2,9 +2,16 @@
 
 ``validate(raw)`` returns the object as it will be stored (defaults applied:
 ``policyTypes``, port protocols, the namespace's ``kubernetes.io/metadata.name``
-label, ``metadata.namespace: default``), or raises
-:class:`~ciliate.control.objects.errors.ObjectInvalidError` naming every field at
-fault with its path (``spec.ingress[0].ports[1].port``), in the API server's words.
+label, its ``kubernetes`` finalizer and ``Active`` phase, ``metadata.namespace:
+default``), or raises :class:`~ciliate.control.objects.errors.ObjectInvalidError`
+naming every field at fault with its path (``spec.ingress[0].ports[1].port``), one
+error per message the API server gives, in its words. The upstream cases these
+checks follow are ported in ``tests/objects/test_upstream_*.py``.
+
+Metadata as ``ValidateObjectMeta`` checks it, names per kind (Namespaces RFC 1123
+labels, Services RFC 1035 labels, the rest RFC 1123 subdomains); a namespaced object
+without a namespace goes to ``default`` (as kubectl fills it in), a cluster-scoped
+object's namespace is cleared (as the API server clears it).
 
 Policy specs are checked strictly (an unknown field is an error, as ``kubectl``'s
 strict field validation reports it): a misspelt ``podSelecter`` would otherwise
