@@ -1,30 +1,38 @@
 """The EndpointSlice controller, with Kubernetes' semantics
-(``pkg/controller/endpointslice``).
+(``pkg/controller/endpointslice`` and ``k8s.io/endpointslice``).
 
-For every Service with a selector, the Pods of its namespace whose labels hold the
-selector become endpoints of slices the controller owns:
+For every Service with a selector (and not of type ``ExternalName``, which upstream
+leaves alone), the Pods of its namespace whose labels hold the selector become
+endpoints of slices the controller owns:
 
 * the address of a pod is its endpoint's, as the agents publish it (locally the
   agent's endpoint records, in a cluster ``cluster/endpoints/<ip>`` with ``pod`` and
-  ``node``); a Pod object's ``status.podIP`` is the fallback; a pod with neither,
-  or in phase ``Succeeded``/``Failed``, is left out;
+  ``node``); a Pod object's first IPv4 ``status.podIPs`` (or ``podIP``) is the
+  fallback; a pod with none, or in phase ``Succeeded``/``Failed``, is left out;
 * conditions as the controller sets them: ``serving`` = the pod is ready (a Pod
   whose ``Ready`` condition is ``False`` is not; one without conditions is, since
   ciliate's pods are running once they have an endpoint), ``terminating`` = the pod
   has ``metadata.deletionTimestamp``, ``ready`` = serving and not terminating, or
-  always with ``publishNotReadyAddresses``;
-* ports: each service port's ``targetPort``, a name resolved against the pod's
-  container ports of that protocol (a pod without that name leaves the port out);
-  pods are grouped by their resolved ports, one set of slices per port mapping;
-* at most 100 endpoints a slice (``--max-endpoints-per-slice``); slices carry
-  ``kubernetes.io/service-name``, ``endpointslice.kubernetes.io/managed-by:
-  endpointslice-controller.ciliate.io``, the Service's own labels and an owner
-  reference to it.
+  always with ``publishNotReadyAddresses``; ``targetRef`` names the pod,
+  ``nodeName`` its node, ``hostname`` is set for a pod of the Service's subdomain;
+* ports: each service port's ``targetPort``, a name resolved against the container
+  ports of that protocol of the pod's containers, then its sidecars (``FindPort``;
+  a pod without that name leaves the port out); pods are grouped by their resolved
+  ports, one set of slices per port mapping;
+* at most 100 endpoints a slice (``--max-endpoints-per-slice``), ``addressType:
+  IPv4``; slices carry ``kubernetes.io/service-name``,
+  ``endpointslice.kubernetes.io/managed-by: endpointslice-controller.ciliate.io``,
+  the Service's own labels (but the reserved ones), the headless label for a
+  Service without a ClusterIP, and a controller owner reference to it.
 
-Slices of a Service without a selector are the user's and never touched. Slice
-names are derived from the service and the port mapping (not random, as
-Kubernetes' are), so the desired state is a pure function and a reconcile writes
-only the difference.
+Slices of a Service without a selector, and slices without the managed-by label,
+are the user's and never touched; the controller's own go when their Service goes,
+loses its selector or becomes ``ExternalName``. Slice names are derived from the
+service and the port mapping (not random, as Kubernetes' are), so the desired state
+is a pure function and a reconcile writes only the difference.
+
+:class:`SliceController` keeps the last pass's state and recomputes only the
+Services a change touches (see its docstring); :func:`reconcile` is one full pass.
 """
 
 from __future__ import annotations
