@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from ciliate.control.cluster import keys
 from ciliate.control.objects import KINDS, ObjectStore, object_key
+from ciliate.control.operator.endpointslices import EndpointSliceController
 from ciliate.control.services.changes import ObjectChanges
 from ciliate.control.services.ids import LbIds
 from ciliate.control.services.node import NodeTable
@@ -425,3 +427,32 @@ def test_two_services_claiming_one_external_address_keep_the_first_by_name(
     delta = node.update(feed.poll())
     assert node.get(key).service == "default/b"  # type: ignore[union-attr]
     assert key in delta.changed
+
+
+# -- the operator's controller, on etcd ------------------------------------------------
+
+
+def test_the_operator_recomputes_only_the_service_of_a_pod_whose_published_address_moved(
+    store_factory: etcd_fixtures.StoreFactory,
+) -> None:
+    etcd = store_factory()
+    many_services(etcd)
+    controller = EndpointSliceController(etcd)
+    first = controller.sync()
+    assert first.services_recomputed == COUNT and len(first.created) == COUNT
+    assert controller.sync().services_recomputed == 0  # its own writes, compared
+    with etcd.transaction() as txn:
+        txn.put_json(f"{keys.ENDPOINTS}10.79.1.12", {"pod": "default/p12", "node": "node-b"})
+    moved = controller.sync()
+    assert moved.services_recomputed == 1
+    (slice_,) = moved.written.values()
+    assert slice_["metadata"]["labels"]["kubernetes.io/service-name"] == "s12"
+    assert [(e["addresses"], e["nodeName"]) for e in slice_["endpoints"]] == [
+        (["10.79.1.12"], "node-b")
+    ]
+    # A Service deleted: its slice goes, nothing else is recomputed.
+    ObjectStore(etcd).delete(ObjectStore(etcd).refs_of([service("s3", "a3")]))
+    gone = controller.sync()
+    assert gone.services_recomputed == 1 and [d.split("-")[0] for d in gone.deleted] == [
+        "default/s3"
+    ]
