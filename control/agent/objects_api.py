@@ -4,8 +4,9 @@
 Errors answer as the API server would: 422 for an invalid object (the detail
 names every field), 404 for an unknown kind, a missing object or namespace,
 403 for what is forbidden (deleting ``default``), 500 for a full ClusterIP or
-NodePort range (a condition of the cluster, not of the object), 400 for input that
-is not objects.
+NodePort range (a condition of the cluster, not of the object) or a store holding
+what it should not, 503 for a store that cannot be reached, 400 for input that is
+not objects.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ciliate.control.objects import (
     UnknownKindError,
     resolve_kind,
 )
-from ciliate.control.store import Store
+from ciliate.control.store import Store, StoreError, StoreUnavailableError
 
 __all__ = ["ApplyRequest", "DeleteRequest", "create_router"]
 
@@ -50,7 +51,8 @@ _ANSWERS = errors(
         403: "Forbidden, such as deleting an immortal namespace",
         404: "Unknown kind, or a missing object or namespace",
         422: "An object is invalid; the detail names each field",
-        500: "No ClusterIP or NodePort left in the range",
+        500: "No ClusterIP or NodePort left in the range, or a damaged store",
+        503: "The store cannot be reached",
     }
 )
 
@@ -67,11 +69,15 @@ def _status(exc: ObjectsError) -> int:
     return 400
 
 
-def _refused(exc: ObjectsError | UnicodeEncodeError) -> HTTPException:
+def _refused(exc: ObjectsError | UnicodeEncodeError | StoreError) -> HTTPException:
     if isinstance(exc, UnicodeEncodeError):
         return HTTPException(
             status_code=422, detail=f"an object holds text that is not valid Unicode: {exc}"
         )
+    if isinstance(exc, StoreError):
+        # Nothing was written (the transaction rolled back); say which store and why.
+        status = 503 if isinstance(exc, StoreUnavailableError) else 500
+        return HTTPException(status_code=status, detail=f"the node's object store: {exc}")
     return HTTPException(status_code=_status(exc), detail=str(exc))
 
 
@@ -86,7 +92,7 @@ def create_router(store: Store, *, changed: Callable[[], None] = lambda: None) -
         """Create or replace the objects, all or nothing (``ciliate apply -f``)."""
         try:
             results = objects.apply(body.objects)
-        except (ObjectsError, UnicodeEncodeError) as exc:
+        except (ObjectsError, UnicodeEncodeError, StoreError) as exc:
             raise _refused(exc) from exc
         changed()
         return {"results": [r.to_json() for r in results]}
@@ -98,7 +104,7 @@ def create_router(store: Store, *, changed: Callable[[], None] = lambda: None) -
             results = objects.delete(
                 objects.refs_of(body.objects), ignore_missing=body.ignore_missing
             )
-        except ObjectsError as exc:
+        except (ObjectsError, StoreError) as exc:
             raise _refused(exc) from exc
         changed()
         return {"results": [r.to_json() for r in results]}
@@ -108,14 +114,14 @@ def create_router(store: Store, *, changed: Callable[[], None] = lambda: None) -
         """Every object of a kind (``namespace`` narrows namespaced kinds)."""
         try:
             return {"items": objects.list(resolve_kind(kind), namespace=namespace)}
-        except ObjectsError as exc:
+        except (ObjectsError, StoreError) as exc:
             raise _refused(exc) from exc
 
     @router.get("/{kind}/{name}", responses=_ANSWERS)
     def get_object(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
         try:
             return objects.get(resolve_kind(kind), name=name, namespace=namespace)
-        except ObjectsError as exc:
+        except (ObjectsError, StoreError) as exc:
             raise _refused(exc) from exc
 
     @router.delete("/{kind}/{name}", responses=_ANSWERS)
@@ -134,7 +140,7 @@ def create_router(store: Store, *, changed: Callable[[], None] = lambda: None) -
             results = objects.delete(ref)
             changed()
             return {"results": [r.to_json() for r in results]}
-        except ObjectsError as exc:
+        except (ObjectsError, StoreError) as exc:
             raise _refused(exc) from exc
 
     return router

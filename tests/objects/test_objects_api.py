@@ -96,3 +96,23 @@ def test_a_full_range_is_500_and_takes_nothing(client: tuple[TestClient, SqliteS
     assert answer.status_code == 500
     assert "range is full" in answer.json()["detail"]
     assert dict(store.list("")) == before
+
+
+def test_a_damaged_allocation_key_is_a_clear_500_and_writes_nothing(
+    client: tuple[TestClient, SqliteStore],
+) -> None:
+    http, store = client
+    assert http.post("/v1/objects/apply", json={"objects": [service("a")]}).status_code == 200
+    summary = next(
+        key
+        for key, _ in store.list("objects-meta/allocations/clusterip/")
+        if key.endswith("summary")
+    )
+    with store.transaction() as txn:  # an operator's hand edit, a torn disk
+        txn.put(summary, b"not json at all")
+    before = dict(store.list(""))
+    answer = http.post("/v1/objects/apply", json={"objects": [service("b")]})
+    assert answer.status_code == 500
+    assert answer.json()["detail"].startswith("the node's object store: ")
+    assert summary in answer.json()["detail"]
+    assert dict(store.list("")) == before
