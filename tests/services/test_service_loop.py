@@ -5,7 +5,7 @@ puts back what an incremental pass cannot see."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +97,7 @@ class Loop:
     counted: Counted
     node_store: FailingNodeStore
     lb: LoadBalancer
+    restart: Callable[[], ServiceController]
 
     def in_maps(self) -> dict[str, list[str]]:
         return {str(s.frontend): [str(b.address) for b in s.backends] for s in self.lb.list()}
@@ -113,21 +114,25 @@ def loop(testbed: Testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
         objects.apply(docs)
         pods = {f"default/p{i}": f"10.244.0.{i + 10}" for i in range(COUNT)}
         node_store = FailingNodeStore(store)
-        controller = ServiceController(
-            objects_store=store,
-            node_store=node_store,  # type: ignore[arg-type]
-            revision=store.revision,
-            datapath=testbed.datapath,
-            node_name="node-a",
-            node_ips=[],
-            local_endpoints=lambda: list(pods.items()),
-        )
+
+        def start() -> ServiceController:
+            return ServiceController(
+                objects_store=store,
+                node_store=node_store,  # type: ignore[arg-type]
+                revision=store.revision,
+                datapath=testbed.datapath,
+                node_name="node-a",
+                node_ips=[],
+                local_endpoints=lambda: list(pods.items()),
+            )
+
+        controller = start()
         counted = Counted(testbed, monkeypatch)
         first = controller.sync()
         assert first.full and len(counted.upserts) == COUNT
         controller.sync()  # its own slice writes come back: compared, nothing written
         counted.clear()
-        yield Loop(controller, objects, counted, node_store, testbed.datapath.lb)
+        yield Loop(controller, objects, counted, node_store, testbed.datapath.lb, start)
     testbed.datapath.lb.clear()
 
 
@@ -172,3 +177,17 @@ def test_a_failed_pass_is_followed_by_a_full_one_that_catches_up(loop: Loop) -> 
     result = loop.controller.sync()
     assert result.full and len(loop.counted.upserts) == 1
     assert result.written == loop.counted.upserts
+
+
+def test_a_restarted_loop_writes_only_what_changed_while_it_was_down(loop: Loop) -> None:
+    before = loop.in_maps()
+    loop.objects.apply([service("while-down", "a2")])
+    loop.objects.delete(loop.objects.refs_of([service("s4", "a4")]))
+    restarted = loop.restart()  # a new agent: the maps and the store are what is left
+    result = restarted.sync()
+    assert result.full
+    assert len(loop.counted.upserts) == 1 and len(loop.counted.deletes) == 1
+    after = loop.in_maps()
+    assert set(before) - set(after) == set(loop.counted.deletes)
+    assert set(after) - set(before) == set(loop.counted.upserts)
+    assert after[loop.counted.upserts[0]] == ["10.244.0.12"]
