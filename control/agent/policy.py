@@ -339,14 +339,39 @@ class PolicyController:
                         if policy is not None:
                             break
             if policy is None:
-                snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
-                pods = _pods_by_ref(snapshot)
-                local = [*self._endpoints.list(), endpoint]
-                computed = self._compute(snapshot, pods, local, only=[endpoint])
-                self._write_cidr_identities(computed.cidr_identities, add_only=True)
-                policy = computed.endpoints[pod_ref(endpoint)]
+                try:
+                    snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
+                except StoreError:
+                    # The objects are out of reach (etcd down) and no pass ran since
+                    # the agent started: the policy an endpoint of this identity
+                    # holds in the datapath (pinned across the restart) is the one
+                    # this pod would get.
+                    policy = self._pinned_policy_of(endpoint.identity)
+                    if policy is None:
+                        raise
+                else:
+                    pods = _pods_by_ref(snapshot)
+                    local = [*self._endpoints.list(), endpoint]
+                    computed = self._compute(snapshot, pods, local, only=[endpoint])
+                    self._write_cidr_identities(computed.cidr_identities, add_only=True)
+                    policy = computed.endpoints[pod_ref(endpoint)]
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
+
+    def _pinned_policy_of(self, identity: int) -> EndpointPolicy | None:
+        """The policy the datapath holds for another endpoint of ``identity``."""
+        for other in self._endpoints.list():
+            if other.identity != identity:
+                continue
+            state = self._dp.policy.state(other.endpoint_id)
+            if state.revision == 0:
+                continue  # never given a policy
+            return EndpointPolicy(
+                ingress_enforced=state.ingress_enforced,
+                egress_enforced=state.egress_enforced,
+                entries=tuple(self._dp.policy.entries(other.endpoint_id)),
+            )
+        return None
 
     def _compute(
         self,

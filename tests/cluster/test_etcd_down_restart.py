@@ -4,10 +4,10 @@ ciliate-cni as a runtime calls it, the lab's etcd stopped, node1's agent restart
 The agent starts (pod CIDRs from its last answer, registration and the cluster mirror
 deferred until etcd answers); pods keep their network; an ADD that needs a new identity
 fails with CNI code 11 naming the identity and leaves nothing; a DEL succeeds. An ADD
-of a label set the node's pods use is served by the identities (the endpoint records say
-which, see tests/cluster/test_identity_etcd_trouble.py) but not yet by the policy
-controller, which has no pass to copy a policy from after the restart and reads the
-objects from etcd (strict xfail). When etcd is back, everything works again.
+of a label set the node's pods use succeeds: the identity from the endpoint records (see
+tests/cluster/test_identity_etcd_trouble.py), the policy copied from the datapath's
+pinned policy of another endpoint of that identity (no pass has run since the restart
+and the objects are in etcd). When etcd is back, everything works again.
 
 The tests run in order on one lab: each stage builds on the one before.
 """
@@ -119,12 +119,6 @@ def test_del_succeeds(cluster: Cluster) -> None:
     assert gone.ip not in endpoints(cluster.node1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=lab.CniCallError,
-    reason="the policy controller has had no pass since the restart to copy the "
-    "identity's policy from, and reads the objects from etcd",
-)
 def test_add_of_a_label_set_the_nodes_pods_use_succeeds(cluster: Cluster) -> None:
     a2 = add_pod(cluster, cluster.node1, "a2")
     by_ip = endpoints(cluster.node1)
