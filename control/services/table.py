@@ -9,7 +9,8 @@ Frontends, one per (address, port, protocol):
   LoadBalancer Services);
 * ``ExternalIP``: each of ``spec.externalIPs``, at the service port;
 * ``LoadBalancer``: each ``status.loadBalancer.ingress[].ip`` of a LoadBalancer
-  Service, at the service port.
+  Service, at the service port, but those of ``ipMode: Proxy`` (KEP-1860: the
+  load balancer proxies to the nodes itself).
 
 A Service of type ``ExternalName`` is a DNS alias and has none.
 
@@ -282,6 +283,9 @@ def service_frontends(
         _addresses(
             i.get("ip")
             for i in (service.get("status") or {}).get("loadBalancer", {}).get("ingress", [])
+            # ipMode Proxy: the load balancer proxies to the nodes itself, so its
+            # address is not the nodes' to serve (kube-proxy skips it too, KEP-1860).
+            if isinstance(i, dict) and i.get("ipMode") != "Proxy"
         )
         if spec.get("type") == "LoadBalancer"
         else []

@@ -402,3 +402,20 @@ def test_an_endpoint_ready_in_one_slice_and_terminating_in_another_counts_as_rea
         ]
         (only,) = table([service({"ports": HTTP})], slices)
         assert [b.state for b in only.backends] == [BackendState.ACTIVE]
+
+
+def test_a_load_balancer_address_in_proxy_ip_mode_is_not_served_by_the_node() -> None:
+    svc = service(
+        {"type": "LoadBalancer", "ports": [{**HTTP[0], "nodePort": 30080}]},
+        status={
+            "loadBalancer": {
+                "ingress": [
+                    {"ip": "198.51.100.9", "ipMode": "VIP"},
+                    {"ip": "198.51.100.10", "ipMode": "Proxy"},
+                    {"hostname": "lb.example.com"},
+                ]
+            }
+        },
+    )
+    got = by_kind(table([svc], [endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS)]))
+    assert got[FrontendKind.LOAD_BALANCER] == ["198.51.100.9:80/TCP"]
