@@ -557,6 +557,7 @@ def validate_endpoint_slice(errs: Errors, obj: dict[str, Any]) -> None:
     ports = errs.sequence("ports", obj.get("ports"))
     if len(ports) > MAX_SLICE_PORTS:
         errs.too_many("ports", len(ports), MAX_SLICE_PORTS)
+        return  # validatePorts stops there: the count is the one thing to fix
     names: set[str] = set()
     out_ports = []
     for i, raw in enumerate(ports):
@@ -587,6 +588,7 @@ def _zone_hints(errs: Errors, path: str, raw: object) -> None:
     zones = errs.sequence(f"{path}.forZones", hints.get("forZones"))
     if len(zones) > MAX_ZONE_HINTS:
         errs.too_many(f"{path}.forZones", len(zones), MAX_ZONE_HINTS)
+        return  # as validateHints
     seen: set[str] = set()
     for i, item in enumerate(zones):
         at = f"{path}.forZones[{i}].name"
