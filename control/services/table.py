@@ -152,13 +152,11 @@ def _ipv4(text: str) -> ipaddress.IPv4Address:
 
 
 def _endpoint_state(conditions: Mapping[str, Any]) -> BackendState | None:
-    ready = conditions.get("ready")
-    ready = True if ready is None else bool(ready)
-    if ready:
+    # Left out, ready and serving count as true and terminating as false, as
+    # kube-proxy reads them (endpointslicecache.go).
+    if conditions.get("ready") is not False:
         return BackendState.ACTIVE
-    serving = conditions.get("serving")
-    serving = ready if serving is None else bool(serving)
-    if serving and conditions.get("terminating"):
+    if conditions.get("serving") is not False and conditions.get("terminating") is True:
         return BackendState.TERMINATING
     return None
 

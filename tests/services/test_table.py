@@ -419,3 +419,23 @@ def test_a_load_balancer_address_in_proxy_ip_mode_is_not_served_by_the_node() ->
     )
     got = by_kind(table([svc], [endpoint_slice(TWO_NODES, HTTP_SLICE_PORTS)]))
     assert got[FrontendKind.LOAD_BALANCER] == ["198.51.100.9:80/TCP"]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "state"),
+    [
+        ({}, BackendState.ACTIVE),  # ready left out: true
+        ({"ready": True, "terminating": True}, BackendState.ACTIVE),
+        ({"ready": False, "terminating": True}, BackendState.TERMINATING),  # serving: true
+        ({"ready": False, "serving": True, "terminating": True}, BackendState.TERMINATING),
+        ({"ready": False, "serving": False, "terminating": True}, None),
+        ({"ready": False, "serving": True}, None),  # not terminating: not a fallback
+        ({"ready": False}, None),
+    ],
+)
+def test_endpoint_conditions_left_out_read_as_kube_proxy_reads_them(
+    conditions: dict[str, bool], state: BackendState | None
+) -> None:
+    ep = {**endpoint("10.79.0.5", "node-a"), "conditions": conditions}
+    (only,) = table([service({"ports": HTTP})], [endpoint_slice([ep], HTTP_SLICE_PORTS)])
+    assert [b.state for b in only.backends] == ([state] if state else [])
