@@ -455,3 +455,30 @@ def test_a_recreated_service_gets_slices_owned_by_its_new_uid(objects: ObjectSto
     reconcile(objects, addresses={})
     (mine,) = objects.list(SLICE)
     assert mine["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
+@pytest.mark.parametrize(
+    ("ready", "terminating", "publish", "expected"),
+    [
+        # upstream's TestPodToEndpoint table: (ready, serving, terminating)
+        (True, False, False, (True, True, False)),
+        (True, False, True, (True, True, False)),
+        (False, False, False, (False, False, False)),
+        (False, False, True, (True, False, False)),
+        (True, True, False, (False, True, True)),
+        (False, True, False, (False, False, True)),
+        (True, True, True, (True, True, True)),
+    ],
+)
+def test_endpoint_conditions_as_upstreams_pod_to_endpoint(
+    ready: bool, terminating: bool, publish: bool, expected: tuple[bool, bool, bool]
+) -> None:
+    extra: dict[str, Any] = {"conditions": [{"type": "Ready", "status": str(ready)}]}
+    if terminating:
+        extra["deletionTimestamp"] = "2026-11-30T03:00:00Z"
+    svc = service([{"port": 80}], selector=WEB, publishNotReadyAddresses=publish)
+    got = only(
+        desired_slices(services=[svc], pods=[pod("a", ip="10.0.0.1", **extra)], addresses={})
+    )
+    conditions = got["endpoints"][0]["conditions"]
+    assert (conditions["ready"], conditions["serving"], conditions["terminating"]) == expected
