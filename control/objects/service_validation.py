@@ -63,6 +63,7 @@ NODE_PORT_RANGE = (30000, 32767)  # the API server's --service-node-port-range d
 CLIENT_IP_TIMEOUT_DEFAULT = 10800  # 3 hours, Kubernetes' DefaultClientIPServiceAffinitySeconds
 CLIENT_IP_TIMEOUT_MAX = 86400
 TRAFFIC_POLICIES = ("Cluster", "Local")
+LB_IP_MODES = ("Proxy", "VIP")
 TRAFFIC_DISTRIBUTIONS = ("PreferClose", "PreferSameNode", "PreferSameZone")
 TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # deprecated name
 TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
@@ -520,22 +521,49 @@ def _traffic_policies(errs: Errors, spec: dict[str, Any], out: dict[str, Any]) -
 
 
 def _load_balancer_status(errs: Errors, obj: dict[str, Any]) -> None:
+    """``status.loadBalancer`` as ``ValidateLoadBalancerStatus`` checks a status update
+    (ciliate has no load-balancer controller: the manifest may carry it). Ingress only
+    on LoadBalancers; ``ipMode`` defaults to ``VIP`` where an ``ip`` is given, and may
+    not be given without one; a hostname is a DNS name, never an IP address."""
     status = errs.mapping("status", obj.get("status"))
     load_balancer = errs.mapping("status.loadBalancer", status.get("loadBalancer"))
+    path = "status.loadBalancer.ingress"
+    entries = errs.sequence(path, load_balancer.get("ingress"))
+    if entries and obj["spec"]["type"] != "LoadBalancer":
+        errs.forbidden(path, "may only be used when `spec.type` is 'LoadBalancer'")
+        entries = []
     ingress = []
-    for i, raw in enumerate(
-        errs.sequence("status.loadBalancer.ingress", load_balancer.get("ingress"))
-    ):
-        at = f"status.loadBalancer.ingress[{i}]"
+    for i, raw in enumerate(entries):
+        at = f"{path}[{i}]"
         entry = dict(errs.mapping(at, raw))
-        if entry.get("ip") not in (None, ""):
+        has_ip = entry.get("ip") not in (None, "")
+        if has_ip:
             entry["ip"] = _ipv4(errs, f"{at}.ip", entry["ip"], special_ok=False)
+        mode = entry.get("ipMode")
+        if mode is not None and not has_ip:
+            errs.forbidden(f"{at}.ipMode", "may not be specified when `ip` is not set")
+        elif mode is not None and mode not in LB_IP_MODES:
+            errs.unsupported(f"{at}.ipMode", mode, LB_IP_MODES)
+        elif has_ip:
+            entry["ipMode"] = mode or "VIP"
         if entry.get("hostname") not in (None, ""):
             hostname = errs.string(f"{at}.hostname", entry["hostname"])
             if hostname is not None:
                 check_name(errs, f"{at}.hostname", hostname, dns_label=False)
+                if _is_ip(hostname):
+                    errs.invalid(
+                        f"{at}.hostname", hostname, "must be a DNS name, not an IP address"
+                    )
         ingress.append(entry)
     obj["status"] = {"loadBalancer": {"ingress": ingress} if ingress else {}}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # -- EndpointSlice ----------------------------------------------------------------------

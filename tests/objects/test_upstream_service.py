@@ -110,6 +110,13 @@ def add_port(
     return tweak
 
 
+def status_ingress(*entries: dict[str, Any]) -> Tweak:
+    def tweak(d: dict[str, Any]) -> None:
+        d["status"] = {"loadBalancer": {"ingress": list(entries)}}
+
+    return tweak
+
+
 def selector(key: str, value: str) -> Tweak:
     def tweak(d: dict[str, Any]) -> None:
         d["spec"]["selector"][key] = value
@@ -765,3 +772,35 @@ def test_prefer_dual_stack_keeps_its_policy_and_only_the_ipv4_family() -> None:
     )
     assert stored["spec"]["ipFamilyPolicy"] == "PreferDualStack"
     assert stored["spec"]["ipFamilies"] == ["IPv4"]
+
+
+@pytest.mark.parametrize(
+    ("tweaks", "paths"),
+    [
+        # ValidateLoadBalancerStatus, as a status update would be checked.
+        ((LB, status_ingress({"ip": "192.0.2.10"})), []),
+        ((LB, status_ingress({"ip": "192.0.2.10", "ipMode": "Proxy"})), []),
+        ((LB, status_ingress({"hostname": "lb.example.com"})), []),
+        ((status_ingress({"ip": "192.0.2.10"}),), ["status.loadBalancer.ingress"]),
+        (
+            (LB, status_ingress({"hostname": "192.0.2.10"})),
+            ["status.loadBalancer.ingress[0].hostname"],
+        ),
+        (
+            (LB, status_ingress({"hostname": "x", "ipMode": "VIP"})),
+            ["status.loadBalancer.ingress[0].ipMode"],
+        ),
+        (
+            (LB, status_ingress({"ip": "192.0.2.10", "ipMode": "Magic"})),
+            ["status.loadBalancer.ingress[0].ipMode"],
+        ),
+        ((LB, status_ingress({"ip": "nope"})), ["status.loadBalancer.ingress[0].ip"]),
+    ],
+)
+def test_load_balancer_status(tweaks: tuple[Tweak, ...], paths: list[str]) -> None:
+    assert error_paths(build(BASE, *tweaks)) == sorted(paths)
+
+
+def test_an_ingress_ip_gets_the_vip_mode_by_default() -> None:
+    stored = validate(build(BASE, LB, status_ingress({"ip": "192.0.2.10"})))
+    assert stored["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.10", "ipMode": "VIP"}]
