@@ -310,6 +310,8 @@ def _service_columns(obj: dict[str, Any]) -> list[str]:
         ingress = (obj.get("status") or {}).get("loadBalancer", {}).get("ingress") or []
         external = [i.get("ip") or i.get("hostname") for i in ingress] + external
         shown_external = ",".join(external) or "<pending>"
+    elif spec["type"] == "ExternalName":
+        shown_external = spec.get("externalName") or "<none>"  # the alias, as kubectl shows it
     else:
         shown_external = ",".join(external) or "<none>"
     ports = ",".join(

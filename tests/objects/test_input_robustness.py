@@ -273,3 +273,17 @@ def test_apply_namespace_flag_fills_in_and_never_moves_an_object(etcd_server: Et
         'the namespace from the provided object "default" does not match the namespace'
         ' "flagged"' in refused.stderr.decode()
     )
+
+
+def test_get_shows_an_external_name_service_as_kubectl_does(etcd_server: EtcdServer) -> None:
+    target = ("--etcd-endpoint", etcd_server.endpoint)
+    manifest = (
+        b"apiVersion: v1\nkind: Service\nmetadata: {name: db}\n"
+        b"spec: {type: ExternalName, externalName: db.example.com}\n"
+    )
+    assert ciliate("apply", "-f", "-", *target, stdin=manifest).returncode == 0
+    rows = {
+        line.split()[0]: line.split()
+        for line in ciliate("get", "svc", *target).stdout.decode().splitlines()[1:]
+    }
+    assert rows["db"][1:5] == ["ExternalName", "<none>", "db.example.com", "<none>"]
