@@ -24,10 +24,15 @@ of its last run, so a figure never silently measures another path:
   other identities and ports). An established flow has its conntrack
   entry made before the measurement; a first packet runs once per call
   and its conntrack entry is deleted after each call, so every packet
-  opens a new connection. Each policy case is also given as a ratio to
-  the no-policy path at the same repeat count, and the 10,000-rule cases
-  to the 10-rule ones, paired round by round (rounds interleave every
-  case, so drift hits all alike).
+  opens a new connection. Two more paths of a known connection: an ICMP
+  error RELATED to it (A's port unreachable for B's reply, into B, whose
+  ingress lets only A's UDP 5000 in) and a later fragment of one of its
+  datagrams (its ports from the fragment map), each after the packets
+  that make the connection (and record the first fragment) ran once.
+  Each policy case is also given as a ratio to the no-policy path at
+  the same repeat count, and the 10,000-rule cases to the 10-rule ones,
+  paired round by round (rounds interleave every case, so drift hits all
+  alike).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Case:
     policy_rules: int = 0  # rules in force on each end (0: no policy)
     first_packet: bool = False  # every packet opens a new connection
     compare: tuple[str, ...] = ()  # other cases this one is a ratio to
+    # Packets run once before a policy case is measured (after the flow's own).
+    setup: Callable[[Testbed], list[bytes]] | None = None
 
 
 def _from_a(tb: Testbed, dst: object, **ip: object) -> bytes:
@@ -73,6 +80,38 @@ def _from_a(tb: Testbed, dst: object, **ip: object) -> bytes:
         / UDP(sport=4000, dport=5000)
         / (b"x" * 18)
     )
+
+
+def _frame_from_a(tb: Testbed, ip_packet: object) -> bytes:
+    from scapy.layers.l2 import Ether
+
+    return bytes(Ether(src=tb.pod_a.eth0.mac, dst=tb.pod_a.lxc.mac) / ip_packet)
+
+
+def _related_icmp(tb: Testbed) -> bytes:
+    """A's port unreachable for B's reply to the benchmark flow, to B."""
+    from scapy.layers.inet import ICMP, IP, UDP
+
+    quoted = IP(src=str(tb.pod_b.ip), dst=str(tb.pod_a.ip), ttl=64) / UDP(sport=5000, dport=4000)
+    return _frame_from_a(
+        tb,
+        IP(src=str(tb.pod_a.ip), dst=str(tb.pod_b.ip), ttl=255)
+        / ICMP(type=3, code=3)
+        / bytes(quoted / (b"x" * 18))[:28],
+    )
+
+
+def _fragments(tb: Testbed) -> list[bytes]:
+    """A UDP datagram of the benchmark flow in two fragments."""
+    from scapy.layers.inet import IP, UDP, fragment
+
+    datagram = (
+        IP(src=str(tb.pod_a.ip), dst=str(tb.pod_b.ip), ttl=255, id=0x4242)
+        / UDP(sport=4000, dport=5000)
+        / (b"x" * 40)
+    )
+    first, later = fragment(datagram, fragsize=24)  # type: ignore[no-untyped-call]
+    return [_frame_from_a(tb, first), _frame_from_a(tb, later)]
 
 
 def _arp(tb: Testbed) -> bytes:
@@ -164,6 +203,27 @@ CASES = [
             ("first", "first packet of a flow"),
         )
         for rules in (10, 10_000)
+    ),
+    Case(
+        "policy_related_icmp_10",
+        "ICMP error related to a known flow, 10 rules",
+        "from_container",
+        250,
+        TC_ACT_REDIRECT,
+        _related_icmp,
+        policy_rules=10,
+        compare=("local_delivery",),
+    ),
+    Case(
+        "policy_fragment_10",
+        "later fragment of a known flow's datagram, 10 rules",
+        "from_container",
+        250,
+        TC_ACT_REDIRECT,
+        lambda tb: _fragments(tb)[1],
+        policy_rules=10,
+        compare=("local_delivery",),
+        setup=lambda tb: _fragments(tb)[:1],
     ),
 ]
 
@@ -271,6 +331,10 @@ def prepare(tb: Testbed, case: Case, packet: bytes) -> Callable[[], None] | None
     way = Way(set_index=0, way=0)
     if case.policy_rules:
         conntrack.flush()
+        # The flow itself, then what the case needs besides (if anything),
+        # then the case's packet: one connection in the tracker.
+        for setup_packet in [_from_a(tb, tb.pod_b.ip), *(case.setup(tb) if case.setup else [])]:
+            tb.run(case.program, setup_packet, ifindex=tb.pod_a.lxc.ifindex)
         tb.run(case.program, packet, ifindex=tb.pod_a.lxc.ifindex)
         tb.events()
         ((way, _, _),) = list(conntrack.entries())
