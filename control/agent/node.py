@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ciliate.control.agent.datapath_gc import DatapathGC
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.agent.lock import AgentLock, Place
 from ciliate.control.agent.policy import PolicyController, cluster_view
@@ -87,6 +88,10 @@ class AgentConfig:
     # per-packet translation, its LB maps kept empty) and leaves services to
     # a kube-proxy, whose translated replies the datapath hands to the stack.
     service_lb: bool = True
+    # Replies of connections the node's stack NATed (a kube-proxy, a chained
+    # portmap, any DNAT in iptables/nftables) go back through the stack
+    # (stack_nat.h). None: on exactly when ciliate's own LB is off or not built.
+    stack_nat_replies: bool | None = None
 
     @property
     def maps_dir(self) -> Path:
@@ -175,6 +180,13 @@ class NodeAgent:
         self.restore_counts = counts
         self.policy = self._start_policy()
         self.services = self._start_services()
+        self.gc = DatapathGC(
+            self.datapath,
+            conntrack=dpmaps.shape().enabled("policy"),
+            services=self.services is not None,
+        )
+        self.gc.loop.start()
+        self._stack.callback(self.gc.loop.close)
         if self.cluster is not None:
             self.cluster.start_mirroring(self.datapath.ipcache)
             self.cluster.start_bgp(self.pod_cidrs)
@@ -338,13 +350,15 @@ class NodeAgent:
     # -- datapath ------------------------------------------------------------------
     def _load_datapath(self) -> tuple[Datapath, bool]:
         # Without ciliate's own LB (switched off or not built) a kube-proxy
-        # may NAT in the stack: its replies must not bypass the stack.
+        # may NAT in the stack: its replies must not bypass the stack. With it,
+        # only when asked (--stack-nat-replies: portmap or another DNAT beside).
         kube_proxy_beside = not (self.config.service_lb and dpmaps.shape().enabled("services"))
+        stack_nat_replies = self.config.stack_nat_replies
         node = NodeConfig(
             router_ip=self.router_ip,
             node_ip=self.node_ip,
             pod_cidrs=self.pod_cidrs,
-            stack_nat_replies=kube_proxy_beside,
+            stack_nat_replies=kube_proxy_beside if stack_nat_replies is None else stack_nat_replies,
         )
         # Pinned maps are re-opened (forwarding survives a restart); maps new
         # since the agent that pinned the others (a feature turned on) are

@@ -5,11 +5,11 @@ a hostPort reaches the pod from the node's namespace through portmap's DNAT,
 and removing the container runs the chain backwards and leaves nothing.
 
 What does not work with them (strict xfails, so a fix shows): another local
-pod reaching a hostPort through the node's address, unless the agent runs in
-its kube-proxy compatible mode (``--no-service-lb``: replies of connections the
-stack translated go back through the stack); portmap's DNAT is such a
-translation, and the pod's reply, redirected straight to the client pod,
-never meets its conntrack entry. And bandwidth's egress limit: it needs an
+pod reaching a hostPort through the node's address, unless replies of
+connections the stack translated go back through the stack
+(``--stack-nat-replies``, on by default with ``--no-service-lb``); portmap's
+DNAT is such a translation, and the pod's reply, redirected straight to the
+client pod, never meets its conntrack entry. And bandwidth's egress limit: it needs an
 ``ingress`` qdisc on the node side of the veth, where ciliate's programs hold
 the ``clsact`` one ("create ingress qdisc: file exists").
 
@@ -211,6 +211,8 @@ def test_portmap_and_bandwidth_take_ciliates_result_and_a_host_port_reaches_the_
 
 
 KUBE_PROXY_COMPATIBLE = (("--no-service-lb",), INGRESS_LIMIT)
+# ciliate's own LB kept, the stack's NATed replies sent back through it.
+LB_AND_STACK_NAT_REPLIES = (("--stack-nat-replies",), INGRESS_LIMIT)
 
 
 @pytest.mark.parametrize(
@@ -226,6 +228,7 @@ KUBE_PROXY_COMPATIBLE = (("--no-service-lb",), INGRESS_LIMIT)
             ),
         ),
         pytest.param(KUBE_PROXY_COMPATIBLE, id="kube-proxy-compatible"),
+        pytest.param(LB_AND_STACK_NAT_REPLIES, id="lb-and-stack-nat-replies"),
     ],
     indirect=True,
 )
