@@ -187,27 +187,40 @@ class LbIds:
         }
         if not any(new or gone for new, gone in plan.values()):
             return
-        staged = {name: _Pool(dict(p.ids), set(p.used), p.last) for name, p in self._pools.items()}
-        with self._store.transaction() as txn:
-            for name, (new, gone) in plan.items():
-                pool = staged[name]
-                maximum = SERVICE_ID_MAX if name == "frontend" else BACKEND_ID_MAX
-                for key in gone:
-                    value = pool.ids.pop(key, None)
-                    if value is not None:
-                        pool.used.discard(value)
-                        txn.delete(f"{self._prefix}{name}/{key}")
-                last = pool.last
-                for key in new:
-                    if key in pool.ids:
-                        continue
-                    pool.last = _next_free(pool.last, pool.used, maximum)
-                    pool.ids[key] = pool.last
-                    pool.used.add(pool.last)
-                    txn.put_json(f"{self._prefix}{name}/{key}", {"id": pool.last})
-                if pool.last != last:
-                    txn.put_json(f"{self._prefix}last/{name}", {"id": pool.last})
-        self._pools = staged  # only once committed
+        pools = self._pools
+        assigned: dict[str, list[tuple[str, int]]] = {name: [] for name in plan}
+        lasts = {name: pool.last for name, pool in pools.items()}
+        try:
+            with self._store.transaction() as txn:
+                for name, (new, gone) in plan.items():
+                    pool = pools[name]
+                    for key in gone:
+                        if key in pool.ids:
+                            txn.delete(f"{self._prefix}{name}/{key}")
+                    maximum = SERVICE_ID_MAX if name == "frontend" else BACKEND_ID_MAX
+                    for key in new:
+                        if key in pool.ids:
+                            continue
+                        # Freed ids count as used until the next pass: handed out late.
+                        lasts[name] = _next_free(lasts[name], pool.used, maximum)
+                        pool.used.add(lasts[name])
+                        assigned[name].append((key, lasts[name]))
+                        txn.put_json(f"{self._prefix}{name}/{key}", {"id": lasts[name]})
+                    if lasts[name] != pool.last:
+                        txn.put_json(f"{self._prefix}last/{name}", {"id": lasts[name]})
+        except BaseException:
+            for name, pairs in assigned.items():
+                pools[name].used.difference_update(value for _, value in pairs)
+            raise
+        # Committed: the memory follows the store.
+        for name, (_, gone) in plan.items():
+            pool = pools[name]
+            for key in gone:
+                value = pool.ids.pop(key, None)
+                if value is not None:
+                    pool.used.discard(value)
+            pool.ids.update(assigned[name])
+            pool.last = lasts[name]
 
     def frontend_id(self, key: FrontendKey) -> int | None:
         return self._pools["frontend"].ids.get(str(key)) if self._pools else None

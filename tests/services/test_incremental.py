@@ -6,6 +6,7 @@ frontends, and a full resync puts right what an incremental pass missed."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -456,3 +457,41 @@ def test_the_operator_recomputes_only_the_service_of_a_pod_whose_published_addre
     assert gone.services_recomputed == 1 and [d.split("-")[0] for d in gone.deleted] == [
         "default/s3"
     ]
+
+
+class FailingCommit:
+    """The real store whose next transaction is rolled back at its end (a full disk
+    at commit): everything inside it ran, nothing of it stays."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self._inner = inner
+        self.fail_next = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        with self._inner.transaction() as txn:
+            yield txn
+            if self.fail_next:
+                self.fail_next = False
+                raise StoreUnavailableError("database or disk is full")
+
+
+def test_ids_of_a_failed_transaction_are_neither_kept_nor_lost(store: SqliteStore) -> None:
+    failing = FailingCommit(store)
+    ids = LbIds(failing)  # type: ignore[arg-type]
+    ip = ipaddress.IPv4Address
+    first = FrontendKey(ip("10.96.0.1"), 80, "TCP")
+    second = FrontendKey(ip("10.96.0.2"), 80, "TCP")
+    ids.update(frontends=[first])
+    assert ids.frontend_id(first) == 1
+    failing.fail_next = True
+    with pytest.raises(StoreUnavailableError):
+        ids.update(frontends=[second], released_frontends=[first])
+    assert ids.frontend_id(second) is None and ids.frontend_id(first) == 1
+    assert store.get_json("services/ids/frontend/10.96.0.2:80/TCP") is None
+    assert store.get_json("services/ids/frontend/10.96.0.1:80/TCP") == {"id": 1}
+    ids.update(frontends=[second])
+    assert ids.frontend_id(second) == 2  # the id the failed attempt had taken, not 3
