@@ -74,6 +74,7 @@ class FrontendKind(enum.StrEnum):
     NODE_PORT = "NodePort"
     EXTERNAL_IP = "ExternalIP"
     LOAD_BALANCER = "LoadBalancer"
+    HOST_PORT = "HostPort"  # a pod's hostPort on this node (.hostports), not a Service's
 
 
 class BackendState(enum.StrEnum):
