@@ -5,7 +5,8 @@ node), whichever node the pod runs on. A pass runs whenever the cluster store's
 revision moves (:mod:`ciliate.control.revision_loop`) and costs what changed: the
 Services, Pods and slices changed since the last pass
 (:class:`~ciliate.control.services.changes.ObjectChanges`) and the pods whose
-published address moved; only the Services those touch are recomputed
+published address moved (:class:`~ciliate.control.services.changes.KeyChanges`);
+only the Services those touch are recomputed
 (:class:`~ciliate.control.services.slices.SliceController`). The first pass, one
 after a failure and one every ``full_resync_interval`` start over from a full
 listing. On a lone node the agent does the same with its own endpoints."""
@@ -21,7 +22,7 @@ from ciliate.control.cluster import keys
 from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.revision_loop import RevisionLoop
 from ciliate.control.services import slices
-from ciliate.control.services.changes import ObjectChanges
+from ciliate.control.services.changes import KeyChanges, ObjectChanges
 from ciliate.control.store import Store
 
 log = logging.getLogger("ciliate.operator.endpointslices")
@@ -36,6 +37,9 @@ class EndpointSliceController:
             store, [KINDS["Service"], KINDS["Pod"], KINDS["EndpointSlice"]]
         )
         self._controller = slices.SliceController(ObjectStore(store))
+        # The agents' published endpoints (``cluster/endpoints/<ip>``), followed alike.
+        self._endpoint_changes = KeyChanges(store, [keys.ENDPOINTS])
+        self._published: dict[str, tuple[str, slices.PodAddress]] = {}
         self._full_resync_interval = full_resync_interval
         self._last_full = time.monotonic()
         self._lock = threading.Lock()
@@ -46,16 +50,29 @@ class EndpointSliceController:
             poll_interval=poll_interval,
         )
 
-    def addresses(self) -> dict[str, slices.PodAddress]:
-        """``namespace/name`` -> address and node, of every published endpoint."""
-        found = {}
-        for key, raw in self._store.list(keys.ENDPOINTS):
+    def _follow_addresses(self) -> tuple[dict[str, slices.PodAddress], set[str] | None]:
+        """``namespace/name`` -> address and node, of every published endpoint, and
+        the pods whose address moved since the last pass (None: all may have); the
+        documents are decoded only when written since the last pass."""
+        full, written, deleted = self._endpoint_changes.poll_raw()
+        if full:
+            self._published = {}
+        moved: set[str] = set()
+        for key in deleted[keys.ENDPOINTS]:
+            gone = self._published.pop(key, None)
+            if gone is not None:
+                moved.add(gone[0])
+        for key, raw in written[keys.ENDPOINTS].items():
             published = slices.pod_address_from_published(
                 key.removeprefix(keys.ENDPOINTS), json.loads(raw)
             )
+            before = self._published.pop(key, None)
+            if before is not None:
+                moved.add(before[0])
             if published is not None:
-                found[published[0]] = published[1]
-        return found
+                self._published[key] = published
+                moved.add(published[0])
+        return dict(self._published.values()), None if full else moved
 
     def resync(self) -> None:
         """The next pass starts over from a full listing."""
@@ -69,10 +86,14 @@ class EndpointSliceController:
                 changes = self._changes.poll()
                 if changes.full:
                     self._last_full = time.monotonic()
-                result = self._controller.sync(changes, addresses=self.addresses())
+                    self._endpoint_changes.reset()
+                addresses, moved = self._follow_addresses()
+                result = self._controller.sync(changes, addresses=addresses, moved=moved)
                 self._changes.forget(result.removed)
             except Exception:
-                self._changes.reset()  # the next pass starts over
+                # The next pass starts over.
+                self._changes.reset()
+                self._endpoint_changes.reset()
                 raise
         if result.changed:
             log.info(

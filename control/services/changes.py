@@ -19,7 +19,7 @@ poll reads the key again (a harmless repeat), never the reverse.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,7 +27,7 @@ from ciliate.control.objects import Kind, parse_key
 from ciliate.control.objects.store import PREFIX
 from ciliate.control.store import Store, StoreDataError, decode_json
 
-__all__ = ["Changes", "ObjectChanges"]
+__all__ = ["Changes", "KeyChanges", "ObjectChanges"]
 
 
 @runtime_checkable
@@ -58,14 +58,22 @@ class Changes:
         return not self.full and not any(self.changed.values()) and not any(self.deleted.values())
 
 
-class ObjectChanges:
-    """The changes of ``kinds`` in ``store``, poll after poll (one reader: not
-    thread-safe)."""
+class KeyChanges:
+    """The keys written and deleted under some prefixes of ``store``, poll after
+    poll, as raw values (one reader: not thread-safe). ``accept`` drops keys that
+    are not the caller's (checked once, when a key is first seen)."""
 
-    def __init__(self, store: Store, kinds: Sequence[Kind]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prefixes: Sequence[str],
+        *,
+        accept: Callable[[str], bool] = lambda _key: True,
+    ) -> None:
         self._store = store
-        self._kinds = list(kinds)
-        # key -> what identifies the version seen: its revision, or its bytes.
+        self._prefixes = list(prefixes)
+        self._accept = accept
+        # prefix -> key -> what identifies the version seen: its revision, or its bytes.
         self._seen: dict[str, dict[str, object]] = {}
         self._polled_at = 0  # the store's revision when the last poll began
         self._full = True
@@ -81,47 +89,48 @@ class ObjectChanges:
             for key in keys:
                 seen.pop(key, None)
 
-    def poll(self) -> Changes:
+    def poll_raw(self) -> tuple[bool, dict[str, dict[str, bytes]], dict[str, set[str]]]:
+        """``(full, written, deleted)``: by prefix, the values written since the last
+        poll (every value when ``full``) and the keys deleted."""
         full = self._full
-        changes = Changes(full=full)
         seen: dict[str, dict[str, object]] = {}
+        written: dict[str, dict[str, bytes]] = {}
+        deleted: dict[str, set[str]] = {}
         by_revision = isinstance(self._store, _ListsRevisions)
         # Read before the listings: a write landing during them is listed again next time.
         polled_at = self._store.revision() if by_revision else 0
-        for kind in self._kinds:
-            prefix = f"{PREFIX}{kind.key}/"
-            before = {} if full else self._seen.get(kind.name, {})
+        for prefix in self._prefixes:
+            before = {} if full else self._seen.get(prefix, {})
             if by_revision:
                 now, values = self._by_revision(prefix, before, full=full)
             else:
                 now, values = self._by_value(prefix, before)
-            objects: dict[str, dict[str, Any]] = {}
+            written[prefix] = {}
             for key, raw in values.items():
                 if raw is None:  # deleted between the listing and the read
                     now.pop(key, None)
-                    continue
-                doc = decode_json(key, raw)
-                if not isinstance(doc, dict):
-                    raise StoreDataError(f"object {key!r} is not a JSON object")
-                objects[key] = doc
-            changes.changed[kind.name] = objects
-            changes.deleted[kind.name] = {key for key in before if key not in now}
-            seen[kind.name] = now
-        # Remembered only once every kind was read: a failed poll is repeated whole.
+                else:
+                    written[prefix][key] = raw
+            deleted[prefix] = {key for key in before if key not in now}
+            seen[prefix] = now
+        # Remembered only once every prefix was read: a failed poll is repeated whole.
         self._seen, self._polled_at, self._full = seen, polled_at, False
-        return changes
+        return full, written, deleted
 
     def _by_revision(
         self, prefix: str, before: dict[str, object], *, full: bool
     ) -> tuple[dict[str, object], dict[str, bytes | None]]:
         assert isinstance(self._store, _ListsRevisions)
         if full:
-            now: dict[str, object] = dict(self._store.list_revisions(prefix))
+            now: dict[str, object] = {
+                key: revision
+                for key, revision in self._store.list_revisions(prefix)
+                if self._accept(key)
+            }
             # A first listing reads the values in one range, not key by key.
             values: dict[str, bytes | None] = {
                 key: raw for key, raw in self._store.list(prefix) if key in now
             }
-            now = self._objects_only(now)
             return now, {key: values.get(key) for key in now}
         # Written since the last poll, and how many there are: if the count is the
         # one expected from what was known plus what is new, nothing was deleted and
@@ -142,16 +151,10 @@ class ObjectChanges:
             # Not ``written``: a key written since that query has a newer revision.
             changed = [key for key, revision in listed if revision > self._polled_at]
         for key in fresh:
-            if parse_key(key) is None:
+            if not self._accept(key):
                 del now[key]
         stale = [key for key in changed if key in now and now[key] != before.get(key)]
         return now, dict(zip(stale, self._store.get_many(stale), strict=True))
-
-    @staticmethod
-    def _objects_only(now: dict[str, object]) -> dict[str, object]:
-        """Keys that are not objects (none are written there, but the store is
-        shared) dropped."""
-        return {key: value for key, value in now.items() if parse_key(key) is not None}
 
     def _by_value(
         self, prefix: str, before: dict[str, object]
@@ -159,9 +162,32 @@ class ObjectChanges:
         now: dict[str, object] = {}
         values: dict[str, bytes | None] = {}
         for key, raw in self._store.list(prefix):
-            if parse_key(key) is None:
+            if key not in before and not self._accept(key):
                 continue
             now[key] = raw
             if before.get(key) != raw:
                 values[key] = raw
         return now, values
+
+
+class ObjectChanges(KeyChanges):
+    """The changes of ``kinds`` of object, decoded (:class:`Changes`)."""
+
+    def __init__(self, store: Store, kinds: Sequence[Kind]) -> None:
+        self._kinds = {f"{PREFIX}{kind.key}/": kind.name for kind in kinds}
+        # Keys that are not objects (none are written there, but the store is shared).
+        super().__init__(store, list(self._kinds), accept=lambda key: parse_key(key) is not None)
+
+    def poll(self) -> Changes:
+        full, written, deleted = self.poll_raw()
+        changes = Changes(full=full)
+        for prefix, kind in self._kinds.items():
+            objects: dict[str, dict[str, Any]] = {}
+            for key, raw in written[prefix].items():
+                doc = decode_json(key, raw)
+                if not isinstance(doc, dict):
+                    raise StoreDataError(f"object {key!r} is not a JSON object")
+                objects[key] = doc
+            changes.changed[kind] = objects
+            changes.deleted[kind] = deleted[prefix]
+        return changes

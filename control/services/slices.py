@@ -479,7 +479,16 @@ class SliceController:
 
     # -- a pass -------------------------------------------------------------------------
 
-    def sync(self, changes: Changes, *, addresses: Mapping[str, PodAddress]) -> ReconcileResult:
+    def sync(
+        self,
+        changes: Changes,
+        *,
+        addresses: Mapping[str, PodAddress],
+        moved: Iterable[str] | None = None,
+    ) -> ReconcileResult:
+        """One pass. ``addresses``: every pod's published address; ``moved``: the
+        pods (``namespace/name``) whose address may differ from the last pass, when
+        the caller knows (otherwise every address is compared)."""
         dirty: set[str] = set()
         if changes.full:
             self._clear()
@@ -497,10 +506,13 @@ class SliceController:
             dirty |= self._selecting_pod(self._pods.get(_ref(pod)))
             self._pods.add(pod)
             dirty |= self._selecting_pod(pod)
-        for ref in self._addresses.keys() ^ addresses.keys() | {
-            ref for ref, address in addresses.items() if self._addresses.get(ref) != address
-        }:
-            dirty |= self._selecting_pod(self._pods.get(ref))
+        if moved is None or changes.full:
+            moved = self._addresses.keys() ^ addresses.keys() | {
+                ref for ref, address in addresses.items() if self._addresses.get(ref) != address
+            }
+        for ref in moved:
+            if self._addresses.get(ref) != addresses.get(ref):
+                dirty |= self._selecting_pod(self._pods.get(ref))
         self._addresses = dict(addresses)
         for key in changes.gone("EndpointSlice"):
             ref = _ref_of_key(key)

@@ -451,6 +451,14 @@ def test_the_operator_recomputes_only_the_service_of_a_pod_whose_published_addre
     assert [(e["addresses"], e["nodeName"]) for e in slice_["endpoints"]] == [
         (["10.79.1.12"], "node-b")
     ]
+    # Unpublished (the pod's endpoint gone): back to its status.podIP, that one alone.
+    with etcd.transaction() as txn:
+        txn.delete(f"{keys.ENDPOINTS}10.79.1.12")
+        txn.put_json(f"{keys.ENDPOINTS}10.79.1.99", {"identity": 300})  # no pod: no address
+    back = controller.sync()
+    assert back.services_recomputed == 1
+    (slice_,) = back.written.values()
+    assert [e["addresses"] for e in slice_["endpoints"]] == [["10.0.0.13"]]
     # A Service deleted: its slice goes, nothing else is recomputed.
     ObjectStore(etcd).delete(ObjectStore(etcd).refs_of([service("s3", "a3")]))
     gone = controller.sync()
