@@ -113,6 +113,9 @@ class NodeTable:
 
     def _clear(self) -> None:
         self._services: dict[str, Mapping[str, Any]] = {}
+        # Frontends of other owners than Services (pods' hostPorts, .hostports),
+        # by owner ref; they claim keys as Services do.
+        self._extra: dict[str, tuple[Frontend, ...]] = {}
         self._slices: dict[str, Mapping[str, Any]] = {}  # store key -> slice
         self._slices_of: dict[str, set[str]] = {}  # service ref -> slice keys
         self._frontends_of: dict[str, list[Frontend]] = {}
@@ -133,9 +136,12 @@ class NodeTable:
         *,
         written: Mapping[str, Mapping[str, Any]] | None = None,
         removed: Iterable[str] = (),
+        extra: Mapping[str, Sequence[Frontend]] | None = None,
     ) -> TableDelta:
         """Take the changes of Services and EndpointSlices (plus slices this pass
-        wrote or removed itself, by store key) and recompute the Services they touch."""
+        wrote or removed itself, by store key) and recompute the Services they touch.
+        ``extra``: every frontend of other owners (hostPorts), by owner ref (sorting
+        after the Services it should yield to); None leaves them as they are."""
         delta = TableDelta(full=changes.full)
         previous: dict[FrontendKey, Frontend] = {}
         if changes.full:
@@ -168,6 +174,15 @@ class NodeTable:
             for owner in {self._set_slice(key, slice_), slice_service(slice_) if slice_ else None}:
                 if owner is not None:
                     dirty.add(owner)
+        if extra is not None:
+            for ref in set(self._extra) | set(extra):
+                wanted = tuple(extra.get(ref, ()))
+                if self._extra.get(ref, ()) != wanted:
+                    if wanted:
+                        self._extra[ref] = wanted
+                    else:
+                        self._extra.pop(ref, None)
+                    dirty.add(ref)
         delta.services_recomputed = len(dirty)
         self._users_before = {}
         for ref in sorted(dirty):
@@ -207,7 +222,7 @@ class NodeTable:
                 node_ips=self._node_ips,
             )
             if service is not None
-            else []
+            else list(self._extra.get(ref, ()))
         )
         old = self._frontends_of.pop(ref, [])
         if new:
