@@ -13,7 +13,9 @@ One pass (:meth:`ServiceController.sync`):
 3. the node's service table (:class:`ciliate.control.services.node.NodeTable`):
    the frontends of the Services whose object or slices changed are recomputed (a
    frontend per ClusterIP, NodePort on the node's addresses, external IP and
-   LoadBalancer address, each with its backends, affinity and traffic policy);
+   LoadBalancer address, each with its backends, affinity and traffic policy),
+   and the hostPorts of this node's pods (one frontend per mapping and address,
+   the pod its one backend: :mod:`ciliate.control.services.hostports`);
    ids for new frontends and backends are taken from (and kept in) the node's store;
 4. each frontend that changed is written into the maps
    (``Datapath.lb.upsert_service``: a program sees the whole old or the whole new
@@ -32,7 +34,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,7 @@ class ServiceController:
         node_name: str,
         node_ips: Sequence[ipaddress.IPv4Address],
         local_endpoints: Callable[[], Iterable[tuple[str | None, str]]] | None,
+        host_ports: Callable[[], Mapping[str, Sequence[table.Frontend]]] | None = None,
         poll_interval: float = 0.1,
         resync_interval: float = 10.0,
         full_resync_interval: float = 300.0,
@@ -84,11 +87,13 @@ class ServiceController:
         """``local_endpoints`` (``(namespace/name, ip)`` of this node's pods) makes
         this agent the EndpointSlice controller: a lone node; None in a cluster.
         ``objects_store`` holds the objects (etcd in a cluster), ``node_store`` the
-        node's own state (the ids)."""
+        node's own state (the ids). ``host_ports``: this node's pods' hostPort
+        frontends by owner (:mod:`ciliate.control.services.hostports`), read each pass."""
         self._ids = LbIds(node_store)
         self._dp = datapath
         self._node_name = node_name
         self._local_endpoints = local_endpoints
+        self._host_ports = host_ports
         self._changes = ObjectChanges(objects_store, _KINDS)
         self._slices = (
             slices.SliceController(ObjectStore(objects_store))
@@ -143,7 +148,12 @@ class ServiceController:
             # Its own writes go into the table now, not a pass later.
             written, removed = reconciled.written, reconciled.removed
             self._changes.forget(removed)
-        delta = self._table.update(changes, written=written, removed=removed)
+        delta = self._table.update(
+            changes,
+            written=written,
+            removed=removed,
+            extra=self._host_ports() if self._host_ports is not None else None,
+        )
         result.services_recomputed = delta.services_recomputed
         if delta.full:
             self._ids.sync(self._table.frontends())
