@@ -61,7 +61,22 @@ __all__ = [
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 NAMESPACE_FINALIZER = "kubernetes"
 CILIUM_PROTOCOLS = (*PROTOCOLS, "ANY")
-CILIUM_ENTITIES = ("host", "remote-node", "world", "cluster", "all")
+# Cilium's entities (pkg/policy/api/entity.go); the engine maps each to identities.
+CILIUM_ENTITIES = (
+    "host",
+    "remote-node",
+    "kube-apiserver",
+    "ingress",
+    "cluster",
+    "init",
+    "health",
+    "unmanaged",
+    "world",
+    "world-ipv4",
+    "world-ipv6",
+    "all",
+    "none",
+)
 _CNP_MAX_PORTS = 40  # Cilium's maxPorts in one toPorts entry
 
 MAX_OBJECT_BYTES = 1536 * 1024  # etcd's default --max-request-bytes, as the API server meets it
@@ -89,7 +104,7 @@ _CNP_UNSUPPORTED_PEER = {
     "toNodes": "toNodes",
     "toServices": "toServices",
     "toFQDNs": "toFQDNs (DNS-based policy)",
-    "icmps": "ICMP rules",
+    "icmps": "icmps (ICMP rules)",
     "authentication": "mutual authentication",
 }
 _CNP_PORT_RULE_UNSUPPORTED = {

@@ -224,9 +224,13 @@ CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
         ingress(toPorts=ports(("80", "tcp"))),
         ["spec.ingress[0].toPorts[0].ports[0].protocol"],
     ),
-    "entity outside the kept set": (
-        ingress(fromEntities=["kube-apiserver"]),
-        ["spec.ingress[0].fromEntities[0]"],
+    "every entity Cilium knows": (
+        ingress(fromEntities=["kube-apiserver", "health", "init", "unmanaged", "ingress", "none"]),
+        [],
+    ),
+    "an entity Cilium does not know": (
+        ingress(fromEntities=["kube-apiserver", "moon"]),
+        ["spec.ingress[0].fromEntities[1]"],
     ),
 }
 
