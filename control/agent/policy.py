@@ -326,12 +326,14 @@ class PolicyController:
     def enforce_new(self, endpoint: LocalEndpoint) -> None:
         """The policy of an endpoint being added, written before it forwards. An
         identity some endpoint here already has gets that endpoint's policy at once
-        (policies select by labels); otherwise the policy is computed for it. The
-        next pass corrects what depends on the pod itself (named ports)."""
+        (policies select by labels); otherwise the policy is computed for it, and
+        for a new identity the other endpoints' policies too (they may admit it).
+        The next pass corrects what depends on the pod itself (named ports)."""
         with self._lock:
             policy = None
+            others = list(self._endpoints.list())
             if self._last is not None:
-                for other in self._endpoints.list():
+                for other in others:
                     if other.identity == endpoint.identity:
                         policy = self._last.endpoints.get(pod_ref(other))
                         # One added since the last pass has none yet (etcd down: no
@@ -351,10 +353,22 @@ class PolicyController:
                         raise
                 else:
                     pods = _pods_by_ref(snapshot)
-                    local = [*self._endpoints.list(), endpoint]
-                    computed = self._compute(snapshot, pods, local, only=[endpoint])
+                    # An identity no endpoint here has yet: the endpoints whose
+                    # policies select (or deny) it learn it now, before its first
+                    # packet, not at the next pass (the first datagram or SYN of an
+                    # allowed flow to or from the new pod was dropped).
+                    new_identity = all(o.identity != endpoint.identity for o in others)
+                    computed = self._compute(
+                        snapshot,
+                        pods,
+                        [*others, endpoint],
+                        only=None if new_identity else [endpoint],
+                    )
                     self._write_cidr_identities(computed.cidr_identities, add_only=True)
                     policy = computed.endpoints[pod_ref(endpoint)]
+                    if new_identity:
+                        for other in others:
+                            self._write(other.endpoint_id, computed.endpoints[pod_ref(other)])
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
 

@@ -1,0 +1,168 @@
+"""Policy probed as an unlucky operator meets it, on a real node: the first packet
+of a new identity, and an address reused by a pod policy denies while the tracker
+still holds the allowed pod's flow."""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ciliate.control.lab import lab
+from ciliate.loader import enter_netns
+
+from .conftest import NodeLab
+from .test_policy import apply, delete, pod_object, settle
+
+UDP_PORT = 7000
+SOURCE_PORT = 5555
+_NEW_IDENTITIES = 5
+# Prints every datagram it gets, one line each, so the test sees what came.
+_UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, _ = s.recvfrom(256)
+    print(data.decode(), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def udp_sink(pod: lab.PodState) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", pod.netns),
+            *(sys.executable, "-c", _UDP_SINK, str(pod.ip), str(UDP_PORT)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def send_udp(pod: lab.PodState, address: str, payload: str) -> None:
+    """From the same source port every time: the same tuple, the same tracker entry."""
+    with enter_netns(f"/run/netns/{pod.netns}"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((str(pod.ip), SOURCE_PORT))
+        sock.sendto(payload.encode(), (address, UDP_PORT))
+
+
+def received(proc: subprocess.Popen[str], expected: str, *, wait: float = 1.0) -> bool:
+    """Whether ``expected`` arrives at the sink (other lines are skipped)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                return False
+            if proc.stdout.readline().strip() == expected:
+                return True
+    return False
+
+
+def allow_udp_from(name: str, *, selector: dict[str, str], peer: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": peer}}],
+                    "ports": [{"protocol": "UDP", "port": UDP_PORT}],
+                }
+            ],
+        },
+    }
+
+
+def test_the_first_datagram_of_a_new_identity_to_a_pod_allowing_it_passes(
+    node_lab: NodeLab,
+) -> None:
+    """c admits app=new-N on UDP 7000; each new-N pod is the first of its labels
+    here, so c's policy held no entry for its identity: the ADD must give c that
+    entry before the pod can send, not the policy loop's next pass (seen: the
+    first datagram dropped as "policy denied", the second passed; for TCP the SYN
+    is retried a second later). Several pods, each sending right after its ADD."""
+    c = node_lab.pod()
+    senders = [node_lab.pod() for _ in range(_NEW_IDENTITIES)]
+    labels = [f"new-{i}" for i in range(_NEW_IDENTITIES)]
+    allow = allow_udp_from("c-from-new", selector={"app": "c"}, peer={})
+    allow["spec"]["ingress"][0]["from"][0]["podSelector"] = {
+        "matchExpressions": [{"key": "app", "operator": "In", "values": labels}]
+    }
+    apply(
+        node_lab,
+        pod_object(c, app="c"),
+        *(pod_object(pod, app=label) for pod, label in zip(senders, labels, strict=True)),
+        allow,
+    )
+    try:
+        node_lab.add(c)
+        settle(node_lab)  # c's policy: no identity of app=new-N exists yet
+        assert c.ip
+        with udp_sink(c) as sink:
+            for pod, label in zip(senders, labels, strict=True):
+                node_lab.add(pod)
+                send_udp(pod, c.ip, label)
+                assert received(sink, label), label
+    finally:
+        for pod in (c, *senders):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, *(pod_object(pod) for pod in (c, *senders)), allow)
+
+
+def test_an_address_reused_by_a_denied_pod_gets_nothing_of_the_allowed_pods_flow(
+    tiny_lab: NodeLab,
+) -> None:
+    """Pod a (allowed to c) sends to c, is deleted, and pod b (denied) gets a's address
+    (the /29 has no other left) and sends the very same tuple: the tracker's entry of
+    a's flow must not carry b's datagram past c's policy."""
+    node_lab = tiny_lab
+    c, a = node_lab.pod("c"), node_lab.pod("a")
+    fillers = [node_lab.pod(f"f{i}") for i in range(3)]
+    b = node_lab.pod("b")
+    apply(
+        node_lab,
+        pod_object(c, app="c"),
+        pod_object(a, app="a"),
+        pod_object(b, app="b"),
+        *(pod_object(f, app="filler") for f in fillers),
+        allow_udp_from("c-from-a", selector={"app": "c"}, peer={"app": "a"}),
+    )
+    for pod in (c, a, *fillers):
+        node_lab.add(pod)
+    settle(node_lab)
+    assert c.ip and a.ip
+    with udp_sink(c) as sink:
+        send_udp(a, c.ip, "from-a")
+        assert received(sink, "from-a")  # allowed: the tracker now holds a -> c
+        reused = a.ip
+        node_lab.cni(a, "DEL")
+        node_lab.add(b)
+        assert b.ip == reused  # the only address left
+        send_udp(b, c.ip, "from-b")
+        assert not received(sink, "from-b")
+        settle(node_lab)  # and after the loop's pass
+        send_udp(b, c.ip, "from-b-later")
+        assert not received(sink, "from-b-later")
+    for pod in (c, b, *fillers):
+        node_lab.cni(pod, "DEL")
