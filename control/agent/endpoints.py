@@ -31,6 +31,12 @@ that no committed row names. ``reconcile`` removes them at
 start, checks every stored endpoint against the kernel, repairs what is
 missing and collects endpoints whose pod is gone: the store is the truth.
 
+hostPorts (the runtime's ``portMappings`` and the Pod object's ports) are
+checked at ADD against those the node's other endpoints hold (a clash is
+refused before anything is made) and kept in the record, from which the
+service loop makes them frontends of this node (``services.hostports``);
+they go with the record at DEL.
+
 Store keys: ``endpoints/<container_id>/<ifname>`` -> the endpoint record.
 """
 
@@ -59,6 +65,8 @@ from ciliate.control.identity.allocator import (
 )
 from ciliate.control.identity.labels import RESERVED_SOURCE
 from ciliate.control.ipam.host import HostIpam, IpamExhaustedError
+from ciliate.control.objects import KINDS, ObjectStore
+from ciliate.control.services import hostports
 from ciliate.control.store import Store, StoreError, Txn
 from ciliate.datapath import devices
 from ciliate.datapath.maps import Endpoint, IpcacheEntry
@@ -119,6 +127,8 @@ class EndpointRecord:
     # The labels the CNI call brought (namespace, netconf labels): with the Pod
     # and Namespace objects they make ``labels`` (see agent.policy).
     cni_labels: dict[str, str] = field(default_factory=dict)
+    # Its hostPorts (HostPort.to_json each), served as frontends of this node.
+    host_ports: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -138,6 +148,10 @@ class EndpointRecord:
     @property
     def address(self) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(self.ip)
+
+    @property
+    def mappings(self) -> builtins.list[hostports.HostPort]:
+        return [hostports.HostPort.from_json(doc) for doc in self.host_ports]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,8 +205,11 @@ class EndpointManager:
         mtu: int,
         listener: EndpointListener | None = None,
         policy: PolicySource | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
+        """``objects``: where Pod objects are read (their hostPorts)."""
         self._store = store
+        self._objects = objects
         self.policy_source = policy
         self._ipam = ipam
         self._identities = identities
@@ -243,7 +260,8 @@ class EndpointManager:
                 )
             # CNI_NETNS was checked by the handler (devices.check_pod_netns); a
             # namespace gone since fails to open in create_pod_link.
-            return self._result(self._create(request))
+            mappings = self._host_ports(request)
+            return self._result(self._create(request, mappings))
 
     def delete(self, *, container_id: str, ifname: str) -> None:
         with _as_service_errors("DEL"), self._lock:
@@ -277,6 +295,14 @@ class EndpointManager:
     def list(self) -> builtins.list[EndpointRecord]:
         return [EndpointRecord.from_json(_json(raw)) for _, raw in self._store.list(PREFIX)]
 
+    def host_ports(self) -> builtins.list[hostports.PodHostPorts]:
+        """The hostPorts of this node's endpoints, for the service table."""
+        return [
+            hostports.PodHostPorts(owner=r.owner, pod=r.pod, ip=r.address, mappings=r.mappings)
+            for r in self.list()
+            if r.host_ports
+        ]
+
     def get(self, endpoint_id: int) -> EndpointRecord | None:
         return next((r for r in self.list() if r.endpoint_id == endpoint_id), None)
 
@@ -287,7 +313,55 @@ class EndpointManager:
         return None if raw is None else EndpointRecord.from_json(_json(raw))
 
     # -- ADD -------------------------------------------------------------------------
-    def _create(self, request: svc.AddRequest) -> EndpointRecord:
+    def _host_ports(self, request: svc.AddRequest) -> builtins.list[hostports.HostPort]:
+        """The pod's hostPorts: the runtime's portMappings and its Pod object's
+        ports (kubelet derives the first from the second: each counted once),
+        refused when another endpoint of the node holds one of them."""
+        try:
+            given = [
+                hostports.HostPort.parse(
+                    host_port=m.host_port,
+                    container_port=m.container_port,
+                    protocol=m.protocol,
+                    host_ip=m.host_ip,
+                )
+                for m in request.port_mappings
+            ]
+            mappings = hostports.merged(given, self._pod_host_ports(request.attributes))
+        except hostports.HostPortError as exc:
+            raise svc.PortMappingError(
+                f"portMappings: {exc}; nothing was changed",
+                details="map hostPorts over TCP or UDP, on IPv4 host addresses",
+            ) from exc
+        taken = [(r.pod or r.owner, r.mappings) for r in self.list() if r.host_ports]
+        found = hostports.clash(mappings, taken)
+        if found is not None:
+            wanted, holder, held = found
+            raise svc.HostPortInUseError(
+                f"hostPort {wanted.host_port}/{wanted.protocol}"
+                f"{f' on {wanted.host_ip}' if wanted.host_ip else ''} is held on this node "
+                f"by {holder} ({held}); nothing was changed",
+                details="give the pod another hostPort, or remove the pod holding it",
+            )
+        return mappings
+
+    def _pod_host_ports(self, attributes: Mapping[str, str]) -> builtins.list[hostports.HostPort]:
+        namespace = attributes.get("K8S_POD_NAMESPACE")
+        name = attributes.get("K8S_POD_NAME")
+        if self._objects is None or not namespace or not name:
+            return []
+        try:
+            pod = self._objects.get(KINDS["Pod"], name=name, namespace=namespace)
+        except LookupError:
+            return []  # no Pod object: the runtime's mappings alone
+        except StoreError as exc:
+            log.warning("pod %s/%s: hostPorts from the runtime only (%s)", namespace, name, exc)
+            return []
+        return hostports.from_pod(pod)
+
+    def _create(
+        self, request: svc.AddRequest, mappings: builtins.list[hostports.HostPort]
+    ) -> EndpointRecord:
         owner = f"{request.container_id}/{request.ifname}"
         mtu = request.mtu or self._mtu
         host_name = devices.host_ifname(request.container_id, request.ifname)
@@ -349,6 +423,7 @@ class EndpointManager:
                     created=time.time(),
                     netns_cookie=link.netns_cookie,
                     cni_labels=dict(request.labels),
+                    host_ports=[m.to_json() for m in mappings],
                 )
                 self._write_policy(record, undo=undo)
                 self._write_maps(record, undo=undo)

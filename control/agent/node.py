@@ -43,6 +43,7 @@ from ciliate.control.identity.allocator import RESERVED_IDENTITIES, IdentityAllo
 from ciliate.control.identity.cluster import ClusterIdentities
 from ciliate.control.ipam.host import HostIpam, IpamConfigError
 from ciliate.control.objects import ObjectStore
+from ciliate.control.services import hostports
 from ciliate.control.store import Store
 from ciliate.control.store.etcd import EtcdStore
 from ciliate.control.store.sqlite import SqliteStore
@@ -168,6 +169,7 @@ class NodeAgent:
             datapath=self.datapath,
             mtu=config.mtu,
             listener=self.cluster,
+            objects=ObjectStore(self.objects_store),
         )
         # Closing drains the queued veth deletions before the process goes.
         self._stack.callback(self.endpoints.close)
@@ -259,13 +261,17 @@ class NodeAgent:
             cgroup=cgroup,
             links_dir=links,
         )
+        node_ips = sorted({self.node_ip, self.router_ip})
         controller = ServiceController(
             objects_store=self.objects_store,
             node_store=self.store,
             revision=self.revision,
             datapath=self.datapath,
             node_name=self.config.node_name,
-            node_ips=sorted({self.node_ip, self.router_ip}),
+            node_ips=node_ips,
+            host_ports=lambda: hostports.frontends(
+                self.endpoints.host_ports(), node_name=self.config.node_name, node_ips=node_ips
+            ),
             # A lone node is its own EndpointSlice controller; in a cluster the operator is.
             local_endpoints=None
             if self.cluster

@@ -27,7 +27,8 @@ code  when
       or its ``cniVersion`` is not a string
 7     the netconf is invalid (``name``, ``type``, ``mtu``,
       ``args.cni.labels``, a malformed ``prevResult``, none on CHECK,
-      malformed ``cni.dev/valid-attachments``)
+      malformed ``cni.dev/valid-attachments``, a malformed
+      ``runtimeConfig.portMappings`` or one the agent cannot serve: SCTP, IPv6)
 11    try again later: the agent's state store is busy, full, read-only or
       unreachable (nothing was changed); the node's pod IPs or identities
       are used up; the agent is not reachable (answered by the ``ciliate-cni``
@@ -39,6 +40,8 @@ code  when
       attachment, or another plugin's), or the kernel refused a device step
       (veth, address, route); ADD was rolled back
 101   a BPF map write or program attachment failed; ADD was rolled back
+102   a hostPort of ``runtimeConfig.portMappings`` (or of the Pod object) is
+      held by another pod of the node; nothing was changed
 999   a bug: an exception nothing above describes, with its text (the
       traceback goes to the agent's log, never to the runtime); CHECK of a
       damaged endpoint, or one that differs from ``prevResult``
@@ -90,6 +93,7 @@ from .service import (
     DeviceFailedError,
     EndpointService,
     InvalidNetnsError,
+    PortMapping,
     ServiceError,
     UnknownContainerError,
 )
@@ -242,6 +246,7 @@ def _add(
         labels=labels,
         mtu=_mtu(netconf),
         attributes=_attributes(cni_args),
+        port_mappings=_port_mappings(netconf),
     )
     # The spec: "If an interface of the requested name already exists in the
     # container, the CNI plugin MUST return with an error" -- here: ciliate's own
@@ -839,6 +844,51 @@ def _mtu(netconf: Mapping[str, Any]) -> int | None:
             f"mtu must be an integer from {MTU_MIN} to {MTU_MAX}, not {_show(mtu)}",
         )
     return mtu
+
+
+def _port_mappings(netconf: Mapping[str, Any]) -> tuple[PortMapping, ...]:
+    """``runtimeConfig.portMappings`` (the ``portMappings`` capability, CONVENTIONS.md:
+    ``hostPort``, ``containerPort``, ``protocol``, ``hostIP``), shape checked here;
+    what the agent can serve (TCP and UDP, IPv4) it checks itself."""
+    runtime_config = netconf.get("runtimeConfig")
+    if runtime_config is None:
+        return ()
+    if not isinstance(runtime_config, dict):
+        raise _CniError(
+            CODE_INVALID_NETCONF, f"runtimeConfig must be an object, not {_show(runtime_config)}"
+        )
+    entries = runtime_config.get("portMappings")
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise _CniError(
+            CODE_INVALID_NETCONF,
+            f"runtimeConfig.portMappings must be a list, not {_show(entries)}",
+        )
+    mappings = []
+    for i, entry in enumerate(entries):
+        where = f"runtimeConfig.portMappings[{i}]"
+        if not isinstance(entry, dict):
+            raise _CniError(CODE_INVALID_NETCONF, f"{where} must be an object, not {_show(entry)}")
+        ports = []
+        for name in ("hostPort", "containerPort"):
+            port = entry.get(name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 0xFFFF:
+                raise _CniError(
+                    CODE_INVALID_NETCONF,
+                    f"{where}.{name} must be an integer from 1 to 65535, not {_show(port)}",
+                )
+            ports.append(port)
+        texts = []
+        for name in ("protocol", "hostIP"):
+            value = entry.get(name, "")
+            if not isinstance(value, str):
+                raise _CniError(
+                    CODE_INVALID_NETCONF, f"{where}.{name} must be a string, not {_show(value)}"
+                )
+            texts.append(value)
+        mappings.append(PortMapping(ports[0], ports[1], protocol=texts[0], host_ip=texts[1]))
+    return tuple(mappings)
 
 
 def _attributes(cni_args: str) -> dict[str, str]:

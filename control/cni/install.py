@@ -88,7 +88,9 @@ def install(
             f"agent socket {socket!r} must be an absolute path of at most {_SUN_PATH_MAX} bytes"
         )
     source = shim if shim is not None else find_shim()
-    plugin: dict[str, Any] = {"type": PLUGIN_TYPE}
+    # portMappings: the runtime passes the pod's hostPorts, which the agent serves
+    # through its load balancer (no portmap plugin needed).
+    plugin: dict[str, Any] = {"type": PLUGIN_TYPE, "capabilities": {"portMappings": True}}
     if socket is not None:
         plugin["agentSocket"] = socket
     conflist = {"cniVersion": cni_version, "name": network_name, "plugins": [plugin]}

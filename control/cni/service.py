@@ -9,6 +9,8 @@ BPF maps) into them with ``raise ... from``::
 
     ServiceError (999: a bug; nothing else should reach the runtime as 999)
     +-- InvalidNetnsError (4)       CNI_NETNS is not a (or not the container's) netns
+    +-- PortMappingError (7)        a portMappings entry ciliate cannot serve (SCTP, IPv6)
+    +-- HostPortInUseError (102)    another pod of the node holds the hostPort
     +-- SecondInterfaceError (4)    CNI_IFNAME names a second interface of one container
     +-- UnknownContainerError (3)   CHECK of a container the agent does not know
     +-- TryAgainError (11)          temporary: retry the call later
@@ -29,6 +31,17 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class PortMapping:
+    """One entry of the runtime's ``runtimeConfig.portMappings`` (the CNI
+    ``portMappings`` capability), as the handler checked its shape."""
+
+    host_port: int
+    container_port: int
+    protocol: str = ""  # as given ("tcp", "UDP"); "": left out
+    host_ip: str = ""  # "": every address of the node
+
+
+@dataclass(frozen=True)
 class AddRequest:
     container_id: str
     ifname: str  # name of the interface inside the pod (CNI_IFNAME)
@@ -36,6 +49,7 @@ class AddRequest:
     labels: Mapping[str, str]  # identity labels (identity.labels.labels_from_cni)
     mtu: int | None = None  # netconf "mtu"; None: the agent's default
     attributes: Mapping[str, str] = field(default_factory=dict)  # e.g. K8S_POD_NAME, for display
+    port_mappings: tuple[PortMapping, ...] = ()  # hostPorts the runtime asks for
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,21 @@ class PoolExhaustedError(TryAgainError):
 class StoreFailedError(TryAgainError):
     """The node's state store could not take the change (busy, full,
     read-only, unreachable): nothing was changed; retry once it is fixed."""
+
+
+class PortMappingError(ServiceError):
+    """A ``portMappings`` entry the agent cannot serve (a protocol other than
+    TCP and UDP, an IPv6 ``hostIP``, two entries of one pod that overlap):
+    invalid configuration (code 7); nothing was changed."""
+
+    cni_code = 7
+
+
+class HostPortInUseError(ServiceError):
+    """Another pod of this node holds the hostPort (plugin-specific code 102,
+    as kubelet and portmap refuse it); nothing was changed."""
+
+    cni_code = 102
 
 
 class SecondInterfaceError(ServiceError):

@@ -30,7 +30,13 @@ def test_install_copies_the_shim_and_writes_the_conflist(shim: Path, tmp_path: P
     assert json.loads(conf.read_text()) == {
         "cniVersion": "1.0.0",
         "name": "ciliate",
-        "plugins": [{"type": "ciliate-cni", "agentSocket": "/run/lab/agent.sock"}],
+        "plugins": [
+            {
+                "type": "ciliate-cni",
+                "capabilities": {"portMappings": True},
+                "agentSocket": "/run/lab/agent.sock",
+            }
+        ],
     }
     assert sorted(os.listdir(bin_dir)) == ["ciliate-cni"]  # no temporary files left
     assert sorted(os.listdir(conf_dir)) == ["05-ciliate.conflist"]
@@ -46,7 +52,11 @@ def test_the_default_socket_is_left_out_of_the_conflist(shim: Path, tmp_path: Pa
         shim=shim,
     )
     conf = json.loads((tmp_path / "05-ciliate.conflist").read_text())
-    assert conf == {"cniVersion": "1.1.0", "name": "podnet", "plugins": [{"type": "ciliate-cni"}]}
+    assert conf == {
+        "cniVersion": "1.1.0",
+        "name": "podnet",
+        "plugins": [{"type": "ciliate-cni", "capabilities": {"portMappings": True}}],
+    }
 
 
 def test_the_installed_plugin_runs(shim: Path, tmp_path: Path) -> None:

@@ -80,6 +80,9 @@ def _chain_conflist(conf_dir: Path, bandwidth: dict[str, int]) -> dict[str, Any]
     path = conf_dir / plugins.CILIATE_CONFLIST
     conflist: dict[str, Any] = json.loads(path.read_text())
     conflist["cniVersion"] = "1.0.0"
+    # portmap serves the hostPorts here: ciliate does not ask for them (with the
+    # capability it would serve them itself, see test_host_ports.py).
+    conflist["plugins"][0].pop("capabilities", None)
     conflist["plugins"] += [
         {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
         {"type": "bandwidth", **bandwidth},
