@@ -20,8 +20,9 @@
  * (policy_related()); the later fragments of a datagram are judged with
  * the ports of its first (conntrack.h).
  *
- * The established path (ct_established()) comes first and does only what
- * such a packet needs; everything else takes the full path. Its cost is
+ * The common packet (TCP, UDP, SCTP, unfragmented) of a live, verified
+ * connection or of a new one takes a short path of its own
+ * (ct_established()); everything else takes the full path. Its cost is
  * the figure to watch: `ciliate bench datapath`, established flow against
  * the same flow with enforcement off.
  *
