@@ -85,11 +85,17 @@ _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "
 _NP_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
 _SELECTOR_FIELDS = {"matchLabels", "matchExpressions"}
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
-_CNP_RULE_FIELDS = {"endpointSelector", "ingress", "ingressDeny", "egress", "egressDeny"}
+_CNP_RULE_FIELDS = {
+    "endpointSelector",
+    "ingress",
+    "ingressDeny",
+    "egress",
+    "egressDeny",
+    "enableDefaultDeny",
+}
 _CNP_RULE_IGNORED = {"description", "labels"}
 _CNP_UNSUPPORTED_RULE = {
     "nodeSelector": "node (host) policies",
-    "enableDefaultDeny": "enableDefaultDeny",
 }
 _CNP_PEER = {
     "ingress": ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"),
@@ -683,8 +689,28 @@ def _cnp_rule(errs: Errors, path: str, raw: object) -> dict[str, Any]:
         if key in rule:
             direction = "ingress" if key.startswith("ingress") else "egress"
             out[key] = _cnp_direction(errs, f"{path}.{key}", rule[key], direction=direction)
+    if "enableDefaultDeny" in rule:
+        out["enableDefaultDeny"] = _default_deny(
+            errs, f"{path}.enableDefaultDeny", rule["enableDefaultDeny"]
+        )
     if isinstance(rule.get("description"), str):
         out["description"] = rule["description"]
+    return out
+
+
+def _default_deny(errs: Errors, path: str, raw: object) -> dict[str, bool]:
+    """``enableDefaultDeny: {ingress, egress}`` (Cilium 1.15): booleans, each optional."""
+    given = errs.mapping(path, raw)
+    errs.unknown_fields(path, given, {"ingress", "egress"})
+    out = {}
+    for direction in ("ingress", "egress"):
+        value = given.get(direction)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            errs.invalid(f"{path}.{direction}", value, "must be a boolean")
+            continue
+        out[direction] = value
     return out
 
 

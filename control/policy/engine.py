@@ -138,6 +138,9 @@ class _Policy:
     selects: Callable[[PodEndpoint], bool]
     isolates: frozenset[Direction]
     rules: tuple[_Rule, ...]
+    # Directions with rules but without default deny (Cilium's enableDefaultDeny:
+    # false): the endpoint is enforced so the denies bite, everything else allowed.
+    opens: frozenset[Direction] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -490,13 +493,20 @@ def _cilium_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy]
             del labels[NAMESPACE_LABEL]
             subject["matchLabels"] = labels
         selector = Selector.parse(subject, cilium=True)
-        isolates: set[Direction] = set()
+        # enableDefaultDeny: unset, a direction is default deny once it has rules;
+        # true makes it default deny even without; false never.
+        default_deny = rule.get("enableDefaultDeny") or {}
+        isolates: set[Direction] = {d for d in ("ingress", "egress") if default_deny.get(d)}
+        opens: set[Direction] = set()
         rules: list[_Rule] = []
         for key in ("ingress", "ingressDeny", "egress", "egressDeny"):
             direction: Direction = "ingress" if key.startswith("ingress") else "egress"
             sections = rule.get(key, [])
             if sections:
-                isolates.add(direction)
+                if default_deny.get(direction, True):
+                    isolates.add(direction)
+                else:
+                    opens.add(direction)
             for i, section in enumerate(sections):
                 rules.append(
                     _Rule(
@@ -515,7 +525,9 @@ def _cilium_policy(obj: Mapping[str, Any], universe: _Universe) -> list[_Policy]
                 return False
             return selector.matches(pod.labels)
 
-        policies.append(_Policy(f"{name} {path}", selects, frozenset(isolates), tuple(rules)))
+        policies.append(
+            _Policy(f"{name} {path}", selects, frozenset(isolates), tuple(rules), frozenset(opens))
+        )
     return policies
 
 
@@ -575,10 +587,13 @@ def _endpoint_policy(
     rule_entries: dict[int, list[PolicyEntry]],
 ) -> EndpointPolicy:
     isolated_by: dict[Direction, list[str]] = {"ingress": [], "egress": []}
+    opened_by: dict[Direction, list[str]] = {"ingress": [], "egress": []}
     origins: dict[PolicyEntry, list[RuleRef]] = {}
     for policy in selected:
         for direction in sorted(policy.isolates):
             isolated_by[direction].append(policy.name)
+        for direction in sorted(policy.opens):
+            opened_by[direction].append(policy.name)
         for rule in policy.rules:
             if _depends_on_endpoint(rule):
                 entries: Iterable[PolicyEntry] = _entries(rule, pod, universe)
@@ -593,6 +608,15 @@ def _endpoint_policy(
                     refs.append(rule.origin)
     if isolated_by["ingress"]:
         origins.setdefault(PolicyEntry("ingress", HOST_IDENTITY, 0), []).append(HOST_DEFAULT)
+    for direction, names in opened_by.items():
+        if names and not isolated_by[direction]:
+            # Only rules without default deny select the endpoint here: as Cilium
+            # does, everything is allowed but what their denies name.
+            isolated_by[direction].extend(names)
+            for name in names:
+                origins.setdefault(PolicyEntry(direction, ANY_IDENTITY, 0), []).append(
+                    RuleRef(name, f"enableDefaultDeny.{direction}: false")
+                )
     kept = sorted(_prune_shadowed_allows(set(origins)), key=_entry_key)
     return EndpointPolicy(
         ingress_enforced=bool(isolated_by["ingress"]),

@@ -270,3 +270,34 @@ def test_cidr_rules_do_not_reach_pods_endpoint_rules_do(
         assert a.reaches(c, 80) and a.reaches(c, 81, "UDP") and not a.reaches(b, 80)
     finally:
         delete(node_lab, cidr_only)
+
+
+def test_a_deny_without_default_deny_blocks_only_what_it_names(
+    node_lab: NodeLab, pods: dict[str, Pod]
+) -> None:
+    """enableDefaultDeny ingress false (Cilium 1.15): b stays open to everyone but
+    a's TCP 80, which the deny names; the datapath gets the deny beside an allow-all."""
+    a, b, c = pods["a"], pods["b"], pods["c"]
+    policy = cnp(
+        "b-block-a",
+        {
+            "endpointSelector": {"matchLabels": {"app": "b"}},
+            "enableDefaultDeny": {"ingress": False},
+            "ingressDeny": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": "a"}}],
+                    "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}],
+                }
+            ],
+        },
+    )
+    apply(node_lab, policy)
+    try:
+        assert not a.reaches(b, 80)
+        assert a.reaches(b, 81) and a.reaches(b, 80, "UDP")
+        assert c.reaches(b, 80) and c.reaches(b, 81, "UDP")
+        allowed = trace(node_lab, c, b, 80)
+        assert allowed["allowed"] and "enableDefaultDeny.ingress: false" in allowed["lines"][1]
+    finally:
+        delete(node_lab, policy)
+    assert a.reaches(b, 80)

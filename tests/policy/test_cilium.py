@@ -730,3 +730,110 @@ def test_trace_names_the_rule_of_each_kind_of_decision() -> None:
         port=80,
     )
     assert host.allowed and "traffic from the node itself" in host.because
+
+
+# -- enableDefaultDeny (Cilium 1.15) -------------------------------------------------------
+
+
+def _validated(policy: dict[str, Any]) -> dict[str, Any]:
+    return validate(policy)
+
+
+def test_default_deny_off_lets_everything_in_but_what_its_deny_names() -> None:
+    policy = _validated(
+        cnp(
+            "x",
+            {
+                "endpointSelector": SELECT_A,
+                "enableDefaultDeny": {"ingress": False},
+                "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"pod": "b"}}]}],
+            },
+        )
+    )
+    world = World([policy])
+    assert world.sources_of("x/a") == ALL_BUT["x/a"] - {"x/b"}
+    endpoint = world.result.endpoints["x/a"]
+    assert endpoint.ingress_enforced and not endpoint.egress_enforced
+    why = trace(
+        world.result,
+        src=world.pods["x/c"],
+        dst=world.pods["x/a"],
+        protocol=TCP,
+        port=80,
+        ipcache=world.ipcache,
+    )
+    assert why.allowed and "enableDefaultDeny.ingress: false" in str(why)
+
+
+def test_default_deny_off_with_only_allows_isolates_nothing() -> None:
+    policy = _validated(
+        cnp(
+            "x",
+            {
+                "endpointSelector": SELECT_A,
+                "enableDefaultDeny": {"ingress": False, "egress": False},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"pod": "b"}}]}],
+                "egress": [{"toEndpoints": [{"matchLabels": {"pod": "b"}}]}],
+            },
+        )
+    )
+    world = World([policy])
+    assert world.sources_of("x/a") == ALL_BUT["x/a"]
+    assert world.allowed("x/a", "y/c")
+
+
+def test_another_policy_with_default_deny_isolates_and_the_allows_add_up() -> None:
+    broad = _validated(
+        cnp(
+            "x",
+            {
+                "endpointSelector": SELECT_A,
+                "enableDefaultDeny": {"ingress": False},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"pod": "b"}}]}],
+            },
+            name="broad",
+        )
+    )
+    strict = _validated(
+        cnp(
+            "x",
+            {
+                "endpointSelector": SELECT_A,
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"pod": "c"}}]}],
+            },
+            name="strict",
+        )
+    )
+    assert World([broad, strict]).sources_of("x/a") == {"x/b", "x/c"}
+
+
+def test_default_deny_on_isolates_a_direction_without_rules() -> None:
+    policy = _validated(
+        cnp(
+            "x",
+            {
+                "endpointSelector": SELECT_A,
+                "enableDefaultDeny": {"egress": True},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"pod": "b"}}]}],
+            },
+        )
+    )
+    world = World([policy])
+    assert world.result.endpoints["x/a"].egress_enforced
+    assert not world.allowed("x/a", "x/b")
+    assert world.sources_of("x/a") == {"x/b"}
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"ingress": "false"}, "spec.enableDefaultDeny.ingress"),
+        ({"sideways": True}, "spec.enableDefaultDeny.sideways"),
+        (True, "spec.enableDefaultDeny"),
+    ],
+)
+def test_default_deny_must_be_booleans_per_direction(value: object, path: str) -> None:
+    policy = cnp("x", {"endpointSelector": SELECT_A, "enableDefaultDeny": value})
+    with pytest.raises(ObjectInvalidError) as refused:
+        validate(policy)
+    assert f"{path}:" in str(refused.value)
