@@ -361,6 +361,27 @@ static __always_inline bool ct_reopens(const struct ciliate_ct_entry *entry,
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
+/* Whether a packet of a live connection moves its state (a first reply,
+ * a FIN or RST, a closing entry that a SYN may reopen). */
+static __always_inline bool ct_changes_state(const struct ciliate_ct_entry *entry,
+					     const struct ct_packet *pkt, bool reply)
+{
+	__u32 want = reply ? CILIATE_CT_F_SEEN_REPLY : 0;
+
+	return (entry->flags & (CILIATE_CT_F_CLOSING | want)) != want ||
+	       (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST));
+}
+
+/* A packet that leaves the state as it is: only the deadline moves (its
+ * store skipped when unchanged, see ct_refresh()). */
+static __always_inline void ct_keep_alive(struct ciliate_ct_entry *entry, __u64 now)
+{
+	__u64 expires = now + entry->lifetime;
+
+	if (expires != entry->expires)
+		entry->expires = expires;
+}
+
 /* Lifetime in jiffies. */
 static __always_inline __u64 ct_lifetime(__u8 protocol, __u32 flags)
 {

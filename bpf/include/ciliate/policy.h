@@ -282,11 +282,13 @@ static __always_inline int ct_established(struct __sk_buff *ctx, const struct ip
 	}
 	entry = &set->way[found & (CILIATE_CT_WAYS - 1)];
 	reply = found & CT_FOUND_REPLY;
-	if (!ct_alive(entry, now) || ct_reopens(entry, &pkt) ||
+	/* Here only packets that leave the entry's state as it is: its flags
+	 * already say what a reply would add, nothing closes or reopens it. */
+	if (!ct_alive(entry, now) || ct_changes_state(entry, &pkt, reply) ||
 	    !ct_current(entry, ct_pair(src->revision, dst->revision),
 			ct_pair(src->identity, dst->identity), reply))
 		return CT_FULL_PATH;
-	ct_refresh(entry, &pkt, reply, now);
+	ct_keep_alive(entry, now);
 	return TC_ACT_OK;
 }
 
