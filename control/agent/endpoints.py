@@ -333,7 +333,7 @@ class EndpointManager:
                 f"portMappings: {exc}; nothing was changed",
                 details="map hostPorts over TCP or UDP, on IPv4 host addresses",
             ) from exc
-        taken = [(r.pod or r.owner, r.mappings) for r in self.list() if r.host_ports]
+        taken = [(_holder(r), r.mappings) for r in self.list() if r.host_ports]
         found = hostports.clash(mappings, taken)
         if found is not None:
             wanted, holder, held = found
@@ -757,6 +757,15 @@ class EndpointManager:
                 self._dp.ipcache.delete(entry.prefix)
                 pruned += 1
         return pruned
+
+
+def _holder(record: EndpointRecord) -> str:
+    """The pod of an endpoint as a message names it."""
+    if record.pod is not None:
+        return f"pod {record.pod}"
+    name = record.attributes.get("K8S_POD_NAME")
+    container = f"container {record.container_id[:12]}"
+    return f"pod {name} ({container})" if name else container
 
 
 @contextlib.contextmanager

@@ -212,8 +212,9 @@ def frontends(
     node_ips: Sequence[ipaddress.IPv4Address],
 ) -> dict[str, list[Frontend]]:
     """The hostPort frontends of this node, by table owner (:func:`owner_ref`):
-    one per mapping and address (``hostIP``, or each node address), whose one
-    backend is the pod at ``containerPort``, local and active."""
+    one per mapping and address (``hostIP`` when it is one of ``node_ips``, or
+    each of them), whose one backend is the pod at ``containerPort``, local and
+    active."""
     out: dict[str, list[Frontend]] = {}
     for pod in pods:
         listed = []
@@ -224,8 +225,11 @@ def frontends(
                 node=node_name,
                 pod=pod.pod,
             )
+            # A hostIP that is not the node's is not served (portmap's DNAT, too,
+            # matches only local destinations): the socket LB would otherwise take
+            # this node's connections to another machine's address.
             addresses = [mapping.host_ip] if mapping.host_ip is not None else node_ips
-            for address in sorted(set(addresses)):
+            for address in sorted(set(addresses) & set(node_ips)):
                 listed.append(
                     Frontend(
                         key=FrontendKey(address, mapping.host_port, mapping.protocol),

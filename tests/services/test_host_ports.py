@@ -149,6 +149,9 @@ def test_a_host_port_is_a_frontend_at_each_node_address_or_at_its_host_ip() -> N
     ]
     assert all(f.backends[0].node == "node-a" and not f.refuses for f in frontends)
     assert hostports.frontends([_pod()], node_name="node-a", node_ips=NODE_IPS) == {}
+    # A hostIP that is not the node's: not served (as portmap matches local addresses only).
+    elsewhere = _pod(hp(8080, host_ip="192.0.2.1"))
+    assert hostports.frontends([elsewhere], node_name="node-a", node_ips=NODE_IPS) == {}
 
 
 def _kind(node: NodeTable, key: FrontendKey) -> FrontendKind:
