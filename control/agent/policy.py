@@ -32,6 +32,7 @@ every ``resync_interval`` regardless, so policy follows a change within a second
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -65,6 +66,7 @@ from ciliate.control.store import Reader, StoreError
 from ciliate.datapath.maps import IpcacheEntry, PodSocket
 from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.programs import Datapath
+from ciliate.loader import MapError
 
 log = logging.getLogger(__name__)
 # What the policy engine reads: not Services nor EndpointSlices, which would make
@@ -167,6 +169,24 @@ def cluster_view(*, store: Reader, identities: IdentityLookup, node_name: str) -
     )
 
 
+class PolicyWriteError(RuntimeError):
+    """Policies of some endpoints could not be written; the others were."""
+
+
+def _write_failure(endpoint: LocalEndpoint, policy: EndpointPolicy, exc: MapError) -> str:
+    """What failed, and what to raise when the map is full."""
+    what = (
+        f"endpoint {endpoint.endpoint_id} ({pod_ref(endpoint)}): its policy "
+        f"({len(policy.entries)} rules) was not written and it keeps the one it had: {exc}"
+    )
+    if exc.errno in (errno.ENOSPC, errno.E2BIG):  # a hash map at max_entries
+        what += (
+            "; the policy map is full: raise max_entries of maps.ciliate_policy in "
+            "bpf/datapath.toml and rebuild, or select fewer peers and ports"
+        )
+    return what
+
+
 @dataclass
 class SyncResult:
     relabelled: list[str] = field(default_factory=list)
@@ -246,6 +266,8 @@ class PolicyController:
         self._written: dict[int, EndpointPolicy] = {}  # endpoint id -> what it holds
         self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
         self._last: PolicyResult | None = None
+        # Endpoint id -> the policy that could not be written, and why.
+        self._failed: dict[int, tuple[EndpointPolicy, str]] = {}
         self._lock = threading.Lock()
         # Started, woken, asked for its status and closed by the agent.
         self.loop = RevisionLoop(
@@ -310,17 +332,39 @@ class PolicyController:
             computed = self._compute(snapshot, pods, local)
             result.policy = computed
             self._write_cidr_identities(computed.cidr_identities)
-            live_ids = set()
-            for endpoint in local:
-                live_ids.add(endpoint.endpoint_id)
-                policy = computed.endpoints[pod_ref(endpoint)]
-                if self._write(endpoint.endpoint_id, policy):
-                    result.written.append(endpoint.endpoint_id)
+            live_ids = {endpoint.endpoint_id for endpoint in local}
             for gone in self._written.keys() - live_ids:
                 del self._written[gone]  # its slot was cleared with the endpoint
+            # Endpoints gone since the last pass freed their entries: a policy that
+            # did not fit may fit now.
+            map_changed = bool(self._failed.keys() - live_ids)
+            self._failed = {i: f for i, f in self._failed.items() if i in live_ids}
+            failures: list[str] = []
+            for endpoint in local:
+                policy = computed.endpoints[pod_ref(endpoint)]
+                failed = self._failed.get(endpoint.endpoint_id)
+                if failed is not None and failed[0] == policy and not map_changed:
+                    failures.append(failed[1])  # written in vain before; nothing freed
+                    continue
+                # One endpoint's policy that cannot be written (more entries than
+                # the map has room for) must not keep every endpoint after it from
+                # its own: it keeps the policy it had, the others get theirs.
+                try:
+                    if self._write(endpoint.endpoint_id, policy):
+                        result.written.append(endpoint.endpoint_id)
+                        map_changed = True
+                    self._failed.pop(endpoint.endpoint_id, None)
+                except MapError as exc:
+                    message = _write_failure(endpoint, policy, exc)
+                    log.error("policy: %s", message)
+                    self._failed[endpoint.endpoint_id] = (policy, message)
+                    failures.append(message)
             if result.written:
                 result.evicted = self._evict_denied_sockets(local, computed)
             self._last = computed
+        if failures:
+            # The loop reports it (``/v1/policy`` last_error) and tries again.
+            raise PolicyWriteError("; ".join(failures))
         return result
 
     def enforce_new(self, endpoint: LocalEndpoint) -> None:
@@ -368,7 +412,10 @@ class PolicyController:
                     policy = computed.endpoints[pod_ref(endpoint)]
                     if new_identity:
                         for other in others:
-                            self._write(other.endpoint_id, computed.endpoints[pod_ref(other)])
+                            # Another's policy that does not fit is the pass's to
+                            # report (PolicyWriteError); this pod's ADD goes on.
+                            with contextlib.suppress(MapError):
+                                self._write(other.endpoint_id, computed.endpoints[pod_ref(other)])
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
 

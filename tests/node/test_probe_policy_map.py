@@ -1,0 +1,92 @@
+"""A policy too big for the policy map, beside small ones, on a real node: the
+endpoint it selects keeps what it had, the error names the map to raise, every
+other endpoint gets the policies applied with it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .conftest import NodeLab
+from .test_policy import apply, delete, deny_ingress, pod_object
+
+# Ports in one rule x CIDR peers: entries of one endpoint beyond what the policy
+# map (262,144, bpf/datapath.toml) holds, twice over while a replace holds both
+# generations.
+_PORTS = 2200
+_CIDRS = 128
+
+
+def oversized_policy(name: str, *, selector: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {"ipBlock": {"cidr": f"172.{16 + i // 256}.{i % 256}.0/24"}}
+                        for i in range(_CIDRS)
+                    ],
+                    "ports": [{"protocol": "TCP", "port": 1 + 2 * p} for p in range(_PORTS)],
+                }
+            ],
+        },
+    }
+
+
+def wait_policy_pass(node_lab: NodeLab, timeout: float = 60.0) -> dict[str, Any]:
+    """The policy loop's status once a pass has run since now (succeeded or not)."""
+    before = node_lab.get("/v1/policy")["passes"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = node_lab.get("/v1/policy")
+        if status["passes"] > before + 1:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"no policy pass ran: {status}")
+
+
+def test_a_policy_too_big_for_the_map_leaves_every_other_endpoint_enforced(
+    fresh_lab: NodeLab,
+) -> None:
+    """One endpoint's policy overflows the policy map: that endpoint keeps what it
+    had, the error names the map to raise, and the other endpoints still get the
+    policies applied with it (a deny for another pod is enforced at once)."""
+    node_lab = fresh_lab
+    big, victim, client = node_lab.pod("big"), node_lab.pod("victim"), node_lab.pod("client")
+    apply(
+        node_lab,
+        pod_object(big, app="big"),
+        pod_object(victim, app="victim"),
+        pod_object(client, app="client"),
+    )
+    for pod in (big, victim, client):
+        node_lab.add(pod)
+    assert big.ip and victim.ip
+    assert node_lab.ping(client, victim.ip) and node_lab.ping(client, big.ip)
+    with node_lab.api as api:
+        api.post(
+            "/v1/objects/apply",
+            {
+                "objects": [
+                    oversized_policy("too-big", selector={"app": "big"}),
+                    deny_ingress("deny-victim", app="victim"),
+                ]
+            },
+        )
+    status = wait_policy_pass(node_lab)
+    assert not node_lab.ping(client, victim.ip), status  # enforced despite the failure
+    assert node_lab.ping(client, big.ip)  # big keeps what it had: nothing half-written
+    error = str(status["last_error"])
+    assert "default/big" in error and "maps.ciliate_policy" in error, error
+    assert "max_entries" in error and "datapath.toml" in error, error
+    delete(node_lab, oversized_policy("too-big", selector={}))  # settles: the pass succeeds
+    assert node_lab.get("/v1/policy")["last_error"] is None
+    assert not node_lab.ping(client, victim.ip)
+    assert node_lab.ping(client, big.ip)
+    for pod in (big, victim, client):
+        node_lab.cni(pod, "DEL")
