@@ -8,8 +8,9 @@ Services, Pods and slices changed since the last pass
 published address moved (:class:`~ciliate.control.services.changes.KeyChanges`);
 only the Services those touch are recomputed
 (:class:`~ciliate.control.services.slices.SliceController`). The first pass, one
-after a failure and one every ``full_resync_interval`` start over from a full
-listing. On a lone node the agent does the same with its own endpoints."""
+after a failure and one every ``full_resync_interval`` (an hour) start over from a
+full listing; every ``relist_interval`` (30 s) a pass compares every key's revision
+with the one it saw (keys only), so a change the count missed is caught cheaply. On a lone node the agent does the same with its own endpoints."""
 
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ log = logging.getLogger("ciliate.operator.endpointslices")
 
 class EndpointSliceController:
     def __init__(
-        self, store: Store, *, poll_interval: float = 0.1, full_resync_interval: float = 300.0
+        self,
+        store: Store,
+        *,
+        poll_interval: float = 0.1,
+        relist_interval: float = 30.0,
+        full_resync_interval: float = 3600.0,
     ) -> None:
         self._store = store
         self._changes = ObjectChanges(
@@ -40,8 +46,9 @@ class EndpointSliceController:
         # The agents' published endpoints (``cluster/endpoints/<ip>``), followed alike.
         self._endpoint_changes = KeyChanges(store, [keys.ENDPOINTS])
         self._published: dict[str, tuple[str, slices.PodAddress]] = {}
+        self._relist_interval = relist_interval
         self._full_resync_interval = full_resync_interval
-        self._last_full = time.monotonic()
+        self._last_full = self._last_relist = time.monotonic()
         self._lock = threading.Lock()
         self._loop = RevisionLoop(
             name="endpointslices",
@@ -80,8 +87,13 @@ class EndpointSliceController:
 
     def sync(self) -> slices.ReconcileResult:
         with self._lock:
-            if time.monotonic() - self._last_full >= self._full_resync_interval:
+            now = time.monotonic()
+            if now - self._last_full >= self._full_resync_interval:
                 self._changes.reset()
+            elif now - self._last_relist >= self._relist_interval:
+                self._changes.relist()
+                self._endpoint_changes.relist()
+                self._last_relist = now
             try:
                 changes = self._changes.poll()
                 if changes.full:

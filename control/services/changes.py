@@ -77,10 +77,16 @@ class KeyChanges:
         self._seen: dict[str, dict[str, object]] = {}
         self._polled_at = 0  # the store's revision when the last poll began
         self._full = True
+        self._relist = False
 
     def reset(self) -> None:
         """The next poll lists everything (after a store error, or to heal a cache)."""
         self._full = True
+
+    def relist(self) -> None:
+        """The next poll compares every key's revision with the one seen, rather
+        than trusting the count (cheap: keys and revisions only, no values)."""
+        self._relist = True
 
     def forget(self, keys: Iterable[str]) -> None:
         """Keys the caller deleted itself: not reported as deletions again, and the
@@ -99,6 +105,8 @@ class KeyChanges:
         by_revision = isinstance(self._store, _ListsRevisions)
         # Read before the listings: a write landing during them is listed again next time.
         polled_at = self._store.revision() if by_revision else 0
+        if polled_at < self._polled_at:
+            full = True  # the store went back (restored from a copy): start over
         for prefix in self._prefixes:
             before = {} if full else self._seen.get(prefix, {})
             if by_revision:
@@ -114,7 +122,7 @@ class KeyChanges:
             deleted[prefix] = {key for key in before if key not in now}
             seen[prefix] = now
         # Remembered only once every prefix was read: a failed poll is repeated whole.
-        self._seen, self._polled_at, self._full = seen, polled_at, False
+        self._seen, self._polled_at, self._full, self._relist = seen, polled_at, False, False
         return full, written, deleted
 
     def _by_revision(
@@ -140,7 +148,7 @@ class KeyChanges:
         written = self._store.list_revisions(prefix, after=self._polled_at)
         count = self._store.count(prefix)
         fresh = {key for key, _ in written if key not in before}
-        if count == len(before) + len(fresh):
+        if count == len(before) + len(fresh) and not self._relist:
             now = dict(before)
             now.update(written)
             changed = [key for key, _ in written]
@@ -148,8 +156,9 @@ class KeyChanges:
             listed = self._store.list_revisions(prefix)
             now = dict(listed)
             fresh = now.keys() - before.keys()
-            # Not ``written``: a key written since that query has a newer revision.
-            changed = [key for key, revision in listed if revision > self._polled_at]
+            # Every revision compared, not only the recent ones: a write missed
+            # before shows here (and one since the query above has a newer revision).
+            changed = [key for key, revision in listed if before.get(key) != revision]
         for key in fresh:
             if not self._accept(key):
                 del now[key]

@@ -18,6 +18,7 @@ reverse-translated as another service's.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,7 +224,14 @@ class LbIds:
             pool.last = lasts[name]
 
     def frontend_id(self, key: FrontendKey) -> int | None:
-        return self._pools["frontend"].ids.get(str(key)) if self._pools else None
+        return self._pools["frontend"].ids.get(_text(key)) if self._pools else None
 
     def backend_id(self, key: BackendKey) -> int | None:
-        return self._pools["backend"].ids.get(str(key)) if self._pools else None
+        return self._pools["backend"].ids.get(_text(key)) if self._pools else None
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _text(key: FrontendKey | BackendKey) -> str:
+    """A key as the store names it; formatting an address is slow and the same keys
+    are looked up pass after pass."""
+    return str(key)

@@ -93,6 +93,11 @@ class FrontendKey:
     def __str__(self) -> str:
         return f"{self.ip}:{self.port}/{self.protocol}"
 
+    def __hash__(self) -> int:
+        # IPv4Address hashes through a hex string: the table hashes keys by the
+        # hundred thousand in a full pass, so the address's integer is used.
+        return hash((int(self.ip), self.port, self.protocol))
+
 
 @dataclass(frozen=True, order=True)
 class BackendKey:
@@ -104,6 +109,9 @@ class BackendKey:
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port}/{self.protocol}"
+
+    def __hash__(self) -> int:
+        return hash((int(self.ip), self.port, self.protocol))
 
 
 @dataclass(frozen=True)
