@@ -10,7 +10,8 @@ only the Services those touch are recomputed
 (:class:`~ciliate.control.services.slices.SliceController`). The first pass, one
 after a failure and one every ``full_resync_interval`` (an hour) start over from a
 full listing; every ``relist_interval`` (30 s) a pass compares every key's revision
-with the one it saw (keys only), so a change the count missed is caught cheaply. On a lone node the agent does the same with its own endpoints."""
+with the one it saw (keys only), so a change the count missed is caught cheaply.
+On a lone node the agent does the same with its own endpoints."""
 
 from __future__ import annotations
 
