@@ -333,6 +333,8 @@ class EndpointManager:
                 f"portMappings: {exc}; nothing was changed",
                 details="map hostPorts over TCP or UDP, on IPv4 host addresses",
             ) from exc
+        if not mappings:
+            return mappings
         taken = [(_holder(r), r.mappings) for r in self.list() if r.host_ports]
         found = hostports.clash(mappings, taken)
         if found is not None:
