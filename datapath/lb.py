@@ -344,6 +344,10 @@ class LoadBalancer:
             raise
         if old is not None:
             self._unindex(old)
+            left = self._backend_ids(old)
+            if old.service_id == service.service_id:
+                left -= self._backend_ids(service)
+            self._forget_affinity(old.service_id, left)
         self._index(service)
         self._drop_unused_backends(self._backend_ids(old))
         return service
@@ -356,8 +360,37 @@ class LoadBalancer:
             return False
         self._unindex(old)
         self._remove(old, keep=None)
+        self._forget_affinity(old.service_id, self._backend_ids(old))
         self._drop_unused_backends(self._backend_ids(old))
         return True
+
+    def _forget_affinity(self, service_id: int, backend_ids: set[int]) -> None:
+        """Clients kept (ClientIP affinity, a UDP socket's sends) on a backend that
+        has left the service pick again. The programs check only that the kept
+        backend exists and is active: one still backing another service would
+        keep the client for the whole timeout, and a rev-NAT or backend id given
+        again later would send it to a backend of another service."""
+        if not backend_ids:
+            return
+        # Read in raw chunks and matched as bytes: the map holds up to 16,384
+        # clients, one Python object each would cost ~0.1 s a backend change.
+        key_size = abi.sizeof("ciliate_lb_affinity_key")
+        value_size = abi.sizeof("ciliate_lb_affinity_value")
+        at = abi.offsetof("ciliate_lb_affinity_key", "rev_nat_id")
+        id_at = abi.offsetof("ciliate_lb_affinity_value", "backend_id")
+        service = (service_id & 0xFFFF).to_bytes(2, sys.byteorder)  # the key's width
+        left = {backend_id.to_bytes(4, sys.byteorder) for backend_id in backend_ids}
+        doomed = []
+        for keys, values, count in self._affinity.lookup_batch_raw():
+            for i in range(count):
+                key = keys[i * key_size : (i + 1) * key_size]
+                if key[at : at + 2] != service:
+                    continue
+                kept = values[i * value_size + id_at : i * value_size + id_at + 4]
+                if kept in left:
+                    doomed.append(key)
+        for key in doomed:
+            self._affinity.delete(key)
 
     def _validate(
         self,
