@@ -4,6 +4,7 @@ too big for the maps beside a small one."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from ciliate.control.lab import lab
-from ciliate.loader import cgroup2_root
+from ciliate.loader import cgroup2_root, enter_netns
 
 from .conftest import NodeLab
 from .test_policy import apply, delete, pod_object
@@ -153,3 +154,48 @@ def test_services_too_big_for_the_maps_leave_the_others_served(
     finally:
         with node_lab.api as client:
             client.post("/v1/objects/delete", {"objects": [*huge, small], "ignore_missing": True})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="socket LB (bpf_sock_lb.c.j2, datapath/lb.py, the loader): a connected UDP "
+    "socket keeps the backend connect() gave it, and nothing ends it when that backend "
+    "goes; Cilium destroys such sockets (an iter/udp program calling the "
+    "bpf_sock_destroy kfunc, run in each pod's netns when a backend is removed), so the "
+    "application sees ECONNABORTED and connects again, as kube-proxy clears the "
+    "conntrack entries of a removed UDP endpoint",
+)
+def test_a_connected_udp_socket_to_a_deleted_backend_is_not_left_sending_into_nothing(
+    node_lab: NodeLab, shared: dict[str, lab.PodState]
+) -> None:
+    """A client's connected UDP socket to a ClusterIP (a resolver's, say) got one
+    backend; that backend pod is deleted. Its next exchange must either reach the
+    backend left or fail with an error the application can act on, not time out
+    for ever."""
+    everyone = service("all", selector={"role": "shared"})
+    apply(node_lab, everyone)
+    try:
+        settle_services(node_lab)
+        vip = cluster_ip(node_lab, "all")
+        with enter_netns(f"/run/netns/{shared['client'].netns}"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(2.0)
+            sock.connect((vip, 80))
+            sock.send(b"who")
+            first = sock.recv(64).decode()
+            gone = next(p for p in ("web1", "web2") if str(shared[p].ip) == first)
+            stayer = "web2" if gone == "web1" else "web1"
+            node_lab.cni(shared[gone], "DEL")
+            apply(node_lab, pod_object(shared[gone], app="gone"))
+            settle_services(node_lab)
+            try:
+                sock.send(b"who")
+                answer = sock.recv(64).decode()
+            except TimeoutError:
+                pytest.fail("the socket still sends to the deleted backend, silently")
+            except OSError:
+                return  # ended with an error: the application connects again
+            assert answer == str(shared[stayer].ip)
+    finally:
+        delete(node_lab, everyone)
