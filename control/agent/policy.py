@@ -57,6 +57,7 @@ from ciliate.control.policy.inputs import POLICY_KINDS, pod_ports
 from ciliate.control.policy.model import (
     HOST_IDENTITY,
     REMOTE_NODE_IDENTITY,
+    ContainerPort,
     EndpointPolicy,
     PodEndpoint,
     PolicyResult,
@@ -377,8 +378,13 @@ class PolicyController:
             policy = None
             others = list(self._endpoints.list())
             if self._last is not None:
+                # Named policy ports resolve per pod: another endpoint's entries
+                # fit only a pod that names its ports the same (else a datagram to
+                # the other's "http" port passed and one to its own was dropped
+                # until the next pass).
+                ports = self._named_ports(endpoint)
                 for other in others:
-                    if other.identity == endpoint.identity:
+                    if other.identity == endpoint.identity and self._named_ports(other) == ports:
                         policy = self._last.endpoints.get(pod_ref(other))
                         # One added since the last pass has none yet (etcd down: no
                         # pass succeeds); another endpoint of the identity may.
@@ -418,6 +424,20 @@ class PolicyController:
                                 self._write(other.endpoint_id, computed.endpoints[pod_ref(other)])
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
+
+    def _named_ports(self, endpoint: LocalEndpoint) -> tuple[ContainerPort, ...] | None:
+        """The named ports of the endpoint's Pod object; None when the objects are out
+        of reach (etcd down), where every endpoint reads alike."""
+        namespace = endpoint.attributes.get(POD_NAMESPACE_ATTRIBUTE)
+        name = endpoint.attributes.get(POD_NAME_ATTRIBUTE)
+        if not namespace or not name:
+            return ()
+        try:
+            return pod_ports(self._objects.get(KINDS["Pod"], name=name, namespace=namespace))
+        except LookupError:
+            return ()
+        except StoreError:
+            return None
 
     def _pinned_policy_of(self, identity: int) -> EndpointPolicy | None:
         """The policy the datapath holds for another endpoint of ``identity``."""

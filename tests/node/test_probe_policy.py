@@ -205,3 +205,103 @@ def test_policy_holds_across_an_agent_killed_and_restarted(fresh_lab: NodeLab) -
     assert " 400 received" in allowed_out, allowed_out
     settle(node_lab)  # the first pass after the start changes nothing either
     assert not node_lab.ping(a, b.ip) and node_lab.ping(a, c.ip)
+
+
+# Prints "<port> <payload>" for every datagram on any of its ports; bound to the
+# wildcard address so it can start before the pod has one (before its ADD).
+_UDP_PORTS_SINK = """
+import select, socket, sys
+socks = []
+for port in sys.argv[1:]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(port)))
+    socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, _ = s.recvfrom(256)
+        print(s.getsockname()[1], data.decode(), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def udp_ports_sink(pod: lab.PodState, *ports: int) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", pod.netns, sys.executable, "-c", _UDP_PORTS_SINK),
+            *(str(p) for p in ports),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def send_udp_to(pod: lab.PodState, address: str, port: int, payload: str) -> None:
+    with enter_netns(f"/run/netns/{pod.netns}"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.sendto(payload.encode(), (address, port))
+
+
+def web_pod(pod: lab.PodState, *, http: int) -> dict[str, Any]:
+    obj = pod_object(pod, app="named-web")
+    obj["spec"]["containers"][0]["ports"] = [
+        {"name": "http", "containerPort": http, "protocol": "UDP"}
+    ]
+    return obj
+
+
+def test_a_new_pod_of_a_known_identity_gets_its_own_named_ports_from_the_start(
+    node_lab: NodeLab,
+) -> None:
+    """Policy admits the client on the named port "http" of app=named-web pods.
+    web0 names 8080 "http"; each later pod of the same labels names another port
+    "http". Right after its ADD, the new pod must admit the client on its own
+    "http" port and not on web0's (the ADD gave it web0's entries, port 8080, until
+    the loop's next pass: a window where a denied datagram passes)."""
+    client, web0 = node_lab.pod(), node_lab.pod()
+    later = [node_lab.pod() for _ in range(_NEW_IDENTITIES)]
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "named-http", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "named-web"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"app": "named-client"}}}],
+                    "ports": [{"protocol": "UDP", "port": "http"}],
+                }
+            ],
+        },
+    }
+    apply(
+        node_lab,
+        pod_object(client, app="named-client"),
+        web_pod(web0, http=8080),
+        *(web_pod(pod, http=9000 + i) for i, pod in enumerate(later)),
+        policy,
+    )
+    try:
+        node_lab.add(client)
+        node_lab.add(web0)
+        settle(node_lab)
+        for i, pod in enumerate(later):
+            with udp_ports_sink(pod, 8080, 9000 + i) as sink:
+                node_lab.add(pod)
+                assert pod.ip
+                send_udp_to(client, pod.ip, 8080, f"web0-port-{i}")
+                send_udp_to(client, pod.ip, 9000 + i, f"own-port-{i}")
+                assert received(sink, f"{9000 + i} own-port-{i}")
+                # The 8080 datagram was sent first: had it passed, it came first.
+                assert not received(sink, f"8080 web0-port-{i}", wait=0.3)
+    finally:
+        for pod in (client, web0, *later):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, *(pod_object(pod) for pod in (client, web0, *later)), policy)
