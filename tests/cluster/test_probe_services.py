@@ -1,0 +1,102 @@
+"""Services probed as an unlucky operator meets them, on a 3-node lab: a NodePort
+whose backend is a node's own address (a hostNetwork pod, an ingress controller
+run on the host), from a client in the ToR namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ciliate.control.lab import lab
+
+from .test_services_cluster import PEER, Cluster, stored, tor_ask
+from .test_services_cluster import cluster as cluster  # the module's lab, reused
+
+HOST_PORT = 8081
+
+
+@pytest.fixture
+def host_backend(cluster: Cluster) -> Iterator[lab.NodeState]:
+    """A server in node1's own namespace on its node address, as a hostNetwork pod."""
+    node = cluster.state.nodes[0]
+    assert node.node_ip is not None
+    proc = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", node.netns, sys.executable, str(PEER)),
+            *(node.node_ip, str(HOST_PORT)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield node
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def host_network_service(node_ip: str) -> list[dict[str, Any]]:
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "host-np", "namespace": "default"},
+        "spec": {"type": "NodePort", "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+    }
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "host-np-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "host-np"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": HOST_PORT}],
+        "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}}],
+    }
+    return [svc, slice_]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="uplink NodePort (lb.h lb_nodeport, bpf_uplink.c.j2): a backend at the node's "
+    "own address counts as remote, so the SYN is SNATed to the node and sent to itself "
+    "and the host's answer never meets a reverse translation; it needs the local-host "
+    "case Cilium has (DNAT only, into the stack) and a reverse NAT of the host's replies "
+    "on the uplink's egress, a tc program the uplink does not have yet",
+)
+def test_a_node_port_reaches_a_backend_on_a_node_address_from_every_node(
+    cluster: Cluster, host_backend: lab.NodeState
+) -> None:
+    """Seen: through node2 and node3 (the backend remote, SNATed to them) it answers;
+    through node1 itself every connection times out."""
+    assert host_backend.node_ip is not None
+    objects = host_network_service(host_backend.node_ip)
+    cluster.apply(*objects)
+    try:
+        node_port = stored(cluster, "host-np")["spec"]["ports"][0]["nodePort"]
+        deadline = time.monotonic() + 20
+        while True:
+            tables = [c.get("/v1/services")["frontends"] for c in cluster.clients]
+            if all(
+                any(f["port"] == node_port and f["backends"] for f in table) for table in tables
+            ):
+                break
+            assert time.monotonic() < deadline, "the agents did not write the NodePort"
+            time.sleep(0.1)
+        reached = {}
+        for node in cluster.state.nodes:
+            assert node.node_ip is not None
+            try:
+                reached[node.name] = tor_ask(cluster, node.node_ip, node_port, 3)
+            except AssertionError as exc:  # the ToR client timed out
+                reached[node.name] = [str(exc).splitlines()[-1]]
+        assert reached == {n.name: [host_backend.node_ip] * 3 for n in cluster.state.nodes}
+    finally:
+        cluster.delete(*objects)
