@@ -82,12 +82,59 @@ def test_two_mappings_overlap_as_the_scheduler_reads_host_ports(
     assert a.overlaps(b) is overlap and b.overlaps(a) is overlap
 
 
+# The cases of the scheduler's TestHostPortInfo_Check (pkg/scheduler/framework):
+# (protocol, hostIP, port) held by other pods, the one asked for, whether they
+# clash. An empty protocol is TCP, an empty hostIP 0.0.0.0 (every address).
+HELD_LOCAL_80 = [("TCP", "127.0.0.1", 80)]
+UPSTREAM_CHECK_CASES = [
+    ("empty check is 0.0.0.0 and TCP", HELD_LOCAL_80, ("", "", 81), False),
+    ("empty check is 0.0.0.0 and TCP (conflicted)", HELD_LOCAL_80, ("", "", 80), True),
+    ("0.0.0.0 checks every held IP", HELD_LOCAL_80, ("TCP", "0.0.0.0", 80), True),
+    ("0.0.0.0, another protocol", [("UDP", "127.0.0.1", 80)], ("TCP", "0.0.0.0", 80), False),
+    (
+        "0.0.0.0, other ports",
+        [("TCP", "127.0.0.1", 79), ("TCP", "127.0.0.1", 81), ("TCP", "127.0.0.1", 82)],
+        ("TCP", "0.0.0.0", 80),
+        False,
+    ),
+    ("an IP checks a held 0.0.0.0", [("TCP", "0.0.0.0", 80)], ("TCP", "127.0.0.1", 80), True),
+    (
+        "an IP, other ports or protocol of 0.0.0.0",
+        [("TCP", "0.0.0.0", 79), ("UDP", "0.0.0.0", 80), ("TCP", "0.0.0.0", 81)],
+        ("TCP", "127.0.0.1", 80),
+        False,
+    ),
+    (
+        "an IP, other ports or protocol of the same IP",
+        [("TCP", "127.0.0.1", 79), ("UDP", "127.0.0.1", 80), ("TCP", "127.0.0.1", 81)],
+        ("TCP", "127.0.0.1", 80),
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("held", "asked", "clashes"),
+    [
+        pytest.param(held, asked, clashes, id=name)
+        for name, held, asked, clashes in UPSTREAM_CHECK_CASES
+    ],
+)
+def test_clashes_as_the_schedulers_host_port_check_finds_them(
+    held: list[tuple[str, str, int]], asked: tuple[str, str, int], clashes: bool
+) -> None:
+    taken = [("other", [hp(port, protocol, host_ip) for protocol, host_ip, port in held])]
+    protocol, host_ip, port = asked
+    assert (hostports.clash([hp(port, protocol, host_ip)], taken) is not None) is clashes
+
+
 def test_a_pods_host_ports_come_from_its_containers_and_sidecars() -> None:
     pod = {
         "spec": {
             "containers": [
                 {"name": "web", "ports": [{"containerPort": 80, "hostPort": 8080}]},
                 {"name": "dns", "ports": [{"containerPort": 53, "protocol": "UDP"}]},
+                {"name": "zero", "ports": [{"containerPort": 54, "hostPort": 0}]},
             ],
             "initContainers": [
                 {"name": "once", "ports": [{"containerPort": 9, "hostPort": 9009}]},
