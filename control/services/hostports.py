@@ -3,7 +3,8 @@ load-balancer frontend of its node alone, whose one backend is the pod.
 
 A mapping (``hostIP``, ``hostPort``, ``protocol``) -> (pod IP, ``containerPort``)
 becomes a frontend at each of the node's addresses (or at ``hostIP`` when the
-mapping names one) and ``hostPort``, of kind ``HostPort``. The datapath serves it
+mapping names one of them; another machine's address is not served, as portmap
+matches local destinations only) and ``hostPort``, of kind ``HostPort``. The datapath serves it
 as it serves a NodePort with a local backend: the socket LB gives a pod or the
 node connecting to it the pod directly (no DNAT, so no reply to translate back),
 and the uplink's per-packet LB does the same for clients outside the node.
@@ -15,7 +16,8 @@ passes (ciliate declares the ``portMappings`` capability) and the Pod object's
 Two pods of one node cannot hold the same hostPort: as the scheduler's NodePorts
 filter and kubelet read it, two mappings clash when their protocol and hostPort
 are equal and their hostIPs overlap (equal, or either one unspecified, which means
-every address). A Service frontend at the same address and port keeps it (see
+every address; the cases of the scheduler's TestHostPortInfo_Check are in
+tests/services/test_host_ports.py). A Service frontend at the same address and port keeps it (see
 :mod:`.node`: a cluster-wide Service is not taken over by one pod's setting).
 
 Pure functions; the agent feeds them its endpoint records.
