@@ -245,6 +245,7 @@ class NodeAgent:
         links = self.config.bpffs_root / "links" / "sock_lb"
         if not (self.config.service_lb and self.datapath.has_services):
             lb.detach_socket_lb(links)
+            log.info("pods' hostPorts are kept but not served: chain portmap to serve them")
             return None
         cgroup = str(self.config.cgroup_root) if self.config.cgroup_root else cgroup2_root()
         if cgroup is None:
