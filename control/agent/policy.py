@@ -266,6 +266,10 @@ class PolicyController:
         self._cidr_identities = CidrIdentities()
         self._written: dict[int, EndpointPolicy] = {}  # endpoint id -> what it holds
         self._cidr_prefixes: dict[ipaddress.IPv4Network, int] = {}  # ours in the ipcache
+        # The prefixes the ipcache could not take, how full it was then, and why.
+        self._cidr_failure: (
+            tuple[frozenset[tuple[ipaddress.IPv4Network, int]], int, MapError] | None
+        ) = None
         self._last: PolicyResult | None = None
         # Endpoint id -> the policy that could not be written, and why.
         self._failed: dict[int, tuple[EndpointPolicy, str]] = {}
@@ -332,7 +336,7 @@ class PolicyController:
             local = list(self._endpoints.list())
             computed = self._compute(snapshot, pods, local)
             result.policy = computed
-            self._write_cidr_identities(computed.cidr_identities)
+            unplaced, unplaced_why = self._place_cidr_identities(computed.cidr_identities)
             live_ids = {endpoint.endpoint_id for endpoint in local}
             for gone in self._written.keys() - live_ids:
                 del self._written[gone]  # its slot was cleared with the endpoint
@@ -343,6 +347,12 @@ class PolicyController:
             failures: list[str] = []
             for endpoint in local:
                 policy = computed.endpoints[pod_ref(endpoint)]
+                if unplaced and any(e.identity in unplaced for e in policy.entries):
+                    failures.append(
+                        f"endpoint {endpoint.endpoint_id} ({pod_ref(endpoint)}): its policy "
+                        f"was not written and it keeps the one it had: {unplaced_why}"
+                    )
+                    continue
                 failed = self._failed.get(endpoint.endpoint_id)
                 if failed is not None and failed[0] == policy and not map_changed:
                     failures.append(failed[1])  # written in vain before; nothing freed
@@ -414,14 +424,23 @@ class PolicyController:
                         [*others, endpoint],
                         only=None if new_identity else [endpoint],
                     )
-                    self._write_cidr_identities(computed.cidr_identities, add_only=True)
+                    unplaced, unplaced_why = self._place_cidr_identities(
+                        computed.cidr_identities, add_only=True
+                    )
                     policy = computed.endpoints[pod_ref(endpoint)]
+                    if unplaced and any(e.identity in unplaced for e in policy.entries):
+                        raise PolicyWriteError(
+                            f"the pod's policy cannot be written: {unplaced_why}"
+                        )
                     if new_identity:
                         for other in others:
+                            wanted = computed.endpoints[pod_ref(other)]
+                            if unplaced and any(e.identity in unplaced for e in wanted.entries):
+                                continue  # it keeps its policy; the pass reports it
                             # Another's policy that does not fit is the pass's to
                             # report (PolicyWriteError); this pod's ADD goes on.
                             with contextlib.suppress(MapError):
-                                self._write(other.endpoint_id, computed.endpoints[pod_ref(other)])
+                                self._write(other.endpoint_id, wanted)
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
 
@@ -542,15 +561,59 @@ class PolicyController:
                 for entry in self._dp.ipcache.list()
                 if entry.prefix not in self._cidr_prefixes
             }
-            for prefix, identity in new.items():
-                if prefix not in others:
-                    self._dp.ipcache.upsert(IpcacheEntry(prefix, identity=identity, node_ip=None))
-                    self._cidr_prefixes[prefix] = identity
+            attempt = frozenset(new.items())
+            failed = self._cidr_failure
+            if failed is not None and failed[0] == attempt and len(others) >= failed[1]:
+                # Written in vain before with no more room now: not again every pass.
+                raise failed[2]
+            self._cidr_failure = None
+            written: dict[ipaddress.IPv4Network, int | None] = {}  # prefix -> its old identity
+            try:
+                for prefix, identity in new.items():
+                    if prefix not in others:
+                        self._dp.ipcache.upsert(
+                            IpcacheEntry(prefix, identity=identity, node_ip=None)
+                        )
+                        written[prefix] = self._cidr_prefixes.get(prefix)
+                        self._cidr_prefixes[prefix] = identity
+            except MapError as exc:
+                self._cidr_failure = (attempt, len(others), exc)
+                # All or none: a CIDR identity in the ipcache changes how every
+                # endpoint sees those senders, also the ones keeping their policy.
+                for prefix, previous in written.items():
+                    if previous is None:
+                        self._dp.ipcache.delete(prefix)
+                        del self._cidr_prefixes[prefix]
+                    else:
+                        self._dp.ipcache.upsert(
+                            IpcacheEntry(prefix, identity=previous, node_ip=None)
+                        )
+                        self._cidr_prefixes[prefix] = previous
+                raise
         if add_only:
             return
         for prefix in [p for p in self._cidr_prefixes if p not in wanted]:
             self._dp.ipcache.delete(prefix)
             del self._cidr_prefixes[prefix]
+
+    def _place_cidr_identities(
+        self, wanted: Mapping[ipaddress.IPv4Network, int], *, add_only: bool = False
+    ) -> tuple[frozenset[int], str | None]:
+        """:meth:`_write_cidr_identities`; when the ipcache cannot take them, the CIDR
+        identities left out (policies naming them cannot be written) and why."""
+        try:
+            self._write_cidr_identities(wanted, add_only=add_only)
+        except MapError as exc:
+            unplaced = frozenset(i for p, i in wanted.items() if self._cidr_prefixes.get(p) != i)
+            why = f"{len(unplaced)} policy CIDRs do not fit in the ipcache: {exc}"
+            if exc.errno in (errno.ENOSPC, errno.E2BIG):
+                why += (
+                    "; raise max_entries of maps.ciliate_ipcache in bpf/datapath.toml and "
+                    "rebuild, or name fewer CIDRs"
+                )
+            log.error("policy: %s", why)
+            return unplaced, why
+        return frozenset(), None
 
     def _evict_denied_sockets(
         self, local: Sequence[LocalEndpoint], computed: PolicyResult
