@@ -4,7 +4,11 @@ the operator's EndpointSlices): a pass whenever the stores' revision moves
 process), and every ``resync_interval``
 regardless, so a missed change cannot stick. A failed pass is logged and
 retried; the revision seen is the one from before the pass, so a change made
-during it (by the pass itself, or by anyone) makes the next tick run another."""
+during it (by the pass itself, or by anyone) makes the next tick run another.
+A pass that did all it could and reports the rest (:class:`PassIncomplete`:
+an object too big for a map) is not retried at every tick, where it would
+fail alike, but at the next change or resync; its error stays in the status
+until a pass succeeds."""
 
 from __future__ import annotations
 
@@ -15,6 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class PassIncomplete(Exception):
+    """Raised by a pass that wrote what it could: retried at the next change or
+    resync, not at every tick."""
 
 
 class RevisionLoop:
@@ -80,6 +89,12 @@ class RevisionLoop:
             self._passes += 1
             try:
                 self._run_pass()
+            except PassIncomplete as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: pass incomplete: %s", self._name, exc)
+                self._seen, since_resync = revision, 0.0
+                self._last_pass_s = time.perf_counter() - started
+                continue
             except Exception as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("%s: pass failed; retrying", self._name)

@@ -62,7 +62,7 @@ from ciliate.control.policy.model import (
     PodEndpoint,
     PolicyResult,
 )
-from ciliate.control.revision_loop import RevisionLoop
+from ciliate.control.revision_loop import PassIncomplete, RevisionLoop
 from ciliate.control.store import Reader, StoreError
 from ciliate.datapath.maps import IpcacheEntry, PodSocket
 from ciliate.datapath.policy import PolicyEntry
@@ -170,8 +170,10 @@ def cluster_view(*, store: Reader, identities: IdentityLookup, node_name: str) -
     )
 
 
-class PolicyWriteError(RuntimeError):
-    """Policies of some endpoints could not be written; the others were."""
+class PolicyWriteError(PassIncomplete):
+    """Policies of some endpoints could not be written; the others were (retried
+    at the next change or resync, not at every poll: a pass over a policy too big
+    for its map computes for seconds and would fail alike)."""
 
 
 def _write_failure(endpoint: LocalEndpoint, policy: EndpointPolicy, exc: MapError) -> str:
@@ -374,7 +376,7 @@ class PolicyController:
                 result.evicted = self._evict_denied_sockets(local, computed)
             self._last = computed
         if failures:
-            # The loop reports it (``/v1/policy`` last_error) and tries again.
+            # The loop reports it (``/v1/policy`` last_error) until a pass succeeds.
             raise PolicyWriteError("; ".join(failures))
         return result
 
