@@ -5,10 +5,12 @@ still holds the allowed pod's flow."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -305,3 +307,74 @@ def test_a_new_pod_of_a_known_identity_gets_its_own_named_ports_from_the_start(
         for pod in (client, web0, *later):
             node_lab.cni(pod, "DEL")
         delete(node_lab, *(pod_object(pod) for pod in (client, web0, *later)), policy)
+
+
+def _namespace(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def test_a_namespace_relabelled_while_its_pods_come_and_go_ends_with_every_pod_right(
+    node_lab: NodeLab,
+) -> None:
+    """The server admits pods of namespaces labelled team=blue. Namespace ``probe``
+    flips red -> blue -> red while its pods are added and deleted: once the loop has
+    caught up, every pod of the namespace is where its labels say (admitted while
+    blue, refused while red), whichever the order of ADDs and relabels was."""
+    server = node_lab.pod()
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "from-blue", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "ns-server"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}],
+        },
+    }
+    apply(node_lab, _namespace("probe", team="red"), pod_object(server, app="ns-server"), policy)
+    node_lab.add(server)
+    assert server.ip
+    pods: list[lab.PodState] = []
+    names = (f"n{i}" for i in itertools.count())
+
+    def add_some(count: int) -> None:
+        for _ in range(count):
+            pod = lab.add_pod_netns(node_lab.state, node_lab.node, next(names), namespace="probe")
+            obj = pod_object(pod, app="member")
+            obj["metadata"]["namespace"] = "probe"
+            with node_lab.api as client:
+                client.post("/v1/objects/apply", {"objects": [obj]})
+            node_lab.add(pod)
+            pods.append(pod)
+
+    def relabel(team: str) -> threading.Thread:
+        def run() -> None:
+            for _ in range(5):  # while the ADDs go on
+                with node_lab.api as client:
+                    client.post("/v1/objects/apply", {"objects": [_namespace("probe", team=team)]})
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        add_some(4)
+        flip = relabel("blue")
+        add_some(6)
+        flip.join()
+        settle(node_lab)
+        reached = {p.name: node_lab.ping(p, server.ip) for p in pods}
+        assert all(reached.values()), reached
+        flip = relabel("red")
+        for pod in pods[:3]:
+            node_lab.cni(pod, "DEL")
+        del pods[:3]
+        add_some(3)
+        flip.join()
+        settle(node_lab)
+        reached = {p.name: node_lab.ping(p, server.ip) for p in pods}
+        assert not any(reached.values()), reached
+    finally:
+        for pod in (server, *pods):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, pod_object(server), policy, _namespace("probe"))
