@@ -325,7 +325,7 @@ def bpf_ct_list(args: argparse.Namespace) -> int:
         _print(
             c.get("/v1/bpf/ct"),
             args.output,
-            title="ciliate_ct (live connections)",
+            title="ciliate_ct_v2 (live connections)",
             columns=("protocol", "src", "dst", "expires_in", "seen_reply", "closing"),
         )
     return 0
