@@ -104,7 +104,8 @@ class L4Protocol(enum.IntEnum):
 
 class BackendState(enum.IntEnum):
     ACTIVE = abi.constant("CILIATE_LB_BACKEND_ACTIVE")
-    TERMINATING = abi.constant("CILIATE_LB_BACKEND_TERMINATING")  # keeps flows, takes no new one
+    # Keeps its flows and takes no new one, unless no backend is active.
+    TERMINATING = abi.constant("CILIATE_LB_BACKEND_TERMINATING")
 
 
 def _check_port(port: int, what: str) -> None:
@@ -175,17 +176,25 @@ class Flow:
     expires: int = field(default=0, compare=False)  # jiffies (ciliate.datapath.conntrack.now())
 
 
+def new_flow_backends(backends: Iterable[Backend]) -> tuple[Backend, ...]:
+    """The backends that take new flows: the active ones, or when there is none
+    the terminating ones (the control plane leaves out those not serving), as
+    kube-proxy (KEP-1669) and Cilium fall back, so the last pods of a rollout
+    still serve rather than the service refusing."""
+    items = tuple(backends)
+    active = tuple(b for b in items if b.state == BackendState.ACTIVE)
+    return active or tuple(b for b in items if b.state == BackendState.TERMINATING)
+
+
 def maglev_table(backends: Sequence[Backend], size: int = MAGLEV_SIZE) -> list[int]:
     """Maglev's lookup table (Eisenbud et al., NSDI 2016, section 3.4) of
-    the active backends: ``size`` (a prime) backend ids, each backend in
-    about ``size / n`` entries, and few entries moved when one backend
-    comes or goes. Each backend's permutation comes from its address and
-    port only, and the backends are taken in address order, so every node
-    computes the same table for the same backends (whatever their ids)."""
-    active = sorted(
-        (b for b in backends if b.state == BackendState.ACTIVE),
-        key=lambda b: (int(b.address), b.port),
-    )
+    the backends taking new flows (:func:`new_flow_backends`): ``size`` (a
+    prime) backend ids, each backend in about ``size / n`` entries, and few
+    entries moved when one backend comes or goes. Each backend's
+    permutation comes from its address and port only, and the backends are
+    taken in address order, so every node computes the same table for the
+    same backends (whatever their ids)."""
+    active = sorted(new_flow_backends(backends), key=lambda b: (int(b.address), b.port))
     if not active:
         return []
     offsets, skips = [], []
@@ -474,13 +483,15 @@ class LoadBalancer:
                     "ciliate_lb_service_value", backend_id=b.id, rev_nat_id=service.service_id
                 ),
             )
-        active = sum(b.state == BackendState.ACTIVE for b in group)
+        # Slots 1..count take new flows: the active ones (first in slot order),
+        # or with none the terminating ones, which then fill those slots.
+        count = len(new_flow_backends(group))
         self._services.update(
             self._service_key(service.frontend, slot=0, scope=scope),
             abi.pack(
                 "ciliate_lb_service_value",
-                count=active,
-                terminating=len(group) - active,
+                count=count,
+                terminating=len(group) - count,
                 rev_nat_id=service.service_id,
                 affinity_timeout=service.affinity_timeout,
                 flags=self._flags(service),
@@ -734,7 +745,7 @@ class LoadBalancer:
                     affinity_timeout=head["affinity_timeout"],
                     external=bool(head["flags"] & F_EXTERNAL),
                     internal_backends=group(frontend, SCOPE_INTERNAL) if two else None,
-                    active=head["count"],
+                    active=sum(b.state == BackendState.ACTIVE for b in ext),
                 )
             )
         return out

@@ -257,21 +257,35 @@ def test_two_nodes_pick_the_same_backend_for_each_flow(bed: Testbed) -> None:
             assert picks[0] == picks[1], sport
 
 
-def test_terminating_backends_keep_their_flows_and_take_no_new_one(bed: Testbed) -> None:
+def test_terminating_backends_keep_their_flows_and_take_new_ones_only_when_none_is_active(
+    bed: Testbed,
+) -> None:
     backend = remote_backend()
     bed.datapath.lb.upsert_service(NODEPORT, [backend], service_id=1, external=True)
     assert bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex).retval == (
         TC_ACT_REDIRECT
     )
     terminating = Backend(id=9, address=REMOTE_POD, port=8080, state=BackendState.TERMINATING)
-    bed.datapath.lb.upsert_service(NODEPORT, [terminating], service_id=1, external=True)
-    assert bed.datapath.lb.maglev(1) == []
+    other = remote_backend(10, ipaddress.IPv4Address("10.244.3.30"))
+    bed.datapath.lb.upsert_service(NODEPORT, [terminating, other], service_id=1, external=True)
+    assert set(bed.datapath.lb.maglev(1)) == {10}
     # The open flow keeps its backend ...
     result = bed.run("from_netdev", from_client(bed, flags="A"), ifindex=bed.uplink.ifindex)
     assert result.retval == TC_ACT_REDIRECT
     assert Ether(result.data)[IP].dst == str(REMOTE_POD)
-    # ... a new one finds no active backend: refused at once.
-    assert_refused(bed, from_client(bed, sport=CLIENT_PORT + 1))
+    # ... a new one goes to the active backend.
+    result = bed.run(
+        "from_netdev", from_client(bed, sport=CLIENT_PORT + 1), ifindex=bed.uplink.ifindex
+    )
+    assert Ether(result.data)[IP].dst == "10.244.3.30"
+    # With no active backend left, the terminating ones take new flows (KEP-1669,
+    # as kube-proxy and Cilium fall back) rather than the service refusing.
+    bed.datapath.lb.upsert_service(NODEPORT, [terminating], service_id=1, external=True)
+    assert set(bed.datapath.lb.maglev(1)) == {9}
+    result = bed.run(
+        "from_netdev", from_client(bed, sport=CLIENT_PORT + 2), ifindex=bed.uplink.ifindex
+    )
+    assert Ether(result.data)[IP].dst == str(REMOTE_POD)
 
 
 def assert_refused(bed: Testbed, sent: bytes) -> None:

@@ -210,16 +210,21 @@ def test_udp_connected_socket_sees_the_service_as_its_peer(tb: Testbed, lab: Lab
     assert len(set(_served(report))) == 1
 
 
-@pytest.mark.parametrize(
-    "states", [(), (BackendState.TERMINATING,) * 3], ids=["none", "all-terminating"]
-)
-def test_a_service_with_no_active_backend_refuses_at_once(
-    tb: Testbed, lab: Lab, states: tuple[BackendState, ...]
-) -> None:
-    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*states), service_id=1)
+def test_a_service_with_no_backend_refuses_at_once(tb: Testbed, lab: Lab) -> None:
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, [], service_id=1)
     assert lab.client("refused", FRONTEND_TCP)["errno"] == errno.ECONNREFUSED
-    tb.datapath.lb.upsert_service(FRONTEND_UDP, _backends(*states), service_id=2)
+    tb.datapath.lb.upsert_service(FRONTEND_UDP, [], service_id=2)
     assert lab.client("udp-refused", FRONTEND_UDP)["errno"] == errno.ECONNREFUSED
+
+
+def test_a_service_whose_backends_all_terminate_serves_through_them(tb: Testbed, lab: Lab) -> None:
+    """No active backend left: the terminating ones (the control plane keeps only
+    serving ones) take new connections, as kube-proxy (KEP-1669) and Cilium fall
+    back, rather than the service refusing."""
+    states = (BackendState.TERMINATING,) * 3
+    tb.datapath.lb.upsert_service(FRONTEND_TCP, _backends(*states), service_id=1)
+    served = set(_served(lab.client("tcp", FRONTEND_TCP, count=20)))
+    assert served and served <= {f"{ip}:{BACKEND_PORT}" for ip in BACKEND_IPS}
 
 
 def test_terminating_backends_take_no_new_connections(tb: Testbed, lab: Lab) -> None:

@@ -199,3 +199,46 @@ def test_a_connected_udp_socket_to_a_deleted_backend_is_not_left_sending_into_no
             assert answer == str(shared[stayer].ip)
     finally:
         delete(node_lab, everyone)
+
+
+def test_a_service_whose_backends_are_all_terminating_still_serves_through_them(
+    node_lab: NodeLab, shared: dict[str, lab.PodState]
+) -> None:
+    """Every endpoint of the slice is terminating but still serving (a rollout's
+    last pods): as kube-proxy (ProxyTerminatingEndpoints) and Cilium, new
+    connections go to them rather than being refused; one not serving takes none."""
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "draining", "namespace": "default"},
+        "spec": {"ports": [{"name": "tcp", "protocol": "TCP", "port": 80}]},
+    }
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "draining-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "draining"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "protocol": "TCP", "port": 8080}],
+        "endpoints": [
+            {
+                "addresses": [str(shared["web1"].ip)],
+                "conditions": {"ready": False, "serving": True, "terminating": True},
+            },
+            {
+                "addresses": [str(shared["web2"].ip)],
+                "conditions": {"ready": False, "serving": False, "terminating": True},
+            },
+        ],
+    }
+    apply(node_lab, svc, slice_)
+    try:
+        settle_services(node_lab)
+        vip = cluster_ip(node_lab, "draining")
+        answers = {tcp_ask(shared["client"], vip, 80)[0] for _ in range(10)}
+        assert answers == {str(shared["web1"].ip)}
+    finally:
+        delete(node_lab, svc, slice_)
