@@ -5,6 +5,7 @@ too big for the maps beside a small one."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -242,3 +243,49 @@ def test_a_service_whose_backends_are_all_terminating_still_serves_through_them(
         assert answers == {str(shared["web1"].ip)}
     finally:
         delete(node_lab, svc, slice_)
+
+
+def test_a_cluster_ip_connects_throughout_an_agent_killed_and_restarted(
+    fresh_lab: NodeLab,
+) -> None:
+    """SIGKILL of the agent with Services in force, then a start on the pinned maps
+    and links: connections to the ClusterIP made all along (socket LB, no agent in
+    the path) keep reaching the backend, and a Service deleted through the agent
+    just started leaves the maps (the restarted loop knows what it had written)."""
+    node_lab = fresh_lab
+    client, web = node_lab.pod("client"), node_lab.pod("web")
+    apply(node_lab, pod_object(client, app="client"), pod_object(web, app="web"))
+    node_lab.add(client)
+    node_lab.add(web)
+    doomed = service("doomed")
+    apply(node_lab, service("web"), doomed)
+    settle_services(node_lab)
+    vip, doomed_vip = cluster_ip(node_lab, "web"), cluster_ip(node_lab, "doomed")
+    answers: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_connecting() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(tcp_ask(client, vip, 80)[0])
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    with whoami(web):
+        thread = threading.Thread(target=keep_connecting)
+        thread.start()
+        try:
+            lab.stop_agent(node_lab.node, kill=True)
+            lab.start_agent(node_lab.node)
+            node_lab.state.save()
+            delete(node_lab, doomed)
+            settle_services(node_lab)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            thread.join()
+    assert answers and not failures, failures[:3]
+    assert set(answers) == {str(web.ip)}
+    in_maps = {entry["frontend"].split(":")[0] for entry in node_lab.get("/v1/bpf/lb")}
+    assert vip in in_maps and doomed_vip not in in_maps
