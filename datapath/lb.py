@@ -34,9 +34,10 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ciliate.datapath import abi, conntrack
 from ciliate.datapath.maps import RawMap
@@ -357,6 +358,8 @@ class LoadBalancer:
             if old.service_id == service.service_id:
                 left -= self._backend_ids(service)
             self._forget_affinity(old.service_id, left)
+            if old.external:
+                self._forget_udp_flows(old.frontend, left)
         self._index(service)
         self._drop_unused_backends(self._backend_ids(old))
         return service
@@ -657,13 +660,34 @@ class LoadBalancer:
         theirs (a SNAT port may serve a newer flow by then). The programs take
         such flows back too when their tuple or SNAT port comes again; this
         keeps the LRU tables for live flows. Returns how many flows were freed."""
-        if now is None:
-            now = conntrack.now()
+        deadline = conntrack.now() if now is None else now
+        return self._free_flows(lambda _tuple, flow: bool(flow["expires"] < deadline))
+
+    def _forget_udp_flows(self, frontend: Frontend, backend_ids: set[int]) -> None:
+        """Uplink flows of a non-TCP frontend to backends that have left it pick
+        again at their next packet, as kube-proxy clears the conntrack entries of
+        a removed UDP endpoint: a backend still backing another service stays in
+        the maps, active, and the flow would keep it for as long as packets come.
+        TCP flows keep theirs (kube-proxy leaves TCP entries: an open connection
+        goes on while the pod runs)."""
+        if not backend_ids or frontend.protocol == L4Protocol.TCP:
+            return
+        target = (_ip(frontend.address), socket.htons(frontend.port), int(frontend.protocol))
+        self._free_flows(
+            lambda t, flow: (
+                (t["daddr"], t["dport"], t["protocol"]) == target
+                and flow["backend_id"] in backend_ids
+            )
+        )
+
+    def _free_flows(self, doomed: Callable[[dict[str, Any], dict[str, Any]], bool]) -> int:
+        """Free the uplink flows ``doomed(tuple, flow)`` picks, with their reply
+        entries when those are still theirs; returns how many were freed."""
         dead: dict[tuple[int, int, int, int, int], int] = {}  # tuple -> SNAT port (0: none)
         for key, value in self._nat_fwd.items():
             flow = abi.unpack("ciliate_lb_flow", _single(value))
-            if flow["expires"] < now:
-                k = abi.unpack("ciliate_lb_tuple", key)
+            k = abi.unpack("ciliate_lb_tuple", key)
+            if doomed(k, flow):
                 orig = (k["saddr"], k["daddr"], k["sport"], k["dport"], k["protocol"])
                 dead[orig] = flow["nat_port"]
         if not dead:
@@ -693,7 +717,9 @@ class LoadBalancer:
             )
             # A packet may have started a new flow of the tuple meanwhile.
             raw = self._nat_fwd.lookup(key)
-            if raw is not None and abi.unpack("ciliate_lb_flow", _single(raw))["expires"] < now:
+            if raw is not None and doomed(
+                abi.unpack("ciliate_lb_tuple", key), abi.unpack("ciliate_lb_flow", _single(raw))
+            ):
                 freed += self._nat_fwd.delete(key)
         return freed
 
