@@ -347,6 +347,7 @@ class PolicyController:
             map_changed = bool(self._failed.keys() - live_ids)
             self._failed = {i: f for i, f in self._failed.items() if i in live_ids}
             failures: list[str] = []
+            deferred: list[tuple[LocalEndpoint, EndpointPolicy]] = []
             for endpoint in local:
                 policy = computed.endpoints[pod_ref(endpoint)]
                 if unplaced and any(e.identity in unplaced for e in policy.entries):
@@ -356,22 +357,20 @@ class PolicyController:
                     )
                     continue
                 failed = self._failed.get(endpoint.endpoint_id)
-                if failed is not None and failed[0] == policy and not map_changed:
-                    failures.append(failed[1])  # written in vain before; nothing freed
+                if failed is not None and failed[0] == policy:
+                    # Written in vain before: again only if this pass frees entries.
+                    deferred.append((endpoint, policy))
                     continue
-                # One endpoint's policy that cannot be written (more entries than
-                # the map has room for) must not keep every endpoint after it from
-                # its own: it keeps the policy it had, the others get theirs.
-                try:
-                    if self._write(endpoint.endpoint_id, policy):
-                        result.written.append(endpoint.endpoint_id)
-                        map_changed = True
-                    self._failed.pop(endpoint.endpoint_id, None)
-                except MapError as exc:
-                    message = _write_failure(endpoint, policy, exc)
-                    log.error("policy: %s", message)
-                    self._failed[endpoint.endpoint_id] = (policy, message)
-                    failures.append(message)
+                map_changed |= self._write_or_report(
+                    endpoint, policy, result=result, failures=failures
+                )
+            for endpoint, policy in deferred:
+                if map_changed:
+                    map_changed |= self._write_or_report(
+                        endpoint, policy, result=result, failures=failures
+                    )
+                else:
+                    failures.append(self._failed[endpoint.endpoint_id][1])
             if result.written:
                 result.evicted = self._evict_denied_sockets(local, computed)
             self._last = computed
@@ -493,6 +492,31 @@ class PolicyController:
             local=[pod_ref(e) for e in (local if only is None else only)],
             cidr_identities=self._cidr_identities,
         )
+
+    def _write_or_report(
+        self,
+        endpoint: LocalEndpoint,
+        policy: EndpointPolicy,
+        *,
+        result: SyncResult,
+        failures: list[str],
+    ) -> bool:
+        """:meth:`_write`, a failure reported instead of raised: one endpoint's
+        policy that cannot be written (more entries than the map has room for) must
+        not keep every endpoint after it from its own. It keeps the policy it had.
+        Returns whether the policy map changed."""
+        try:
+            written = self._write(endpoint.endpoint_id, policy)
+        except MapError as exc:
+            message = _write_failure(endpoint, policy, exc)
+            log.error("policy: %s", message)
+            self._failed[endpoint.endpoint_id] = (policy, message)
+            failures.append(message)
+            return False
+        self._failed.pop(endpoint.endpoint_id, None)
+        if written:
+            result.written.append(endpoint.endpoint_id)
+        return written
 
     def _write(self, endpoint_id: int, policy: EndpointPolicy) -> bool:
         """The endpoint's policy into the datapath, unless it holds it already."""
