@@ -378,3 +378,32 @@ def test_a_namespace_relabelled_while_its_pods_come_and_go_ends_with_every_pod_r
         for pod in (server, *pods):
             node_lab.cni(pod, "DEL")
         delete(node_lab, pod_object(server), policy, _namespace("probe"))
+
+
+def test_a_policy_applied_deleted_and_applied_again_at_once_ends_as_the_last_call_says(
+    node_lab: NodeLab,
+) -> None:
+    """apply, delete, apply of one policy with no pause (the loop sees any subset of
+    the three): isolated at the end; one more delete: open again. Five rounds."""
+    a, b = node_lab.pod(), node_lab.pod()
+    apply(node_lab, pod_object(a, app="flip-a"), pod_object(b, app="flip-b"))
+    node_lab.add(a)
+    node_lab.add(b)
+    assert b.ip
+    policy = deny_ingress("flip", app="flip-b")
+    try:
+        for _ in range(5):
+            with node_lab.api as client:
+                for path in ("apply", "delete", "apply"):
+                    body: dict[str, Any] = {"objects": [policy]}
+                    if path == "delete":
+                        body["ignore_missing"] = True
+                    client.post(f"/v1/objects/{path}", body)
+            settle(node_lab)
+            assert not node_lab.ping(a, b.ip)
+            delete(node_lab, policy)
+            assert node_lab.ping(a, b.ip)
+    finally:
+        for pod in (a, b):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, pod_object(a), pod_object(b), policy)
