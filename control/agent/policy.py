@@ -37,6 +37,7 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -77,6 +78,8 @@ _POLICY_INPUT_KINDS = ("Namespace", "Pod", *POLICY_KINDS)
 POD_NAMESPACE_ATTRIBUTE = "K8S_POD_NAMESPACE"
 POD_NAME_ATTRIBUTE = "K8S_POD_NAME"
 TCP = 6
+# Seconds an ADD may take between writing its policy and committing its endpoint.
+_ADD_GRACE = 60.0
 # Identities a trace gives pods not running yet: above every allocated one, below
 # the CIDR identities (1 << 24).
 UNALLOCATED_IDENTITY = 1 << 20
@@ -273,6 +276,8 @@ class PolicyController:
             tuple[frozenset[tuple[ipaddress.IPv4Network, int]], int, MapError] | None
         ) = None
         self._last: PolicyResult | None = None
+        # Endpoint id -> an endpoint enforce_new wrote whose ADD has not committed.
+        self._adding: dict[int, tuple[LocalEndpoint, float]] = {}
         # Endpoint id -> the policy that could not be written, and why.
         self._failed: dict[int, tuple[EndpointPolicy, str]] = {}
         self._lock = threading.Lock()
@@ -335,7 +340,7 @@ class PolicyController:
                 moved = self._endpoints.relabel(endpoint, labels)
                 result.relabelled.append(pod_ref(moved))
         with self._lock:
-            local = list(self._endpoints.list())
+            local = self._with_adding(list(self._endpoints.list()))
             computed = self._compute(snapshot, pods, local)
             result.policy = computed
             unplaced, unplaced_why = self._place_cidr_identities(computed.cidr_identities)
@@ -444,6 +449,20 @@ class PolicyController:
                                 self._write(other.endpoint_id, wanted)
             self._written.pop(endpoint.endpoint_id, None)
             self._write(endpoint.endpoint_id, policy)
+            self._adding[endpoint.endpoint_id] = (endpoint, time.monotonic())
+
+    def _with_adding(self, listed: list[LocalEndpoint]) -> list[LocalEndpoint]:
+        """The endpoints listed, and those whose ADD has written their policy but not
+        committed yet: a pass in between must count them too, or it would take the
+        entries the ADD gave its peers for the new identity back out (seen: the
+        first datagram of the new pod dropped now and then). An ADD that never
+        commits (rolled back) is forgotten after ``_ADD_GRACE`` seconds."""
+        ids = {endpoint.endpoint_id for endpoint in listed}
+        now = time.monotonic()
+        for endpoint_id, (_, since) in list(self._adding.items()):
+            if endpoint_id in ids or now - since > _ADD_GRACE:
+                del self._adding[endpoint_id]
+        return listed + [endpoint for endpoint, _ in self._adding.values()]
 
     def _named_ports(self, endpoint: LocalEndpoint) -> tuple[ContainerPort, ...] | None:
         """The named ports of the endpoint's Pod object; None when the objects are out
