@@ -219,7 +219,7 @@ def create_app(agent: NodeAgent) -> FastAPI:
         """The service loop: whether it has caught up with the objects."""
         if agent.services is None:
             return {"pending": False, "load_balancing": False}
-        return agent.services.loop.status()
+        return agent.services.status()
 
     @app.get("/v1/bpf/lb", tags=["bpf"])
     def bpf_lb() -> list[dict[str, Any]]:

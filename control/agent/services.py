@@ -50,6 +50,7 @@ from ciliate.control.services.ids import LbIds
 from ciliate.control.store import Store
 from ciliate.datapath import lb
 from ciliate.datapath.programs import Datapath
+from ciliate.loader import MapError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,12 @@ class ServiceController:
         self._written: dict[lb.Frontend, lb.Service] = {
             service.frontend: service for service in datapath.lb.list()
         }
+        # Frontends the maps refused (full, too many backends), with why: kept out
+        # of every pass's failure, retried when a pass frees entries or every
+        # ``resync_interval``, and reported by status().
+        self._unwritten: dict[lb.Frontend, tuple[table.Frontend, str]] = {}
+        self._retry_interval = resync_interval
+        self._last_retry = time.monotonic()
         self._relist_interval = relist_interval
         self._full_resync_interval = full_resync_interval
         self._last_full = self._last_relist = time.monotonic()
@@ -190,40 +197,61 @@ class ServiceController:
             # last wrote: a service removed or rewritten behind its back is put right.
             self._written = {service.frontend: service for service in self._dp.lb.list()}
             wanted.update({k: None for k in self._written if k not in wanted})
+        # Deletions first: the entries they free may take what did not fit before.
+        for key in [k for k, f in wanted.items() if f is None]:
+            self._unwritten.pop(key, None)
+            if self._written.pop(key, None) is not None:
+                self._dp.lb.delete_service(key)
+                result.deleted.append(str(key))
+        now = time.monotonic()
+        if self._unwritten and (result.deleted or now - self._last_retry >= self._retry_interval):
+            self._last_retry = now
+            for key, (frontend, _) in self._unwritten.items():
+                wanted.setdefault(key, frontend)
         for key, frontend in wanted.items():
             if frontend is None:
-                if self._written.pop(key, None) is not None:
-                    self._dp.lb.delete_service(key)
-                    result.deleted.append(str(key))
                 continue
-            service_id = self._ids.frontend_id(frontend.key)
-            assert service_id is not None, f"{frontend.key} has no id"
-            backends = self._lb_backends(frontend.backends)
-            internal = (
-                None
-                if frontend.internal_backends is None
-                else self._lb_backends(frontend.internal_backends)
-            )
-            external = frontend.kind is not table.FrontendKind.CLUSTER_IP
-            current = self._written.get(key)
-            if (
-                current is not None
-                and current.service_id == service_id
-                and _same(current.backends, backends)
-                and _same(current.internal_backends, internal)
-                and current.affinity_timeout == frontend.affinity_timeout
-                and current.external == external
-            ):
-                continue
-            self._written[key] = self._dp.lb.upsert_service(
-                key,
-                backends,
-                service_id=service_id,
-                affinity_timeout=frontend.affinity_timeout,
-                external=external,
-                internal_backends=internal,
-            )
-            result.written.append(str(key))
+            try:
+                self._upsert(key, frontend, result)
+            except (MapError, ValueError) as exc:
+                # This frontend alone stays out (or keeps what the maps hold);
+                # the others are written, and the next pass does not start over.
+                self._unwritten[key] = (frontend, str(exc))
+                log.error("services: %s is not in the datapath: %s", key, exc)
+            else:
+                self._unwritten.pop(key, None)
+
+    def _upsert(
+        self, key: lb.Frontend, frontend: table.Frontend, result: ServiceSyncResult
+    ) -> None:
+        service_id = self._ids.frontend_id(frontend.key)
+        assert service_id is not None, f"{frontend.key} has no id"
+        backends = self._lb_backends(frontend.backends)
+        internal = (
+            None
+            if frontend.internal_backends is None
+            else self._lb_backends(frontend.internal_backends)
+        )
+        external = frontend.kind is not table.FrontendKind.CLUSTER_IP
+        current = self._written.get(key)
+        if (
+            current is not None
+            and current.service_id == service_id
+            and _same(current.backends, backends)
+            and _same(current.internal_backends, internal)
+            and current.affinity_timeout == frontend.affinity_timeout
+            and current.external == external
+        ):
+            return
+        self._written[key] = self._dp.lb.upsert_service(
+            key,
+            backends,
+            service_id=service_id,
+            affinity_timeout=frontend.affinity_timeout,
+            external=external,
+            internal_backends=internal,
+        )
+        result.written.append(str(key))
 
     def _lb_backends(self, backends: Iterable[table.Backend]) -> list[lb.Backend]:
         out = []
@@ -259,6 +287,18 @@ class ServiceController:
                     },
                 )
             }
+
+    def status(self) -> dict[str, Any]:
+        """The loop's status, and the frontends the maps could not take."""
+        status = self.loop.status()
+        with self._lock:
+            unwritten = {str(k): why for k, (_, why) in sorted(self._unwritten.items())}
+        if unwritten:
+            status["unwritten"] = unwritten
+            if not status.get("last_error"):
+                first = next(iter(unwritten.values()))
+                status["last_error"] = f"{len(unwritten)} frontend(s) not in the datapath: {first}"
+        return status
 
     # -- the loop ----------------------------------------------------------------------
     def _pass(self) -> None:

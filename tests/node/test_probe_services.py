@@ -115,14 +115,6 @@ def huge_service(name: str, *, second_octet: int) -> list[dict[str, Any]]:
     return [svc, slice_]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control/agent/services.py (services control plane): ServiceController._write "
-    "stops at the first upsert_service that raises, the pass fails and starts over from a "
-    "full listing every poll, so every frontend after the one that does not fit stays out "
-    "of the maps for good; it should write each frontend on its own, keep the failed ones "
-    "for the report (last_error) and not retry them until a map entry is freed",
-)
 def test_services_too_big_for_the_maps_leave_the_others_served(
     node_lab: NodeLab, shared: dict[str, lab.PodState]
 ) -> None:
