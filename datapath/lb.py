@@ -42,6 +42,8 @@ from typing import Any
 from ciliate.datapath import abi, conntrack
 from ciliate.datapath.maps import RawMap
 from ciliate.loader import (
+    IterLink,
+    LoaderError,
     MapError,
     Program,
     attach_sock_addr,
@@ -254,6 +256,8 @@ class LoadBalancer:
         nat_fwd: RawMap,
         nat_rev: RawMap,
         netns: RawMap,
+        sock_destroy: RawMap | None = None,
+        sock_destroy_program: Program | None = None,
     ) -> None:
         self._services = services
         self._backends = backends
@@ -264,6 +268,10 @@ class LoadBalancer:
         self._nat_fwd = nat_fwd
         self._nat_rev = nat_rev
         self._netns = netns
+        # Connected UDP sockets to removed backends (kernel >= 6.5): the
+        # backends of one pass, and the iter/udp program that destroys them.
+        self._sock_destroy = sock_destroy
+        self._sock_destroy_program = sock_destroy_program
         self._table: dict[Frontend, Service] = {}
         # Indexes, so a write costs the same with 10 or 10,000 services:
         # service id -> frontend; backend id -> the backend and its users.
@@ -612,11 +620,68 @@ class LoadBalancer:
         """Translate every socket again (the switch off; cookies kept)."""
         self._netns.delete(self._u64(0))
 
+    # ---- sockets left connected to removed backends
+
+    @property
+    def destroys_sockets(self) -> bool:
+        """Whether :meth:`destroy_sockets_to` can run (its map and program given)."""
+        return self._sock_destroy is not None and self._sock_destroy_program is not None
+
+    def destroy_sockets_to(
+        self,
+        backends: Iterable[Backend],
+        *,
+        netns: Iterable[str | os.PathLike[str] | None],
+    ) -> int:
+        """Destroy the connected UDP sockets the socket LB sent to one of
+        ``backends`` (removed: no longer a backend of any frontend), in each
+        network namespace of ``netns`` (paths; None: the caller's own), as
+        Cilium does: the application's next send or receive fails with
+        ECONNABORTED and it connects again, rather than sending into nothing
+        (kube-proxy clears the conntrack entries of a removed UDP endpoint
+        for the same reason). A socket walk sees only the sockets of the
+        namespace it runs in, hence one per pod and one for the node. A
+        namespace gone meanwhile (its pod deleted) is skipped. The backends
+        are in ciliate_lb_sock_destroy only during the walks. Returns the
+        namespaces walked."""
+        if self._sock_destroy is None or self._sock_destroy_program is None:
+            raise LoaderError("this load balancer was given no socket-destroy map and program")
+        keys = {self._backend_key(b.address, b.port) for b in backends}
+        if not keys:
+            return 0
+        walked = 0
+        try:
+            for key in keys:
+                self._sock_destroy.update(key, self._u32(1))
+            with IterLink(self._sock_destroy_program) as link:
+                for path in netns:
+                    try:
+                        link.run(netns=path)
+                    except LoaderError as exc:
+                        if exc.errno in (errno.ENOENT, errno.EINVAL) and path is not None:
+                            continue  # the namespace went with its pod: no socket left
+                        raise
+                    walked += 1
+        finally:
+            for key in keys:
+                with contextlib.suppress(MapError):
+                    self._sock_destroy.delete(key)
+        return walked
+
+    @staticmethod
+    def _backend_key(address: ipaddress.IPv4Address, port: int) -> bytes:
+        # As sock4_destroy_udp builds it: port << 32 | address, both network order.
+        return (socket.htons(port) << 32 | _ip(address)).to_bytes(8, sys.byteorder)
+
     @staticmethod
     def _u64(value: int) -> bytes:
         return value.to_bytes(8, sys.byteorder)
 
     # ---- reads
+
+    def backend_in_use(self, backend_id: int) -> bool:
+        """Whether some frontend written in the maps still has this backend."""
+        return backend_id in self._backend_of
 
     def get(self, frontend: Frontend) -> Service | None:
         return self._table.get(frontend)

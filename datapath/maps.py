@@ -81,6 +81,7 @@ LB_MAGLEV = "ciliate_lb_maglev"
 LB_NAT_FWD = "ciliate_lb_nat_fwd_v2"
 LB_NAT_REV = "ciliate_lb_nat_rev"
 LB_NETNS = "ciliate_lb_netns"
+LB_SOCK_DESTROY = "ciliate_lb_sock_destroy"
 # Every map the built datapath has (those of enabled features): what the
 # agent pins.
 ALL = tuple(m.name for m in shape().maps)

@@ -40,6 +40,8 @@ SERVICE_PROGRAMS = {
     "sock4_sendmsg": "sock_lb",
     "sock4_recvmsg": "sock_lb",
     "sock4_getpeername": "sock_lb",
+    # iter/udp, run by LoadBalancer.destroy_sockets_to (not attached to a hook)
+    "sock4_destroy_udp": "sock_lb",
 }
 
 
@@ -163,6 +165,8 @@ class Datapath:
                 nat_fwd=self.maps[dpmaps.LB_NAT_FWD],
                 nat_rev=self.maps[dpmaps.LB_NAT_REV],
                 netns=self.maps[dpmaps.LB_NETNS],
+                sock_destroy=self.maps[dpmaps.LB_SOCK_DESTROY],
+                sock_destroy_program=self.programs["sock4_destroy_udp"],
             )
         if dpmaps.shape().enabled("policy"):
             self._policy = Policy(self.maps[dpmaps.POLICY], self.maps[dpmaps.POLICY_STATE])

@@ -40,6 +40,7 @@ from .errors import (
     ObjectOpenError,
     VerifierError,
 )
+from .iter import IterLink
 from .maps import Map, MapInfo, MapType, possible_cpus
 from .netns import enter_netns
 from .object import BpfObject, ProgInfo, Program, prog_info
@@ -71,6 +72,7 @@ __all__ = [
     "AttachError",
     "BpfObject",
     "Btf",
+    "IterLink",
     "LibbpfError",
     "LoaderError",
     "Map",

@@ -68,6 +68,7 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_UDP4_SENDMSG = 14
 BPF_CGROUP_UDP4_RECVMSG = 19
 BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_TRACE_ITER = 28
 
 # enum bpf_link_type
 BPF_LINK_TYPE_TCX = 11
@@ -345,6 +346,7 @@ _LIBBPF: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_link_update": (c_int, [c_int, c_int, c_void_p]),
     "bpf_link_detach": (c_int, [c_int]),
+    "bpf_iter_create": (c_int, [c_int]),
     "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint32]),
     "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
     # tc (netlink) helpers

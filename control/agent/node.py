@@ -273,6 +273,7 @@ class NodeAgent:
             host_ports=lambda: hostports.frontends(
                 self.endpoints.host_ports(), node_name=self.config.node_name, node_ips=node_ips
             ),
+            pod_netns=lambda: [r.netns for r in self.endpoints.list()],
             # A lone node is its own EndpointSlice controller; in a cluster the operator is.
             local_endpoints=None
             if self.cluster

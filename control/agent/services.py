@@ -50,7 +50,7 @@ from ciliate.control.services.ids import LbIds
 from ciliate.control.store import Store
 from ciliate.datapath import lb
 from ciliate.datapath.programs import Datapath
-from ciliate.loader import MapError
+from ciliate.loader import LoaderError, MapError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class ServiceController:
         node_ips: Sequence[ipaddress.IPv4Address],
         local_endpoints: Callable[[], Iterable[tuple[str | None, str]]] | None,
         host_ports: Callable[[], Mapping[str, Sequence[table.Frontend]]] | None = None,
+        pod_netns: Callable[[], Iterable[str]] | None = None,
         poll_interval: float = 0.1,
         resync_interval: float = 10.0,
         relist_interval: float = 30.0,
@@ -93,7 +94,11 @@ class ServiceController:
         this agent the EndpointSlice controller: a lone node; None in a cluster.
         ``objects_store`` holds the objects (etcd in a cluster), ``node_store`` the
         node's own state (the ids). ``host_ports``: this node's pods' hostPort
-        frontends by owner (:mod:`ciliate.control.services.hostports`), read each pass."""
+        frontends by owner (:mod:`ciliate.control.services.hostports`), read each pass.
+        ``pod_netns``: the network namespace paths of this node's pods, where
+        connected UDP sockets to a removed backend are looked for (with the
+        agent's own, the node's)."""
+        self._pod_netns = pod_netns
         self._ids = LbIds(node_store)
         self._dp = datapath
         self._node_name = node_name
@@ -197,6 +202,14 @@ class ServiceController:
             # last wrote: a service removed or rewritten behind its back is put right.
             self._written = {service.frontend: service for service in self._dp.lb.list()}
             wanted.update({k: None for k in self._written if k not in wanted})
+        # The backends of the UDP frontends about to change: those no frontend
+        # keeps after the writes are removed, and sockets connected to them go.
+        leaving = {
+            b
+            for key in wanted
+            if key.protocol is lb.L4Protocol.UDP and (old := self._written.get(key)) is not None
+            for b in (*old.backends, *(old.internal_backends or ()))
+        }
         # Deletions first: the entries they free may take what did not fit before.
         for key in [k for k, f in wanted.items() if f is None]:
             self._unwritten.pop(key, None)
@@ -220,6 +233,27 @@ class ServiceController:
                 log.error("services: %s is not in the datapath: %s", key, exc)
             else:
                 self._unwritten.pop(key, None)
+        self._destroy_sockets_to(leaving)
+
+    def _destroy_sockets_to(self, leaving: set[lb.Backend]) -> None:
+        """Destroy the connected UDP sockets the socket LB sent to a backend that
+        is no longer in the maps (as Cilium does; kube-proxy clears the conntrack
+        entries of a removed UDP endpoint): the application sees ECONNABORTED and
+        connects again, instead of sending into nothing. In every pod's namespace
+        and the node's (a socket walk sees only its own namespace's sockets). A
+        failure is logged, not the pass's: the maps are right either way."""
+        removed = [b for b in leaving if not self._dp.lb.backend_in_use(b.id)]
+        if not removed or not self._dp.lb.destroys_sockets:
+            return
+        pods = list(self._pod_netns()) if self._pod_netns is not None else []
+        try:
+            self._dp.lb.destroy_sockets_to(removed, netns=[None, *pods])
+        except (LoaderError, MapError, OSError) as exc:
+            log.error(
+                "services: UDP sockets to removed backend(s) %s not destroyed: %s",
+                ", ".join(sorted(map(str, removed))),
+                exc,
+            )
 
     def _upsert(
         self, key: lb.Frontend, frontend: table.Frontend, result: ServiceSyncResult

@@ -151,15 +151,6 @@ def test_services_too_big_for_the_maps_leave_the_others_served(
         settle_services(node_lab, timeout=120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="socket LB (bpf_sock_lb.c.j2, datapath/lb.py, the loader): a connected UDP "
-    "socket keeps the backend connect() gave it, and nothing ends it when that backend "
-    "goes; Cilium destroys such sockets (an iter/udp program calling the "
-    "bpf_sock_destroy kfunc, run in each pod's netns when a backend is removed), so the "
-    "application sees ECONNABORTED and connects again, as kube-proxy clears the "
-    "conntrack entries of a removed UDP endpoint",
-)
 def test_a_connected_udp_socket_to_a_deleted_backend_is_not_left_sending_into_nothing(
     node_lab: NodeLab, shared: dict[str, lab.PodState]
 ) -> None:
