@@ -155,8 +155,11 @@ def _first_and_then(lab: Lab, tb: Testbed, *, removed: str) -> tuple[dict[str, o
         first = _line(proc)
         served = ipaddress.IPv4Address(str(first["via"]))
         gone = served if removed == "served" else next(ip for ip in BACKEND_IPS if ip != served)
+        # A pod deleted meanwhile: its namespace is gone, the walk skips it.
+        vanished = f"/run/netns/{lab.netns}-gone"
         walked = tb.datapath.lb.destroy_sockets_to(
-            [b for b in _backends() if b.address == gone], netns=[f"/run/netns/{lab.netns}"]
+            [b for b in _backends() if b.address == gone],
+            netns=[vanished, f"/run/netns/{lab.netns}"],
         )
         assert walked == 1
         assert proc.stdin is not None
