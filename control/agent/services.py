@@ -45,7 +45,7 @@ from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.revision_loop import RevisionLoop
 from ciliate.control.services import node as node_services
 from ciliate.control.services import slices, table
-from ciliate.control.services.changes import ObjectChanges
+from ciliate.control.services.changes import ObjectChanges, ResyncSchedule
 from ciliate.control.services.ids import LbIds
 from ciliate.control.store import Store
 from ciliate.datapath import lb
@@ -120,9 +120,9 @@ class ServiceController:
         self._unwritten: dict[lb.Frontend, tuple[table.Frontend, str]] = {}
         self._retry_interval = resync_interval
         self._last_retry = time.monotonic()
-        self._relist_interval = relist_interval
-        self._full_resync_interval = full_resync_interval
-        self._last_full = self._last_relist = time.monotonic()
+        self._schedule = ResyncSchedule(
+            relist_interval=relist_interval, full_interval=full_resync_interval
+        )
         self._lock = threading.Lock()
         # Started, woken, asked for its status and closed by the agent.
         self.loop = RevisionLoop(
@@ -139,12 +139,7 @@ class ServiceController:
 
     def sync(self) -> ServiceSyncResult:
         with self._lock:
-            now = time.monotonic()
-            if now - self._last_full >= self._full_resync_interval:
-                self._changes.reset()
-            elif now - self._last_relist >= self._relist_interval:
-                self._changes.relist()
-                self._last_relist = now
+            self._schedule.before_poll(self._changes)
             try:
                 return self._sync()
             except Exception:
@@ -157,7 +152,7 @@ class ServiceController:
         changes = self._changes.poll()
         result = ServiceSyncResult(full=changes.full)
         if changes.full:
-            self._last_full = time.monotonic()
+            self._schedule.started_over()
         written: dict[str, dict[str, Any]] = {}
         removed: set[str] = set()
         if self._slices is not None and self._local_endpoints is not None:

@@ -189,8 +189,9 @@ class ObjectStore:
                 if attempt > _CONFLICT_RETRIES:
                     raise
                 # Every apply writes the revision key, so concurrent applies all conflict:
-                # a random pause keeps the losers from meeting again at once.
-                time.sleep(random.uniform(0, 0.005 * attempt))
+                # a random pause, doubling up to 0.2 s, keeps the losers from meeting
+                # again at once (a linear one let 4 busy writers run out of retries).
+                time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
 
     def _next_revision(self, txn: Txn) -> int:
         doc = txn.get_json(REVISION_KEY)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 from ciliate.control.cluster import keys
 from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.revision_loop import RevisionLoop
 from ciliate.control.services import slices
-from ciliate.control.services.changes import KeyChanges, ObjectChanges
+from ciliate.control.services.changes import KeyChanges, ObjectChanges, ResyncSchedule
 from ciliate.control.store import Store
 
 log = logging.getLogger("ciliate.operator.endpointslices")
@@ -47,9 +46,9 @@ class EndpointSliceController:
         # The agents' published endpoints (``cluster/endpoints/<ip>``), followed alike.
         self._endpoint_changes = KeyChanges(store, [keys.ENDPOINTS])
         self._published: dict[str, tuple[str, slices.PodAddress]] = {}
-        self._relist_interval = relist_interval
-        self._full_resync_interval = full_resync_interval
-        self._last_full = self._last_relist = time.monotonic()
+        self._schedule = ResyncSchedule(
+            relist_interval=relist_interval, full_interval=full_resync_interval
+        )
         self._lock = threading.Lock()
         self._loop = RevisionLoop(
             name="endpointslices",
@@ -88,17 +87,11 @@ class EndpointSliceController:
 
     def sync(self) -> slices.ReconcileResult:
         with self._lock:
-            now = time.monotonic()
-            if now - self._last_full >= self._full_resync_interval:
-                self._changes.reset()
-            elif now - self._last_relist >= self._relist_interval:
-                self._changes.relist()
-                self._endpoint_changes.relist()
-                self._last_relist = now
+            self._schedule.before_poll(self._changes, self._endpoint_changes)
             try:
                 changes = self._changes.poll()
                 if changes.full:
-                    self._last_full = time.monotonic()
+                    self._schedule.started_over()
                     self._endpoint_changes.reset()
                 addresses, moved = self._follow_addresses()
                 result = self._controller.sync(changes, addresses=addresses, moved=moved)

@@ -19,6 +19,7 @@ poll reads the key again (a harmless repeat), never the reverse.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -200,3 +201,27 @@ class ObjectChanges(KeyChanges):
             changes.changed[kind] = objects
             changes.deleted[kind] = deleted[prefix]
         return changes
+
+
+class ResyncSchedule:
+    """When a controller's feeds relist (every key's revision compared, keys only)
+    or start over from a full listing; a pass asks :meth:`before_poll` first and
+    says :meth:`started_over` once a poll came back full."""
+
+    def __init__(self, *, relist_interval: float, full_interval: float) -> None:
+        self._relist_interval = relist_interval
+        self._full_interval = full_interval
+        self._last_full = self._last_relist = time.monotonic()
+
+    def before_poll(self, *feeds: KeyChanges) -> None:
+        now = time.monotonic()
+        if now - self._last_full >= self._full_interval:
+            for feed in feeds:
+                feed.reset()
+        elif now - self._last_relist >= self._relist_interval:
+            for feed in feeds:
+                feed.relist()
+            self._last_relist = now
+
+    def started_over(self) -> None:
+        self._last_full = time.monotonic()

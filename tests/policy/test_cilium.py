@@ -735,12 +735,8 @@ def test_trace_names_the_rule_of_each_kind_of_decision() -> None:
 # -- enableDefaultDeny (Cilium 1.15) -------------------------------------------------------
 
 
-def _validated(policy: dict[str, Any]) -> dict[str, Any]:
-    return validate(policy)
-
-
 def test_default_deny_off_lets_everything_in_but_what_its_deny_names() -> None:
-    policy = _validated(
+    policy = validate(
         cnp(
             "x",
             {
@@ -766,7 +762,7 @@ def test_default_deny_off_lets_everything_in_but_what_its_deny_names() -> None:
 
 
 def test_default_deny_off_with_only_allows_isolates_nothing() -> None:
-    policy = _validated(
+    policy = validate(
         cnp(
             "x",
             {
@@ -783,7 +779,7 @@ def test_default_deny_off_with_only_allows_isolates_nothing() -> None:
 
 
 def test_another_policy_with_default_deny_isolates_and_the_allows_add_up() -> None:
-    broad = _validated(
+    broad = validate(
         cnp(
             "x",
             {
@@ -794,7 +790,7 @@ def test_another_policy_with_default_deny_isolates_and_the_allows_add_up() -> No
             name="broad",
         )
     )
-    strict = _validated(
+    strict = validate(
         cnp(
             "x",
             {
@@ -808,7 +804,7 @@ def test_another_policy_with_default_deny_isolates_and_the_allows_add_up() -> No
 
 
 def test_default_deny_on_isolates_a_direction_without_rules() -> None:
-    policy = _validated(
+    policy = validate(
         cnp(
             "x",
             {
