@@ -19,12 +19,13 @@ import functools
 import gzip
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ciliate.datapath import abi
 from ciliate.datapath.maps import RawMap
+from ciliate.datapath.pod_connections import OpenConnection
 
 WAYS = abi.constant("CILIATE_CT_WAYS")
 _F_SEEN_REPLY = abi.constant("CILIATE_CT_F_SEEN_REPLY")
@@ -71,6 +72,39 @@ def hz() -> int:
     if match is None:
         raise ClockError("/proc/config.gz has no CONFIG_HZ")
     return int(match.group(1))
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def set_index(key: bytes, sets: int) -> int:
+    """The set of a connection whose ``ciliate_ct_key`` (either orientation) is ``key``:
+    ct_set_of() in conntrack.h, which this must follow exactly (a test checks it
+    against the datapath)."""
+    addrs = int.from_bytes(key[0:4], "little") ^ int.from_bytes(key[4:8], "little")
+    ports32 = int.from_bytes(key[8:12], "little")
+    ports = (ports32 ^ (ports32 >> 16)) & 0xFFFF
+    h = ((addrs << 32 | ports << 8 | key[12]) * _GOLDEN) & _U64
+    return h >> (64 - (sets.bit_length() - 1))
+
+
+def _key(
+    protocol: int, src: tuple[ipaddress.IPv4Address, int], dst: tuple[ipaddress.IPv4Address, int]
+) -> bytes:
+    """A ciliate_ct_key: addresses and ports as they sit in the headers."""
+    return abi.pack(
+        "ciliate_ct_key",
+        saddr=int.from_bytes(src[0].packed, "little"),
+        daddr=int.from_bytes(dst[0].packed, "little"),
+        sport=int.from_bytes(src[1].to_bytes(2, "big"), "little"),
+        dport=int.from_bytes(dst[1].to_bytes(2, "big"), "little"),
+        protocol=protocol,
+    )
+
+
+def _reversed_key(key: bytes) -> bytes:
+    return key[4:8] + key[0:4] + key[10:12] + key[8:10] + key[12:]
 
 
 def _addr(value: int) -> ipaddress.IPv4Address:
@@ -194,6 +228,58 @@ class Conntrack:
         for index, _ in list(self._used_sets()):
             removed += self._rewrite(index, expired_before=2**64 - 1)
         return removed
+
+    def adopt(self, connections: Iterable[OpenConnection]) -> int:
+        """Track connections the datapath has not seen open (read from a pod's
+        sockets when policy starts to apply to it: :mod:`ciliate.datapath.pod_connections`),
+        each keyed from its opener with a verification that matches nothing, so its
+        next packet judges it as its opener sent it. A connection the table holds
+        already keeps its entry; one whose set has no free or expired way is left
+        out (its packets are judged as they come, as before). Returns how many were
+        adopted. Like :meth:`gc`, it writes whole sets: a way the datapath fills in
+        that same instant is lost, and its connection judged again as new."""
+        ticks, per_second = now(), hz()
+        adopted = 0
+        for connection in connections:
+            key = _key(connection.protocol, connection.opener, connection.other)
+            index = set_index(key, self._raw.max_entries)
+            raw = self._raw.lookup(index.to_bytes(4, "little"))
+            if not isinstance(raw, bytes):
+                continue
+            value = bytearray(raw)
+            ways = [bytes(value[w * _ENTRY : (w + 1) * _ENTRY]) for w in range(WAYS)]
+            if any(way[:_KEY] in (key, _reversed_key(key)) for way in ways):
+                continue
+            free = next(
+                (
+                    w
+                    for w, way in enumerate(ways)
+                    if abi.unpack("ciliate_ct_entry", way)["expires"] <= ticks
+                ),
+                None,
+            )
+            if free is None:
+                continue
+            flags = (_F_SEEN_REPLY if connection.answered else 0) | (
+                _F_CLOSING if connection.closing else 0
+            )
+            lifetime = per_second * self._lifetime(connection.protocol, flags)
+            entry = abi.pack(
+                "ciliate_ct_entry", expires=ticks + lifetime, flags=flags, lifetime=lifetime
+            )
+            value[free * _ENTRY : (free + 1) * _ENTRY] = key + entry[_KEY:]
+            self._raw.update(index.to_bytes(4, "little"), bytes(value))
+            adopted += 1
+        return adopted
+
+    @staticmethod
+    def _lifetime(protocol: int, flags: int) -> int:
+        """Seconds: ct_lifetime() in conntrack.h."""
+        if protocol != 6:  # IPPROTO_TCP
+            return LIFETIMES["nontcp"]
+        if flags & _F_CLOSING:
+            return LIFETIMES["close"]
+        return LIFETIMES["tcp"] if flags & _F_SEEN_REPLY else LIFETIMES["syn"]
 
     def delete(self, way: Way) -> None:
         """Forget the connection in one way (it is judged afresh)."""

@@ -66,9 +66,10 @@ from ciliate.control.policy.model import (
 from ciliate.control.revision_loop import PassIncomplete, RevisionLoop
 from ciliate.control.store import Reader, StoreError
 from ciliate.datapath.maps import IpcacheEntry, PodSocket
+from ciliate.datapath.pod_connections import open_connections
 from ciliate.datapath.policy import PolicyEntry
 from ciliate.datapath.programs import Datapath
-from ciliate.loader import MapError
+from ciliate.loader import LoaderError, MapError
 
 log = logging.getLogger(__name__)
 # What the policy engine reads: not Services nor EndpointSlices, which would make
@@ -104,6 +105,8 @@ class LocalEndpoint(Protocol):
     def container_id(self) -> str: ...
     @property
     def pod(self) -> str | None: ...
+    @property
+    def netns(self) -> str: ...
 
 
 class IdentityLookup(Protocol):
@@ -446,9 +449,10 @@ class PolicyController:
                             # Another's policy that does not fit is the pass's to
                             # report (PolicyWriteError); this pod's ADD goes on.
                             with contextlib.suppress(MapError):
-                                self._write(other.endpoint_id, wanted)
+                                self._write(other, wanted)
             self._written.pop(endpoint.endpoint_id, None)
-            self._write(endpoint.endpoint_id, policy)
+            # Its network is being made: no connection of it can exist yet.
+            self._write(endpoint, policy, adopt_connections=False)
             self._adding[endpoint.endpoint_id] = (endpoint, time.monotonic())
 
     def _with_adding(self, listed: list[LocalEndpoint]) -> list[LocalEndpoint]:
@@ -525,7 +529,7 @@ class PolicyController:
         not keep every endpoint after it from its own. It keeps the policy it had.
         Returns whether the policy map changed."""
         try:
-            written = self._write(endpoint.endpoint_id, policy)
+            written = self._write(endpoint, policy)
         except MapError as exc:
             message = _write_failure(endpoint, policy, exc)
             log.error("policy: %s", message)
@@ -537,10 +541,19 @@ class PolicyController:
             result.written.append(endpoint.endpoint_id)
         return written
 
-    def _write(self, endpoint_id: int, policy: EndpointPolicy) -> bool:
-        """The endpoint's policy into the datapath, unless it holds it already."""
+    def _write(
+        self, endpoint: LocalEndpoint, policy: EndpointPolicy, *, adopt_connections: bool = True
+    ) -> bool:
+        """The endpoint's policy into the datapath, unless it holds it already. When
+        the policy is the first enforced on it, its open connections are adopted by
+        the tracker first (:meth:`_adopt_connections`)."""
+        endpoint_id = endpoint.endpoint_id
         if self._written.get(endpoint_id) == policy:
             return False
+        if adopt_connections and (policy.ingress_enforced or policy.egress_enforced):
+            state = self._dp.policy.state(endpoint_id)
+            if not (state.ingress_enforced or state.egress_enforced):
+                self._adopt_connections(endpoint)
         self._dp.policy.replace(
             endpoint_id,
             policy.entries,
@@ -549,6 +562,33 @@ class PolicyController:
         )
         self._written[endpoint_id] = policy
         return True
+
+    def _adopt_connections(self, endpoint: LocalEndpoint) -> None:
+        """The endpoint's open connections into the tracker, each from the end that
+        opened it, so their next packets are judged as their opener sent them. The
+        tracker only learns connections while policy is enforced on an end; without
+        this, a server's answer to a request the pod sent before its ingress was
+        isolated would count as a connection into the pod and be dropped (Cilium and
+        iptables engines keep such connections: their conntrack saw them open)."""
+        try:
+            connections = open_connections(endpoint.netns)
+        except (OSError, LoaderError) as exc:
+            log.warning(
+                "policy: the open connections of endpoint %d (%s) cannot be read: %s; "
+                "their next packets are judged as new connections",
+                endpoint.endpoint_id,
+                pod_ref(endpoint),
+                exc,
+            )
+            return
+        adopted = self._dp.conntrack.adopt(connections)
+        if adopted:
+            log.info(
+                "policy: %d open connection(s) of endpoint %d (%s) tracked",
+                adopted,
+                endpoint.endpoint_id,
+                pod_ref(endpoint),
+            )
 
     def _pod_endpoints(
         self, local: Sequence[LocalEndpoint], pods: Mapping[str, Mapping[str, Any]]
@@ -667,6 +707,7 @@ class PolicyController:
         next bytes take the packet path and meet the policy there."""
         by_ip = {ipaddress.IPv4Address(e.ip): e for e in local}
         evicted = []
+        adopted: set[int] = set()
         for sock in self._dp.sockets.list():
             # A mapped socket does not say which end opened the connection, so it
             # stays mapped only while policy allows both directions; otherwise it
@@ -680,6 +721,12 @@ class PolicyController:
                 b, a, a_port, computed
             )
             if not allowed:
+                # The packet path must know who opened it: the tracker saw no packet
+                # of it since socket forwarding took it (or its entry has expired).
+                for end in (a, b):
+                    if end.endpoint_id not in adopted:
+                        adopted.add(end.endpoint_id)
+                        self._adopt_connections(end)
                 self._dp.sockets.delete(sock)
                 evicted.append(sock)
         if evicted:
