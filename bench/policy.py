@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ciliate.bench import podnet, policy_peer, report, traffic, udp_rr
+from ciliate.bench import podnet, policy_peer, reach, report, traffic, udp_rr
 from ciliate.control.agent.client import AgentClient
 
 NAMESPACE = "bench"
@@ -174,12 +174,64 @@ def run_enforce(
 
 # -- 2. the peer ----------------------------------------------------------------------------
 
+TARGETS = ("policed", "open")
+"""The two servers of every side, both answering the client ``a``: ``b``, which the
+policy selects, and ``c``, which no policy selects (and which is also the outsider the
+policy must refuse). Measured back to back in every round, they give the paired cost
+of the policy on one network."""
+
+TARGET_LABELS = {"policed": "b policy", "open": "c none"}
+TOOLS = ("sockperf", "udp_rr", "iperf3")
+PEER = "ptp"
+GOAL_RULES = 10000
+LATENCY_GOAL = 0.5  # ciliate / the iptables peer, UDP request/response p50
+THROUGHPUT_GOAL = 0.97  # ciliate with policy / without, one TCP stream
+WARM_UP_REQUESTS = 200
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    network: str
+    tools: tuple[str, ...]
+
+
+SIDES = (
+    SideSpec(PEER, TOOLS),
+    SideSpec("ciliate", TOOLS),
+    # Socket forwarding carries ciliate's TCP stream past the packet path (and so past
+    # the per-packet policy); this side shows the stream on the packet path. Its UDP is
+    # ciliate's, so only TCP is measured.
+    SideSpec("ciliate-packet", ("iperf3",)),
+)
+
 
 @dataclass
 class Figures:
     sockperf_p50_us: list[float] = field(default_factory=list)
     new_flow_p50_us: list[float] = field(default_factory=list)
+    new_flow_lost: list[int] = field(default_factory=list)
     tcp_gbps: list[float] = field(default_factory=list)
+
+
+FIGURE_OF_TOOL = {
+    "sockperf": "sockperf_p50_us",
+    "udp_rr": "new_flow_p50_us",
+    "iperf3": "tcp_gbps",
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    what: str
+    rules: int
+    ratio: traffic.Spread
+    limit: float
+    at_most: bool
+    note: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.ratio.median <= self.limit if self.at_most else self.ratio.median >= self.limit
 
 
 @dataclass
@@ -187,118 +239,308 @@ class PeerResults:
     rule_counts: list[int]
     rounds: int
     seconds: float
-    # (network, rule count or 0 for no policy) -> figures of each round
-    figures: dict[str, dict[int, Figures]]
+    cpu: int
+    sides: dict[str, list[str]]
+    """network -> the tools measured on it"""
+    figures: dict[str, dict[int, dict[str, Figures]]]
+    """network -> rule count -> target -> figures of each round"""
+    enforcement: dict[str, dict[int, list[reach.Reach]]]
+    """network -> rule count -> the probes that showed the policy enforced"""
+    load: list[str] = field(default_factory=list)
+    """/proc/loadavg before and after"""
 
-    def median(self, network: str, rules: int, what: str) -> float:
-        return float(statistics.median(getattr(self.figures[network][rules], what)))
+    def measured(self, network: str, what: str) -> bool:
+        tools = self.sides.get(network, [])
+        return any(FIGURE_OF_TOOL[tool] == what for tool in tools)
 
-    def paired(self, network: str, rules: int, ref: str, ref_rules: int, what: str) -> float:
-        mine = getattr(self.figures[network][rules], what)
-        theirs = getattr(self.figures[ref][ref_rules], what)
-        return float(statistics.median(a / b for a, b in zip(mine, theirs, strict=True)))
+    def median(self, network: str, rules: int, target: str, what: str) -> float:
+        return float(statistics.median(getattr(self.figures[network][rules][target], what)))
+
+    def paired(
+        self, network: str, rules: int, what: str, *, ref: str, ref_target: str, target: str
+    ) -> traffic.Spread:
+        """Round-by-round ratios of ``network``'s ``target`` to ``ref``'s ``ref_target``."""
+        return traffic.paired_ratio(
+            getattr(self.figures[network][rules][target], what),
+            getattr(self.figures[ref][rules][ref_target], what),
+        )
+
+    def vs_peer(self, network: str, rules: int, what: str) -> traffic.Spread:
+        """The policed server's figure over the iptables peer's, round by round."""
+        return self.paired(network, rules, what, ref=PEER, ref_target="policed", target="policed")
+
+    def vs_no_policy(self, network: str, rules: int, what: str) -> traffic.Spread:
+        """The policed server's figure over the open one's on the same network."""
+        return self.paired(network, rules, what, ref=network, ref_target="open", target="policed")
+
+    @property
+    def goal_rules(self) -> int:
+        """The rule count the goals are judged at: the issue's, or the largest run."""
+        return GOAL_RULES if GOAL_RULES in self.rule_counts else max(self.rule_counts)
+
+    def goals(self) -> list[Goal]:
+        rules = self.goal_rules
+        out = [
+            Goal(
+                what="new-flow UDP request/response p50, ciliate / iptables peer",
+                rules=rules,
+                ratio=self.vs_peer("ciliate", rules, "new_flow_p50_us"),
+                limit=LATENCY_GOAL,
+                at_most=True,
+            ),
+            Goal(
+                what="established-flow UDP request/response p50, ciliate / iptables peer",
+                rules=rules,
+                ratio=self.vs_peer("ciliate", rules, "sockperf_p50_us"),
+                limit=LATENCY_GOAL,
+                at_most=True,
+                note="the peer accepts an established packet at its first rule (conntrack), "
+                "whatever the rule count: both sides pay no rule walk there, so this is "
+                "the two datapaths' base cost",
+            ),
+        ]
+        for network in ("ciliate", "ciliate-packet"):
+            if self.measured(network, "tcp_gbps"):
+                out.append(
+                    Goal(
+                        what=f"one TCP stream, {network} with policy / without",
+                        rules=rules,
+                        ratio=self.vs_no_policy(network, rules, "tcp_gbps"),
+                        limit=THROUGHPUT_GOAL,
+                        at_most=False,
+                    )
+                )
+        return out
 
 
 @dataclass
 class _Side:
-    pair: traffic.PodPair
-    install: Callable[[int], None]  # rules (0: no policy)
+    network: str
+    tools: tuple[str, ...]
+    client: podnet.Pod
+    policed: podnet.Pod
+    open: podnet.Pod
+    pairs: dict[str, traffic.PodPair]
+    """target -> client and that server"""
+    install: Callable[[int], None]
+    """rules -> the policy in force (returns once it is)"""
 
 
-def _ptp_side(net: podnet.PodNetwork, pair: traffic.PodPair) -> _Side:
+def _set_up_side(
+    spec: SideSpec, net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int
+) -> _Side:
+    client, policed, open_ = (net.add_pod(name) for name in ("a", "b", "c"))
+    for server in (policed, open_):
+        net.wait_reachable(client, server)
+        traffic.start_servers(server, stack, cpu)
+        echo = stack.enter_context(
+            traffic.background_server(
+                podnet.netns_exec(
+                    server.netns,
+                    "taskset",
+                    "-c",
+                    str(cpu),
+                    *udp_rr.server_command(server.ip, UDP_RR_PORT),
+                )
+            )
+        )
+        traffic.wait_listening(server, "udp", UDP_RR_PORT, echo)
+    mtu = int(net.link(client)["mtu"])
+    pairs = {
+        "policed": traffic.PodPair(net=net, a=client, b=policed, mtu=mtu),
+        "open": traffic.PodPair(net=net, a=client, b=open_, mtu=mtu),
+    }
+    make = _ptp_install if spec.network == PEER else _ciliate_install
+    return _Side(
+        network=spec.network,
+        tools=spec.tools,
+        client=client,
+        policed=policed,
+        open=open_,
+        pairs=pairs,
+        install=make(net, client=client, server=policed),
+    )
+
+
+def _ptp_install(
+    net: podnet.PodNetwork, *, client: podnet.Pod, server: podnet.Pod
+) -> Callable[[int], None]:
     def install(rules: int) -> None:
         policy_peer.remove(net)
-        if rules:
-            policy_peer.install(net, server_ip=pair.b.ip, client_ip=pair.a.ip, rules=rules)
+        policy_peer.install(net, server_ip=server.ip, client_ip=client.ip, rules=rules)
+        loaded = policy_peer.rule_count(net)
+        if loaded != rules:
+            raise PolicyBenchError(f"{net.node_netns}: {loaded} rules loaded, not {rules}")
 
-    return _Side(pair, install)
+    return install
 
 
-def _ciliate_side(net: podnet.PodNetwork, pair: traffic.PodPair) -> _Side:
-    client = agent_client(net)
-    apply(client, namespace_and_pods([pair.a, pair.b]))
-    ips = [pair.b.ip]
+def _ciliate_install(
+    net: podnet.PodNetwork, *, client: podnet.Pod, server: podnet.Pod
+) -> Callable[[int], None]:
+    agent = agent_client(net)
+    apply(agent, namespace_and_pods([client, server]))
 
     def install(rules: int) -> None:
-        before = {ip: s.get("revision", 0) for ip, s in policy_states(client).items()}
-        if rules == 0:
-            delete(client, [ingress_policy(name="peer", selector={}, peers=[])])
-            return
+        before = {ip: s.get("revision", 0) for ip, s in policy_states(agent).items()}
+        # The same policy as the peer's: rules - 1 ipBlock peers that never send, then
+        # the client's, in one ingress rule of a policy selecting the server only.
         fillers = [f"{peer}/32" for peer in policy_peer.filler_peers(rules - 1)]
         policy = ingress_policy(
-            name="peer", selector={"app": pair.b.name}, peers=[*fillers, f"{pair.a.ip}/32"]
+            name="peer", selector={"app": server.name}, peers=[*fillers, f"{client.ip}/32"]
         )
-        apply(client, [policy])
-        wait_enforced(client, ips=ips, after=before, timeout=120)
+        apply(agent, [policy])
+        wait_enforced(agent, ips=[server.ip], after=before, timeout=120)
 
-    return _Side(pair, install)
+    return install
 
 
-def _measure(side: _Side, figures: Figures, *, seconds: float, cpu: int) -> None:
-    pair = side.pair
-    figures.sockperf_p50_us.append(traffic.sockperf_pingpong(pair, seconds, cpu, False).p50_us)
+def _verify_enforced(side: _Side) -> list[reach.Reach]:
+    """Probes that the policy is in force: the client reaches the policed server and
+    the open one; the outsider ``c`` reaches the policed server neither by UDP nor by
+    TCP. PolicyBenchError if any says otherwise."""
+    allowed = [
+        reach.probe(side.client, side.policed.ip, proto="udp", port=UDP_RR_PORT, timeout=2),
+        reach.probe(side.client, side.open.ip, proto="udp", port=UDP_RR_PORT, timeout=2),
+    ]
+    refused = [
+        reach.probe(side.open, side.policed.ip, proto="udp", port=UDP_RR_PORT),
+        reach.probe(side.open, side.policed.ip, proto="tcp", port=traffic.IPERF_PORT),
+    ]
+    for probe in allowed:
+        if probe.answered != probe.attempts:
+            raise PolicyBenchError(f"{side.network}: an allowed flow is refused: {probe}")
+    for probe in refused:
+        if probe.answered:
+            raise PolicyBenchError(
+                f"{side.network}: the policy is not enforced, the outsider got through: {probe}"
+            )
+    return allowed + refused
+
+
+def _measure_round(
+    sides: Sequence[_Side],
+    sink: Callable[[str, str], Figures],
+    *,
+    mirrored: bool,
+    seconds: float,
+    requests: int,
+    cpu: int,
+) -> None:
+    """Each tool in turn over every (network, target) that measures it, back to back,
+    in one order or its mirror: the figures a ratio pairs are taken seconds apart."""
+    for tool in TOOLS:
+        keys = [(s, t) for s in sides if tool in s.tools for t in TARGETS]
+        if mirrored:
+            keys.reverse()
+        if tool == "sockperf":
+            pairs = {f"{s.network}/{t}": s.pairs[t] for s, t in keys}
+            slices = traffic.latency_slices(pairs, list(pairs), seconds, cpu, False)
+            for s, t in keys:
+                merged = traffic.merge_sockperf(slices[f"{s.network}/{t}"])
+                sink(s.network, t).sockperf_p50_us.append(merged.p50_us)
+        elif tool == "udp_rr":
+            for s, t in keys:
+                rr = _udp_rr(s.pairs[t], requests=requests, cpu=cpu)
+                figures = sink(s.network, t)
+                figures.new_flow_p50_us.append(rr.p50_us)
+                figures.new_flow_lost.append(rr.lost)
+        else:
+            for s, t in keys:
+                stream = traffic.iperf3_stream(s.pairs[t], seconds, cpu=cpu)
+                sink(s.network, t).tcp_gbps.append(stream.gbps)
+
+
+def _udp_rr(pair: traffic.PodPair, *, requests: int, cpu: int) -> udp_rr.UdpRrSample:
     proc = traffic.run_tool(
         podnet.netns_exec(
             pair.a.netns,
             "taskset",
             "-c",
             str(cpu),
-            *udp_rr.client_command(pair.b.ip, UDP_RR_PORT, UDP_RR_REQUESTS),
+            *udp_rr.client_command(pair.b.ip, UDP_RR_PORT, requests),
         ),
         120,
         f"udp_rr in {pair.a.netns}",
     )
-    figures.new_flow_p50_us.append(udp_rr.parse(proc.stdout).p50_us)
-    figures.tcp_gbps.append(traffic.iperf3_stream(pair, seconds).gbps)
+    return udp_rr.parse(proc.stdout)
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def run_peer(
     *,
     rule_counts: Sequence[int] = (10, 1000, 10000),
-    rounds: int = 3,
+    rounds: int = 5,
     seconds: float = 3,
+    sides: Sequence[SideSpec] = SIDES,
     progress: Callable[[str], None] | None = report.progress_to_stderr,
 ) -> PeerResults:
+    """The peer side by side: for each rule count, the policy put in force on every
+    side and proved (:func:`_verify_enforced`), one warm-up round thrown away, then
+    ``rounds`` rounds of every tool; client and servers pinned to one CPU."""
     if rounds < 1 or seconds <= 0 or any(n < 1 for n in rule_counts):
         raise ValueError("rounds >= 1, seconds > 0 and rule counts >= 1")
+    if not rule_counts:
+        raise ValueError("at least one rule count")
+    if [s.network for s in sides][:2] != [PEER, "ciliate"]:
+        raise ValueError(f"the sides start with {PEER} and ciliate")
     cpu = traffic.default_cpu()
-    counts = [0, *rule_counts]
-    figures: dict[str, dict[int, Figures]] = {
-        name: {n: Figures() for n in counts} for name in ("ptp", "ciliate")
-    }
+    counts = list(rule_counts)
+    figures = {s.network: {n: {t: Figures() for t in TARGETS} for n in counts} for s in sides}
+    enforcement: dict[str, dict[int, list[reach.Reach]]] = {s.network: {} for s in sides}
+    load = [_loadavg()]
     with contextlib.ExitStack() as stack:
-        sides: dict[str, _Side] = {}
-        for name, make in (("ptp", _ptp_side), ("ciliate", _ciliate_side)):
-            net = stack.enter_context(podnet.PodNetwork(name, k8s_namespace=NAMESPACE))
-            pair = traffic.set_up_pair(net, stack, cpu)
-            echo = stack.enter_context(
-                traffic.background_server(
-                    podnet.netns_exec(
-                        pair.b.netns,
-                        "taskset",
-                        "-c",
-                        str(cpu),
-                        *udp_rr.server_command(pair.b.ip, UDP_RR_PORT),
-                    )
-                )
-            )
-            traffic.wait_listening(pair.b, "udp", UDP_RR_PORT, echo)
-            sides[name] = make(net, pair)
+        ready: list[_Side] = []
+        for spec in sides:
+            net = stack.enter_context(podnet.PodNetwork(spec.network, k8s_namespace=NAMESPACE))
+            ready.append(_set_up_side(spec, net, stack, cpu))
         for rules in counts:
-            for side in sides.values():
+            for side in ready:
+                if progress:
+                    progress(f"policy: {side.network}: putting {rules} rules in force")
                 side.install(rules)
+                enforcement[side.network][rules] = _verify_enforced(side)
+            _measure_round(
+                ready,
+                lambda network, target: Figures(),
+                mirrored=False,
+                seconds=1,
+                requests=WARM_UP_REQUESTS,
+                cpu=cpu,
+            )
             for r in range(rounds):
-                order = list(sides) if r % 2 == 0 else list(reversed(sides))
-                for name in order:
-                    if progress:
-                        progress(f"policy: {name}, {rules or 'no'} rules, round {r + 1}/{rounds}")
-                    _measure(sides[name], figures[name][rules], seconds=seconds, cpu=cpu)
+                if progress:
+                    progress(f"policy: {rules} rules, round {r + 1}/{rounds}")
+                _measure_round(
+                    ready,
+                    lambda network, target: figures[network][rules][target],  # noqa: B023
+                    mirrored=r % 2 == 1,
+                    seconds=seconds,
+                    requests=UDP_RR_REQUESTS,
+                    cpu=cpu,
+                )
+    load.append(_loadavg())
     return PeerResults(
-        rule_counts=list(rule_counts), rounds=rounds, seconds=seconds, figures=figures
+        rule_counts=counts,
+        rounds=rounds,
+        seconds=seconds,
+        cpu=cpu,
+        sides={s.network: list(s.tools) for s in sides},
+        figures=figures,
+        enforcement=enforcement,
+        load=load,
     )
 
 
 # -- output -------------------------------------------------------------------------------
+
+
+def _spread(s: traffic.Spread) -> str:
+    return f"{s.median:.2f} [{s.min:.2f}-{s.max:.2f}]"
 
 
 def print_tables(enforce: EnforceResult | None, peer: PeerResults | None) -> None:
@@ -306,52 +548,116 @@ def print_tables(enforce: EnforceResult | None, peer: PeerResults | None) -> Non
 
     if enforce is not None:
         table = Table(title=f"apply -> enforced on {enforce.endpoints} endpoints")
-        for column in ("rounds", "p50 ms", "max ms"):
+        for column in ("rounds", "p50 ms", "max ms", "goal p50 <= 100 ms"):
             table.add_column(column, justify="right")
-        table.add_row(str(enforce.rounds), f"{enforce.p50_ms:.1f}", f"{enforce.max_ms:.1f}")
+        table.add_row(
+            str(enforce.rounds),
+            f"{enforce.p50_ms:.1f}",
+            f"{enforce.max_ms:.1f}",
+            "met" if enforce.p50_ms <= 100 else "NOT MET",
+        )
         report.print_wide(table)
     if peer is None:
         return
+    print_peer_table(peer)
+    print_goals_table(peer)
+
+
+def print_peer_table(peer: PeerResults) -> None:
+    from rich.table import Table
+
     table = Table(
-        title=f"policy: ciliate against ptp + iptables rules, median of {peer.rounds} x "
-        f"{peer.seconds:g}s"
+        title=f"policy: ciliate against ptp + iptables rules, median of {peer.rounds} rounds"
+        f" x {peer.seconds:g}s"
     )
     columns = [
         "rules",
         "network",
+        "server",
         "UDP p50 us",
         "new-flow p50 us",
+        "lost",
         "TCP Gbit/s",
-        "p50 x iptables",
-        "new-flow x iptables",
+        "UDP p50 x peer",
+        "new-flow x peer",
         "TCP x no policy",
     ]
     for column in columns:
-        table.add_column(column, justify="left" if column == "network" else "right")
-    for rules in [0, *peer.rule_counts]:
-        for name in ("ptp", "ciliate"):
-            row = [
-                str(rules) if rules else "none",
-                name if name == "ciliate" else ("ptp + iptables" if rules else "ptp"),
-                f"{peer.median(name, rules, 'sockperf_p50_us'):.2f}",
-                f"{peer.median(name, rules, 'new_flow_p50_us'):.1f}",
-                f"{peer.median(name, rules, 'tcp_gbps'):.2f}",
-            ]
-            if name == "ciliate":
-                row += [
-                    f"{peer.paired(name, rules, 'ptp', rules, 'sockperf_p50_us'):.2f}",
-                    f"{peer.paired(name, rules, 'ptp', rules, 'new_flow_p50_us'):.2f}",
-                    f"{peer.paired(name, rules, name, 0, 'tcp_gbps'):.2f}",
+        table.add_column(
+            column,
+            justify="left" if column in ("network", "server") else "right",
+            no_wrap=" x " in column or column == "network",
+        )
+
+    def cell(network: str, rules: int, target: str, what: str, fmt: str) -> str:
+        if not peer.measured(network, what):
+            return "-"
+        return fmt.format(peer.median(network, rules, target, what))
+
+    for rules in peer.rule_counts:
+        for network in peer.sides:
+            for target in TARGETS:
+                policed = target == "policed"
+                lost = (
+                    str(sum(peer.figures[network][rules][target].new_flow_lost))
+                    if peer.measured(network, "new_flow_p50_us")
+                    else "-"
+                )
+                row = [
+                    f"{rules:,}",
+                    f"{network}+iptables" if network == PEER and policed else network,
+                    TARGET_LABELS[target],
+                    cell(network, rules, target, "sockperf_p50_us", "{:.2f}"),
+                    cell(network, rules, target, "new_flow_p50_us", "{:.1f}"),
+                    lost,
+                    cell(network, rules, target, "tcp_gbps", "{:.2f}"),
                 ]
-            else:
-                row += ["", "", f"{peer.paired(name, rules, name, 0, 'tcp_gbps'):.2f}"]
-            table.add_row(*row)
+                vs_peer = policed and network != PEER
+                for what in ("sockperf_p50_us", "new_flow_p50_us"):
+                    row.append(
+                        _spread(peer.vs_peer(network, rules, what))
+                        if vs_peer and peer.measured(network, what)
+                        else ""
+                    )
+                row.append(
+                    _spread(peer.vs_no_policy(network, rules, "tcp_gbps"))
+                    if policed and peer.measured(network, "tcp_gbps")
+                    else ""
+                )
+                table.add_row(*row)
+        table.add_section()
     table.caption = (
-        "UDP p50: sockperf ping-pong one-way latency on one flow; new-flow p50: round trip of "
-        f"{UDP_RR_REQUESTS} UDP requests each from a new socket (Python client and echo "
-        "server, the same on both networks); TCP: iperf3, one stream; ratios paired round by "
-        "round"
+        "peer: ptp + iptables rules, server b. b: the server the policy selects (rules - 1"
+        " ipBlock peers that never send, the client's last); c: a server no policy selects,"
+        " and the outsider the policy must refuse (probed before measuring, UDP and TCP,"
+        " on every network). UDP p50: sockperf ping-pong on one established flow, one-way;"
+        f" new-flow p50: round trip of {UDP_RR_REQUESTS} UDP requests each from a new socket"
+        " (lost: timed out, all rounds); TCP: iperf3, one stream. Clients and servers pinned"
+        f" to CPU {peer.cpu}; each tool runs on every network and server back to back, the"
+        " order mirrored every round; ratios: median \\[range] of round-by-round ratios."
+        f" Load average before: {peer.load[0] if peer.load else '?'}, after:"
+        f" {peer.load[-1] if peer.load else '?'}"
     )
+    report.print_wide(table)
+
+
+def print_goals_table(peer: PeerResults) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"policy: the issue's goals, at {peer.goal_rules:,} rules")
+    for column in ("goal", "limit", "measured \\[range]", "verdict"):
+        table.add_column(column, justify="left" if column == "goal" else "right")
+    notes: list[str] = []
+    for goal in peer.goals():
+        table.add_row(
+            goal.what + (f" ({len(notes) + 1})" if goal.note else ""),
+            f"{'<=' if goal.at_most else '>='} {goal.limit:g}x",
+            _spread(goal.ratio),
+            "met" if goal.met else "NOT MET",
+        )
+        if goal.note:
+            notes.append(f"({len(notes) + 1}) {goal.note}")
+    table.caption = "\n".join(notes) or None
     report.print_wide(table)
 
 
@@ -361,17 +667,54 @@ def to_dict(enforce: EnforceResult | None, peer: PeerResults | None) -> dict[str
         "enforce": None
         if enforce is None
         else {**asdict(enforce), "p50_ms": enforce.p50_ms, "max_ms": enforce.max_ms},
-        "peer": None
-        if peer is None
-        else {
-            "rule_counts": peer.rule_counts,
-            "rounds": peer.rounds,
-            "seconds": peer.seconds,
-            "figures": {
-                name: {str(n): asdict(f) for n, f in by_count.items()}
-                for name, by_count in peer.figures.items()
-            },
+        "peer": None if peer is None else _peer_dict(peer),
+    }
+
+
+def _peer_dict(peer: PeerResults) -> dict[str, object]:
+    ratios: dict[str, dict[str, dict[str, object]]] = {}
+    for network in peer.sides:
+        for rules in peer.rule_counts:
+            by_figure: dict[str, object] = {}
+            for what in ("sockperf_p50_us", "new_flow_p50_us"):
+                if network != PEER and peer.measured(network, what):
+                    by_figure[f"{what}_x_peer"] = asdict(peer.vs_peer(network, rules, what))
+            if peer.measured(network, "tcp_gbps"):
+                by_figure["tcp_gbps_x_no_policy"] = asdict(
+                    peer.vs_no_policy(network, rules, "tcp_gbps")
+                )
+            ratios.setdefault(network, {})[str(rules)] = by_figure
+    return {
+        "rule_counts": peer.rule_counts,
+        "rounds": peer.rounds,
+        "seconds": peer.seconds,
+        "cpu": peer.cpu,
+        "load": peer.load,
+        "sides": peer.sides,
+        "figures": {
+            network: {
+                str(n): {t: asdict(f) for t, f in by_target.items()}
+                for n, by_target in by_count.items()
+            }
+            for network, by_count in peer.figures.items()
         },
+        "ratios": ratios,
+        "enforcement": {
+            network: {str(n): [asdict(p) for p in probes] for n, probes in by_count.items()}
+            for network, by_count in peer.enforcement.items()
+        },
+        "goals": [
+            {
+                "what": g.what,
+                "rules": g.rules,
+                "ratio": asdict(g.ratio),
+                "limit": g.limit,
+                "at_most": g.at_most,
+                "met": g.met,
+                "note": g.note,
+            }
+            for g in peer.goals()
+        ],
     }
 
 

@@ -11,7 +11,7 @@ alike):
   receiver's bits per second;
 - UDP ping-pong latency: ``sockperf server`` in B, ``sockperf ping-pong
   --time 1`` in A, SECONDS times per round with the networks interleaved
-  (:func:`_latency_slices`), both pinned to the same CPU with ``taskset`` (not
+  (:func:`latency_slices`), both pinned to the same CPU with ``taskset`` (not
   pinned, latency is bimodal from cross-CPU wake-ups and hides the
   datapath). sockperf's default figure is one-way latency, i.e. half the
   round trip; ``full_rtt=True`` reports round trips.
@@ -251,7 +251,9 @@ class PodPair:
     sockperf: list[SockperfSample] = field(default_factory=list)
 
 
-def iperf3_stream(pair: PodPair, seconds: float) -> IperfSample:
+def iperf3_stream(pair: PodPair, seconds: float, *, cpu: int | None = None) -> IperfSample:
+    """One TCP stream from ``pair.a`` to ``pair.b``; with ``cpu``, the client and (for
+    this test) the server are pinned to it (iperf3's ``-A n,m``)."""
     cmd = podnet.netns_exec(
         pair.a.netns,
         "iperf3",
@@ -262,6 +264,7 @@ def iperf3_stream(pair: PodPair, seconds: float) -> IperfSample:
         "-t",
         f"{seconds:g}",
         "-J",
+        *([] if cpu is None else ["-A", f"{cpu},{cpu}"]),
     )
     proc = run_tool(cmd, seconds + 30, f"iperf3 in {pair.a.netns}")
     try:
@@ -305,30 +308,36 @@ def set_up_pair(net: podnet.PodNetwork, stack: contextlib.ExitStack, cpu: int) -
     mtu_a, mtu_b = int(net.link(a)["mtu"]), int(net.link(b)["mtu"])
     if mtu_a != mtu_b:
         raise TrafficError(f"{net.network.name}: pods got different MTUs ({mtu_a}, {mtu_b})")
+    start_servers(b, stack, cpu)
+    return PodPair(net=net, a=a, b=b, mtu=mtu_a)
+
+
+def start_servers(pod: podnet.Pod, stack: contextlib.ExitStack, cpu: int) -> None:
+    """``iperf3 -s`` and ``sockperf server`` (pinned to ``cpu``) in ``pod``, stopped
+    when ``stack`` closes; returns once both listen."""
     iperf = stack.enter_context(
         background_server(
-            podnet.netns_exec(b.netns, "iperf3", "-s", "-B", b.ip, "-p", str(IPERF_PORT))
+            podnet.netns_exec(pod.netns, "iperf3", "-s", "-B", pod.ip, "-p", str(IPERF_PORT))
         )
     )
     sockperf = stack.enter_context(
         background_server(
             podnet.netns_exec(
-                b.netns,
+                pod.netns,
                 "taskset",
                 "-c",
                 str(cpu),
                 "sockperf",
                 "server",
                 "-i",
-                b.ip,
+                pod.ip,
                 "-p",
                 str(SOCKPERF_PORT),
             )
         )
     )
-    wait_listening(b, "tcp", IPERF_PORT, iperf)
-    wait_listening(b, "udp", SOCKPERF_PORT, sockperf)
-    return PodPair(net=net, a=a, b=b, mtu=mtu_a)
+    wait_listening(pod, "tcp", IPERF_PORT, iperf)
+    wait_listening(pod, "udp", SOCKPERF_PORT, sockperf)
 
 
 def run(
@@ -385,7 +394,7 @@ def run(
                         f"traffic: round {r + 1}/{repeats} {name}: {i.gbps:.2f} Gbit/s"
                         f" ({i.retransmits} retr)"
                     )
-            slices = _latency_slices(pairs, order, seconds, cpu, full_rtt)
+            slices = latency_slices(pairs, order, seconds, cpu, full_rtt)
             for name in order:
                 pair = pairs[name]
                 pair.sockperf.append(merge_sockperf(slices[name]))
@@ -438,7 +447,7 @@ def run(
     return out
 
 
-def _latency_slices(
+def latency_slices(
     pairs: Mapping[str, PodPair], order: Sequence[str], seconds: float, cpu: int, full_rtt: bool
 ) -> dict[str, list[SockperfSample]]:
     """One round's latency as 1 s runs, the networks interleaved A B C, C B A, ...:
