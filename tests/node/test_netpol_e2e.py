@@ -4,12 +4,18 @@ truth tables, through the real datapath of one node: real pods, the agent's poli
 loop, the BPF programs deciding. The same cases run through the engine alone in
 tests/policy and across three nodes in tests/cluster; so does a sample of the
 generated cases (tests/policy/generated_cases.py), whose tables come from the
-reference evaluator."""
+reference evaluator. So do the earlier upstream spellings of the cases and the
+runtime changes cyclonus makes (tests/policy/upstream_variants.py): pods and a
+namespace created and deleted mid-case, labels set and removed, policies updated
+and deleted. Every case that changes something at runtime is probed on TCP and UDP,
+80 and 81, in every stage."""
 
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,10 +28,15 @@ from tests.policy.cilium_reference import CiliumReference
 from tests.policy.datapath_runner import Cluster, ModelPods, observer, pod_objects
 from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
+from tests.policy.upstream_variants import action_cases, historical_cases, with_every_probe
 
 # The SCTP context needs SCTP sockets in the pods; this kernel's datapath handles
 # SCTP ports like TCP's, but the e2e pods here serve TCP and UDP only.
 CASE_NAMES = [c.name for c in upstream_cases(default_pod_ips()) if "SCTP" not in c.protocols]
+HISTORICAL_NAMES = [
+    c.name for c in historical_cases(default_pod_ips()) if "SCTP" not in c.protocols
+]
+ACTION_NAMES = [c.name for c in action_cases()]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,23 @@ def model(bpf_objects: str) -> Iterator[tuple[ModelPods, Any]]:
         def settled() -> bool:
             return client.get("/v1/policy")["pending"] is False
 
-        cluster = Cluster(apply=apply, delete=delete, settled=settled)
+        def add_pod(ref: str) -> lab.PodState:
+            namespace, pod_name = ref.split("/")
+            pod = lab.add_pod_netns(state, node, pod_name, namespace=namespace)
+            result = lab.cni_call(state, node, pod, "ADD")
+            pod.ip = result["ips"][0]["address"].split("/")[0]
+            state.save()
+            return pod
+
+        def remove_pod(pod: lab.PodState) -> None:
+            lab.cni_call(state, node, pod, "DEL")
+            subprocess.run(["ip", "netns", "del", pod.netns], check=True)
+            state.pods.remove(pod)
+            state.save()
+
+        cluster = Cluster(
+            apply=apply, delete=delete, settled=settled, add_pod=add_pod, remove_pod=remove_pod
+        )
         apply(pod_objects(model_pods.ips))
         model_pods.start()
         try:
@@ -67,16 +94,52 @@ def model(bpf_objects: str) -> Iterator[tuple[ModelPods, Any]]:
         lab.down(name=name, console=Console(quiet=True))
 
 
+def _probed(case: Case, pods: ModelPods) -> Case:
+    """A case that changes something at runtime is probed on both protocols and both
+    ports in every stage (the tables upstream has no probe for from the reference
+    reading); the others with upstream's probes."""
+    if len(case.stages) == 1:
+        return case
+    ips = {**default_pod_ips([r for s in case.stages for r in s.extra_pods]), **pods.ips}
+    return with_every_probe(case, ips)
+
+
 def _case(pods: ModelPods, name: str) -> Case:
-    return next(c for c in upstream_cases(pods.ips) if c.name == name)
+    return _probed(next(c for c in upstream_cases(pods.ips) if c.name == name), pods)
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("name", CASE_NAMES, ids=CASE_NAMES)
 def test_upstream_case_through_the_datapath(model: tuple[ModelPods, Any], name: str) -> None:
     pods, observe = model
     observe.reset()
     failures = check_case(_case(pods, name), observe)
     assert not failures, f"{name}:\n" + "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("name", HISTORICAL_NAMES, ids=HISTORICAL_NAMES)
+def test_earlier_upstream_spelling_through_the_datapath(
+    model: tuple[ModelPods, Any], name: str
+) -> None:
+    pods, observe = model
+    observe.reset()
+    case = next(c for c in historical_cases(pods.ips) if c.name == name)
+    failures = check_case(_probed(case, pods), observe)
+    assert not failures, f"{name}:\n" + "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("name", ACTION_NAMES, ids=ACTION_NAMES)
+def test_action_case_through_the_datapath(model: tuple[ModelPods, Any], name: str) -> None:
+    # Pods and a namespace created (CNI ADD) and deleted (CNI DEL) between stages,
+    # labels set and removed, policies updated and deleted; every stage on TCP and
+    # UDP, 80 and 81, the tables from the reference reading for the real addresses.
+    pods, observe = model
+    observe.reset()
+    case = next(c for c in action_cases() if c.name == name)
+    stages = [replace(stage, probes=[]) for stage in case.stages]
+    failures = check_case(_probed(Case(name, stages), pods), observe)
+    assert not failures, f"{name}:\n" + "\n\n".join(failures)
+    # The pods the case added and then deleted are gone (CNI DEL).
+    assert set(pods.pods) == set(PODS) | set(case.stages[-1].extra_pods)
 
 
 def test_without_policy_every_pod_reaches_every_pod(model: tuple[ModelPods, Any]) -> None:

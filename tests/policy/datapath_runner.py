@@ -2,7 +2,9 @@
 real pods (network namespaces networked by ``ciliate-cni``) on one node or spread
 over a cluster's nodes, each running ``netpol_pod.py`` (servers on TCP and UDP 80
 and 81, and a prober); a stage's objects are applied where the agents read them and
-the probes are real connections and datagrams."""
+the probes are real connections and datagrams. Pods a stage adds (``extra_pods``)
+are created (CNI ADD) when it starts and removed (CNI DEL) when a later stage or the
+next case no longer has them, where the cluster knows how (``Cluster.add_pod``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ciliate.control.lab import lab
+from ciliate.control.objects import store
 
 from .model import NAMESPACES, PODS, Json, Probe, Stage, namespace_object, pod_object
 
@@ -33,29 +36,55 @@ class ModelPods:
         self.ips = {ref: str(pod.ip) for ref, pod in pods.items()}
         self._procs: dict[str, subprocess.Popen[str]] = {}
 
+    @property
+    def extra(self) -> list[str]:
+        """The pods a stage added beyond the model's nine."""
+        return [ref for ref in self.pods if ref not in PODS]
+
     def start(self) -> None:
-        for ref, pod in self.pods.items():
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", pod.netns, sys.executable, str(POD_SCRIPT), str(pod.ip)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            self._procs[ref] = proc
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", ref
+        for ref in self.pods:
+            self._start(ref)
+
+    def _start(self, ref: str) -> None:
+        pod = self.pods[ref]
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", pod.netns, sys.executable, str(POD_SCRIPT), str(pod.ip)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._procs[ref] = proc
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", ref
+
+    def add(self, ref: str, pod: lab.PodState) -> None:
+        """A pod networked after the others, serving and probing like them."""
+        self.pods[ref] = pod
+        self.ips[ref] = str(pod.ip)
+        self._start(ref)
+
+    def remove(self, ref: str) -> lab.PodState:
+        """Stops the pod's servers and prober; the caller takes its network away."""
+        proc = self._procs.pop(ref)
+        proc.terminate()
+        proc.wait(timeout=5)
+        del self.ips[ref]
+        return self.pods.pop(ref)
 
     def probe(self, protocol: str, port: int) -> dict[tuple[str, str], bool]:
-        """Every ordered pair, all sources at once."""
-        targets = ",".join(self.ips[dst] for dst in PODS)
-        for proc in self._procs.values():
-            assert proc.stdin is not None
-            proc.stdin.write(f"probe {protocol} {port} {PROBE_TIMEOUT_S} {targets}\n")
-            proc.stdin.flush()
+        """Every ordered pair of the pods there are now, all sources at once."""
+        refs = list(self.pods)
+        targets = ",".join(self.ips[dst] for dst in refs)
+        for ref in refs:
+            stdin = self._procs[ref].stdin
+            assert stdin is not None
+            stdin.write(f"probe {protocol} {port} {PROBE_TIMEOUT_S} {targets}\n")
+            stdin.flush()
         observed = {}
-        for src, proc in self._procs.items():
-            assert proc.stdout is not None
-            answers = json.loads(proc.stdout.readline())
-            for dst in PODS:
+        for src in refs:
+            stdout = self._procs[src].stdout
+            assert stdout is not None
+            answers = json.loads(stdout.readline())
+            for dst in refs:
                 observed[(src, dst)] = bool(answers[self.ips[dst]])
         return observed
 
@@ -75,11 +104,14 @@ def pod_objects(pod_ips: Mapping[str, str | None]) -> list[Json]:
 
 @dataclass
 class Cluster:
-    """Where the objects go and how to know every agent has caught up."""
+    """Where the objects go and how to know every agent has caught up; how to network
+    a pod a stage adds (``ns/name`` -> the pod, its address set) and take it away."""
 
     apply: Callable[[Sequence[Json]], None]
     delete: Callable[[Sequence[Json]], None]
     settled: Callable[[], bool]
+    add_pod: Callable[[str], lab.PodState] | None = None
+    remove_pod: Callable[[lab.PodState], None] | None = None
 
 
 def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0) -> Any:
@@ -88,6 +120,7 @@ def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0)
     then probes."""
     current: list[Stage] = []
     in_force: list[Json] = []
+    extra_namespaces: list[str] = []
 
     def settle() -> None:
         deadline = time.monotonic() + settle_timeout
@@ -96,9 +129,41 @@ def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0)
                 raise AssertionError("the agents' policy loops did not catch up")
             time.sleep(0.02)
 
+    def change_pods(stage: Stage | None) -> None:
+        """Removes the added pods and namespaces ``stage`` lacks (their objects, then
+        the pods), adds those it has (CNI ADD first: the Pod objects, applied next,
+        carry the addresses)."""
+        wanted = dict(stage.extra_pods) if stage is not None else {}
+        gone = [ref for ref in pods.extra if ref not in wanted]
+        # The API server refuses to delete ``default`` and kube-*: they stay.
+        gone_namespaces = [
+            ns
+            for ns in extra_namespaces
+            if (stage is None or ns not in stage.extra_namespaces)
+            and ns not in store.IMMORTAL_NAMESPACES
+        ]
+        if gone or gone_namespaces:
+            cluster.delete(
+                [pod_object(ref, ip=None) for ref in gone]
+                + [namespace_object(ns) for ns in gone_namespaces]
+            )
+        for ref in gone:
+            removed = pods.remove(ref)
+            assert cluster.remove_pod is not None
+            cluster.remove_pod(removed)
+        extra_namespaces[:] = [ns for ns in extra_namespaces if ns not in gone_namespaces]
+        if stage is None:
+            return
+        extra_namespaces.extend(ns for ns in stage.extra_namespaces if ns not in extra_namespaces)
+        for ref in wanted:
+            if ref not in pods.pods:
+                assert cluster.add_pod is not None, "this cluster cannot add pods"
+                pods.add(ref, cluster.add_pod(ref))
+
     def put_in_force(stage: Stage) -> None:
         if in_force:
             cluster.delete(in_force)
+        change_pods(stage)
         cluster.apply(stage.objects(pods.ips))
         in_force[:] = list(stage.policies)
         settle()
@@ -114,6 +179,7 @@ def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0)
         if in_force:
             cluster.delete(in_force)
             in_force.clear()
+        change_pods(None)
         cluster.apply(pod_objects(pods.ips))
         current.clear()
         settle()

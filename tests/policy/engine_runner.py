@@ -13,7 +13,7 @@ from ciliate.control.policy.evaluate import Ipcache, trace
 from ciliate.control.policy.inputs import input_from_objects
 from ciliate.control.policy.model import PROTOCOL_NUMBERS
 
-from .model import PODS, Probe, Stage
+from .model import Probe, Stage, default_pod_ips
 
 
 def by_kind(documents: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -26,7 +26,9 @@ def by_kind(documents: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, 
 
 def observe_with_engine(pod_ips: Mapping[str, str]) -> Any:
     def observe(stage: Stage, probe: Probe) -> dict[tuple[str, str], bool]:
-        inp = input_from_objects(by_kind(stage.objects(pod_ips)))
+        # Pods a stage adds get addresses of their own (the given ones win).
+        ips = {**default_pod_ips(stage.extra_pods), **pod_ips}
+        inp = input_from_objects(by_kind(stage.objects(ips)))
         result = compute(inp)
         ipcache = Ipcache.build(pods=inp.pods, result=result)
         pods = {pod.ref: pod for pod in inp.pods}
@@ -40,8 +42,8 @@ def observe_with_engine(pod_ips: Mapping[str, str]) -> Any:
                 port=probe.port,
                 ipcache=ipcache,
             ).allowed
-            for src in PODS
-            for dst in PODS
+            for src in stage.pods
+            for dst in stage.pods
         }
 
     return observe

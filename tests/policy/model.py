@@ -30,13 +30,17 @@ PODS = tuple(f"{ns}/{pod}" for ns in NAMESPACES for pod in POD_NAMES)
 Json = dict[str, Any]
 
 
-def default_pod_ips() -> dict[str, str]:
-    """Pod addresses for runs without a network (one /24 per namespace)."""
-    return {
+def default_pod_ips(extra_pods: Iterable[str] = ()) -> dict[str, str]:
+    """Pod addresses for runs without a network (one /24 per namespace); pods a case
+    adds (``extra_pods``) get addresses of their own, outside those /24s, in order."""
+    ips = {
         f"{ns}/{pod}": f"10.244.{i}.{10 + j}"
         for i, ns in enumerate(NAMESPACES)
         for j, pod in enumerate(POD_NAMES)
     }
+    for number, ref in enumerate(r for r in extra_pods if r not in ips):
+        ips[ref] = f"10.244.{100 + number}.10"
+    return ips
 
 
 # -- objects ---------------------------------------------------------------------------
@@ -125,10 +129,12 @@ class Reachability:
     """Upstream's Reachability: the expected connectivity of every ordered pair."""
 
     default: bool = True
+    # The pods of the table: the model's nine, and those a case adds.
+    pods: Sequence[str] = PODS
     expected: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.expected = {(s, d): self.default for s in PODS for d in PODS}
+        self.expected = {(s, d): self.default for s in self.pods for d in self.pods}
 
     def expect(self, src: str, dst: str, connected: bool) -> Reachability:
         self.expected[(src, dst)] = connected
@@ -149,12 +155,12 @@ class Reachability:
         return self
 
     def expect_all_ingress(self, pod: str, connected: bool) -> Reachability:
-        for src in PODS:
+        for src in self.pods:
             self.expected[(src, pod)] = connected
         return self
 
     def expect_all_egress(self, pod: str, connected: bool) -> Reachability:
-        for dst in PODS:
+        for dst in self.pods:
             self.expected[(pod, dst)] = connected
         return self
 
@@ -168,10 +174,10 @@ class Reachability:
 
     def table(self, observed: Mapping[tuple[str, str], bool] | None = None) -> str:
         """Upstream's table: rows are sources, '.' connected, 'X' not, '*' a mismatch."""
-        lines = ["-\t" + "\t".join(PODS)]
-        for src in PODS:
+        lines = ["-\t" + "\t".join(self.pods)]
+        for src in self.pods:
             cells = []
-            for dst in PODS:
+            for dst in self.pods:
                 want = self.expected[(src, dst)]
                 cell = "." if want else "X"
                 if observed is not None and src != dst and observed[(src, dst)] != want:
@@ -201,18 +207,37 @@ class Stage:
     """One state of a case: the policies in force, label changes, what to probe.
 
     ``pod_labels`` replace a pod's labels (``pod=<name>`` by default);
-    ``namespace_labels`` are added to a namespace's."""
+    ``namespace_labels`` are added to a namespace's. ``extra_namespaces`` (name ->
+    labels added to ``ns: <name>``) and ``extra_pods`` (``ns/name`` -> labels) exist in
+    this stage only: created when it starts, gone in a stage that lacks them (as
+    cyclonus' create/delete pod and namespace actions)."""
 
     policies: Sequence[Json]
     probes: Sequence[Probe]
     pod_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     namespace_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    extra_namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    extra_pods: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def pods(self) -> tuple[str, ...]:
+        return PODS + tuple(self.extra_pods)
+
+    def namespace_objects(self) -> list[Json]:
+        names = list(NAMESPACES) + list(self.extra_namespaces)
+        return [
+            namespace_object(
+                ns, {**self.extra_namespaces.get(ns, {}), **self.namespace_labels.get(ns, {})}
+            )
+            for ns in names
+        ]
 
     def objects(self, pod_ips: Mapping[str, str | None]) -> list[Json]:
         """Namespaces, pods and policies of this stage."""
-        objects = [namespace_object(ns, self.namespace_labels.get(ns)) for ns in NAMESPACES]
+        labels = {**self.extra_pods, **self.pod_labels}
+        objects = self.namespace_objects()
         objects += [
-            pod_object(ref, ip=pod_ips.get(ref), labels=self.pod_labels.get(ref)) for ref in PODS
+            pod_object(ref, ip=pod_ips.get(ref), labels=labels.get(ref)) for ref in self.pods
         ]
         return objects + list(self.policies)
 

@@ -18,6 +18,7 @@ from .model import (
     netpol,
     upstream_cases,
 )
+from .upstream_variants import action_cases, historical_cases, reference_table, with_every_probe
 
 IPS = default_pod_ips()
 CASES = upstream_cases(IPS)
@@ -73,3 +74,40 @@ def test_end_port_ranges_cover_both_ports() -> None:
         ],
     )
     assert not check_case(case, observe_with_engine(IPS))
+
+
+# -- beyond today's file: earlier versions' spellings, runtime changes undone, actions --
+
+HISTORICAL = historical_cases(IPS)
+ACTIONS = action_cases()
+
+
+@pytest.mark.parametrize("case", HISTORICAL, ids=[c.name for c in HISTORICAL])
+def test_earlier_upstream_spelling_holds(case: Case) -> None:
+    failures = check_case(case, observe_with_engine(IPS))
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("case", ACTIONS, ids=[c.name for c in ACTIONS])
+def test_action_case_holds(case: Case) -> None:
+    failures = check_case(case, observe_with_engine(IPS))
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("case", CASES + HISTORICAL, ids=[c.name for c in CASES + HISTORICAL])
+def test_the_reference_reading_gives_upstreams_tables(case: Case) -> None:
+    # The probes upstream does not make (the real node makes them) take their tables
+    # from the reference reading: for the probes upstream does make, it must give
+    # upstream's own tables.
+    for number, stage in enumerate(case.stages, start=1):
+        for probe in stage.probes:
+            table = reference_table(stage, IPS, protocol=probe.protocol, port=probe.port)
+            wrong = probe.reachability.mismatches(table.expected)
+            assert not wrong, f"stage {number}, {probe.protocol}/{probe.port}: {wrong}"
+
+
+def test_every_stage_is_probed_on_both_protocols_and_ports() -> None:
+    case = with_every_probe(CASES[0], IPS)
+    probes = {(p.protocol, p.port) for stage in case.stages for p in stage.probes}
+    assert probes == {(protocol, port) for protocol in ("TCP", "UDP") for port in (80, 81)}
+    assert case.stages[0].probes[0] is CASES[0].stages[0].probes[0]  # upstream's kept
