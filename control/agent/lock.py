@@ -11,6 +11,13 @@ files, so a lock file is not possible there, and a directory lock needs no
 clean-up. The kernel drops a flock when its holder dies, so a killed agent
 leaves no stale lock behind. The holder's PID comes from ``/proc/locks``,
 which names the process that took the lock.
+
+Paths alone do not make a node: an agent started by hand with its default
+paths beside one a unit runs with others met no lock, took cilium_host's
+program and removed every pod veth it had no record of. The node is its
+network namespace, so the agent also holds a name there
+(:class:`NamespaceLock`): an abstract UNIX socket, which the kernel scopes to
+the network namespace and frees when its holder dies.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +49,18 @@ class AgentLockedError(AgentLockError):
         super().__init__(
             f"{who} already runs on {what} {path}: stop it first, or give this agent "
             "a --state-dir, --socket and --bpffs-root of its own"
+        )
+
+
+class NamespaceLockedError(AgentLockError):
+    """Another agent runs in this network namespace (with other paths)."""
+
+    def __init__(self, holder: int | None) -> None:
+        self.holder = holder
+        who = f"another agent (pid {holder})" if holder else "another agent"
+        super().__init__(
+            f"{who} already runs in this network namespace (the node's, whatever its "
+            "--state-dir, --socket and --bpffs-root): stop it first; one agent per node"
         )
 
 
@@ -134,3 +155,43 @@ def lock_holder(st: os.stat_result) -> int | None:
         if found == wanted and pid > 0:
             return pid
     return None
+
+
+# Abstract UNIX socket names belong to the network namespace of the socket.
+NAMESPACE_LOCK_NAME = b"\0ciliate-agent"
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class NamespaceLock:
+    """The agent's name in its network namespace: bound and listening, so a second
+    agent's bind fails and its connect learns the holder's PID (SO_PEERCRED gives
+    the listener's). Nothing is ever accepted."""
+
+    def __init__(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(NAMESPACE_LOCK_NAME)
+        except OSError:
+            sock.close()
+            raise NamespaceLockedError(namespace_lock_holder()) from None
+        sock.listen(1)
+        self._sock: socket.socket | None = sock
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def namespace_lock_holder() -> int | None:
+    """The PID of the process holding :data:`NAMESPACE_LOCK_NAME` here, or None."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # a full backlog would block the connect
+        try:
+            probe.connect(NAMESPACE_LOCK_NAME)
+            pid, _, _ = _UCRED.unpack(
+                probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+        except OSError:
+            return None
+    return pid if pid > 0 else None

@@ -1,9 +1,9 @@
 """The node agent's components, wired together, and their start-up order.
 
 Start: the lock on the node's paths (one agent per state directory, socket
-directory and bpffs root, see ``lock.py``) -> the configuration checked
-against the namespace (the uplink exists) -> cluster membership (cluster
-mode) -> store -> IPAM -> datapath (maps re-opened from their pins, so
+directory and bpffs root, see ``lock.py``) and on its network namespace ->
+the configuration checked against the namespace (the uplink exists) ->
+cluster membership (cluster mode) -> store -> IPAM -> datapath (maps re-opened from their pins, so
 forwarding state survives) -> cilium_host/cilium_net and the pod CIDR
 routes -> the host and uplink programs (clsact filters at a fixed handle,
 their program replaced in place) -> socket forwarding (sock_ops through a
@@ -34,7 +34,7 @@ from typing import Literal
 
 from ciliate.control.agent.datapath_gc import DatapathGC
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
-from ciliate.control.agent.lock import AgentLock, Place
+from ciliate.control.agent.lock import AgentLock, NamespaceLock, Place
 from ciliate.control.agent.policy import PolicyController, cluster_view
 from ciliate.control.agent.services import ServiceController
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
@@ -131,6 +131,8 @@ class NodeAgent:
             ]
         )
         self._stack.callback(lock.release)
+        namespace_lock = NamespaceLock()
+        self._stack.callback(namespace_lock.release)
         uplink_ifindex = self._uplink_ifindex()
         self.cluster: ClusterMember | None = None
         self.cluster_store: EtcdStore | None = None
