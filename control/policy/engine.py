@@ -42,7 +42,7 @@ Endpoint selectors match identity labels: a key with a source (``k8s:app``) matc
 source only, a bare key or ``any:`` every source. Because the datapath decides by
 identity, pods with equal labels are treated alike: an ``ipBlock`` lets a pod identity in
 only if none of its pods sits in an ``except``, and a named egress port allows the
-numbers of every pod of the destination identity.
+number the destination identity's pods give the name, none if they give it several.
 """
 
 from __future__ import annotations
@@ -216,13 +216,16 @@ class _Universe:
 
     def named_ports(self, identity: int, name: str, protocol: int) -> set[tuple[int, int]]:
         """(protocol, port) of the container ports called ``name`` on ``identity``'s
-        pods; ``protocol`` 0 (Cilium ANY) takes any protocol."""
-        return {
-            (port.protocol, port.port)
-            for pod in self.pods_of.get(identity, ())
-            for port in pod.ports
-            if port.name == name and protocol in (0, port.protocol)
-        }
+        pods; ``protocol`` 0 (Cilium ANY) takes any protocol. A protocol for which the
+        pods give the name more than one number gets none: the datapath cannot tell
+        the pods apart, and opening every number would open each pod a port it does
+        not name so (Cilium's GetNamedPorts skips such an identity too)."""
+        numbers: dict[int, set[int]] = defaultdict(set)
+        for pod in self.pods_of.get(identity, ()):
+            for port in pod.ports:
+                if port.name == name and protocol in (0, port.protocol):
+                    numbers[port.protocol].add(port.port)
+        return {(proto, min(ports)) for proto, ports in numbers.items() if len(ports) == 1}
 
     def block(self, block: CidrBlock, *, match_pods: bool) -> set[int]:
         return self.blocks.expand(block, match_pods=match_pods)

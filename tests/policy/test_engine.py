@@ -163,20 +163,31 @@ def _is(obj: dict[str, Any], namespace: str, name: str) -> bool:
     return bool(meta.get("namespace") == namespace and meta.get("name") == name)
 
 
-def test_pods_sharing_an_identity_share_their_named_egress_ports() -> None:
-    # The datapath decides by identity: when two pods with equal labels give a name
-    # different numbers, an egress rule on the name allows both numbers to either pod
-    # (Kubernetes would allow each pod its own number; Cilium resolves per identity too).
+def test_pods_sharing_an_identity_that_number_a_name_differently_get_nothing_on_it() -> None:
+    # The datapath decides by identity. Two pods with equal labels give serve-80-tcp
+    # different numbers (80, 8080): an egress rule on the name must not open 8080 to
+    # the pod serving 80 on it nor 80 to the other (Kubernetes resolves the name on
+    # each destination pod), so it opens neither, as Cilium's GetNamedPorts skips an
+    # identity with more than one port for a name. (It used to open both to both.)
+    # Where the pods agree (serve-80-udp), the number is opened; a pod of the identity
+    # that does not name the port at all does not stop the others (Cilium's choice too).
     twin = pod_object("y/twin", ip="10.244.1.99", labels={"pod": "b"})
     twin["spec"]["containers"][0]["ports"][0]["containerPort"] = 8080  # serve-80-tcp
+    portless = pod_object("y/portless", ip="10.244.1.98", labels={"pod": "c"})
+    portless["spec"]["containers"] = [{"name": "c"}]
     policy = netpol(
-        "named", "x", match_labels(pod="a"), egress=[{"ports": [{"port": "serve-80-tcp"}]}]
+        "named",
+        "x",
+        match_labels(pod="a"),
+        egress=[{"ports": [{"port": "serve-80-tcp"}, {"protocol": "UDP", "port": "serve-80-udp"}]}],
     )
-    inp, result = compute_stage(policy, extra=[twin])
-    b = identity(inp, "y/b")
-    assert identity(inp, "y/twin") == b
+    inp, result = compute_stage(policy, extra=[twin, portless])
+    b, c = identity(inp, "y/b"), identity(inp, "y/c")
+    assert identity(inp, "y/twin") == b and identity(inp, "y/portless") == c
     entries = set(result.endpoints["x/a"].entries)
-    assert {PolicyEntry("egress", b, TCP, 80), PolicyEntry("egress", b, TCP, 8080)} <= entries
+    to_b = {(e.protocol, e.port) for e in entries if e.identity == b}
+    assert to_b == {(UDP, 80)}
+    assert {(TCP, 80), (UDP, 80)} <= {(e.protocol, e.port) for e in entries if e.identity == c}
 
 
 def test_an_ip_block_matches_pods_a_cilium_cidr_does_not() -> None:
