@@ -11,6 +11,7 @@ is the world identity itself: an address no prefix covers is world.
 from __future__ import annotations
 
 import bisect
+import collections
 import ipaddress
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,6 +70,8 @@ class BlockIndex:
             (int(p.network_address), p.prefixlen, identity) for p, identity in cidr_ids.items()
         )
         hosts = [(int(pod.ip), pod.identity) for pod in pods if pod.ip is not None]
+        # How many pods carry each identity: a block must hold them all (expand).
+        self._pods_per_identity = collections.Counter(identity for _, identity in hosts)
         hosts += [(int(address), identity) for address, identity in node_identities.items()]
         self._hosts = sorted(hosts)
 
@@ -81,8 +84,9 @@ class BlockIndex:
 
         With ``match_pods`` (Kubernetes ipBlock), pods and nodes inside the block count
         with their own identities. Identities are shared by pods with equal labels, so
-        an identity counts only if one of its pods is inside and none of its pods is
-        inside an ``except``: an excepted pod is never let in through a labelmate.
+        a pod identity counts only if the block holds every one of its pods (inside the
+        cidr, in no ``except``): a pod the block does not hold is never let in through
+        a labelmate. A node identity counts if one of its nodes is held and none excepted.
         """
         ids: set[int] = set()
         if block.cidr.prefixlen == 0 and not any(e.prefixlen == 0 for e in block.excepts):
@@ -99,7 +103,7 @@ class BlockIndex:
                 continue  # inside an except: the prefix is excluded
             ids.add(identity)
         if match_pods:
-            inside: set[int] = set()
+            held: collections.Counter[int] = collections.Counter()
             excepted: set[int] = set()
             start = bisect.bisect_left(self._hosts, (low, -1))
             for address, identity in itertools.islice(self._hosts, start, None):
@@ -108,6 +112,10 @@ class BlockIndex:
                 if any(lo <= address <= hi for (lo, hi), _ in excepts):
                     excepted.add(identity)
                 else:
-                    inside.add(identity)
-            ids |= inside - excepted
+                    held[identity] += 1
+            ids |= {
+                identity
+                for identity, count in held.items()
+                if identity not in excepted and count >= self._pods_per_identity.get(identity, 0)
+            }
         return ids

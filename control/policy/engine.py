@@ -41,8 +41,9 @@ kinds; an allow entry a deny entry fully covers is dropped, since it can never a
 Endpoint selectors match identity labels: a key with a source (``k8s:app``) matches that
 source only, a bare key or ``any:`` every source. Because the datapath decides by
 identity, pods with equal labels are treated alike: an ``ipBlock`` lets a pod identity in
-only if none of its pods sits in an ``except``, and a named egress port allows the
-number the destination identity's pods give the name, none if they give it several.
+only if it holds every one of its pods (none outside, none in an ``except``), and a
+named egress port allows the number the destination identity's pods give the name,
+none if they give it several.
 """
 
 from __future__ import annotations

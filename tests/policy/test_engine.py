@@ -145,6 +145,25 @@ def test_pods_with_equal_labels_share_an_identity_and_an_except_protects_both() 
     assert identity(inp, "x/c") in allowed
 
 
+def test_an_ip_block_lets_a_shared_identity_in_only_if_it_holds_all_its_pods() -> None:
+    # x/twin has x/b's labels (one identity) but an address outside the block: letting
+    # the identity in would let x/twin in too, which Kubernetes does not (the block
+    # does not hold its address). The datapath cannot tell them apart, so neither is
+    # (as an except already did not let a labelmate in). It used to let both in.
+    twin = pod_object("x/twin", ip="10.244.5.99", labels={"pod": "b"})
+    policy = netpol(
+        "cidr",
+        "y",
+        match_labels(pod="a"),
+        egress=[{"to": [{"ipBlock": {"cidr": "10.244.0.0/24"}}]}],
+    )
+    inp, result = compute_stage(policy, extra=[twin])
+    assert identity(inp, "x/twin") == identity(inp, "x/b")
+    allowed = {e.identity for e in result.endpoints["y/a"].entries}
+    assert identity(inp, "x/b") not in allowed
+    assert {identity(inp, "x/a"), identity(inp, "x/c")} <= allowed
+
+
 def test_a_named_ingress_port_resolves_per_endpoint_even_under_one_policy() -> None:
     moved = pod_object("x/b", ip=IPS["x/b"])
     moved["spec"]["containers"][0]["ports"][0]["containerPort"] = 8080
