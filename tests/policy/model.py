@@ -74,7 +74,12 @@ def pod_object(ref: str, *, ip: str | None, labels: Mapping[str, str] | None = N
     pod: Json = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {"pod": name})},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            # None: the model's own label; {} is a pod whose labels were all removed.
+            "labels": dict(labels) if labels is not None else {"pod": name},
+        },
         "spec": {"containers": containers},
     }
     if ip is not None:

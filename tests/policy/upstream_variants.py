@@ -465,7 +465,217 @@ def historical_cases(pod_ips: Mapping[str, str]) -> list[Case]:
             _probe(TCP81, R().expect_all_ingress("x/a", False)),
         ),
     ]
-    return cases + _and_back_cases()
+    return cases + _and_back_cases() + _legacy_cases(pod_ips)
+
+
+def _legacy_cases(pod_ips: Mapping[str, str]) -> list[Case]:
+    """The legacy suite (``network_legacy.go``, a server pod and client pods created
+    per check, until k8s 1.24) under the same It() names, where its policies or its
+    runtime changes differ, on the model: x/a plays the server, the other pods the
+    clients."""
+    x = "x"
+    legacy = " [legacy suite: "
+    closed = R().expect_all_ingress("x/a", False)
+
+    def from_pod(name: str, selector: Json, port: int | None = None) -> Json:
+        rule: dict[str, Any] = {"from": [{"podSelector": selector}]}
+        if port is not None:
+            rule["ports"] = [{"port": port}]
+        return netpol(name, x, match_labels(pod="a"), ingress=[rule])
+
+    deny_all = netpol("deny-all", x, {}, ingress=[])
+    by_y = {"namespaceSelector": _ns("y")}
+    isolated_selector = {
+        "matchLabels": {"pod": "a"},
+        "matchExpressions": [{"key": "isolated", "operator": "Exists"}],
+    }
+    y_only_on_80 = (
+        R()
+        .expect_peer(src_ns=x, dst_ns=x, connected=False)
+        .expect_peer(src_ns="z", dst_ns=x, connected=False)
+        .expect_peer(src_ns=x, dst_ns="z", connected=False)
+    )
+    x_closed = R().expect_peer(src_ns=x, connected=False).expect_peer(dst_ns=x, connected=False)
+    # Which pods share the server's /24 depends on the addresses (all of them, on one
+    # node): x/b reaches those, x/a excepted.
+    subnet = ipaddress.ip_network(_cidr(pod_ips["x/a"], 24))
+    server_subnet_but_server = R()
+    for dst, ip in pod_ips.items():
+        if dst in server_subnet_but_server.pods:
+            inside = ipaddress.ip_address(ip) in subnet and dst != "x/a"
+            server_subnet_but_server.expect("x/b", dst, inside)
+    return [
+        Case(
+            "should enforce updated policy" + legacy + "from pod b on 80, updated to pod c on 81]",
+            [
+                Stage(
+                    [from_pod("allow-ingress", match_labels(pod="b"), 80)],
+                    [
+                        _probe(
+                            TCP80, R().expect_all_ingress("x/a", False).expect("x/b", "x/a", True)
+                        ),
+                        _probe(TCP81, closed),
+                    ],
+                ),
+                Stage(
+                    [from_pod("allow-ingress", match_labels(pod="c"), 81)],
+                    [
+                        _probe(TCP80, closed),
+                        _probe(
+                            TCP81, R().expect_all_ingress("x/a", False).expect("x/c", "x/a", True)
+                        ),
+                    ],
+                ),
+            ],
+        ),
+        Case(
+            "should allow ingress access from updated pod"
+            + legacy
+            + "peers without a 'pod' label, then x/b's labels all removed]",
+            [
+                Stage(
+                    [from_pod("allow-pod-b-via-pod-selector", expr("pod", "DoesNotExist"))],
+                    [_probe(TCP80, closed)],
+                ),
+                Stage(
+                    [from_pod("allow-pod-b-via-pod-selector", expr("pod", "DoesNotExist"))],
+                    [
+                        _probe(
+                            TCP80, R().expect_all_ingress("x/a", False).expect("x/b", "x/a", True)
+                        )
+                    ],
+                    pod_labels={"x/b": {}},
+                ),
+            ],
+        ),
+        Case(
+            "should deny ingress access to updated pod"
+            + legacy
+            + "pod=a and 'isolated' Exists, the label added with an empty value]",
+            [
+                Stage(
+                    [
+                        netpol(
+                            "deny-ingress-via-isolated-label-selector",
+                            x,
+                            isolated_selector,
+                            ingress=[],
+                        )
+                    ],
+                    [_probe(TCP80, R())],
+                ),
+                Stage(
+                    [
+                        netpol(
+                            "deny-ingress-via-isolated-label-selector",
+                            x,
+                            isolated_selector,
+                            ingress=[],
+                        )
+                    ],
+                    [_probe(TCP80, closed)],
+                    pod_labels={"x/a": {"pod": "a", "isolated": ""}},
+                ),
+            ],
+        ),
+        Case(
+            "should allow ingress access from updated namespace"
+            + legacy
+            + "the value of a namespace label changed]",
+            [
+                Stage(
+                    [
+                        netpol(
+                            "allow-ns-b-via-namespace-selector",
+                            x,
+                            match_labels(pod="a"),
+                            ingress=[{"from": [{"namespaceSelector": _ns("y-updated")}]}],
+                        )
+                    ],
+                    [_probe(TCP80, closed)],
+                ),
+                Stage(
+                    [
+                        netpol(
+                            "allow-ns-b-via-namespace-selector",
+                            x,
+                            match_labels(pod="a"),
+                            ingress=[{"from": [{"namespaceSelector": _ns("y-updated")}]}],
+                        )
+                    ],
+                    [
+                        _probe(
+                            TCP80,
+                            R()
+                            .expect_all_ingress("x/a", False)
+                            .expect_peer(src_ns="y", dst_ns=x, dst_pod="a", connected=True),
+                        )
+                    ],
+                    namespace_labels={"y": {"ns": "y-updated"}},
+                ),
+            ],
+        ),
+        _one(
+            "should work with Ingress, Egress specified together"
+            + legacy
+            + "in from and out to namespace y, on 80 only]",
+            [
+                netpol(
+                    "ingress-egress-rule",
+                    x,
+                    {},
+                    ingress=[{"from": [by_y], "ports": [{"port": 80}]}],
+                    egress=[{"to": [by_y], "ports": [{"port": 80}]}],
+                )
+            ],
+            _probe(TCP80, y_only_on_80),
+            _probe(TCP81, x_closed),
+        ),
+        Case(
+            "should stop enforcing policies after they are deleted"
+            + legacy
+            + "a deny and an allow, deleted one at a time]",
+            [
+                Stage([deny_all], [_probe(TCP80, R().expect_peer(dst_ns=x, connected=False))]),
+                Stage(
+                    [deny_all, from_pod("allow-from-client-a-pod-selector", match_labels(pod="b"))],
+                    [
+                        _probe(
+                            TCP80,
+                            R().expect_peer(dst_ns=x, connected=False).expect("x/b", "x/a", True),
+                        )
+                    ],
+                ),
+                Stage([deny_all], [_probe(TCP80, R().expect_peer(dst_ns=x, connected=False))]),
+                Stage([], [_probe(TCP80, R())]),
+            ],
+        ),
+        _one(
+            "should enforce except clause while egress access to server in CIDR block"
+            + legacy
+            + "the server's /24 but the server]",
+            [
+                netpol(
+                    "deny-client-a-via-except-cidr-egress-rule",
+                    x,
+                    match_labels(pod="b"),
+                    egress=[
+                        {
+                            "to": [
+                                {
+                                    "ipBlock": {
+                                        "cidr": _cidr(pod_ips["x/a"], 24),
+                                        "except": [_cidr(pod_ips["x/a"], 32)],
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                )
+            ],
+            _probe(TCP80, server_subnet_but_server),
+        ),
+    ]
 
 
 def _and_back_cases() -> list[Case]:
