@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ciliate.control.cluster import keys
-from ciliate.control.identity.allocator import Identity
+from ciliate.control.cni.service import ServiceError
+from ciliate.control.identity.allocator import Identity, IdentityError
 from ciliate.control.identity.labels import (
     NAMESPACE_LABEL,
     POD_NAME_LABEL,
@@ -177,9 +178,9 @@ def cluster_view(*, store: Reader, identities: IdentityLookup, node_name: str) -
 
 
 class PolicyWriteError(PassIncomplete):
-    """Policies of some endpoints could not be written; the others were (retried
-    at the next change or resync, not at every poll: a pass over a policy too big
-    for its map computes for seconds and would fail alike)."""
+    """Policies (or new identities) of some endpoints could not be written; the
+    others were (retried at the next change or resync, not at every poll: a pass
+    over a policy too big for its map computes for seconds and would fail alike)."""
 
 
 def _write_failure(endpoint: LocalEndpoint, policy: EndpointPolicy, exc: MapError) -> str:
@@ -332,6 +333,7 @@ class PolicyController:
         snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
         pods = _pods_by_ref(snapshot)
         namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
+        failures: list[str] = []
         for endpoint in self._endpoints.list():
             labels = security_labels_of(
                 attributes=endpoint.attributes,
@@ -340,7 +342,20 @@ class PolicyController:
                 namespaces=namespaces,
             )
             if dict(endpoint.labels) != labels:
-                moved = self._endpoints.relabel(endpoint, labels)
+                try:
+                    moved = self._endpoints.relabel(endpoint, labels)
+                except (ServiceError, StoreError, IdentityError) as exc:
+                    # One endpoint that cannot move (the node's store full or
+                    # refusing) must not keep every other endpoint from the policy
+                    # applied meanwhile: it keeps its identity, and its policy is
+                    # computed for that, as the datapath knows it.
+                    message = (
+                        f"endpoint {endpoint.endpoint_id} ({pod_ref(endpoint)}): its labels "
+                        f"changed but it keeps identity {endpoint.identity}: {exc}"
+                    )
+                    log.error("policy: %s", message)
+                    failures.append(message)
+                    continue
                 result.relabelled.append(pod_ref(moved))
         with self._lock:
             local = self._with_adding(list(self._endpoints.list()))
@@ -354,7 +369,6 @@ class PolicyController:
             # did not fit may fit now.
             map_changed = bool(self._failed.keys() - live_ids)
             self._failed = {i: f for i, f in self._failed.items() if i in live_ids}
-            failures: list[str] = []
             deferred: list[tuple[LocalEndpoint, EndpointPolicy]] = []
             for endpoint in local:
                 policy = computed.endpoints[pod_ref(endpoint)]
