@@ -28,7 +28,12 @@ from tests.policy.cilium_reference import CiliumReference
 from tests.policy.datapath_runner import Cluster, ModelPods, observer, pod_objects
 from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
-from tests.policy.upstream_variants import action_cases, historical_cases, with_every_probe
+from tests.policy.upstream_variants import (
+    action_cases,
+    historical_cases,
+    identity_sharing_cases,
+    with_every_probe,
+)
 
 # The SCTP context needs SCTP sockets in the pods; this kernel's datapath handles
 # SCTP ports like TCP's, but the e2e pods here serve TCP and UDP only.
@@ -171,5 +176,18 @@ def test_generated_cilium_case_through_the_datapath(
     observe.reset()
     generated = next(c for c in generated_cilium.datapath_sample() if c.name == name)
     case = generated.expected(pods.ips, judge=CiliumReference)
+    failures = check_case(case, observe)
+    assert not failures, f"{name}:\n" + "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("name", [c.name for c in identity_sharing_cases(default_pod_ips())])
+def test_pods_sharing_an_identity_through_the_datapath(
+    model: tuple[ModelPods, Any], name: str
+) -> None:
+    # x/twin is created with x/b's labels (CNI ADD) and deleted (CNI DEL) mid-case;
+    # every stage carries its own tables on both protocols and ports.
+    pods, observe = model
+    observe.reset()
+    case = next(c for c in identity_sharing_cases(pods.ips) if c.name == name)
     failures = check_case(case, observe)
     assert not failures, f"{name}:\n" + "\n\n".join(failures)

@@ -18,7 +18,13 @@ from .model import (
     netpol,
     upstream_cases,
 )
-from .upstream_variants import action_cases, historical_cases, reference_table, with_every_probe
+from .upstream_variants import (
+    action_cases,
+    historical_cases,
+    identity_sharing_cases,
+    reference_table,
+    with_every_probe,
+)
 
 IPS = default_pod_ips()
 CASES = upstream_cases(IPS)
@@ -111,3 +117,9 @@ def test_every_stage_is_probed_on_both_protocols_and_ports() -> None:
     probes = {(p.protocol, p.port) for stage in case.stages for p in stage.probes}
     assert probes == {(protocol, port) for protocol in ("TCP", "UDP") for port in (80, 81)}
     assert case.stages[0].probes[0] is CASES[0].stages[0].probes[0]  # upstream's kept
+
+
+@pytest.mark.parametrize("case", identity_sharing_cases(IPS), ids=lambda c: c.name)
+def test_pods_sharing_an_identity_are_let_in_together_or_not_at_all(case: Case) -> None:
+    failures = check_case(case, observe_with_engine(IPS))
+    assert not failures, "\n\n".join(failures)

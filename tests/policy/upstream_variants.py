@@ -904,3 +904,36 @@ def with_every_probe(case: Case, pod_ips: Mapping[str, str]) -> Case:
         ]
         stages.append(replace(stage, probes=probes))
     return Case(case.name, stages)
+
+
+def identity_sharing_cases(pod_ips: Mapping[str, str]) -> list[Case]:
+    """Where ciliate parts from Kubernetes on purpose, and how: the datapath decides by
+    identity, and pods with equal labels share one. An ipBlock holding one of two such
+    pods lets neither in (Kubernetes lets the one it holds in; letting the identity in
+    would let the other in too), and lets the pod in again once its labelmate is gone.
+    Tables written here, not from the reference reading (which is Kubernetes')."""
+    twin = {"x/twin": {"pod": "b"}}
+    pods = (*R().pods, *twin)
+    to_xb = netpol(
+        "to-xb-by-address",
+        "y",
+        {},
+        egress=[{"to": [{"ipBlock": {"cidr": _cidr(pod_ips["x/b"], 32)}}]}],
+    )
+    shared = R(pods).expect_peer(src_ns="y", connected=False)
+    alone = (
+        R()
+        .expect_peer(src_ns="y", connected=False)
+        .expect_peer(src_ns="y", dst_ns="x", dst_pod="b", connected=True)
+    )
+    every = [(port, protocol) for protocol in ("TCP", "UDP") for port in PORTS]
+    return [
+        Case(
+            "ciliate: an ipBlock holding one of two pods with equal labels lets neither in,"
+            " and the one it holds in once the other is deleted",
+            [
+                Stage([to_xb], [_probe(p, shared) for p in every], extra_pods=twin),
+                Stage([to_xb], [_probe(p, alone) for p in every]),
+            ],
+        )
+    ]
