@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -23,9 +24,16 @@ from rich.console import Console
 
 from ciliate.control.agent.client import AgentClient
 from ciliate.control.lab import lab
+from ciliate.loader import cgroup2_root
 from tests.policy import generated_cilium
 from tests.policy.cilium_reference import CiliumReference
-from tests.policy.datapath_runner import Cluster, ModelPods, observer, pod_objects
+from tests.policy.datapath_runner import (
+    Cluster,
+    ModelPods,
+    model_services,
+    observer,
+    pod_objects,
+)
 from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
 from tests.policy.upstream_variants import (
@@ -86,7 +94,12 @@ def model(bpf_objects: str) -> Iterator[tuple[ModelPods, Any]]:
             state.save()
 
         cluster = Cluster(
-            apply=apply, delete=delete, settled=settled, add_pod=add_pod, remove_pod=remove_pod
+            apply=apply,
+            delete=delete,
+            settled=settled,
+            add_pod=add_pod,
+            remove_pod=remove_pod,
+            get=client.get,
         )
         apply(pod_objects(model_pods.ips))
         model_pods.start()
@@ -191,3 +204,46 @@ def test_pods_sharing_an_identity_through_the_datapath(
     case = next(c for c in identity_sharing_cases(pods.ips) if c.name == name)
     failures = check_case(case, observe)
     assert not failures, f"{name}:\n" + "\n\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def cluster_ips(model: tuple[ModelPods, Any]) -> Iterator[dict[str, str]]:
+    """Each pod's Service (as upstream creates them), its ClusterIP by pod."""
+    _, observe = model
+    cluster = observe.cluster
+    services = model_services()
+    cluster.apply(services)
+    try:
+        deadline = time.monotonic() + 20
+        while cluster.get("/v1/services/status")["pending"] is not False:
+            assert time.monotonic() < deadline, "the service loop did not catch up"
+            time.sleep(0.02)
+        yield {
+            f"{svc['metadata']['namespace']}/{svc['metadata']['name'].split('-')[-1]}": str(
+                cluster.get(
+                    f"/v1/objects/services/{svc['metadata']['name']}"
+                    f"?namespace={svc['metadata']['namespace']}"
+                )["spec"]["clusterIP"]
+            )
+            for svc in services
+        }
+    finally:
+        cluster.delete(services)
+
+
+@pytest.mark.skipif(cgroup2_root() is None, reason="no cgroup v2 hierarchy: no socket LB")
+@pytest.mark.parametrize("name", CASE_NAMES, ids=CASE_NAMES)
+def test_upstream_case_through_each_pods_service(
+    model: tuple[ModelPods, Any], cluster_ips: dict[str, str], name: str
+) -> None:
+    # As upstream probes today: to each pod's Service ClusterIP (the socket load
+    # balancer turns it into the pod's address); the policy applies to the backend.
+    pods, observe = model
+    observe.reset()
+    pods.targets = dict(cluster_ips)
+    try:
+        case = next(c for c in upstream_cases(pods.ips) if c.name == name)
+        failures = check_case(case, observe)
+    finally:
+        pods.targets = {}
+    assert not failures, f"{name} (through Services):\n" + "\n\n".join(failures)

@@ -34,6 +34,9 @@ class ModelPods:
         assert set(pods) == set(PODS)
         self.pods = dict(pods)
         self.ips = {ref: str(pod.ip) for ref, pod in pods.items()}
+        # Where probes go instead of a pod's own address (its Service's ClusterIP, as
+        # the upstream suite probes), while set.
+        self.targets: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen[str]] = {}
 
     @property
@@ -73,7 +76,8 @@ class ModelPods:
     def probe(self, protocol: str, port: int) -> dict[tuple[str, str], bool]:
         """Every ordered pair of the pods there are now, all sources at once."""
         refs = list(self.pods)
-        targets = ",".join(self.ips[dst] for dst in refs)
+        address = {ref: self.targets.get(ref, self.ips[ref]) for ref in refs}
+        targets = ",".join(address[dst] for dst in refs)
         for ref in refs:
             stdin = self._procs[ref].stdin
             assert stdin is not None
@@ -85,7 +89,7 @@ class ModelPods:
             assert stdout is not None
             answers = json.loads(stdout.readline())
             for dst in refs:
-                observed[(src, dst)] = bool(answers[self.ips[dst]])
+                observed[(src, dst)] = bool(answers[address[dst]])
         return observed
 
     def close(self) -> None:
@@ -112,6 +116,7 @@ class Cluster:
     settled: Callable[[], bool]
     add_pod: Callable[[str], lab.PodState] | None = None
     remove_pod: Callable[[lab.PodState], None] | None = None
+    get: Callable[[str], Any] | None = None  # an agent API path
 
 
 def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0) -> Any:
@@ -185,4 +190,27 @@ def observer(pods: ModelPods, cluster: Cluster, *, settle_timeout: float = 20.0)
         settle()
 
     observe.reset = reset  # type: ignore[attr-defined]
+    observe.cluster = cluster  # type: ignore[attr-defined]
     return observe
+
+
+def model_services() -> list[Json]:
+    """A Service per pod, as the upstream suite creates (``s-<namespace>-<pod>``,
+    selecting ``pod=<name>`` in its namespace, TCP and UDP on 80 and 81)."""
+    services: list[Json] = []
+    for ref in PODS:
+        namespace, name = ref.split("/")
+        ports = [
+            {"name": f"service-port-{protocol.lower()}-{port}", "protocol": protocol, "port": port}
+            for port in (80, 81)
+            for protocol in ("TCP", "UDP")
+        ]
+        services.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"s-{namespace}-{name}", "namespace": namespace},
+                "spec": {"selector": {"pod": name}, "ports": ports},
+            }
+        )
+    return services

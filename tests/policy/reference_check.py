@@ -22,7 +22,6 @@ from ciliate.control.policy.model import (
 
 from .engine_runner import by_kind
 from .k8s_reference import Peer, Reference
-from .model import PODS
 
 HOST_IP = "192.168.100.2"  # this node: ingress from it is always allowed
 OTHER_NODE_IP = "192.168.100.3"
@@ -98,8 +97,8 @@ class Checker:
 
     def pairs(self, protocol: str, port: int) -> None:
         number = PROTOCOL_NUMBERS[protocol]
-        for src in PODS:
-            for dst in PODS:
+        for src in self.ref_pods:
+            for dst in self.ref_pods:
                 if src == dst:
                     continue
                 outcome = trace(
@@ -128,8 +127,7 @@ class Checker:
     def outside(self, protocol: str, port: int) -> None:
         """Every pod against the addresses that are not pods, both ways."""
         number = PROTOCOL_NUMBERS[protocol]
-        for ref in PODS:
-            pod = self.ref_pods[ref]
+        for ref, pod in self.ref_pods.items():
             for peer in NON_PODS:
                 identity = self.ipcache.lookup(ipaddress.IPv4Address(peer.ip))
                 directions: list[tuple[Direction, bool]] = [
