@@ -144,6 +144,9 @@ IP_BLOCKS: dict[str, Json] = {
     "x's .8/30 but .10/31": {"cidr": "10.244.0.8/30", "except": ["10.244.0.10/31"]},
     "the nodes": {"cidr": "192.168.100.0/24"},
     "unaligned 10.244.2.11/30": {"cidr": "10.244.2.11/30"},
+    # Cyclonus' peers cases: a pod's address with a /24 and a /28 (host bits set).
+    "y/b's address /24": {"cidr": "10.244.1.11/24"},
+    "y/b's address /24 but its /28": {"cidr": "10.244.1.11/24", "except": ["10.244.1.11/28"]},
 }
 
 
