@@ -333,7 +333,7 @@ class PolicyController:
         snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
         pods = _pods_by_ref(snapshot)
         namespaces = {ns["metadata"]["name"]: ns for ns in snapshot.get("Namespace", [])}
-        failures: list[str] = []
+        relabel_failures: list[str] = []
         for endpoint in self._endpoints.list():
             labels = security_labels_of(
                 attributes=endpoint.attributes,
@@ -354,7 +354,7 @@ class PolicyController:
                         f"changed but it keeps identity {endpoint.identity}: {exc}"
                     )
                     log.error("policy: %s", message)
-                    failures.append(message)
+                    relabel_failures.append(message)
                     continue
                 result.relabelled.append(pod_ref(moved))
         with self._lock:
@@ -363,8 +363,17 @@ class PolicyController:
             result.policy = computed
             unplaced, unplaced_why = self._place_cidr_identities(computed.cidr_identities)
             live_ids = {endpoint.endpoint_id for endpoint in local}
+            failures = relabel_failures
             for gone in self._written.keys() - live_ids:
-                del self._written[gone]  # its slot was cleared with the endpoint
+                # Its DEL cleared its slot, but a pass that listed it before the DEL
+                # may have written it after (seen: the slot kept its policy,
+                # enforced, until a pod took its address).
+                try:
+                    self._dp.policy.clear(gone)
+                except MapError as exc:
+                    failures.append(f"endpoint {gone} (deleted): its policy is left: {exc}")
+                    continue
+                del self._written[gone]
             # Endpoints gone since the last pass freed their entries: a policy that
             # did not fit may fit now.
             map_changed = bool(self._failed.keys() - live_ids)
