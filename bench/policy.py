@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -183,6 +185,7 @@ of the policy on one network."""
 TARGET_LABELS = {"policed": "b policy", "open": "c none"}
 TOOLS = ("sockperf", "udp_rr", "iperf3")
 PEER = "ptp"
+IPSET_PEER = "ptp-ipset"
 GOAL_RULES = 10000
 LATENCY_GOAL = 0.5  # ciliate / the iptables peer, UDP request/response p50
 THROUGHPUT_GOAL = 0.97  # ciliate with policy / without, one TCP stream
@@ -193,15 +196,28 @@ WARM_UP_REQUESTS = 200
 class SideSpec:
     network: str
     tools: tuple[str, ...]
+    peer_style: str | None = None
+    """For an iptables peer (on ``ptp``): how it writes the peers
+    (:data:`policy_peer.STYLES`); None for ciliate."""
+
+    def network_def(self) -> podnet.NetworkDef:
+        if self.peer_style is None:
+            return podnet.ciliate_variant(self.network)
+        # Each peer its own node and subnet, so the two never share a rule or a route.
+        subnet = "10.98.0.0/24" if self.network == PEER else "10.98.1.0/24"
+        return podnet.ptp(name=self.network, subnet=subnet)
 
 
 SIDES = (
-    SideSpec(PEER, TOOLS),
+    SideSpec(PEER, TOOLS, peer_style="rules"),
     SideSpec("ciliate", TOOLS),
     # Socket forwarding carries ciliate's TCP stream past the packet path (and so past
     # the per-packet policy); this side shows the stream on the packet path. Its UDP is
     # ciliate's, so only TCP is measured.
     SideSpec("ciliate-packet", ("iperf3",)),
+    # kube-router's own rendering of this policy: its established path and its TCP
+    # stream are the rules peer's (conntrack first), so only new flows are measured.
+    SideSpec(IPSET_PEER, ("udp_rr",), peer_style="ipset"),
 )
 
 
@@ -265,9 +281,9 @@ class PeerResults:
             getattr(self.figures[ref][rules][ref_target], what),
         )
 
-    def vs_peer(self, network: str, rules: int, what: str) -> traffic.Spread:
+    def vs_peer(self, network: str, rules: int, what: str, *, peer: str = PEER) -> traffic.Spread:
         """The policed server's figure over the iptables peer's, round by round."""
-        return self.paired(network, rules, what, ref=PEER, ref_target="policed", target="policed")
+        return self.paired(network, rules, what, ref=peer, ref_target="policed", target="policed")
 
     def vs_no_policy(self, network: str, rules: int, what: str) -> traffic.Spread:
         """The policed server's figure over the open one's on the same network."""
@@ -299,6 +315,18 @@ class PeerResults:
                 "the two datapaths' base cost",
             ),
         ]
+        if self.measured(IPSET_PEER, "new_flow_p50_us"):
+            out.append(
+                Goal(
+                    what="new-flow UDP request/response p50, ciliate / kube-router ipset peer",
+                    rules=rules,
+                    ratio=self.vs_peer("ciliate", rules, "new_flow_p50_us", peer=IPSET_PEER),
+                    limit=LATENCY_GOAL,
+                    at_most=True,
+                    note="the issue's peer is the rules one; this is kube-router's own"
+                    " rendering of the same policy (one hash:net set lookup per new flow)",
+                )
+            )
         for network in ("ciliate", "ciliate-packet"):
             if self.measured(network, "tcp_gbps"):
                 out.append(
@@ -350,7 +378,10 @@ def _set_up_side(
         "policed": traffic.PodPair(net=net, a=client, b=policed, mtu=mtu),
         "open": traffic.PodPair(net=net, a=client, b=open_, mtu=mtu),
     }
-    make = _ptp_install if spec.network == PEER else _ciliate_install
+    if spec.peer_style is None:
+        install = _ciliate_install(net, client=client, server=policed)
+    else:
+        install = _peer_install(net, client=client, server=policed, style=spec.peer_style)
     return _Side(
         network=spec.network,
         tools=spec.tools,
@@ -358,19 +389,19 @@ def _set_up_side(
         policed=policed,
         open=open_,
         pairs=pairs,
-        install=make(net, client=client, server=policed),
+        install=install,
     )
 
 
-def _ptp_install(
-    net: podnet.PodNetwork, *, client: podnet.Pod, server: podnet.Pod
+def _peer_install(
+    net: podnet.PodNetwork, *, client: podnet.Pod, server: podnet.Pod, style: str
 ) -> Callable[[int], None]:
     def install(rules: int) -> None:
         policy_peer.remove(net)
-        policy_peer.install(net, server_ip=server.ip, client_ip=client.ip, rules=rules)
-        loaded = policy_peer.rule_count(net)
+        policy_peer.install(net, server_ip=server.ip, client_ip=client.ip, rules=rules, style=style)
+        loaded = policy_peer.set_size(net) if style == "ipset" else policy_peer.rule_count(net)
         if loaded != rules:
-            raise PolicyBenchError(f"{net.node_netns}: {loaded} rules loaded, not {rules}")
+            raise PolicyBenchError(f"{net.node_netns}: {loaded} peers loaded, not {rules}")
 
     return install
 
@@ -428,16 +459,24 @@ def _measure_round(
     cpu: int,
 ) -> None:
     """Each tool in turn over every (network, target) that measures it, back to back,
-    in one order or its mirror: the figures a ratio pairs are taken seconds apart."""
+    in one order or its mirror; sockperf and iperf3 as ``seconds`` runs of 1 s each,
+    interleaved (:func:`traffic.interleaved`), a round's figure the median of its
+    runs: the figures a ratio pairs are taken a second or two apart."""
     for tool in TOOLS:
         keys = [(s, t) for s in sides if tool in s.tools for t in TARGETS]
         if mirrored:
             keys.reverse()
+        pairs = {f"{s.network}/{t}": s.pairs[t] for s, t in keys}
+        order = list(pairs)
+        slices = max(1, round(seconds))
         if tool == "sockperf":
-            pairs = {f"{s.network}/{t}": s.pairs[t] for s, t in keys}
-            slices = traffic.latency_slices(pairs, list(pairs), seconds, cpu, False)
+            latency = traffic.interleaved(
+                order,
+                slices,
+                functools.partial(_sockperf_1s, pairs, cpu),
+            )
             for s, t in keys:
-                merged = traffic.merge_sockperf(slices[f"{s.network}/{t}"])
+                merged = traffic.merge_sockperf(latency[f"{s.network}/{t}"])
                 sink(s.network, t).sockperf_p50_us.append(merged.p50_us)
         elif tool == "udp_rr":
             for s, t in keys:
@@ -446,9 +485,24 @@ def _measure_round(
                 figures.new_flow_p50_us.append(rr.p50_us)
                 figures.new_flow_lost.append(rr.lost)
         else:
+            streams = traffic.interleaved(
+                order,
+                slices,
+                functools.partial(_iperf3_1s, pairs, cpu),
+            )
             for s, t in keys:
-                stream = traffic.iperf3_stream(s.pairs[t], seconds, cpu=cpu)
-                sink(s.network, t).tcp_gbps.append(stream.gbps)
+                gbps = [stream.gbps for stream in streams[f"{s.network}/{t}"]]
+                sink(s.network, t).tcp_gbps.append(statistics.median(gbps))
+
+
+def _sockperf_1s(
+    pairs: Mapping[str, traffic.PodPair], cpu: int, key: str
+) -> traffic.SockperfSample:
+    return traffic.sockperf_pingpong(pairs[key], 1, cpu, False)
+
+
+def _iperf3_1s(pairs: Mapping[str, traffic.PodPair], cpu: int, key: str) -> traffic.IperfSample:
+    return traffic.iperf3_stream(pairs[key], 1, cpu=cpu)
 
 
 def _udp_rr(pair: traffic.PodPair, *, requests: int, cpu: int) -> udp_rr.UdpRrSample:
@@ -488,6 +542,10 @@ def run_peer(
         raise ValueError("at least one rule count")
     if [s.network for s in sides][:2] != [PEER, "ciliate"]:
         raise ValueError(f"the sides start with {PEER} and ciliate")
+    if any(s.peer_style == "ipset" for s in sides) and shutil.which("ipset") is None:
+        if progress:
+            progress(f"policy: no ipset tool here, {IPSET_PEER} left out (apt-get install ipset)")
+        sides = [s for s in sides if s.peer_style != "ipset"]
     cpu = traffic.default_cpu()
     counts = list(rule_counts)
     figures = {s.network: {n: {t: Figures() for t in TARGETS} for n in counts} for s in sides}
@@ -496,7 +554,9 @@ def run_peer(
     with contextlib.ExitStack() as stack:
         ready: list[_Side] = []
         for spec in sides:
-            net = stack.enter_context(podnet.PodNetwork(spec.network, k8s_namespace=NAMESPACE))
+            net = stack.enter_context(
+                podnet.PodNetwork(spec.network_def(), k8s_namespace=NAMESPACE)
+            )
             ready.append(_set_up_side(spec, net, stack, cpu))
         for rules in counts:
             for side in ready:
@@ -605,7 +665,7 @@ def print_peer_table(peer: PeerResults) -> None:
                 )
                 row = [
                     f"{rules:,}",
-                    f"{network}+iptables" if network == PEER and policed else network,
+                    _network_label(network, policed=policed),
                     TARGET_LABELS[target],
                     cell(network, rules, target, "sockperf_p50_us", "{:.2f}"),
                     cell(network, rules, target, "new_flow_p50_us", "{:.1f}"),
@@ -627,18 +687,27 @@ def print_peer_table(peer: PeerResults) -> None:
                 table.add_row(*row)
         table.add_section()
     table.caption = (
-        "peer: ptp + iptables rules, server b. b: the server the policy selects (rules - 1"
-        " ipBlock peers that never send, the client's last); c: a server no policy selects,"
-        " and the outsider the policy must refuse (probed before measuring, UDP and TCP,"
-        " on every network). UDP p50: sockperf ping-pong on one established flow, one-way;"
-        f" new-flow p50: round trip of {UDP_RR_REQUESTS} UDP requests each from a new socket"
-        " (lost: timed out, all rounds); TCP: iperf3, one stream. Clients and servers pinned"
-        f" to CPU {peer.cpu}; each tool runs on every network and server back to back, the"
-        " order mirrored every round; ratios: median \\[range] of round-by-round ratios."
-        f" Load average before: {peer.load[0] if peer.load else '?'}, after:"
-        f" {peer.load[-1] if peer.load else '?'}"
+        "peer: ptp + iptables rules, server b (ptp+ipset: the same policy as kube-router"
+        " writes it, one hash:net set; new flows only). b: the server the policy selects"
+        " (rules - 1 ipBlock peers that never send, the client's last); c: a server no"
+        " policy selects, and the outsider the policy must refuse (probed before measuring,"
+        " UDP and TCP, on every network). UDP p50: sockperf ping-pong on one established"
+        f" flow, one-way; new-flow p50: round trip of {UDP_RR_REQUESTS} UDP requests each"
+        " from a new socket (lost: timed out, all rounds); TCP: iperf3, one stream. sockperf"
+        " and iperf3 run 1 s at a time, every network and server interleaved; clients and"
+        f" servers pinned to CPU {peer.cpu}; the order mirrored every round; ratios: median"
+        " \\[range] of round-by-round ratios. Load average before:"
+        f" {peer.load[0] if peer.load else '?'}, after: {peer.load[-1] if peer.load else '?'}"
     )
     report.print_wide(table)
+
+
+def _network_label(network: str, *, policed: bool) -> str:
+    if policed and network == PEER:
+        return "ptp+iptables"
+    if policed and network == IPSET_PEER:
+        return "ptp+ipset"
+    return network
 
 
 def print_goals_table(peer: PeerResults) -> None:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from ciliate.bench import cpuprofile, podnet, report
 
@@ -450,15 +450,27 @@ def run(
 def latency_slices(
     pairs: Mapping[str, PodPair], order: Sequence[str], seconds: float, cpu: int, full_rtt: bool
 ) -> dict[str, list[SockperfSample]]:
-    """One round's latency as 1 s runs, the networks interleaved A B C, C B A, ...:
-    on a machine that switches between speed modes every few seconds, the
-    figures one ratio pairs are then taken within a second or two of each
-    other, and the mirrored order cancels a steady drift."""
-    slices: dict[str, list[SockperfSample]] = {name: [] for name in order}
-    for i in range(max(1, round(seconds))):
+    """One round's latency as 1 s runs, the networks interleaved (:func:`interleaved`)."""
+    return interleaved(
+        order, round(seconds), lambda name: sockperf_pingpong(pairs[name], 1, cpu, full_rtt)
+    )
+
+
+_Sample = TypeVar("_Sample")
+
+
+def interleaved(
+    order: Sequence[str], slices: int, run_one: Callable[[str], _Sample]
+) -> dict[str, list[_Sample]]:
+    """``slices`` short runs of each of ``order``, interleaved A B C, C B A, ...: on a
+    machine that switches between speed modes every few seconds, the figures one
+    ratio pairs are then taken within a second or two of each other, and the
+    mirrored order cancels a steady drift."""
+    samples: dict[str, list[_Sample]] = {name: [] for name in order}
+    for i in range(max(1, slices)):
         for name in order if i % 2 == 0 else list(reversed(order)):
-            slices[name].append(sockperf_pingpong(pairs[name], 1, cpu, full_rtt))
-    return slices
+            samples[name].append(run_one(name))
+    return samples
 
 
 def merge_sockperf(samples: Sequence[SockperfSample]) -> SockperfSample:
