@@ -34,7 +34,7 @@ from tests.policy.datapath_runner import (
     observer,
     pod_objects,
 )
-from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample
+from tests.policy.generated_cases import DATAPATH_SAMPLE, datapath_sample, random_walk
 from tests.policy.model import PODS, Case, check_case, default_pod_ips, upstream_cases
 from tests.policy.upstream_variants import (
     action_cases,
@@ -247,3 +247,18 @@ def test_upstream_case_through_each_pods_service(
     finally:
         pods.targets = {}
     assert not failures, f"{name} (through Services):\n" + "\n\n".join(failures)
+
+
+def test_a_random_walk_of_states_is_enforced_from_wherever_the_last_left_off(
+    model: tuple[ModelPods, Any],
+) -> None:
+    # Twelve random states (policy sets, pods relabelled, namespace labels added) put
+    # in force one after the other with no reset between, each probed on TCP and UDP,
+    # 80 and 81 against the reference reading: what the agent keeps from one pass to
+    # the next (identities, the ipcache, policy entries) never shows.
+    pods, observe = model
+    observe.reset()
+    for state in random_walk(12):
+        failures = check_case(state.expected(pods.ips), observe)
+        policies = "\n".join(str(p) for p in state.stage.policies)
+        assert not failures, f"{state.name}\n{policies}\n" + "\n\n".join(failures)

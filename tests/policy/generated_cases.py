@@ -574,3 +574,43 @@ DATAPATH_SAMPLE = (
 def datapath_sample() -> list[GeneratedCase]:
     by_name = {case.name: case for case in generated_cases(random_count=0)}
     return [by_name[name] for name in DATAPATH_SAMPLE]
+
+
+# Label changes a random walk picks from (pod labels replaced, namespace labels added).
+_WALK_POD_LABELS: tuple[dict[str, str], ...] = (
+    {"pod": "b"},
+    {"pod": "a", "new-label": "abc"},
+    {"other": "q"},
+    {},
+)
+_WALK_NAMESPACE_LABELS: tuple[dict[str, str], ...] = ({"ns": "other"}, {"new-ns": "qrs"})
+
+
+def random_walk(count: int, *, seed: int = 11) -> list[GeneratedCase]:
+    """``count`` states to put in force one after the other (each from whatever the
+    previous left): random policy sets and label changes, none giving two pods of a
+    namespace equal labels (pods sharing an identity are where ciliate parts from
+    Kubernetes on purpose: tests/policy/upstream_variants.py)."""
+    rng = random.Random(seed)
+    policy_sets = list(random_sets(count * 3, seed=seed))
+    walk: list[GeneratedCase] = []
+    for case in policy_sets:
+        pod_labels = {
+            ref: dict(rng.choice(_WALK_POD_LABELS))
+            for ref in rng.sample(PODS, rng.choice([0, 1, 2]))
+        }
+        namespace_labels = {
+            ns: dict(rng.choice(_WALK_NAMESPACE_LABELS))
+            for ns in rng.sample(["x", "y", "z"], rng.choice([0, 0, 1]))
+        }
+        labels = {ref: pod_labels.get(ref, {"pod": ref.split("/")[1]}) for ref in PODS}
+        keys = {(ref.split("/")[0], tuple(sorted(labels[ref].items()))) for ref in PODS}
+        if len(keys) < len(PODS):
+            continue  # two pods of a namespace with equal labels
+        stage = GeneratedStage(
+            case.stage.policies, [], pod_labels=pod_labels, namespace_labels=namespace_labels
+        )
+        walk.append(GeneratedCase(f"walk {len(walk)}: {len(case.stage.policies)} policies", stage))
+        if len(walk) == count:
+            break
+    return walk

@@ -14,7 +14,7 @@ import copy
 import pytest
 
 from .engine_runner import observe_with_engine
-from .generated_cases import GeneratedCase, datapath_sample, generated_cases
+from .generated_cases import GeneratedCase, datapath_sample, generated_cases, random_walk
 from .k8s_reference import Reference
 from .model import check_case, default_pod_ips
 from .reference_check import Checker
@@ -58,3 +58,10 @@ def test_the_reference_sees_a_wrong_answer() -> None:
 def test_the_datapath_samples_truth_tables_hold_through_the_engine(case: GeneratedCase) -> None:
     # The tables tests/node/test_netpol_e2e.py checks the real datapath against.
     assert not check_case(case.expected(IPS), observe_with_engine(IPS))
+
+
+@pytest.mark.parametrize("case", random_walk(12), ids=lambda c: c.name)
+def test_the_random_walks_states_agree_with_the_reference(case: GeneratedCase) -> None:
+    # The states tests/node/test_netpol_e2e.py puts in force one after the other.
+    problems = checker(case).run(PROBES)
+    assert not problems, f"{case.name}\n" + "\n".join(problems[:20])
