@@ -237,10 +237,9 @@ def test_a_cluster_ip_connects_throughout_an_agent_killed_and_restarted(
     and links: connections to the ClusterIP made all along (socket LB, no agent in
     the path) reach the backend, and a Service deleted through the agent just
     started leaves the maps (the restarted loop knows what it had written).
-
-    Seen once in six runs, under load beside other tests: some connections
-    refused (ECONNREFUSED) around the restart, not reproduced alone; refusals are
-    therefore allowed here and reported, timeouts are not."""
+    None is refused: the refusals once seen under load came in the first
+    milliseconds, before the kill took effect, from the backend, which said
+    ready before it listened (whoami_peer.py binds first now)."""
     node_lab = fresh_lab
     client, web = node_lab.pod("client"), node_lab.pod("web")
     apply(node_lab, pod_object(client, app="client"), pod_object(web, app="web"))
@@ -277,7 +276,7 @@ def test_a_cluster_ip_connects_throughout_an_agent_killed_and_restarted(
         finally:
             stop.set()
             thread.join()
-    assert answers and all("ConnectionRefused" in f for f in failures), failures[:3]
+    assert answers and not failures, failures[:3]
     assert set(answers) == {str(web.ip)}
     in_maps = {entry["frontend"].split(":")[0] for entry in node_lab.get("/v1/bpf/lb")}
     assert vip in in_maps and doomed_vip not in in_maps
