@@ -809,7 +809,25 @@ def action_cases() -> list[Case]:
             ],
         ),
     ]
+    only_d_into_x = [
+        netpol(
+            "only-d-in",
+            "x",
+            {},
+            ingress=[{"from": [{"namespaceSelector": {}, "podSelector": match_labels(pod="d")}]}],
+        )
+    ]
     return [
+        _referenced(
+            "ciliate: a pod deleted, another created with other labels and then relabelled:"
+            " each let in by its own labels at the time",
+            [
+                Stage(only_d_into_x, [], extra_pods={"x/d": {"pod": "d"}}),
+                Stage(only_d_into_x, []),
+                Stage(only_d_into_x, [], extra_pods={"x/e": {"pod": "e"}}),
+                Stage(only_d_into_x, [], extra_pods={"x/e": {"pod": "d"}}),
+            ],
+        ),
         _referenced(
             "cyclonus action: create/delete policy",
             [Stage([base], []), Stage([], [])],
