@@ -183,6 +183,11 @@ class PolicySource(Protocol):
         """Write its policy into the datapath before it can send a packet."""
         ...
 
+    def enforce_relabelled(self, previous: EndpointRecord, moved: EndpointRecord) -> None:
+        """Before an endpoint's packets carry its new identity: every endpoint's policy
+        admits it under both identities (those that admit it at all)."""
+        ...
+
 
 class EndpointListener(Protocol):
     """Told about endpoints after they commit (cluster mode publishes them)."""
@@ -473,6 +478,16 @@ class EndpointManager:
                             self._identities.release(txn, current.identity)
                     txn.put(moved.key, _dumps(moved.to_json()))
                 undo.pop_all()  # committed
+            if self.policy_source is not None and self._dp.has_policy:
+                # The peers learn the new identity before the pod's packets carry
+                # it (its allowed packets were dropped until the policy loop's
+                # pass); if they cannot, that pass writes them just after.
+                _best_effort(
+                    "give the endpoints' policies the new identity",
+                    self.policy_source.enforce_relabelled,
+                    current,
+                    moved,
+                )
             self._write_maps(moved, undo=None)
             if not self._identities_local:
                 _best_effort(

@@ -478,6 +478,38 @@ class PolicyController:
             self._write(endpoint, policy, adopt_connections=False)
             self._adding[endpoint.endpoint_id] = (endpoint, time.monotonic())
 
+    def enforce_relabelled(self, previous: LocalEndpoint, moved: LocalEndpoint) -> None:
+        """Before a relabelled endpoint's packets carry its new identity (its maps are
+        written after this, its store record already names it): every endpoint's
+        policy computed with the pod under both identities, so the peers that admit
+        it admit it whichever its packets carry (its allowed packets were dropped
+        between the switch and the pass that wrote the peers' policies). The pass
+        right after takes the old identity out."""
+        if previous.identity == moved.identity:
+            return
+        snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
+        pods = _pods_by_ref(snapshot)
+        with self._lock:
+            listed = self._with_adding(list(self._endpoints.list()))
+            ref = pod_ref(previous)
+            namespace, _, name = ref.partition("/")
+            as_before = PodEndpoint(
+                namespace=namespace,
+                name=f"{name} (before its relabel)",  # a ref no pod has
+                identity=previous.identity,
+                labels=dict(previous.labels),
+                ip=ipaddress.IPv4Address(previous.ip),
+                ports=pod_ports(pods[ref]) if ref in pods else (),
+            )
+            computed = self._compute(snapshot, pods, listed, extra=[as_before])
+            unplaced, _ = self._place_cidr_identities(computed.cidr_identities, add_only=True)
+            for endpoint in listed:
+                policy = computed.endpoints[pod_ref(endpoint)]
+                if unplaced and any(e.identity in unplaced for e in policy.entries):
+                    continue  # it keeps its policy; the pass reports it
+                with contextlib.suppress(MapError):  # the pass reports it
+                    self._write(endpoint, policy)
+
     def _with_adding(self, listed: list[LocalEndpoint]) -> list[LocalEndpoint]:
         """The endpoints listed, and those whose ADD has written their policy but not
         committed yet: a pass in between must count them too, or it would take the
@@ -527,9 +559,12 @@ class PolicyController:
         local: Sequence[LocalEndpoint],
         *,
         only: Sequence[LocalEndpoint] | None = None,
+        extra: Sequence[PodEndpoint] = (),
     ) -> PolicyResult:
+        """The policies of ``only`` (default: every endpoint of ``local``), with the
+        pods of ``local``, the cluster's and ``extra`` as peers."""
         inp = engine.PolicyInput(
-            pods=self._pod_endpoints(local, pods),
+            pods=[*self._pod_endpoints(local, pods), *extra],
             policies=[obj for kind in POLICY_KINDS for obj in snapshot.get(kind, [])],
             node_identities=self._node_identities(),
         )

@@ -5,9 +5,14 @@ labels say."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from typing import Any
 
 from ciliate.control.lab import lab
+from ciliate.loader import enter_netns
 
 from .conftest import NodeLab
 from .test_policy import apply, delete, pod_object, settle
@@ -133,3 +138,62 @@ def test_a_namespace_deleted_with_pods_running_in_it_takes_its_policies_and_labe
             node_lab.cni(pod, "DEL")
         delete(node_lab, home_policy, pod_object(home), pod_object(outsider), _namespace("doomed"))
     assert identities(node_lab) == before
+
+
+def policy_drops(node_lab: NodeLab) -> int:
+    return sum(
+        m["packets"] for m in node_lab.get("/v1/bpf/metrics") if m["description"] == "policy denied"
+    )
+
+
+def test_a_pod_relabelled_within_what_a_policy_admits_loses_no_packet(
+    node_lab: NodeLab,
+) -> None:
+    """The server admits app=steady pods, whatever their other labels. The client
+    gets a new label eight times (a new identity each time) while it sends the
+    server a datagram every millisecond: the server's policy must know each new
+    identity before the client's packets carry it (else they are dropped until the
+    loop's pass has written the server's policy), so policy drops none."""
+    server, client = node_lab.pod(), node_lab.pod()
+    policy = admit_from(
+        "admit-steady",
+        selector={"app": "steady-server"},
+        peer={"podSelector": {"matchLabels": {"app": "steady"}}},
+    )
+    apply(
+        node_lab,
+        pod_object(server, app="steady-server"),
+        pod_object(client, app="steady", round="start"),
+        policy,
+    )
+    node_lab.add(server)
+    node_lab.add(client)
+    assert server.ip
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        with enter_netns(f"/run/netns/{client.netns}"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):  # the server's port unreachable
+                    sock.sendto(b"steady", (str(server.ip), 9))
+                time.sleep(0.001)
+
+    sender = threading.Thread(target=keep_sending)
+    try:
+        before = policy_drops(node_lab)
+        sender.start()
+        for i in range(8):
+            apply(node_lab, pod_object(client, app="steady", round=str(i)))
+            time.sleep(0.05)
+        stop.set()
+        sender.join()
+        assert policy_drops(node_lab) == before
+    finally:
+        stop.set()
+        if sender.is_alive():
+            sender.join()
+        for pod in (server, client):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, policy, pod_object(server), pod_object(client))
