@@ -197,3 +197,39 @@ def test_a_pod_relabelled_within_what_a_policy_admits_loses_no_packet(
         for pod in (server, client):
             node_lab.cni(pod, "DEL")
         delete(node_lab, policy, pod_object(server), pod_object(client))
+
+
+def test_the_identity_of_a_deleted_pod_leaves_the_policies_that_named_it(
+    node_lab: NodeLab,
+) -> None:
+    """The server admits app=ghost. The only app=ghost pod is deleted (its Pod object
+    stays, as when a runtime removes a pod before the API does): its identity is
+    released, and the server's policy keeps no entry for it (an id freed may be
+    given to other labels later). A new app=ghost pod is admitted again."""
+    server, ghost = node_lab.pod(), node_lab.pod()
+    policy = admit_from(
+        "admit-ghost",
+        selector={"app": "ghost-server"},
+        peer={"podSelector": {"matchLabels": {"app": "ghost"}}},
+    )
+    apply(node_lab, pod_object(server, app="ghost-server"), pod_object(ghost, app="ghost"), policy)
+    node_lab.add(server)
+    node_lab.add(ghost)
+    assert server.ip
+    ids = {e["ip"]: e for e in node_lab.get("/v1/endpoints")}
+    server_id, ghost_identity = ids[server.ip]["endpoint_id"], ids[ghost.ip]["identity"]
+    try:
+        settle(node_lab)
+        entries = node_lab.get(f"/v1/bpf/policy/{server_id}")["entries"]
+        assert any(e["identity"] == ghost_identity for e in entries), entries
+        node_lab.cni(ghost, "DEL")
+        settle(node_lab)
+        assert ghost_identity not in identities(node_lab)
+        entries = node_lab.get(f"/v1/bpf/policy/{server_id}")["entries"]
+        assert all(e["identity"] != ghost_identity for e in entries), entries
+        node_lab.add(ghost)
+        assert node_lab.ping(ghost, server.ip)
+    finally:
+        for pod in (server, ghost):
+            node_lab.cni(pod, "DEL")
+        delete(node_lab, policy, pod_object(server), pod_object(ghost))
