@@ -35,7 +35,7 @@ from typing import Literal
 from ciliate.control.agent.datapath_gc import DatapathGC
 from ciliate.control.agent.endpoints import FILTER_HANDLE, FILTER_PRIORITY, EndpointManager
 from ciliate.control.agent.lock import AgentLock, NamespaceLock, Place
-from ciliate.control.agent.policy import PolicyController, cluster_view
+from ciliate.control.agent.policy import PolicyController, PolicyFirstIpcache, cluster_view
 from ciliate.control.agent.services import ServiceController
 from ciliate.control.cluster.member import BgpConfig, ClusterError, ClusterMember
 from ciliate.control.cni.defaults import DEFAULT_MTU
@@ -192,7 +192,7 @@ class NodeAgent:
         self.gc.loop.start()
         self._stack.callback(self.gc.loop.close)
         if self.cluster is not None:
-            self.cluster.start_mirroring(self.datapath.ipcache)
+            self.cluster.start_mirroring(PolicyFirstIpcache(self.datapath.ipcache, self.policy))
             self.cluster.start_bgp(self.pod_cidrs)
         self.api_socket = self._listen()
 

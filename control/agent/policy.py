@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ciliate.control.cluster import keys
+from ciliate.control.cluster.member import IpcacheWriter
 from ciliate.control.cni.service import ServiceError
 from ciliate.control.identity.allocator import Identity, IdentityError
 from ciliate.control.identity.labels import (
@@ -85,6 +86,8 @@ _ADD_GRACE = 60.0
 # Identities a trace gives pods not running yet: above every allocated one, below
 # the CIDR identities (1 << 24).
 UNALLOCATED_IDENTITY = 1 << 20
+# Below are the reserved identities, which every policy computation knows.
+FIRST_ALLOCATED_IDENTITY = 256
 
 
 class LocalEndpoint(Protocol):
@@ -205,6 +208,33 @@ class SyncResult:
     policy: PolicyResult | None = None
 
 
+class PolicyFirstIpcache:
+    """The node's ipcache as the cluster mirror writes it: a remote pod's identity
+    reaches the local policies (:meth:`PolicyController.learn_identity`) before the
+    datapath sees the pod's packets under it."""
+
+    def __init__(self, ipcache: IpcacheWriter, policy: PolicyController) -> None:
+        self._ipcache = ipcache
+        self._policy = policy
+
+    def upsert(self, entry: IpcacheEntry) -> None:
+        remote_pod = entry.prefix.prefixlen == 32 and entry.node_ip is not None
+        if remote_pod and entry.identity >= FIRST_ALLOCATED_IDENTITY:
+            self._policy.learn_identity(entry.identity, ip=entry.prefix.network_address)
+        self._ipcache.upsert(entry)
+        if remote_pod:
+            self._policy.remote_identity_written(entry.prefix.network_address, entry.identity)
+
+    def delete(self, prefix: ipaddress.IPv4Network) -> bool:
+        deleted = self._ipcache.delete(prefix)
+        if prefix.prefixlen == 32:
+            self._policy.remote_identity_written(prefix.network_address, None)
+        return deleted
+
+    def list(self) -> list[IpcacheEntry]:
+        return self._ipcache.list()
+
+
 def pod_ref(endpoint: LocalEndpoint) -> str:
     """``namespace/name`` of the endpoint's pod, or ``/<container ID>`` when the
     runtime did not say (no CNI_ARGS)."""
@@ -284,6 +314,11 @@ class PolicyController:
         self._adding: dict[int, tuple[LocalEndpoint, float]] = {}
         # Endpoint id -> the policy that could not be written, and why.
         self._failed: dict[int, tuple[EndpointPolicy, str]] = {}
+        # The identities of every pod (here and elsewhere) the last computation saw.
+        self._known_identities: set[int] = set()
+        # Remote pod address -> the identity this node's ipcache gives it (written by
+        # the cluster mirror through PolicyFirstIpcache).
+        self._remote_in_datapath: dict[ipaddress.IPv4Address, int] = {}
         self._lock = threading.Lock()
         # Started, woken, asked for its status and closed by the agent.
         self.loop = RevisionLoop(
@@ -501,14 +536,65 @@ class PolicyController:
                 ip=ipaddress.IPv4Address(previous.ip),
                 ports=pod_ports(pods[ref]) if ref in pods else (),
             )
-            computed = self._compute(snapshot, pods, listed, extra=[as_before])
-            unplaced, _ = self._place_cidr_identities(computed.cidr_identities, add_only=True)
-            for endpoint in listed:
-                policy = computed.endpoints[pod_ref(endpoint)]
-                if unplaced and any(e.identity in unplaced for e in policy.entries):
-                    continue  # it keeps its policy; the pass reports it
-                with contextlib.suppress(MapError):  # the pass reports it
-                    self._write(endpoint, policy)
+            self._write_ahead(listed, self._compute(snapshot, pods, listed, extra=[as_before]))
+
+    def learn_identity(self, identity: int, *, ip: ipaddress.IPv4Address) -> None:
+        """Before this node's ipcache gives a pod of another node an identity no
+        computation here has seen (a new pod, or one relabelled there): every local
+        endpoint's policy computed with it, so its first packets are judged by the
+        policies that admit it (they were dropped until this loop's next pass; the
+        cluster mirror and this loop follow the same etcd change, each in its own
+        time). Its named ports are not known here yet; the next pass has them."""
+        if self._cluster is None:
+            return
+        with self._lock:  # a pass that computed with it has written it once this is free
+            if identity in self._known_identities:
+                return
+        labels = self._cluster.identity_labels(identity)
+        if labels is None:
+            return  # not in the store (yet): the pass decides
+        try:
+            snapshot = self._objects.snapshot(_POLICY_INPUT_KINDS)
+        except StoreError:
+            return
+        newcomer = PodEndpoint(
+            namespace=labels.get(NAMESPACE_LABEL, ""),
+            name=f"{ip} (identity {identity})",
+            identity=identity,
+            labels=dict(labels),
+            ip=ip,
+            ports=(),
+        )
+        pods = _pods_by_ref(snapshot)
+        with self._lock:
+            if identity in self._known_identities:  # a pass ran meanwhile
+                return
+            listed = self._with_adding(list(self._endpoints.list()))
+            self._write_ahead(listed, self._compute(snapshot, pods, listed, extra=[newcomer]))
+
+    def remote_identity_written(self, ip: ipaddress.IPv4Address, identity: int | None) -> None:
+        """The identity the node's ipcache now gives a remote pod's address (None:
+        gone). While it differs from what the pod's node published, the policies are
+        computed with the pod under both (:meth:`_pod_endpoints`); once it changes, a
+        pass takes the one no longer seen out."""
+        previous = self._remote_in_datapath.get(ip)
+        if identity is None:
+            self._remote_in_datapath.pop(ip, None)
+        else:
+            self._remote_in_datapath[ip] = identity
+        if previous is not None and previous != identity:
+            self.loop.wake()
+
+    def _write_ahead(self, listed: Sequence[LocalEndpoint], computed: PolicyResult) -> None:
+        """The policies of a computation made ahead of a pass (a peer's identity about
+        to change); what cannot be written is left to the pass, which reports it."""
+        unplaced, _ = self._place_cidr_identities(computed.cidr_identities, add_only=True)
+        for endpoint in listed:
+            policy = computed.endpoints[pod_ref(endpoint)]
+            if unplaced and any(e.identity in unplaced for e in policy.entries):
+                continue  # it keeps its policy
+            with contextlib.suppress(MapError):
+                self._write(endpoint, policy)
 
     def _with_adding(self, listed: list[LocalEndpoint]) -> list[LocalEndpoint]:
         """The endpoints listed, and those whose ADD has written their policy but not
@@ -563,8 +649,10 @@ class PolicyController:
     ) -> PolicyResult:
         """The policies of ``only`` (default: every endpoint of ``local``), with the
         pods of ``local``, the cluster's and ``extra`` as peers."""
+        peers = [*self._pod_endpoints(local, pods), *extra]
+        self._known_identities = {peer.identity for peer in peers}
         inp = engine.PolicyInput(
-            pods=[*self._pod_endpoints(local, pods), *extra],
+            pods=peers,
             policies=[obj for kind in POLICY_KINDS for obj in snapshot.get(kind, [])],
             node_identities=self._node_identities(),
         )
@@ -667,11 +755,13 @@ class PolicyController:
             )
         if self._cluster is None:
             return out
+        in_datapath = dict(self._remote_in_datapath)
         for remote in self._cluster.remote_endpoints():
             labels = self._cluster.identity_labels(remote.identity) or {}
             namespace = remote.namespace or labels.get(NAMESPACE_LABEL, "")
             name = remote.name or str(remote.ip)
             ref = f"{namespace}/{name}"
+            ports = pod_ports(pods[ref]) if ref in pods else ()
             out.append(
                 PodEndpoint(
                     namespace=namespace,
@@ -679,9 +769,25 @@ class PolicyController:
                     identity=remote.identity,
                     labels=dict(labels),
                     ip=remote.ip,
-                    ports=pod_ports(pods[ref]) if ref in pods else (),
+                    ports=ports,
                 )
             )
+            seen = in_datapath.get(remote.ip)
+            if seen is not None and seen != remote.identity:
+                # Relabelled there, and this node's ipcache not switched yet: its
+                # packets still carry the old identity, admitted as before meanwhile.
+                seen_labels = self._cluster.identity_labels(seen)
+                if seen_labels is not None:
+                    out.append(
+                        PodEndpoint(
+                            namespace=namespace,
+                            name=f"{name} (identity {seen} in the ipcache)",
+                            identity=seen,
+                            labels=dict(seen_labels),
+                            ip=remote.ip,
+                            ports=ports,
+                        )
+                    )
         return out
 
     def _node_identities(self) -> dict[ipaddress.IPv4Address, int]:
