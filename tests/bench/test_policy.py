@@ -51,7 +51,12 @@ def _figures(p50: list[float], new_flow: list[float], gbps: list[float]) -> poli
         new_flow_p50_us=new_flow,
         new_flow_lost=[0] * len(p50),
         tcp_gbps=gbps,
+        tcp_runs_gbps=[x for x in gbps for _ in range(2)],
     )
+
+
+def _streams(gbps: list[float]) -> policy.Figures:
+    return policy.Figures(tcp_gbps=gbps, tcp_runs_gbps=[x for x in gbps for _ in range(2)])
 
 
 def _results() -> policy.PeerResults:
@@ -75,8 +80,8 @@ def _results() -> policy.PeerResults:
         },
         "ciliate-packet": {
             n: {
-                "policed": policy.Figures(tcp_gbps=[18.0, 9.0, 27.0]),
-                "open": policy.Figures(tcp_gbps=[20.0, 10.0, 30.0]),
+                "policed": _streams([18.0, 9.0, 27.0]),
+                "open": _streams([20.0, 10.0, 30.0]),
             }
             for n in (10, 10000)
         },
@@ -207,6 +212,7 @@ def test_short_run_measures_both_networks_with_the_policy_enforced(
     )
     for network in ("ptp", "ciliate"):
         probes = results.enforcement[network][5]
+        assert len(results.figures[network][5]["policed"].tcp_runs_gbps) == 1
         client, open_, outsider_udp, outsider_tcp = probes
         assert client.answered == client.attempts and open_.answered == open_.attempts
         assert outsider_udp.answered == 0 and outsider_tcp.answered == 0
