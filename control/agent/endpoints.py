@@ -129,6 +129,9 @@ class EndpointRecord:
     cni_labels: dict[str, str] = field(default_factory=dict)
     # Its hostPorts (HostPort.to_json each), served as frontends of this node.
     host_ports: list[dict[str, Any]] = field(default_factory=list)
+    # The CNI network (netconf name) it belongs to; "": made by an agent that
+    # did not record it, left to DEL (GC cannot tell whose it is).
+    network: str = ""
 
     @property
     def key(self) -> str:
@@ -287,10 +290,13 @@ class EndpointManager:
             )
         return self._result(record)
 
-    def gc(self, *, valid: set[tuple[str, str]]) -> int:
+    def gc(self, *, network: str, valid: set[tuple[str, str]]) -> int:
         removed = 0
         with _as_service_errors("GC"), self._lock:
             for record in self.list():
+                # Another network's attachments are not in its list: not ours to judge.
+                if record.network != network:
+                    continue
                 if (record.container_id, record.ifname) not in valid:
                     self._remove(record)
                     removed += 1
@@ -431,6 +437,7 @@ class EndpointManager:
                     netns_cookie=link.netns_cookie,
                     cni_labels=dict(request.labels),
                     host_ports=[m.to_json() for m in mappings],
+                    network=request.network,
                 )
                 self._write_policy(record, undo=undo)
                 self._write_maps(record, undo=undo)

@@ -247,6 +247,7 @@ def _add(
         mtu=_mtu(netconf),
         attributes=_attributes(cni_args),
         port_mappings=_port_mappings(netconf),
+        network=netconf["name"],
     )
     # The spec: "If an interface of the requested name already exists in the
     # container, the CNI plugin MUST return with an error" -- here: ciliate's own
@@ -306,7 +307,8 @@ def _check(
 def _gc(
     env: Mapping[str, str], netconf: dict[str, Any], version: str, service: EndpointService
 ) -> CniResponse:
-    service.gc(valid=_valid_attachments(netconf))
+    # The spec (1.1): the attachments listed are those of this network only.
+    service.gc(network=netconf["name"], valid=_valid_attachments(netconf))
     return CniResponse(0, "")
 
 

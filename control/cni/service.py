@@ -50,6 +50,9 @@ class AddRequest:
     mtu: int | None = None  # netconf "mtu"; None: the agent's default
     attributes: Mapping[str, str] = field(default_factory=dict)  # e.g. K8S_POD_NAME, for display
     port_mappings: tuple[PortMapping, ...] = ()  # hostPorts the runtime asks for
+    # The netconf's network name: with (container_id, ifname) it names the
+    # attachment (the spec), and GC collects only its own network's.
+    network: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,10 @@ class EndpointService(Protocol):
         """Verify the endpoint is intact; raise CheckFailedError if not."""
         ...
 
-    def gc(self, *, valid: set[tuple[str, str]]) -> int:
-        """Remove endpoints whose (container_id, ifname) is not in ``valid``;
-        return how many were removed."""
+    def gc(self, *, network: str, valid: set[tuple[str, str]]) -> int:
+        """Remove the endpoints of ``network`` whose (container_id, ifname) is
+        not in ``valid`` (GC is per network: another network served by the same
+        agent keeps its own); return how many were removed."""
         ...
 
     def ready(self) -> None:
