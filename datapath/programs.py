@@ -31,6 +31,7 @@ PROGRAMS = {
     "to_container": "lxc",
     "from_host": "host",
     "from_netdev": "uplink",
+    "to_netdev": "uplink",
     "sock_ops": "sock",
     "sock_msg": "sock",
 }

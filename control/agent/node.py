@@ -389,14 +389,15 @@ class NodeAgent:
         return loaded.datapath, not loaded.reused
 
     def _attach_node_programs(self, uplink_ifindex: int | None) -> None:
-        """from_host on cilium_host's egress, from_netdev on the uplink's
-        ingress: clsact filters at a fixed place, replaced in place when the
-        agent restarts (no moment without a program)."""
+        """from_host on cilium_host's egress, from_netdev and to_netdev on the
+        uplink's ingress and egress: clsact filters at a fixed place, replaced
+        in place when the agent restarts (no moment without a program)."""
         hooks: list[tuple[int, Literal["ingress", "egress"], str]] = [
             (self.host.cilium_host_ifindex, "egress", "from_host")
         ]
         if uplink_ifindex is not None:
             hooks.append((uplink_ifindex, "ingress", "from_netdev"))
+            hooks.append((uplink_ifindex, "egress", "to_netdev"))
         for ifindex, direction, program in hooks:
             attach_tc(
                 self.datapath.program(program),

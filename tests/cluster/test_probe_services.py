@@ -63,19 +63,12 @@ def host_network_service(node_ip: str) -> list[dict[str, Any]]:
     return [svc, slice_]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uplink NodePort (lb.h lb_nodeport, bpf_uplink.c.j2): a backend at the node's "
-    "own address counts as remote, so the SYN is SNATed to the node and sent to itself "
-    "and the host's answer never meets a reverse translation; it needs the local-host "
-    "case Cilium has (DNAT only, into the stack) and a reverse NAT of the host's replies "
-    "on the uplink's egress, a tc program the uplink does not have yet",
-)
 def test_a_node_port_reaches_a_backend_on_a_node_address_from_every_node(
     cluster: Cluster, host_backend: lab.NodeState
 ) -> None:
-    """Seen: through node2 and node3 (the backend remote, SNATed to them) it answers;
-    through node1 itself every connection times out."""
+    """Through node2 and node3 the backend is remote (SNATed to them); through
+    node1 it is the node itself: DNAT only, into its stack, and the host's
+    reply translated back on the uplink's egress (to_netdev)."""
     assert host_backend.node_ip is not None
     objects = host_network_service(host_backend.node_ip)
     cluster.apply(*objects)
