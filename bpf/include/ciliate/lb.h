@@ -518,17 +518,16 @@ static __always_inline bool lb_is_host_addr(__u32 addr)
  * reply of a flow the uplink DNATed to a backend on this node's address
  * (a hostNetwork pod) gets the frontend back as its source. Only packets
  * from a node address are looked up: what the node forwards pays one
- * compare. CILIATE_LB_PASS when there is nothing to translate. */
+ * compare. 0: translated (the packet's pointers are stale);
+ * CILIATE_LB_PASS: nothing to translate. */
 static __always_inline int lb_rev_nat_from_host(struct __sk_buff *ctx, const struct iphdr *ip)
 {
 	struct ciliate_lb_tuple t = {};
 	__u32 l4_off;
-	int ret;
 
 	if (!lb_is_host_addr(ip->saddr) || !lb_tuple(ctx, ip, &t, &l4_off))
 		return CILIATE_LB_PASS;
-	ret = lb_rev_nat_rewrite(ctx, l4_off, &t, CILIATE_DIR_EGRESS);
-	return ret ? ret : CILIATE_LB_PASS;
+	return lb_rev_nat_rewrite(ctx, l4_off, &t, CILIATE_DIR_EGRESS);
 }
 
 /* A reply from a local pod to a client outside, after its policy: the
