@@ -9,6 +9,8 @@ measures real traffic."""
 from __future__ import annotations
 
 import ipaddress
+import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from ciliate.datapath.bandwidth import PACED_HORIZON_NS, Mode, classid
 from ciliate.datapath.tables import Direction, DropReason
 from ciliate.datapath.testbed import GATEWAY_MAC, NODE_IP, WORLD_IP, Testbed
+from ciliate.loader import enter_netns
 
 from .packets import IP, TC_ACT_OK, TC_ACT_SHOT, UDP, Ether
 
@@ -51,6 +54,37 @@ def outbound(bed: Testbed, src: ipaddress.IPv4Address) -> bytes:
 
 def send(bed: Testbed, src: ipaddress.IPv4Address) -> int:
     return bed.run("to_netdev", outbound(bed, src), ifindex=bed.uplink.ifindex).retval
+
+
+# struct __sk_buff (linux/bpf.h): what the program leaves in the context.
+SKB_CTX_OUT = 192
+SKB_PRIORITY, SKB_IFINDEX, SKB_TSTAMP = 32, 40, 152
+
+
+def send_ctx(bed: Testbed, src: ipaddress.IPv4Address) -> tuple[int, int, int]:
+    """(verdict, skb->priority, skb->tstamp) after to_netdev."""
+    ctx = bytearray(SKB_CTX_OUT)
+    struct.pack_into("<I", ctx, SKB_IFINDEX, bed.uplink.ifindex)
+    with enter_netns(bed.netns_path):
+        result = bed.datapath.program("to_netdev").test_run(
+            outbound(bed, src), ctx=bytes(ctx), ctx_out_size=SKB_CTX_OUT
+        )
+    assert result.ctx is not None
+    priority = struct.unpack_from("<I", result.ctx, SKB_PRIORITY)[0]
+    return result.retval, priority, struct.unpack_from("<Q", result.ctx, SKB_TSTAMP)[0]
+
+
+def test_paced_the_next_packet_departs_one_packet_time_at_the_rate_later(bed: Testbed) -> None:
+    """1,000 bytes/s: the first packet leaves at once (no departure time), the
+    second ~1.4 s after it (a CLOCK_MONOTONIC time, as bpf_ktime_get_ns)."""
+    bed.datapath.throttle.set(bed.pod_a.ip, 8_000, mode=Mode.PACED)
+    packet_ns = len(outbound(bed, bed.pod_a.ip)) * 1_000_000_000 // 1000
+    before = time.monotonic_ns()
+    assert send_ctx(bed, bed.pod_a.ip) == (TC_ACT_OK, 0, 0)
+    verdict, priority, departure = send_ctx(bed, bed.pod_a.ip)
+    after = time.monotonic_ns()
+    assert (verdict, priority) == (TC_ACT_OK, 0)
+    assert before + packet_ns <= departure <= after + packet_ns
 
 
 def test_a_pod_over_its_rate_is_dropped_past_the_horizon_and_others_are_not(
@@ -89,8 +123,10 @@ def test_shaped_a_pods_packets_get_its_htb_class_and_no_departure_time(bed: Test
     bed.datapath.throttle.set(bed.pod_a.ip, 8_000, mode=Mode.SHAPED)
     entry = bed.datapath.throttle.entry(bed.pod_a.ip)
     slot = bed.datapath.node.endpoint_slot(bed.pod_a.ip)
-    assert entry["classid"] == classid(slot) == 0x10000 | slot
-    assert [send(bed, bed.pod_a.ip) for _ in range(20)] == [TC_ACT_OK] * 20
+    assert slot is not None and entry["classid"] == classid(slot) == 0x10000 | slot
+    assert [send_ctx(bed, bed.pod_a.ip) for _ in range(20)] == [(TC_ACT_OK, classid(slot), 0)] * 20
+    # Another pod's packets keep the priority the stack gave them (0 here).
+    assert send_ctx(bed, bed.pod_b.ip) == (TC_ACT_OK, 0, 0)
     assert bed.datapath.metrics.get(DropReason.EDT_HORIZON, Direction.EGRESS)[0] == 0
 
 
