@@ -205,35 +205,50 @@ def install(device: str) -> Mode:
 
 
 class Shaper:
-    """The htb classes of limited pods on the uplink (:attr:`Mode.SHAPED`)."""
+    """The htb classes of limited pods on the uplink (:attr:`Mode.SHAPED`).
+    Which slots have one is read from the kernel once, then kept: an ADD of
+    a pod without a limit runs no tc at all."""
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self._known: set[int] | None = None
+
+    def _classes(self) -> set[int]:
+        if self._known is None:
+            self._known = self.slots()
+        return self._known
 
     def shape(self, slot: int, bits_per_second: int) -> None:
         rate_bytes = -(-bits_per_second // 8)
         burst = max(SHAPED_MIN_BURST_BYTES, rate_bytes * SHAPED_BURST_NS // 1_000_000_000)
         rate = f"{bits_per_second}bit"
+        classes = self._classes()
         _checked(
             *("class", "replace", "dev", self.device, "parent", "1:"),
             *("classid", f"1:{classid(slot) & 0xFFFF:x}", "htb", "rate", rate, "ceil", rate),
             *("burst", f"{burst}b", "cburst", f"{burst}b", "quantum", str(HTB_QUANTUM)),
         )
+        classes.add(slot)
 
     def remove(self, slot: int) -> None:
         """Idempotent: a class already gone is fine."""
+        classes = self._classes()
+        if slot not in classes:
+            return
         proc = _tc("class", "del", "dev", self.device, "classid", f"1:{slot:x}")
         if proc.returncode != 0 and slot in self.slots():
             raise QdiscError(f"tc class del dev {self.device} classid 1:{slot:x}: {proc.stderr}")
+        classes.discard(slot)
 
     def slots(self) -> set[int]:
-        """Slots that have a class."""
+        """Slots that have a class, as the kernel says (and kept from now)."""
         out = _checked("class", "show", "dev", self.device)
-        return {
+        self._known = {
             int(line.split()[2].split(":")[1], 16)
             for line in out.splitlines()
             if line.startswith("class htb 1:")
         }
+        return set(self._known)
 
 
 class Manager:

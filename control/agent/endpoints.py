@@ -879,7 +879,8 @@ def _as_service_errors(operation: str) -> Iterator[None]:
     except bandwidth_mod.QdiscError as exc:
         raise svc.DatapathFailedError(
             f"{operation}: the pod's egress bandwidth could not be set up: {exc}",
-            details="what the call had done was rolled back; the agent's log has the details",
+            details="what the call had done was rolled back; the uplink's qdisc is made when "
+            "the agent starts: if it was removed since, restart the agent",
         ) from exc
     except LoaderError as exc:
         raise svc.DatapathFailedError(

@@ -168,12 +168,9 @@ def bw_lab(bpf_objects: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 f"/run/netns/{node_netns}", workdir, pod_cidr=POD_CIDR, agent_args=agent_args
             )
         )
-        for netns in made:  # pods go before their node
-            cleanup.callback(subprocess.run, ["ip", "netns", "del", netns], check=False)
-        bw = BandwidthLab(node_netns, node, bin_dir, made)
-        yield bw
-        for netns in bw.made:
-            subprocess.run(["ip", "netns", "del", netns], check=False)
+        # Pods' namespaces go before the agent and the node (last in, first out).
+        cleanup.callback(lambda: [subprocess.run(["ip", "netns", "del", n]) for n in made])
+        yield BandwidthLab(node_netns, node, bin_dir, made)
 
 
 def _kernel_has_fq(netns: str) -> bool:
@@ -336,3 +333,44 @@ def test_the_agent_refuses_a_bandwidth_manager_without_an_uplink(tmp_path: Path)
         shutil.rmtree(bpffs, ignore_errors=True)
     assert proc.returncode == 2
     assert "--bandwidth-manager needs --uplink" in proc.stderr, proc.stderr
+
+
+def test_a_limited_add_whose_class_cannot_be_made_fails_and_leaves_nothing(
+    bw_lab: BandwidthLab,
+) -> None:
+    """Shaped (no fq here): the uplink's htb root removed behind the agent's
+    back. A limited pod's ADD fails (code 101, saying what to do) and is
+    rolled back: no endpoint, no IP, no veth; an unlimited pod still works."""
+    if _kernel_has_fq(bw_lab.node_netns.replace("-node", "-peer")):
+        pytest.skip("paced with fq: no class per pod")
+    with bw_lab.api() as client:
+        before = (client.get("/v1/endpoints"), client.get("/v1/ipam")["allocations"])
+    links_before = _links(bw_lab.node_netns)
+    subprocess.run(
+        ["tc", "-n", bw_lab.node_netns, "qdisc", "del", "dev", "uplink", "root"], check=True
+    )
+    try:
+        _, _, proc = bw_lab.add(egress_rate=LIMIT)
+        error = json.loads(proc.stdout)
+        assert proc.returncode != 0 and error["code"] == 101, error
+        assert "egress bandwidth" in error["msg"] and "restart the agent" in error["details"]
+        with bw_lab.api() as client:
+            assert (client.get("/v1/endpoints"), client.get("/v1/ipam")["allocations"]) == before
+        assert _links(bw_lab.node_netns) == links_before
+        netns, container_id, _ = bw_lab.pod()
+        bw_lab.delete(netns, container_id)
+    finally:
+        subprocess.run(
+            [
+                *("tc", "-n", bw_lab.node_netns, "qdisc", "replace", "dev", "uplink", "root"),
+                *("handle", "1:", "htb", "default", "0"),
+            ],
+            check=True,
+        )
+
+
+def _links(netns: str) -> list[str]:
+    out = subprocess.run(
+        ["ip", "-n", netns, "-j", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(link["ifname"] for link in json.loads(out))
