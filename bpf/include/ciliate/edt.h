@@ -5,8 +5,8 @@
  * the earliest time it may leave (skb->tstamp, Earliest Departure Time),
  * one packet's length at the pod's rate after the pod's previous one; the
  * fq qdisc on the uplink holds it until then. No token bucket, no queue of
- * ours: the pacing is the qdisc's, per flow, and TCP sees the delay (and,
- * past the horizon, a loss) and slows down.
+ * ours: the queue is fq's, and TCP sees the delay (and, past the horizon, a
+ * loss) and slows down.
  *
  * What the pod sends to another pod of the same node never reaches the
  * uplink and is not limited (as in Cilium: the limit is on the wire).
