@@ -597,12 +597,13 @@ class EndpointManager:
         self._dp.endpoints.upsert(endpoint)
         if undo is not None:
             undo.callback(_best_effort, "clear ep_ip/ep_dev", self._dp.endpoints.delete, endpoint)
-        # Always written: the slot may hold a previous pod's rate.
-        self._bandwidth.limit(record.address, record.egress_rate)
+        # Always written: the slot may hold a previous pod's rate. The undo
+        # first: a class made before the map write failed goes too.
         if undo is not None:
             undo.callback(
                 _best_effort, "clear the egress bandwidth", self._bandwidth.unlimit, record.address
             )
+        self._bandwidth.limit(record.address, record.egress_rate)
         self._dp.ipcache.upsert(IpcacheEntry(prefix, record.identity, None))
         if undo is not None:
             undo.callback(_best_effort, "clear the ipcache entry", self._dp.ipcache.delete, prefix)
@@ -844,7 +845,10 @@ class EndpointManager:
                 pruned += 1
         # htb classes of pods deleted while no agent ran (their map entries
         # are rewritten by the next pod of the slot).
-        pruned += self._bandwidth.prune({r.address for r in records if r.egress_rate})
+        try:
+            pruned += self._bandwidth.prune({r.address for r in records if r.egress_rate})
+        except bandwidth_mod.QdiscError:
+            log.warning("could not prune the uplink's htb classes", exc_info=True)
         return pruned
 
 
