@@ -602,3 +602,25 @@ def test_to_netdev_leaves_what_is_not_a_translated_reply_alone(bed: Testbed) -> 
         result = bed.run("to_netdev", sent, ifindex=bed.uplink.ifindex)
         assert (result.retval, result.data) == (TC_ACT_OK, sent)
     assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_REPLY, Direction.EGRESS)[0] == 0
+
+
+def test_udp_nodeport_to_the_nodes_own_address_keeps_checksums_both_ways(bed: Testbed) -> None:
+    frontend = Frontend(NODE_IP, 30053, L4Protocol.UDP)
+    host = Backend(id=12, address=NODE_IP, port=5353)
+    bed.datapath.lb.upsert_service(frontend, [host], service_id=2, external=True)
+    result = bed.run("from_netdev", from_client(bed, frontend=frontend), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK
+    query = Ether(result.data)
+    assert (query[IP].dst, query[UDP].dport) == (str(NODE_IP), 5353)
+    assert ipv4_header_valid(query) and l4_valid(query)
+    answer = bytes(
+        Ether(src=bed.uplink.mac, dst=GATEWAY_MAC)
+        / IP(src=str(NODE_IP), dst=str(WORLD_IP), ttl=64)
+        / UDP(sport=5353, dport=CLIENT_PORT)
+        / b"answer"
+    )
+    result = bed.run("to_netdev", answer, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK
+    out = Ether(result.data)
+    assert (out[IP].src, out[UDP].sport, out[UDP].dport) == (str(NODE_IP), 30053, CLIENT_PORT)
+    assert ipv4_header_valid(out) and l4_valid(out)
