@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ciliate.datapath import bandwidth, objects
 from ciliate.datapath import maps as dpmaps
-from ciliate.datapath import objects
 from ciliate.datapath.conntrack import Conntrack
 from ciliate.datapath.lb import LoadBalancer
 from ciliate.datapath.policy import Policy
@@ -31,6 +31,7 @@ PROGRAMS = {
     "to_container": "lxc",
     "from_host": "host",
     "from_netdev": "uplink",
+    "to_netdev": "uplink",
     "sock_ops": "sock",
     "sock_msg": "sock",
 }
@@ -150,6 +151,9 @@ class Datapath:
         self.sockets = dpmaps.SocketMap(self.maps[dpmaps.SOCKHASH])
         self.endpoint_netns = dpmaps.EndpointNetns(
             self.maps[dpmaps.ENDPOINT_NETNS], slot_of=node.endpoint_slot
+        )
+        self.throttle = bandwidth.Throttle(
+            self.maps[bandwidth.THROTTLE], slot_of=node.endpoint_slot
         )
         self._policy: Policy | None = None
         self._conntrack: Conntrack | None = None

@@ -68,6 +68,7 @@ from ciliate.control.ipam.host import HostIpam, IpamExhaustedError
 from ciliate.control.objects import KINDS, ObjectStore
 from ciliate.control.services import hostports
 from ciliate.control.store import Store, StoreError, Txn
+from ciliate.datapath import bandwidth as bandwidth_mod
 from ciliate.datapath import devices
 from ciliate.datapath.maps import Endpoint, IpcacheEntry
 from ciliate.datapath.netlink import NetlinkError
@@ -129,6 +130,12 @@ class EndpointRecord:
     cni_labels: dict[str, str] = field(default_factory=dict)
     # Its hostPorts (HostPort.to_json each), served as frontends of this node.
     host_ports: list[dict[str, Any]] = field(default_factory=list)
+    # The CNI network (netconf name) it belongs to; "": made by an agent that
+    # did not record it, left to DEL (GC cannot tell whose it is).
+    network: str = ""
+    # Its egress bandwidth in bits/s (runtimeConfig or its Pod's
+    # kubernetes.io/egress-bandwidth); 0: none. Kept by the bandwidth manager.
+    egress_rate: int = 0
 
     @property
     def key(self) -> str:
@@ -211,8 +218,14 @@ class EndpointManager:
         listener: EndpointListener | None = None,
         policy: PolicySource | None = None,
         objects: ObjectStore | None = None,
+        bandwidth: bandwidth_mod.Manager | None = None,
     ) -> None:
-        """``objects``: where Pod objects are read (their hostPorts)."""
+        """``objects``: where Pod objects are read (their hostPorts, their
+        egress bandwidth); ``bandwidth``: the agent's bandwidth manager, which
+        keeps pods' egress bandwidth (None: off, rates only recorded)."""
+        self._bandwidth = bandwidth or bandwidth_mod.Manager(
+            datapath.throttle, mode=bandwidth_mod.Mode.OFF, device=None
+        )
         self._store = store
         self._objects = objects
         self.policy_source = policy
@@ -266,7 +279,8 @@ class EndpointManager:
             # CNI_NETNS was checked by the handler (devices.check_pod_netns); a
             # namespace gone since fails to open in create_pod_link.
             mappings = self._host_ports(request)
-            return self._result(self._create(request, mappings))
+            egress_rate = self._egress_rate(request)
+            return self._result(self._create(request, mappings, egress_rate=egress_rate))
 
     def delete(self, *, container_id: str, ifname: str) -> None:
         with _as_service_errors("DEL"), self._lock:
@@ -287,10 +301,13 @@ class EndpointManager:
             )
         return self._result(record)
 
-    def gc(self, *, valid: set[tuple[str, str]]) -> int:
+    def gc(self, *, network: str, valid: set[tuple[str, str]]) -> int:
         removed = 0
         with _as_service_errors("GC"), self._lock:
             for record in self.list():
+                # Another network's attachments are not in its list: not ours to judge.
+                if record.network != network:
+                    continue
                 if (record.container_id, record.ifname) not in valid:
                     self._remove(record)
                     removed += 1
@@ -352,22 +369,65 @@ class EndpointManager:
             )
         return mappings
 
-    def _pod_host_ports(self, attributes: Mapping[str, str]) -> builtins.list[hostports.HostPort]:
+    def _pod_object(self, attributes: Mapping[str, str], *, wanted: str) -> dict[str, Any] | None:
+        """The endpoint's Pod object, if there is one (``wanted``: what it is
+        read for, in the warning when the store cannot say)."""
         namespace = attributes.get("K8S_POD_NAMESPACE")
         name = attributes.get("K8S_POD_NAME")
         if self._objects is None or not namespace or not name:
-            return []
+            return None
         try:
-            pod = self._objects.get(KINDS["Pod"], name=name, namespace=namespace)
+            return self._objects.get(KINDS["Pod"], name=name, namespace=namespace)
         except LookupError:
-            return []  # no Pod object: the runtime's mappings alone
+            return None  # no Pod object: what the runtime said alone
         except StoreError as exc:
-            log.warning("pod %s/%s: hostPorts from the runtime only (%s)", namespace, name, exc)
-            return []
-        return hostports.from_pod(pod)
+            log.warning("pod %s/%s: %s from the runtime only (%s)", namespace, name, wanted, exc)
+            return None
+
+    def _pod_host_ports(self, attributes: Mapping[str, str]) -> builtins.list[hostports.HostPort]:
+        pod = self._pod_object(attributes, wanted="hostPorts")
+        return [] if pod is None else hostports.from_pod(pod)
+
+    def _egress_rate(self, request: svc.AddRequest) -> int:
+        """The pod's egress bandwidth in bits/s (0: none): the runtime's
+        (``bandwidth`` capability, which kubelet derives from the annotation),
+        else its Pod object's ``kubernetes.io/egress-bandwidth`` (as Cilium
+        reads it). Out of kubelet's bounds: refused, nothing made."""
+        try:
+            if request.egress_rate is not None:
+                rate = bandwidth_mod.check_rate(
+                    request.egress_rate, what="runtimeConfig.bandwidth.egressRate"
+                )
+            else:
+                pod = self._pod_object(request.attributes, wanted="egress bandwidth")
+                annotations = ((pod or {}).get("metadata") or {}).get("annotations") or {}
+                text = annotations.get(bandwidth_mod.EGRESS_ANNOTATION)
+                if text is None:
+                    return 0
+                rate = bandwidth_mod.parse_rate(
+                    str(text), what=f"annotation {bandwidth_mod.EGRESS_ANNOTATION}"
+                )
+        except bandwidth_mod.RateError as exc:
+            raise svc.BandwidthError(
+                f"pod {request.container_id}: {exc}", details="give a rate such as '10M' (bit/s)"
+            ) from exc
+        if rate and self._bandwidth.mode is bandwidth_mod.Mode.OFF:
+            # Cilium's behaviour with its bandwidth manager off: not kept, said.
+            log.warning(
+                "endpoint %s/%s asks for an egress bandwidth of %d bit/s: not kept, the agent "
+                "runs without --bandwidth-manager",
+                request.container_id,
+                request.ifname,
+                rate,
+            )
+        return rate
 
     def _create(
-        self, request: svc.AddRequest, mappings: builtins.list[hostports.HostPort]
+        self,
+        request: svc.AddRequest,
+        mappings: builtins.list[hostports.HostPort],
+        *,
+        egress_rate: int,
     ) -> EndpointRecord:
         owner = f"{request.container_id}/{request.ifname}"
         mtu = request.mtu or self._mtu
@@ -431,6 +491,8 @@ class EndpointManager:
                     netns_cookie=link.netns_cookie,
                     cni_labels=dict(request.labels),
                     host_ports=[m.to_json() for m in mappings],
+                    network=request.network,
+                    egress_rate=egress_rate,
                 )
                 self._write_policy(record, undo=undo)
                 self._write_maps(record, undo=undo)
@@ -535,6 +597,13 @@ class EndpointManager:
         self._dp.endpoints.upsert(endpoint)
         if undo is not None:
             undo.callback(_best_effort, "clear ep_ip/ep_dev", self._dp.endpoints.delete, endpoint)
+        # Always written: the slot may hold a previous pod's rate. The undo
+        # first: a class made before the map write failed goes too.
+        if undo is not None:
+            undo.callback(
+                _best_effort, "clear the egress bandwidth", self._bandwidth.unlimit, record.address
+            )
+        self._bandwidth.limit(record.address, record.egress_rate)
         self._dp.ipcache.upsert(IpcacheEntry(prefix, record.identity, None))
         if undo is not None:
             undo.callback(_best_effort, "clear the ipcache entry", self._dp.ipcache.delete, prefix)
@@ -566,6 +635,7 @@ class EndpointManager:
             _best_effort("forget the netns", self._dp.lb.forget_netns, record.netns_cookie)
         _best_effort("clear ep_ip/ep_dev", self._dp.endpoints.delete, self._endpoint(record))
         _best_effort("clear ep_netns", self._dp.endpoint_netns.clear, record.address)
+        _best_effort("clear the egress bandwidth", self._bandwidth.unlimit, record.address)
         _best_effort(
             "clear the ipcache entry",
             self._dp.ipcache.delete,
@@ -773,6 +843,12 @@ class EndpointManager:
             ):
                 self._dp.ipcache.delete(entry.prefix)
                 pruned += 1
+        # htb classes of pods deleted while no agent ran (their map entries
+        # are rewritten by the next pod of the slot).
+        try:
+            pruned += self._bandwidth.prune({r.address for r in records if r.egress_rate})
+        except bandwidth_mod.QdiscError:
+            log.warning("could not prune the uplink's htb classes", exc_info=True)
         return pruned
 
 
@@ -803,6 +879,12 @@ def _as_service_errors(operation: str) -> Iterator[None]:
         raise svc.DeviceFailedError(
             f"{operation}: {exc}",
             details="what the call had done was rolled back; fix what the message names and retry",
+        ) from exc
+    except bandwidth_mod.QdiscError as exc:
+        raise svc.DatapathFailedError(
+            f"{operation}: the pod's egress bandwidth could not be set up: {exc}",
+            details="what the call had done was rolled back; the uplink's qdisc is made when "
+            "the agent starts: if it was removed since, restart the agent",
         ) from exc
     except LoaderError as exc:
         raise svc.DatapathFailedError(

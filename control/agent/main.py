@@ -93,6 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " --no-service-lb, off otherwise",
     )
     p.add_argument(
+        "--bandwidth-manager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep pods' egress bandwidth (kubernetes.io/egress-bandwidth, or the CNI"
+        " bandwidth capability) as Cilium's bandwidth manager does: departure times on"
+        " the uplink's egress and an fq root qdisc there (replaces the uplink's). Needs"
+        " --uplink. Off: a pod's limit is recorded and not kept",
+    )
+    p.add_argument(
         "--cgroup-root",
         type=Path,
         help="the cgroup v2 directory whose sockets socket forwarding watches (default:"
@@ -196,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cgroup_root=args.cgroup_root,
         service_lb=args.service_lb,
         stack_nat_replies=args.stack_nat_replies,
+        bandwidth_manager=args.bandwidth_manager,
     )
     with _StopSignals() as signals:
         try:

@@ -47,7 +47,7 @@ from ciliate.control.services import hostports
 from ciliate.control.store import Store
 from ciliate.control.store.etcd import EtcdStore
 from ciliate.control.store.sqlite import SqliteStore
-from ciliate.datapath import abi, devices, lb
+from ciliate.datapath import abi, bandwidth, devices, lb
 from ciliate.datapath import maps as dpmaps
 from ciliate.datapath.maps import IpcacheEntry
 from ciliate.datapath.programs import Datapath, NodeConfig
@@ -93,6 +93,9 @@ class AgentConfig:
     # portmap, any DNAT in iptables/nftables) go back through the stack
     # (stack_nat.h). None: on exactly when ciliate's own LB is off or not built.
     stack_nat_replies: bool | None = None
+    # Pods' egress bandwidth kept (kubernetes.io/egress-bandwidth): departure
+    # times on the uplink's egress and the fq qdisc there (needs --uplink).
+    bandwidth_manager: bool = False
 
     @property
     def maps_dir(self) -> Path:
@@ -134,6 +137,11 @@ class NodeAgent:
         namespace_lock = NamespaceLock()
         self._stack.callback(namespace_lock.release)
         uplink_ifindex = self._uplink_ifindex()
+        if config.bandwidth_manager and config.uplink is None:
+            raise AgentConfigError(
+                "--bandwidth-manager needs --uplink: pods' egress is limited where it "
+                "leaves the node"
+            )
         self.cluster: ClusterMember | None = None
         self.cluster_store: EtcdStore | None = None
         self.pod_cidrs = list(config.pod_cidrs)
@@ -162,6 +170,13 @@ class NodeAgent:
             router_ip=self.router_ip, pod_cidrs=self.pod_cidrs, mtu=config.mtu
         )
         self._attach_node_programs(uplink_ifindex)
+        self.bandwidth = bandwidth.Manager(
+            self.datapath.throttle,
+            mode=self._install_bandwidth_manager()
+            if config.bandwidth_manager
+            else bandwidth.Mode.OFF,
+            device=config.uplink,
+        )
         self.socket_forwarding = self._attach_socket_programs()
         self._write_node_ipcache()
         self.endpoints = EndpointManager(
@@ -172,6 +187,7 @@ class NodeAgent:
             mtu=config.mtu,
             listener=self.cluster,
             objects=ObjectStore(self.objects_store),
+            bandwidth=self.bandwidth,
         )
         # Closing drains the queued veth deletions before the process goes.
         self._stack.callback(self.endpoints.close)
@@ -389,14 +405,15 @@ class NodeAgent:
         return loaded.datapath, not loaded.reused
 
     def _attach_node_programs(self, uplink_ifindex: int | None) -> None:
-        """from_host on cilium_host's egress, from_netdev on the uplink's
-        ingress: clsact filters at a fixed place, replaced in place when the
-        agent restarts (no moment without a program)."""
+        """from_host on cilium_host's egress, from_netdev and to_netdev on the
+        uplink's ingress and egress: clsact filters at a fixed place, replaced
+        in place when the agent restarts (no moment without a program)."""
         hooks: list[tuple[int, Literal["ingress", "egress"], str]] = [
             (self.host.cilium_host_ifindex, "egress", "from_host")
         ]
         if uplink_ifindex is not None:
             hooks.append((uplink_ifindex, "ingress", "from_netdev"))
+            hooks.append((uplink_ifindex, "egress", "to_netdev"))
         for ifindex, direction, program in hooks:
             attach_tc(
                 self.datapath.program(program),
@@ -407,6 +424,25 @@ class NodeAgent:
                 priority=FILTER_PRIORITY,
                 replace=True,
             ).close()
+
+    def _install_bandwidth_manager(self) -> bandwidth.Mode:
+        """The fq qdisc on the uplink that keeps the departure times to_netdev
+        gives rate-limited pods' packets (datapath.bandwidth); on a kernel
+        without fq, an htb qdisc whose classes shape them."""
+        assert self.config.uplink is not None  # checked at start
+        try:
+            mode = bandwidth.install(self.config.uplink)
+        except bandwidth.QdiscError as exc:
+            raise AgentConfigError(f"--bandwidth-manager: {exc}") from exc
+        if mode is bandwidth.Mode.PACED:
+            log.info("bandwidth manager: fq on %s paces pods' egress", self.config.uplink)
+        else:
+            log.warning(
+                "bandwidth manager: this kernel has no fq qdisc (CONFIG_NET_SCH_FQ): pods' "
+                "egress bandwidth is shaped by htb classes on %s, not paced",
+                self.config.uplink,
+            )
+        return mode
 
     def _attach_socket_programs(self) -> str | None:
         """sock_msg on the sockhash, sock_ops on the cgroup v2 root (a pinned

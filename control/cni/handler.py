@@ -247,6 +247,8 @@ def _add(
         mtu=_mtu(netconf),
         attributes=_attributes(cni_args),
         port_mappings=_port_mappings(netconf),
+        egress_rate=_egress_rate(netconf),
+        network=netconf["name"],
     )
     # The spec: "If an interface of the requested name already exists in the
     # container, the CNI plugin MUST return with an error" -- here: ciliate's own
@@ -306,7 +308,8 @@ def _check(
 def _gc(
     env: Mapping[str, str], netconf: dict[str, Any], version: str, service: EndpointService
 ) -> CniResponse:
-    service.gc(valid=_valid_attachments(netconf))
+    # The spec (1.1): the attachments listed are those of this network only.
+    service.gc(network=netconf["name"], valid=_valid_attachments(netconf))
     return CniResponse(0, "")
 
 
@@ -844,6 +847,33 @@ def _mtu(netconf: Mapping[str, Any]) -> int | None:
             f"mtu must be an integer from {MTU_MIN} to {MTU_MAX}, not {_show(mtu)}",
         )
     return mtu
+
+
+def _egress_rate(netconf: Mapping[str, Any]) -> int | None:
+    """``runtimeConfig.bandwidth.egressRate`` (the ``bandwidth`` capability,
+    CONVENTIONS.md: bits per second; 0 or absent: no limit), shape checked
+    here, its bounds by the agent. ``egressBurst`` has no meaning for ciliate's
+    pacing (departure times, no token bucket); ingress limits are not
+    enforced by ciliate (as in Cilium's bandwidth manager)."""
+    runtime_config = netconf.get("runtimeConfig")
+    if not isinstance(runtime_config, dict) or runtime_config.get("bandwidth") is None:
+        return None  # a runtimeConfig that is not an object: _port_mappings says so
+    bandwidth = runtime_config["bandwidth"]
+    if not isinstance(bandwidth, dict):
+        raise _CniError(
+            CODE_INVALID_NETCONF,
+            f"runtimeConfig.bandwidth must be an object, not {_show(bandwidth)}",
+        )
+    rate = bandwidth.get("egressRate")
+    if rate is None or rate == 0:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+        raise _CniError(
+            CODE_INVALID_NETCONF,
+            "runtimeConfig.bandwidth.egressRate must be a non-negative integer (bits per "
+            f"second), not {_show(rate)}",
+        )
+    return rate
 
 
 def _port_mappings(netconf: Mapping[str, Any]) -> tuple[PortMapping, ...]:

@@ -89,8 +89,13 @@ def install(
         )
     source = shim if shim is not None else find_shim()
     # portMappings: the runtime passes the pod's hostPorts, which the agent serves
-    # through its load balancer (no portmap plugin needed).
-    plugin: dict[str, Any] = {"type": PLUGIN_TYPE, "capabilities": {"portMappings": True}}
+    # through its load balancer (no portmap plugin needed). bandwidth: the pod's
+    # kubernetes.io/egress-bandwidth, which the agent's bandwidth manager keeps
+    # (no bandwidth plugin needed; its egress limit cannot work beside ciliate).
+    plugin: dict[str, Any] = {
+        "type": PLUGIN_TYPE,
+        "capabilities": {"portMappings": True, "bandwidth": True},
+    }
     if socket is not None:
         plugin["agentSocket"] = socket
     conflist = {"cniVersion": cni_version, "name": network_name, "plugins": [plugin]}

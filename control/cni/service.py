@@ -10,6 +10,7 @@ BPF maps) into them with ``raise ... from``::
     ServiceError (999: a bug; nothing else should reach the runtime as 999)
     +-- InvalidNetnsError (4)       CNI_NETNS is not a (or not the container's) netns
     +-- PortMappingError (7)        a portMappings entry ciliate cannot serve (SCTP, IPv6)
+    +-- BandwidthError (7)          an egress bandwidth that is no valid rate
     +-- HostPortInUseError (102)    another pod of the node holds the hostPort
     +-- SecondInterfaceError (4)    CNI_IFNAME names a second interface of one container
     +-- UnknownContainerError (3)   CHECK of a container the agent does not know
@@ -50,6 +51,12 @@ class AddRequest:
     mtu: int | None = None  # netconf "mtu"; None: the agent's default
     attributes: Mapping[str, str] = field(default_factory=dict)  # e.g. K8S_POD_NAME, for display
     port_mappings: tuple[PortMapping, ...] = ()  # hostPorts the runtime asks for
+    # runtimeConfig.bandwidth.egressRate (the ``bandwidth`` capability, which
+    # kubelet fills from kubernetes.io/egress-bandwidth), bits/s; None: not given.
+    egress_rate: int | None = None
+    # The netconf's network name: with (container_id, ifname) it names the
+    # attachment (the spec), and GC collects only its own network's.
+    network: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,14 @@ class StoreFailedError(TryAgainError):
 class PortMappingError(ServiceError):
     """A ``portMappings`` entry the agent cannot serve (a protocol other than
     TCP and UDP, an IPv6 ``hostIP``, two entries of one pod that overlap):
+    invalid configuration (code 7); nothing was changed."""
+
+    cni_code = 7
+
+
+class BandwidthError(ServiceError):
+    """The pod asks for an egress bandwidth (runtimeConfig, or its Pod's
+    ``kubernetes.io/egress-bandwidth``) that is not a rate kubelet accepts:
     invalid configuration (code 7); nothing was changed."""
 
     cni_code = 7
@@ -166,9 +181,10 @@ class EndpointService(Protocol):
         """Verify the endpoint is intact; raise CheckFailedError if not."""
         ...
 
-    def gc(self, *, valid: set[tuple[str, str]]) -> int:
-        """Remove endpoints whose (container_id, ifname) is not in ``valid``;
-        return how many were removed."""
+    def gc(self, *, network: str, valid: set[tuple[str, str]]) -> int:
+        """Remove the endpoints of ``network`` whose (container_id, ifname) is
+        not in ``valid`` (GC is per network: another network served by the same
+        agent keeps its own); return how many were removed."""
         ...
 
     def ready(self) -> None:

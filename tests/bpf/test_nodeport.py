@@ -546,3 +546,81 @@ def test_a_remote_translation_shows_the_snat_and_the_monitor_prints_it(bed: Test
         "original": {"source": f"{WORLD_IP}:40000", "destination": f"{NODE_IP}:30080"},
         "translated": {"source": f"{NODE_IP}:{nat_port}", "destination": f"{REMOTE_POD}:8080"},
     }
+
+
+def test_nodeport_to_the_nodes_own_address_goes_to_its_stack_and_the_reply_leaves_as_the_service(
+    bed: Testbed,
+) -> None:
+    """A hostNetwork backend (the node's own address): Cilium's "local backend
+    is the host". DNAT only, handed to the node's stack (no SNAT to itself);
+    the host's reply is translated back on the uplink's egress (to_netdev)."""
+    host = Backend(id=11, address=NODE_IP, port=8081)
+    bed.datapath.lb.upsert_service(NODEPORT, [host], service_id=1, external=True)
+    result = bed.run("from_netdev", from_client(bed), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK, "to the node's stack, not redirected"
+    syn = Ether(result.data)
+    assert (syn[IP].src, syn[IP].dst) == (str(WORLD_IP), str(NODE_IP))
+    assert (syn[TCP].sport, syn[TCP].dport) == (CLIENT_PORT, 8081)
+    assert syn.dst == bed.uplink.mac and syn[IP].ttl == 60, "not routed: the stack delivers"
+    assert ipv4_header_valid(syn) and l4_valid(syn)
+    [flow] = bed.datapath.lb.flows()
+    assert (flow.backend_id, flow.snat_port) == (11, None)
+
+    reply = bytes(
+        Ether(src=bed.uplink.mac, dst=GATEWAY_MAC)
+        / IP(src=str(NODE_IP), dst=str(WORLD_IP), ttl=64)
+        / TCP(sport=8081, dport=CLIENT_PORT, flags="SA")
+        / b"answer"
+    )
+    result = bed.run("to_netdev", reply, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK
+    out = Ether(result.data)
+    assert (out[IP].src, out[IP].dst) == (str(NODE_IP), str(WORLD_IP))
+    assert (out[TCP].sport, out[TCP].dport) == (NODEPORT.port, CLIENT_PORT)
+    assert ipv4_header_valid(out) and l4_valid(out)
+    assert bytes(out[TCP].payload) == b"answer"
+    metrics = bed.datapath.metrics
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT, Direction.INGRESS)[0] == 1
+    assert metrics.get(DropReason.FORWARDED_LB_REPLY, Direction.EGRESS)[0] == 1
+    assert metrics.get(DropReason.FORWARDED_LB_NODEPORT_REMOTE, Direction.INGRESS)[0] == 0
+    assert [f.answered for f in bed.datapath.lb.flows()] == [True]
+
+
+def test_to_netdev_leaves_what_is_not_a_translated_reply_alone(bed: Testbed) -> None:
+    """The host's own traffic (no flow), and what the node forwards from a
+    pod, go out byte for byte as they came."""
+    bed.datapath.lb.upsert_service(
+        NODEPORT, [Backend(id=11, address=NODE_IP, port=8081)], service_id=1, external=True
+    )
+    for src, sport in ((NODE_IP, 8081), (NODE_IP, 22), (bed.pod_a.ip, 8081)):
+        sent = bytes(
+            Ether(src=bed.uplink.mac, dst=GATEWAY_MAC)
+            / IP(src=str(src), dst=str(WORLD_IP), ttl=64)
+            / TCP(sport=sport, dport=CLIENT_PORT, flags="A")
+            / b"data"
+        )
+        result = bed.run("to_netdev", sent, ifindex=bed.uplink.ifindex)
+        assert (result.retval, result.data) == (TC_ACT_OK, sent)
+    assert bed.datapath.metrics.get(DropReason.FORWARDED_LB_REPLY, Direction.EGRESS)[0] == 0
+
+
+def test_udp_nodeport_to_the_nodes_own_address_keeps_checksums_both_ways(bed: Testbed) -> None:
+    frontend = Frontend(NODE_IP, 30053, L4Protocol.UDP)
+    host = Backend(id=12, address=NODE_IP, port=5353)
+    bed.datapath.lb.upsert_service(frontend, [host], service_id=2, external=True)
+    result = bed.run("from_netdev", from_client(bed, frontend=frontend), ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK
+    query = Ether(result.data)
+    assert (query[IP].dst, query[UDP].dport) == (str(NODE_IP), 5353)
+    assert ipv4_header_valid(query) and l4_valid(query)
+    answer = bytes(
+        Ether(src=bed.uplink.mac, dst=GATEWAY_MAC)
+        / IP(src=str(NODE_IP), dst=str(WORLD_IP), ttl=64)
+        / UDP(sport=5353, dport=CLIENT_PORT)
+        / b"answer"
+    )
+    result = bed.run("to_netdev", answer, ifindex=bed.uplink.ifindex)
+    assert result.retval == TC_ACT_OK
+    out = Ether(result.data)
+    assert (out[IP].src, out[UDP].sport, out[UDP].dport) == (str(NODE_IP), 30053, CLIENT_PORT)
+    assert ipv4_header_valid(out) and l4_valid(out)

@@ -65,8 +65,8 @@ class FakeService:
         self._call("check", (container_id, ifname, netns))
         return self.result
 
-    def gc(self, *, valid: set[tuple[str, str]]) -> int:
-        self._call("gc", valid)
+    def gc(self, *, network: str, valid: set[tuple[str, str]]) -> int:
+        self._call("gc", (network, valid))
         return self.removed
 
     def ready(self) -> None:

@@ -103,6 +103,7 @@ def test_add_asks_the_service_for_the_endpoint_with_labels_mtu_and_attributes(
             "k8s:tier": "front",
         },
         mtu=1400,
+        network="ciliate",
         attributes={
             "K8S_POD_NAMESPACE": "shop",
             "K8S_POD_NAME": "web-0",
@@ -425,7 +426,7 @@ def test_gc_passes_the_valid_attachments_to_the_service() -> None:
         cni_env("GC"), netconf("1.1.0", **{"cni.dev/valid-attachments": valid}), service
     )
     assert (response.exit_code, parsed) == (0, None)
-    assert service.calls == [("gc", {("aaa", "eth0"), ("bbb", "net1")})]
+    assert service.calls == [("gc", ("ciliate", {("aaa", "eth0"), ("bbb", "net1")}))]
 
 
 def test_gc_reads_the_draft_name_of_the_attachment_list_too() -> None:
@@ -433,7 +434,7 @@ def test_gc_reads_the_draft_name_of_the_attachment_list_too() -> None:
     conf = netconf("1.1.0", **{"cni.dev/attachments": [{"containerID": "a", "ifname": "eth0"}]})
     response, _ = call(cni_env("GC"), conf, service)
     assert response.exit_code == 0
-    assert service.calls == [("gc", {("a", "eth0")})]
+    assert service.calls == [("gc", ("ciliate", {("a", "eth0")}))]
 
 
 def test_gc_with_an_empty_list_keeps_nothing() -> None:
@@ -442,7 +443,7 @@ def test_gc_with_an_empty_list_keeps_nothing() -> None:
         cni_env("GC"), netconf("1.1.0", **{"cni.dev/valid-attachments": []}), service
     )
     assert response.exit_code == 0
-    assert service.calls == [("gc", set())]
+    assert service.calls == [("gc", ("ciliate", set()))]
 
 
 def test_status_reports_ready() -> None:

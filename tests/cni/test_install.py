@@ -33,7 +33,7 @@ def test_install_copies_the_shim_and_writes_the_conflist(shim: Path, tmp_path: P
         "plugins": [
             {
                 "type": "ciliate-cni",
-                "capabilities": {"portMappings": True},
+                "capabilities": {"portMappings": True, "bandwidth": True},
                 "agentSocket": "/run/lab/agent.sock",
             }
         ],
@@ -55,7 +55,9 @@ def test_the_default_socket_is_left_out_of_the_conflist(shim: Path, tmp_path: Pa
     assert conf == {
         "cniVersion": "1.1.0",
         "name": "podnet",
-        "plugins": [{"type": "ciliate-cni", "capabilities": {"portMappings": True}}],
+        "plugins": [
+            {"type": "ciliate-cni", "capabilities": {"portMappings": True, "bandwidth": True}}
+        ],
     }
 
 

@@ -9,9 +9,12 @@ pod reaching a hostPort through the node's address, unless replies of
 connections the stack translated go back through the stack
 (``--stack-nat-replies``, on by default with ``--no-service-lb``); portmap's
 DNAT is such a translation, and the pod's reply, redirected straight to the
-client pod, never meets its conntrack entry. And bandwidth's egress limit: it needs an
+client pod, never meets its conntrack entry.
+
+bandwidth's egress limit cannot be chained (as with Cilium): it needs an
 ``ingress`` qdisc on the node side of the veth, where ciliate's programs hold
-the ``clsact`` one ("create ingress qdisc: file exists").
+the ``clsact`` one; the ADD fails there and is undone. ciliate keeps a pod's
+egress bandwidth itself (``--bandwidth-manager``).
 
 The plugins from Debian speak spec versions up to 1.0.0, so the chain is 1.0.0.
 Everything happens in the lab's node namespace (podman under ``nsenter``,
@@ -34,6 +37,7 @@ import pytest
 from ciliate.control.agent.client import AgentClient
 from ciliate.control.lab.runtime.common import (
     REFERENCE_PLUGIN_DIR,
+    CommandError,
     RuntimeUnavailable,
     cni_cache_entries,
     traced_plugin_dir,
@@ -257,16 +261,37 @@ def test_another_pod_reaches_a_host_port_through_the_nodes_address(chain: ChainL
     assert through.stdout == "hello from the pod\n", through
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bandwidth's egress limit needs an ingress qdisc on the veth, where ciliate's "
-    "programs hold the clsact one",
-)
 @pytest.mark.parametrize("chain", [((), {**INGRESS_LIMIT, **EGRESS_LIMIT})], indirect=True)
-def test_bandwidth_limits_what_the_pod_sends(chain: ChainLab) -> None:
-    try:
+def test_bandwidths_egress_limit_is_refused_in_a_chain_and_the_failed_add_is_undone(
+    chain: ChainLab,
+) -> None:
+    """The bandwidth plugin's egress limit cannot work beside ciliate, as
+    beside Cilium: it needs an ``ingress`` qdisc on the pod's veth, where
+    ciliate's programs hold ``clsact``, and from_container redirects every
+    packet before a filter there would run. A pod's egress bandwidth is
+    ciliate's own (``--bandwidth-manager``, the ``bandwidth`` capability and
+    the Pod annotation: tests/node/test_bandwidth_manager.py). What a chain
+    asking bandwidth for it gets: the ADD fails at bandwidth, saying why, and
+    the runtime's DEL undoes ciliate's part, leaving nothing."""
+    baseline = node_veths(chain.node_netns)
+    with pytest.raises(CommandError) as failed:
         chain.podman.run("web", SERVER)
-    finally:
-        failed = [c for c in chain.calls() if c.command == "ADD" and c.rc != 0]
-        # The failed chain is undone: podman's DEL reaches every plugin, ciliate too.
-        assert [c.plugin for c in failed] in ([], ["bandwidth"]), failed
+    assert "bandwidth" in str(failed.value) and "ingress qdisc" in str(failed.value), failed.value
+    adds = [c for c in chain.calls() if c.command == "ADD"]
+    assert [(c.plugin, c.rc == 0) for c in adds] == [
+        ("ciliate-cni", True),
+        ("portmap", True),
+        ("bandwidth", False),
+    ]
+    dels = [c for c in chain.calls() if c.command == "DEL"]
+    assert [c.plugin for c in dels][-3:] == list(reversed(CHAIN)), "the chain undone backwards"
+    assert all(c.rc == 0 for c in dels), dels
+    chain.podman.podman("rm", "--force", "web", check=False)
+    assert f"--dport {HOST_PORT}" not in chain.iptables()
+    assert_nothing_left(
+        node_netns=chain.node_netns,
+        baseline_veths=baseline,
+        cni=chain.plugin_set,
+        lab_leftovers=chain.podman.leftovers(),
+        netns_paths=[],
+    )

@@ -123,10 +123,10 @@ def hp(node_netns: str, tmp_path: Path) -> Iterator[HostPortLab]:
         assert conflist["plugins"] == [
             {
                 "type": "ciliate-cni",
-                "capabilities": {"portMappings": True},
+                "capabilities": {"portMappings": True, "bandwidth": True},
                 "agentSocket": nodes[0].socket,
             }
-        ], "ciliate alone, asking for the pods' port mappings"
+        ], "ciliate alone, asking for the pods' port mappings (and egress bandwidth)"
         with AgentClient(nodes[0].socket) as agent:
             router_ip = str(agent.get("/v1/status")["router_ip"])
         try:

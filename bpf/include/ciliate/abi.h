@@ -41,6 +41,7 @@ enum ciliate_drop_reason {
 	CILIATE_DROP_POLICY_DENIED = 140,       /* policy denied */
 	CILIATE_DROP_NO_SERVICE_BACKEND = 141,  /* service has no active backend */
 	CILIATE_DROP_NO_ROUTE = 142,            /* no route for a translated service packet */
+	CILIATE_DROP_EDT_HORIZON = 162,         /* pod over its egress bandwidth: departure too far ahead (Cilium's number) */
 };
 
 /* Where a forwarded packet went (trace events). */
@@ -488,6 +489,19 @@ struct ciliate_lb_event {
  * table, CILIATE_LB_MAGLEV_SIZE backend ids (computed in user space). */
 struct ciliate_lb_maglev {
 	__u32 backend_ids[1021]; /* CILIATE_LB_MAGLEV_SIZE */
+};
+
+/* ciliate_throttle (array): endpoint slot -> the pod's egress bandwidth
+ * (kubernetes.io/egress-bandwidth), kept on the uplink's egress (edt.h):
+ * paced by the departure time each packet gets (EDT), which the fq qdisc
+ * there keeps; or, on a kernel without fq, shaped by the pod's own class of
+ * an htb qdisc there, which the program names in skb->priority. */
+struct ciliate_throttle {
+	__u64 rate;             /* bytes per second; 0: no limit */
+	__u64 t_last;           /* departure time of its last packet (ns, CLOCK_MONOTONIC) */
+	__u64 horizon;          /* ns: a packet due later than this from now is dropped */
+	__u32 classid;          /* htb class (major:minor) that shapes it; 0: paced */
+	__u32 pad;
 };
 
 #endif /* CILIATE_ABI_H */

@@ -462,10 +462,9 @@ static __always_inline int lb_fib_redirect(struct __sk_buff *ctx, struct trace_i
 }
 
 /* A reply of a translated flow, if `t` is one: it gets the frontend (and,
- * SNATed, the client) back and leaves past the stack. */
-static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
-				      const struct ciliate_lb_tuple *t, __u8 dir,
-				      struct trace_info *trace)
+ * SNATed, the client) back, in place. CILIATE_LB_PASS: not such a reply. */
+static __always_inline int lb_rev_nat_rewrite(struct __sk_buff *ctx, __u32 l4_off,
+					      const struct ciliate_lb_tuple *t, __u8 dir)
 {
 	const struct ciliate_lb_nat_rev *rev = bpf_map_lookup_elem(&ciliate_lb_nat_rev, t);
 	struct ciliate_lb_tuple orig = {};
@@ -492,7 +491,43 @@ static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
 	metrics_count(CILIATE_FORWARDED_LB_REPLY, dir, ctx->len);
 	lb_trace_xlate(ctx->ifindex, CILIATE_LB_XLATE_REPLY, dir, t, &to, 0,
 		       flow ? flow->backend_id : 0);
+	return 0;
+}
+
+/* A reply of a translated flow, if `t` is one: translated back, and out
+ * past the stack. */
+static __always_inline int lb_rev_nat(struct __sk_buff *ctx, __u32 l4_off,
+				      const struct ciliate_lb_tuple *t, __u8 dir,
+				      struct trace_info *trace)
+{
+	int ret = lb_rev_nat_rewrite(ctx, l4_off, t, dir);
+
+	if (ret)
+		return ret; /* not a reply (CILIATE_LB_PASS), or a drop */
 	return lb_fib_redirect(ctx, trace);
+}
+
+/* Whether `addr` is this node's own (a hostNetwork backend listens there):
+ * the stack delivers to it, no pod nor other node is involved. */
+static __always_inline bool lb_is_host_addr(__u32 addr)
+{
+	return addr == node_ip || addr == router_ip;
+}
+
+/* A packet the node's own stack sends out of the uplink (tc egress): the
+ * reply of a flow the uplink DNATed to a backend on this node's address
+ * (a hostNetwork pod) gets the frontend back as its source. Only packets
+ * from a node address are looked up: what the node forwards pays one
+ * compare. 0: translated (the packet's pointers are stale);
+ * CILIATE_LB_PASS: nothing to translate. */
+static __always_inline int lb_rev_nat_from_host(struct __sk_buff *ctx, const struct iphdr *ip)
+{
+	struct ciliate_lb_tuple t = {};
+	__u32 l4_off;
+
+	if (!lb_is_host_addr(ip->saddr) || !lb_tuple(ctx, ip, &t, &l4_off))
+		return CILIATE_LB_PASS;
+	return lb_rev_nat_rewrite(ctx, l4_off, &t, CILIATE_DIR_EGRESS);
 }
 
 /* A reply from a local pod to a client outside, after its policy: the
@@ -622,7 +657,8 @@ static __always_inline int lb_icmp_unreachable(struct __sk_buff *ctx,
  * from Maglev, so any node picks the same one, or from ClientIP
  * affinity). A local backend: DNAT, and CILIATE_LB_PASS so the caller
  * delivers it into the pod (with the pod's policy, which sees the backend
- * and its port). A remote one: DNAT and SNAT to this node, so its reply
+ * and its port), or to the node's stack when the backend is the node's
+ * own address (a hostNetwork pod). A remote one: DNAT and SNAT to this node, so its reply
  * comes back here, and out through the FIB. Anything else: PASS. A flow
  * lives as a conntrack entry does (lb_flow_touch): closed TCP briefly,
  * then its tuple and its SNAT port serve a new flow.
@@ -680,7 +716,10 @@ static __always_inline int lb_nodeport(struct __sk_buff *ctx, const struct iphdr
 		if (!backend)
 			return lb_icmp_unreachable(ctx, &t);
 		fwd.backend_id = id;
-		if (lookup_endpoint(backend->addr)) {
+		/* A local pod, or this node itself (Cilium's "local backend is
+		 * the host"): DNAT only, the reply translated back where it
+		 * leaves (the pod's from_container, the uplink's to_netdev). */
+		if (lookup_endpoint(backend->addr) || lb_is_host_addr(backend->addr)) {
 			struct ciliate_lb_tuple reply = {
 				.saddr = backend->addr,
 				.daddr = t.saddr,
