@@ -19,6 +19,7 @@ import functools
 import gzip
 import ipaddress
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ _ENTRY = abi.sizeof("ciliate_ct_entry")
 _SET = abi.sizeof("ciliate_ct_set")
 _KEY = abi.sizeof("ciliate_ct_key")
 _EMPTY_KEY = bytes(_KEY)
+_EXPIRES = struct.Struct("<Q")
+_EXPIRES_AT = abi.offsetof("ciliate_ct_entry", "expires")
 
 
 _JIFFIES = re.compile(rb"^jiffies: (\d+)$", re.M)
@@ -92,15 +95,9 @@ def set_index(key: bytes, sets: int) -> int:
 def _key(
     protocol: int, src: tuple[ipaddress.IPv4Address, int], dst: tuple[ipaddress.IPv4Address, int]
 ) -> bytes:
-    """A ciliate_ct_key: addresses and ports as they sit in the headers."""
-    return abi.pack(
-        "ciliate_ct_key",
-        saddr=int.from_bytes(src[0].packed, "little"),
-        daddr=int.from_bytes(dst[0].packed, "little"),
-        sport=int.from_bytes(src[1].to_bytes(2, "big"), "little"),
-        dport=int.from_bytes(dst[1].to_bytes(2, "big"), "little"),
-        protocol=protocol,
-    )
+    """A ciliate_ct_key: addresses and ports as they sit in the headers (a test
+    checks the layout against abi.h)."""
+    return src[0].packed + dst[0].packed + struct.pack("!HHB3x", src[1], dst[1], protocol)
 
 
 def _reversed_key(key: bytes) -> bytes:
@@ -239,37 +236,44 @@ class Conntrack:
         adopted. Like :meth:`gc`, it writes whole sets: a way the datapath fills in
         that same instant is lost, and its connection judged again as new."""
         ticks, per_second = now(), hz()
-        adopted = 0
+        by_set: dict[int, list[OpenConnection]] = {}
         for connection in connections:
             key = _key(connection.protocol, connection.opener, connection.other)
-            index = set_index(key, self._raw.max_entries)
+            by_set.setdefault(set_index(key, self._raw.max_entries), []).append(connection)
+        adopted = 0
+        for index, arriving in by_set.items():
             raw = self._raw.lookup(index.to_bytes(4, "little"))
             if not isinstance(raw, bytes):
                 continue
             value = bytearray(raw)
-            ways = [bytes(value[w * _ENTRY : (w + 1) * _ENTRY]) for w in range(WAYS)]
-            if any(way[:_KEY] in (key, _reversed_key(key)) for way in ways):
-                continue
-            free = next(
-                (
-                    w
-                    for w, way in enumerate(ways)
-                    if abi.unpack("ciliate_ct_entry", way)["expires"] <= ticks
-                ),
-                None,
-            )
-            if free is None:
-                continue
-            flags = (_F_SEEN_REPLY if connection.answered else 0) | (
-                _F_CLOSING if connection.closing else 0
-            )
-            lifetime = per_second * self._lifetime(connection.protocol, flags)
-            entry = abi.pack(
-                "ciliate_ct_entry", expires=ticks + lifetime, flags=flags, lifetime=lifetime
-            )
-            value[free * _ENTRY : (free + 1) * _ENTRY] = key + entry[_KEY:]
-            self._raw.update(index.to_bytes(4, "little"), bytes(value))
-            adopted += 1
+            taken = 0
+            for connection in arriving:
+                key = _key(connection.protocol, connection.opener, connection.other)
+                keys = {bytes(value[w * _ENTRY : w * _ENTRY + _KEY]) for w in range(WAYS)}
+                if key in keys or _reversed_key(key) in keys:
+                    continue
+                free = next(
+                    (
+                        w
+                        for w in range(WAYS)
+                        if _EXPIRES.unpack_from(value, w * _ENTRY + _EXPIRES_AT)[0] <= ticks
+                    ),
+                    None,
+                )
+                if free is None:
+                    continue
+                flags = (_F_SEEN_REPLY if connection.answered else 0) | (
+                    _F_CLOSING if connection.closing else 0
+                )
+                lifetime = per_second * self._lifetime(connection.protocol, flags)
+                entry = abi.pack(
+                    "ciliate_ct_entry", expires=ticks + lifetime, flags=flags, lifetime=lifetime
+                )
+                value[free * _ENTRY : (free + 1) * _ENTRY] = key + entry[_KEY:]
+                taken += 1
+            if taken:
+                self._raw.update(index.to_bytes(4, "little"), bytes(value))
+                adopted += taken
         return adopted
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""The connections a pod's sockets hold, read with sock_diag inside its network
-namespace: what the connection tracker adopts when policy starts to apply to a
+"""The connections a pod's sockets hold, read from its socket tables inside its
+network namespace: what the connection tracker adopts when policy starts to apply to a
 pod (:meth:`ciliate.datapath.conntrack.Conntrack.adopt`).
 
 The tracker only learns connections while a policy is enforced on one of their
@@ -24,9 +24,6 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import DiagSocket
 
 from ciliate.loader import enter_netns
 
@@ -53,43 +50,42 @@ class OpenConnection:
     closing: bool  # TCP: a FIN has passed
 
 
-def _states(wanted: frozenset[int]) -> int:
-    return sum(1 << state for state in wanted)
+def _table(name: str) -> list[tuple[int, Endpoint, Endpoint]]:
+    """(state, local, remote) of each socket in /proc/thread-self/net/<name>: the
+    calling thread's namespace (``/proc/net`` is the process's). Addresses are
+    printed as the host-order hex of the network-order word, ports as host-order hex.
+    Read as text rather than through sock_diag: 10-20x faster here (pyroute2's
+    request is ~0.2 ms per socket), and the pass holds the policy lock meanwhile."""
+    rows = []
+    with open(f"/proc/thread-self/net/{name}", encoding="ascii") as table:
+        next(table)  # the header
+        for line in table:
+            fields = line.split(maxsplit=4)
+            local, remote, state = fields[1], fields[2], int(fields[3], 16)
+            rows.append((state, _endpoint(local), _endpoint(remote)))
+    return rows
 
 
-def _ends(message: Any) -> tuple[Endpoint, Endpoint]:
-    local = (ipaddress.IPv4Address(message["idiag_src"]), int(message["idiag_sport"]))
-    remote = (ipaddress.IPv4Address(message["idiag_dst"]), int(message["idiag_dport"]))
-    return local, remote
+def _endpoint(text: str) -> Endpoint:
+    address, _, port = text.partition(":")
+    return ipaddress.IPv4Address(int(address, 16).to_bytes(4, "little")), int(port, 16)
 
 
 def open_connections(netns: str) -> list[OpenConnection]:
     """The IPv4 TCP connections and connected UDP sockets in ``netns`` (a path such as
     ``/var/run/netns/NAME``). Raises ``OSError``/``LoaderError`` when the namespace
     cannot be entered or read."""
-    with enter_netns(netns), DiagSocket() as diag:
+    with enter_netns(netns):
         # Per namespace: read from inside (net sysctls follow the reading thread).
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        diag.bind()
-        tcp = diag.get_sock_stats(
-            family=socket.AF_INET, protocol=socket.IPPROTO_TCP, states=_states(_TCP_STATES)
-        )
-        udp = diag.get_sock_stats(
-            family=socket.AF_INET,
-            protocol=socket.IPPROTO_UDP,
-            states=_states(frozenset({_TCP_ESTABLISHED})),
-        )
-    listening: set[Endpoint] = set()
-    sockets: list[tuple[int, Endpoint, Endpoint]] = []
-    for message in tcp:
-        local, remote = _ends(message)
-        if message["idiag_state"] == _TCP_LISTEN:
-            listening.add(local)
-        else:
-            sockets.append((int(message["idiag_state"]), local, remote))
+        tcp = _table("tcp")
+        udp = _table("udp")
+    listening = {local for state, local, _ in tcp if state == _TCP_LISTEN}
     any_address = ipaddress.IPv4Address(0)
     connections = []
-    for state, local, remote in sockets:
+    for state, local, remote in tcp:
+        if state not in _TCP_STATES or state == _TCP_LISTEN:
+            continue
         if local in listening or (any_address, local[1]) in listening:
             accepted = True
         else:
@@ -103,9 +99,8 @@ def open_connections(netns: str) -> list[OpenConnection]:
                 closing=state in _TCP_CLOSING_STATES,
             )
         )
-    for message in udp:
-        local, remote = _ends(message)
-        if remote[1] == 0:
+    for state, local, remote in udp:
+        if state != _TCP_ESTABLISHED or remote[1] == 0:
             continue  # bound, not connected
         connections.append(
             OpenConnection(

@@ -18,6 +18,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from ciliate.control.cni.defaults import DEFAULT_AGENT_SOCKET, DEFAULT_MTU
 
 if TYPE_CHECKING:
     from ciliate.control.agent.node import NodeAgent
+    from ciliate.control.store import StoreError
 
 log = logging.getLogger("ciliate.agent")
 
@@ -188,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ciliate.control.agent.lock import AgentLockError
     from ciliate.control.agent.node import AgentConfig, AgentConfigError, NodeAgent
+    from ciliate.control.store import StoreError
 
     config = AgentConfig(
         node_name=args.node_name,
@@ -212,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             agent = NodeAgent(config)
         except (AgentLockError, AgentConfigError) as exc:
             return _refuse(str(exc))
+        except StoreError as exc:
+            return _refuse(_state_unreadable(exc, Path(config.state_dir)))
         except _Stopped:
             log.info("stopped before serving")
             return 0
@@ -222,6 +227,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             agent.close()
     log.info("stopped; pods keep forwarding through the attached programs and pinned maps")
     return 0
+
+
+# Less free space than this where the state lives: the disk is full for SQLite.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _state_unreadable(exc: StoreError, state_dir: Path) -> str:
+    """What to tell the operator when the node's state cannot be opened: most often
+    a full disk (SQLite then says "disk I/O error"), which the free space shows."""
+    message = f"the node's state cannot be opened: {exc}"
+    try:
+        free = shutil.disk_usage(state_dir).free
+    except OSError:
+        free = None
+    if free is not None and free < _FULL_DISK_BYTES:
+        message += f"; {state_dir} is on a full disk ({free} bytes free): free space there"
+    return message + "; pods keep forwarding through the pinned datapath meanwhile"
 
 
 def _refuse(message: str) -> int:

@@ -197,3 +197,18 @@ def test_a_full_set_is_not_made_room_in(tb: Testbed) -> None:
     before = table(tb)
     assert tb.datapath.conntrack.adopt([target]) == 0
     assert table(tb) == before
+
+
+def test_adopted_keys_are_laid_out_as_abi_h_says() -> None:
+    from ciliate.datapath import abi
+    from ciliate.datapath.conntrack import _key
+
+    src, dst = (ipaddress.IPv4Address("10.1.2.3"), 40000), (ipaddress.IPv4Address("10.4.5.6"), 80)
+    assert _key(TCP_P, src, dst) == abi.pack(
+        "ciliate_ct_key",
+        saddr=int.from_bytes(src[0].packed, "little"),
+        daddr=int.from_bytes(dst[0].packed, "little"),
+        sport=int.from_bytes((40000).to_bytes(2, "big"), "little"),
+        dport=int.from_bytes((80).to_bytes(2, "big"), "little"),
+        protocol=TCP_P,
+    )

@@ -377,3 +377,29 @@ def test_a_repeated_add_naming_another_namespace_is_refused_as_code_4(node_lab: 
     assert "CNI_NETNS" in error["msg"] and pod.netns in error["msg"], error
     assert snapshot(node_lab) == before
     node_lab.cni(pod, "DEL")
+
+
+def test_an_agent_started_on_a_full_disk_says_so_and_the_pods_keep_forwarding(
+    small_disk_lab: tuple[NodeLab, Path],
+) -> None:
+    """Its state cannot be opened: a clear refusal (exit 2, the directory and the
+    free space named), no traceback; the pinned datapath keeps the pod reachable,
+    and the agent starts once there is room again."""
+    node_lab, state_dir = small_disk_lab
+    pod = node_lab.pod("kept")
+    node_lab.add(pod)
+    assert pod.ip is not None
+    router_ip = node_lab.router_ip
+    lab.stop_agent(node_lab.node)
+    log_before = Path(node_lab.node.log).read_text()
+    with disk_full(state_dir):
+        proc = lab.start_agent(node_lab.node, wait=False)
+        assert proc.wait(timeout=60) == 2
+        said = Path(node_lab.node.log).read_text()[len(log_before) :]
+        assert "Traceback" not in said
+        assert f"{state_dir} is on a full disk" in said, said[-2000:]
+        assert node_lab.ping(pod, router_ip)
+    lab.start_agent(node_lab.node)
+    node_lab.state.save()
+    assert [e["ip"] for e in node_lab.get("/v1/endpoints")] == [pod.ip]
+    node_lab.cni(pod, "DEL")
