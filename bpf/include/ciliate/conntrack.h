@@ -20,10 +20,11 @@
  * too (ciliate.datapath.conntrack.gc()).
  *
  * The established path is short on purpose (bench datapath): the tuple is
- * two 64-bit words loaded straight from the headers, its reverse a few
- * shifts, one multiply finds the set, and a way matches with two compares
- * per orientation; the verification stamp (both ends' policy revisions
- * and identities) is two 64-bit compares.
+ * two 64-bit words loaded straight from the headers, one multiply finds the
+ * set, and a way matches with two compares; the ways are searched for the
+ * tuple first and for its reverse (a few shifts) only then, so the
+ * opener's packets never make it; the verification stamp (both ends'
+ * policy revisions and identities) is two 64-bit compares.
  *
  * Time is jiffies: bpf_jiffies64() is inlined into one load, where even
  * the coarse clock is a helper call (measured: 0.15x of the local
@@ -100,11 +101,15 @@ static __always_inline __u8 ct_protocol(const struct ct_tuple *t)
 	return (__u8)(t->l4 >> 32);
 }
 
-/* The tuple of the other direction: addresses and ports swapped. */
-static __always_inline void ct_reverse(const struct ct_tuple *t, struct ct_tuple *r)
+/* The other direction's addresses and ports: swapped halves. */
+static __always_inline __u64 ct_reverse_addrs(__u64 addrs)
 {
-	r->addrs = t->addrs << 32 | t->addrs >> 32;
-	r->l4 = (t->l4 & 0xffffffff00000000ULL) | (t->l4 & 0xffff) << 16 | ((t->l4 >> 16) & 0xffff);
+	return addrs << 32 | addrs >> 32;
+}
+
+static __always_inline __u64 ct_reverse_l4(__u64 l4)
+{
+	return (l4 & 0xffffffff00000000ULL) | (l4 & 0xffff) << 16 | ((l4 >> 16) & 0xffff);
 }
 
 /* The packet as the tracker and the policy see it. */
@@ -116,15 +121,30 @@ struct ct_packet {
 	bool related;           /* an ICMP error about the connection of tuple */
 };
 
-/* saddr and daddr, adjacent in the header, in one load: clang would split
- * it in two (the header is only 4-byte aligned), x86 takes it unaligned,
- * so the pointer's alignment is hidden from clang. */
+/* saddr and daddr, adjacent in the header, in one load. Written as the
+ * instruction itself: clang would split a plain load in two (the header is
+ * only 4-byte aligned; x86 takes it unaligned), and an opaque pointer cost
+ * three instructions more. Volatile: each use loads again (after a map
+ * lookup, a load is cheaper than keeping the value across it). The caller
+ * has bounds-checked the header (the verifier holds it to that). */
 static __always_inline __u64 ct_load_addrs(const struct iphdr *ip)
 {
-	const __u8 *addrs = (const __u8 *)ip + offsetof(struct iphdr, saddr);
+	__u64 addrs;
 
-	asm volatile("" : "+r"(addrs));
-	return *(const __u64 *)addrs;
+	asm volatile("%[addrs] = *(u64 *)(%[ip] + 12)" : [addrs] "=r"(addrs) : [ip] "r"(ip));
+	return addrs;
+}
+
+/* The tuple of a TCP, UDP or SCTP packet whose ports the caller has
+ * bounds-checked at `l4`. */
+static __always_inline struct ct_tuple ct_tuple_of(const struct iphdr *ip, const __u8 *l4)
+{
+	struct ct_tuple t = {
+		.addrs = ct_load_addrs(ip),
+		.l4 = (__u64)ip->protocol << 32 | *(const __u32 *)l4,
+	};
+
+	return t;
 }
 
 /*
@@ -292,50 +312,48 @@ static __always_inline int ct_parse(struct __sk_buff *ctx, const struct iphdr *i
  * a reply finds the set of its connection), its top bits the index. No
  * seed: the table outlives the agent that loads the programs.
  */
-static __always_inline struct ciliate_ct_set *ct_set_of(const struct ct_tuple *t)
+static __always_inline struct ciliate_ct_set *ct_set_of(struct ct_tuple t)
 {
-	__u64 addrs = (__u32)t->addrs ^ (__u32)(t->addrs >> 32);
-	__u64 ports = ((__u32)t->l4 ^ ((__u32)t->l4 >> 16)) & 0xffff;
-	__u64 h = (addrs << 32 | ports << 8 | ct_protocol(t)) * 0x9e3779b97f4a7c15ULL;
+	__u64 addrs = (__u32)t.addrs ^ (__u32)(t.addrs >> 32);
+	__u64 ports = ((__u32)t.l4 ^ ((__u32)t.l4 >> 16)) & 0xffff;
+	__u64 h = (addrs << 32 | ports << 8 | ct_protocol(&t)) * 0x9e3779b97f4a7c15ULL;
 	__u32 index = h >> (64 - __builtin_ctzll(CILIATE_SIZE_CT_SETS));
 
 	return bpf_map_lookup_elem(&ciliate_ct_v2, &index);
 }
 
-/* ct_find(): the way of the tuple's connection, with this flag when the
- * tuple matched the key reversed (the packet goes from the connection's
- * receiving end to its opener). */
-#define CT_FOUND_REPLY 4
-
-/* The way holding the tuple's connection in its set (live or expired):
- * its index, | CT_FOUND_REPLY for a reply; -1 when none. */
-static __always_inline int ct_find(const struct ciliate_ct_set *set, const struct ct_tuple *t,
-				   const struct ct_tuple *r)
+/* The way whose key is exactly `key` (two words as struct ct_tuple), or
+ * NULL. */
+static __always_inline struct ciliate_ct_entry *ct_find(struct ciliate_ct_set *set, __u64 addrs,
+							__u64 l4)
 {
 #pragma unroll
 	for (int i = 0; i < CILIATE_CT_WAYS; i++) {
 		const __u64 *key = (const __u64 *)&set->way[i].key;
-		__u64 addrs = key[0], l4 = key[1];
 
-		if (addrs == t->addrs && l4 == t->l4)
-			return i;
-		if (addrs == r->addrs && l4 == r->l4)
-			return i | CT_FOUND_REPLY;
+		if (key[0] == addrs && key[1] == l4)
+			return &set->way[i];
 	}
-	return -1;
+	return NULL;
 }
 
-/* The same as an entry, or NULL; *reply as CT_FOUND_REPLY. */
+/* The way of the tuple's connection in its set (live or expired), or
+ * NULL; *reply: the tuple is the key reversed (the packet goes from the
+ * connection's other end to its opener). The ways are searched for the
+ * tuple, then for its reverse, so the opener's packets never make the
+ * reverse. A connection is opened only when neither orientation is in its
+ * set; should both be (two CPUs opening it from both ends at once), each
+ * direction finds its own. */
 static __always_inline struct ciliate_ct_entry *ct_lookup(struct ciliate_ct_set *set,
-							  const struct ct_tuple *t,
-							  const struct ct_tuple *r, bool *reply)
+							  const struct ct_tuple *t, bool *reply)
 {
-	int found = ct_find(set, t, r);
+	struct ciliate_ct_entry *entry = ct_find(set, t->addrs, t->l4);
 
-	if (found < 0)
-		return NULL;
-	*reply = found & CT_FOUND_REPLY;
-	return &set->way[found & (CILIATE_CT_WAYS - 1)];
+	*reply = false;
+	if (entry)
+		return entry;
+	*reply = true;
+	return ct_find(set, ct_reverse_addrs(t->addrs), ct_reverse_l4(t->l4));
 }
 
 static __always_inline bool ct_alive(const struct ciliate_ct_entry *entry, __u64 now)
@@ -361,15 +379,14 @@ static __always_inline bool ct_reopens(const struct ciliate_ct_entry *entry,
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-/* Whether a packet of a live connection moves its state (a first reply,
- * a FIN or RST, a closing entry that a SYN may reopen). */
-static __always_inline bool ct_changes_state(const struct ciliate_ct_entry *entry,
-					     const struct ct_packet *pkt, bool reply)
+/* Whether a packet of a live connection moves its state by its direction
+ * alone (a first reply; a closing entry, which a SYN may reopen). FIN and
+ * RST the caller checks. */
+static __always_inline bool ct_changes_state(const struct ciliate_ct_entry *entry, bool reply)
 {
 	__u32 want = reply ? CILIATE_CT_F_SEEN_REPLY : 0;
 
-	return (entry->flags & (CILIATE_CT_F_CLOSING | want)) != want ||
-	       (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST));
+	return (entry->flags & (CILIATE_CT_F_CLOSING | want)) != want;
 }
 
 /* A packet that leaves the state as it is: only the deadline moves (its

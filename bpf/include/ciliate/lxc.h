@@ -36,7 +36,7 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 		return DROP(CILIATE_DROP_INVALID_SIP);
 
 	if (ip->daddr == router_ip || ip->daddr == node_ip) {
-		ret = policy_check(ctx, ip, ep, ep->identity, NULL, CILIATE_IDENTITY_HOST, trace);
+		ret = policy_check(ctx, ip, ep, NULL, CILIATE_IDENTITY_HOST, trace);
 		if (IS_DROP(ret))
 			return ret;
 		trace->point = CILIATE_TRACE_TO_STACK;
@@ -50,7 +50,7 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 			return DROP(CILIATE_DROP_UNKNOWN_ENDPOINT);
 		/* The receiver's ingress is decided here too: redirect_peer
 		 * skips its veth's programs. */
-		ret = policy_check(ctx, ip, ep, ep->identity, dst, dst->identity, trace);
+		ret = policy_check(ctx, ip, ep, dst, 0, trace);
 		if (IS_DROP(ret))
 			return ret;
 		/* A kube-proxy's translated reply: the stack reverses it. */
@@ -60,7 +60,7 @@ static __always_inline int lxc_ipv4(struct __sk_buff *ctx, struct ethhdr *eth,
 	}
 
 	owner = lookup_ipcache(ip->daddr);
-	ret = policy_check(ctx, ip, ep, ep->identity, NULL, ipcache_identity(owner), trace);
+	ret = policy_check(ctx, ip, ep, NULL, ipcache_identity(owner), trace);
 	if (IS_DROP(ret))
 		return ret;
 #if CILIATE_FEATURE_SERVICES

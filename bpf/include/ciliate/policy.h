@@ -219,6 +219,25 @@ static __always_inline int policy_related(struct ciliate_ct_entry *entry, bool q
 }
 
 /*
+ * What the out-of-line paths are given: the two ends as the caller knows
+ * them. They look the ends' policy states up again (policy_ends_unpack())
+ * rather than take them from the caller, so the established packet builds
+ * nothing for them: these three stores happen only on the way to a call.
+ */
+struct policy_ends {
+	const struct ciliate_endpoint *src;     /* a local endpoint, or NULL */
+	const struct ciliate_endpoint *dst;
+	__u64 identities;                       /* ct_pair(src identity, dst identity) */
+};
+
+static __always_inline void policy_ends_unpack(const struct policy_ends *in,
+					       struct policy_end ends[2])
+{
+	policy_end_of(&ends[0], in->src, (__u32)in->identities);
+	policy_end_of(&ends[1], in->dst, (__u32)(in->identities >> 32));
+}
+
+/*
  * Out of line (BPF-to-BPF calls): ct_open() and policy_full_path().
  * Inlined, their code made clang spill more across the whole program: in
  * bench datapath (paired A/B of objects in one process) the local
@@ -227,17 +246,20 @@ static __always_inline int policy_related(struct ciliate_ct_entry *entry, bool q
  * packet of the full path pays one call (a few ns over ~100).
  */
 
-/* A new connection of the common kind, from ends[0] to ends[1], whose tuple
- * is in no way of its set: judged, and tracked if allowed. */
+/* A new connection of the common kind (TCP/UDP/SCTP, unfragmented, no FIN
+ * or RST) whose tuple is in no way of its set: judged, and tracked if
+ * allowed. */
 static __attribute__((noinline)) int ct_open(struct __sk_buff *ctx, const struct iphdr *ip,
-					     const struct policy_end ends[2],
+					     const struct policy_ends *in,
 					     struct ciliate_ct_set *set, struct trace_info *trace)
 {
 	struct ciliate_ct_entry *entry;
+	struct policy_end ends[2];
 	struct ct_packet pkt;
 	__u64 now = bpf_jiffies64();
 	int ret;
 
+	policy_ends_unpack(in, ends);
 	/* Parsed again rather than handed over: the caller's registers stay
 	 * its own (the established packet does not store its tuple). */
 	ret = ct_parse(ctx, ip, &pkt);
@@ -256,99 +278,142 @@ static __attribute__((noinline)) int ct_open(struct __sk_buff *ctx, const struct
 	return TC_ACT_OK;
 }
 
+/* The identities of a packet's two ends as ct_pair() makes them: a local
+ * endpoint's own, else `peer` (the end that is not a local endpoint). */
+static __always_inline __u64 policy_identities(const struct ciliate_endpoint *src,
+					       const struct ciliate_endpoint *dst, __u32 peer)
+{
+	return ct_pair(src ? src->identity : peer, dst ? dst->identity : peer);
+}
+
+static __always_inline void policy_ends_of(struct policy_ends *ends,
+					   const struct ciliate_endpoint *src,
+					   const struct ciliate_endpoint *dst, __u32 peer_identity)
+{
+	ends->src = src;
+	ends->dst = dst;
+	ends->identities = policy_identities(src, dst, peer_identity);
+}
+
 /* ct_established(): not a packet of its kind, the full path decides. */
 #define CT_FULL_PATH 1000
 
-/*
- * The fast path of policy_check(), for TCP, UDP and SCTP packets (not
- * fragments) from `src` to `dst`: a packet of a live connection verified
- * for its ends as they are now passes and refreshes it; a packet whose
- * tuple is in no way of its set opens a new connection if policy allows
- * (TC_ACT_OK or a policy drop). Anything else (a stale verification, a
- * dead or reopened entry, another kind of packet) is CT_FULL_PATH. Kept
- * apart from the full path on purpose: the established packet then runs
- * a short, self-contained sequence (bench datapath: ~0.1x of the local
- * delivery path less than one shared path), and a first packet does not
- * parse and hash twice.
- */
-static __always_inline int ct_established(struct __sk_buff *ctx, const struct iphdr *ip,
-					  const struct policy_end ends[2], struct trace_info *trace)
+/* A packet of a known connection on the fast path: TC_ACT_OK when the
+ * entry is live, verified for its ends as they are now and the packet
+ * leaves its state as it is (its flags already say what a reply would
+ * add, nothing closes or reopens it), else CT_FULL_PATH. `reply` is a
+ * constant at each call: the orientation costs no branch. */
+static __always_inline int ct_established_on(struct ciliate_ct_entry *entry, bool reply,
+					     __u64 revisions, __u64 identities)
 {
-	const struct policy_end *src = &ends[0], *dst = &ends[1];
-	void *data_end = (void *)(long)ctx->data_end;
-	const __u8 *l4 = (const __u8 *)ip + ((ip->ihl & 0xf) << 2);
-	struct ct_packet pkt = { .protocol = ip->protocol };
-	struct ciliate_ct_entry *entry;
-	struct ciliate_ct_set *set;
-	struct ct_tuple reverse;
-	bool reply;
-	int found;
-	__u64 now;
+	__u64 now = bpf_jiffies64();
 
-	if (ip->frag_off & bpf_htons(CT_IP_MF | CT_IP_OFFSET))
-		return CT_FULL_PATH;
-	if (pkt.protocol == IPPROTO_TCP) {
-		if ((void *)(l4 + 14) > data_end)
-			return CT_FULL_PATH;
-		pkt.tcp_flags = l4[13];
-	} else if (pkt.protocol != IPPROTO_UDP && pkt.protocol != IPPROTO_SCTP) {
-		return CT_FULL_PATH;
-	}
-	if ((void *)(l4 + 4) > data_end)
-		return CT_FULL_PATH;
-	pkt.tuple.addrs = ct_load_addrs(ip);
-	pkt.tuple.l4 = (__u64)pkt.protocol << 32 | *(const __u32 *)l4;
-	set = ct_set_of(&pkt.tuple);
-	if (!set)
-		return CT_FULL_PATH;
-	ct_reverse(&pkt.tuple, &reverse);
-	found = ct_find(set, &pkt.tuple, &reverse);
-	now = bpf_jiffies64();
-	if (found < 0)
-		return ct_open(ctx, ip, ends, set, trace);
-	entry = &set->way[found & (CILIATE_CT_WAYS - 1)];
-	reply = found & CT_FOUND_REPLY;
-	/* Here only packets that leave the entry's state as it is: its flags
-	 * already say what a reply would add, nothing closes or reopens it. */
-	if (!ct_alive(entry, now) || ct_changes_state(entry, &pkt, reply) ||
-	    !ct_current(entry, ct_pair(src->revision, dst->revision),
-			ct_pair(src->identity, dst->identity), reply))
+	if (!ct_alive(entry, now) || ct_changes_state(entry, reply) ||
+	    !ct_current(entry, revisions, identities, reply))
 		return CT_FULL_PATH;
 	ct_keep_alive(entry, now);
 	return TC_ACT_OK;
 }
 
 /*
- * The full path of policy_check(), from ends[0] to ends[1]: any packet
- * (ICMP, fragments, related errors), a connection whose verification
- * moved, a closing or reopened one, a first reply, FIN and RST.
+ * The fast path of policy_check(), for TCP, UDP and SCTP packets (not
+ * fragments, not FIN or RST) from `src` to `dst`: a packet of a live
+ * connection verified for its ends as they are now (their policy
+ * `revisions` as ct_pair() makes them, and their identities) passes and
+ * refreshes it; a packet whose tuple is in no way of its set opens a new
+ * connection if policy allows (ct_open(): TC_ACT_OK or a policy drop).
+ * Anything else (a stale verification, a dead or reopened entry, a first
+ * reply, another kind of packet) is CT_FULL_PATH. Kept apart from the
+ * full path on purpose: the established packet then runs a short,
+ * self-contained sequence (bench datapath: ~0.1x of the local delivery
+ * path less than one shared path), and a first packet does not parse and
+ * hash twice.
+ *
+ * Clang treats the set's lookup as a call that clobbers r1-r5 (the
+ * verifier inlines it, but after clang allocated registers), so what lives
+ * across it is spilled: only the L4 header pointer and the revisions do.
+ * The tuple is read from the packet again after it, the identities from
+ * the endpoints, which the caller keeps anyway.
+ */
+static __always_inline int ct_established(struct __sk_buff *ctx, const struct iphdr *ip,
+					  const struct ciliate_endpoint *src,
+					  const struct ciliate_endpoint *dst, __u32 peer_identity,
+					  __u64 revisions, struct trace_info *trace)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	const __u8 *l4 = (const __u8 *)ip + ((ip->ihl & 0xf) << 2);
+	struct ciliate_ct_entry *entry;
+	struct ciliate_ct_set *set;
+	__u8 protocol = ip->protocol;
+	struct policy_ends ends;
+	struct ct_tuple tuple;
+
+	if (ip->frag_off & bpf_htons(CT_IP_MF | CT_IP_OFFSET))
+		return CT_FULL_PATH;
+	if (protocol == IPPROTO_TCP) {
+		if ((void *)(l4 + 14) > data_end)
+			return CT_FULL_PATH;
+		/* FIN and RST move the connection's state: the full path,
+		 * which opens a connection for them too when none is known. */
+		if (l4[13] & (TCP_FLAG_FIN | TCP_FLAG_RST))
+			return CT_FULL_PATH;
+	} else if (protocol != IPPROTO_UDP && protocol != IPPROTO_SCTP) {
+		return CT_FULL_PATH;
+	}
+	if ((void *)(l4 + 4) > data_end)
+		return CT_FULL_PATH;
+	set = ct_set_of(ct_tuple_of(ip, l4));
+	if (!set)
+		return CT_FULL_PATH;
+	tuple = ct_tuple_of(ip, l4);
+	entry = ct_find(set, tuple.addrs, tuple.l4);
+	if (entry)
+		return ct_established_on(entry, false, revisions,
+					 policy_identities(src, dst, peer_identity));
+	/* Not the opener's packet: a reply? The tuple is read again rather
+	 * than kept, and the ways too (clang kept every way's key from the
+	 * first search, spilled). */
+	ct_barrier();
+	tuple = ct_tuple_of(ip, l4);
+	entry = ct_find(set, ct_reverse_addrs(tuple.addrs), ct_reverse_l4(tuple.l4));
+	if (entry)
+		return ct_established_on(entry, true, revisions,
+					 policy_identities(src, dst, peer_identity));
+	policy_ends_of(&ends, src, dst, peer_identity);
+	return ct_open(ctx, ip, &ends, set, trace);
+}
+
+/*
+ * The full path of policy_check(): any packet (ICMP, fragments, related
+ * errors), a connection whose verification moved, a closing or reopened
+ * one, a first reply, FIN and RST.
  */
 static __attribute__((noinline)) int policy_full_path(struct __sk_buff *ctx,
 						      const struct iphdr *ip,
-						      const struct policy_end ends[2],
+						      const struct policy_ends *in,
 						      struct trace_info *trace)
 {
+	struct policy_end ends[2];
 	const struct policy_end *src_end = &ends[0], *dst_end = &ends[1];
 	const struct policy_end *opener, *other;
 	struct ciliate_ct_entry *entry;
 	struct ciliate_ct_set *set;
-	struct ct_tuple reverse;
 	struct ct_packet pkt;
 	bool reply = false;
 	__u64 now;
 	int ret;
 
+	policy_ends_unpack(in, ends);
 	ret = ct_parse(ctx, ip, &pkt);
 	if (IS_DROP(ret))
 		return ret;
 	if (!pkt.trackable)
 		return policy_decide(src_end, dst_end, pkt.protocol, ct_dport(&pkt.tuple), trace);
 
-	set = ct_set_of(&pkt.tuple);
+	set = ct_set_of(pkt.tuple);
 	if (!set) /* unreachable (the index is in the array): judge it alone */
 		return policy_decide(src_end, dst_end, pkt.protocol, ct_dport(&pkt.tuple), trace);
-	ct_reverse(&pkt.tuple, &reverse);
-	entry = ct_lookup(set, &pkt.tuple, &reverse, &reply);
+	entry = ct_lookup(set, &pkt.tuple, &reply);
 	now = bpf_jiffies64();
 	if (entry && ct_alive(entry, now)) {
 		if (pkt.related)
@@ -396,25 +461,32 @@ static __attribute__((noinline)) int policy_full_path(struct __sk_buff *ctx,
 
 /*
  * The policy stage of an IPv4 packet from `src` to `dst` (local endpoints
- * or NULL) with the given identities: TC_ACT_OK or a policy drop.
+ * or NULL): TC_ACT_OK or a policy drop. A local endpoint's identity is its
+ * own; `peer_identity` is the other end's when one end is not a local
+ * endpoint. (The identities are read from the endpoints only once needed:
+ * passed in, clang would load them before the lookups and spill them.)
  */
 static __always_inline int policy_check(struct __sk_buff *ctx, const struct iphdr *ip,
-					const struct ciliate_endpoint *src, __u32 src_identity,
-					const struct ciliate_endpoint *dst, __u32 dst_identity,
+					const struct ciliate_endpoint *src,
+					const struct ciliate_endpoint *dst, __u32 peer_identity,
 					struct trace_info *trace)
 {
-	struct policy_end ends[2];
+	const struct ciliate_policy_state *src_state = policy_state(src);
+	const struct ciliate_policy_state *dst_state = policy_state(dst);
+	struct policy_ends ends;
+	__u64 revisions;
 	int ret;
 
-	policy_end_of(&ends[0], src, src_identity);
-	policy_end_of(&ends[1], dst, dst_identity);
 	/* No local end enforces anything: nothing to decide, nothing to track. */
-	if (!ends[0].state && !ends[1].state)
+	if (!src_state && !dst_state)
 		return TC_ACT_OK;
-	ret = ct_established(ctx, ip, ends, trace);
+	revisions = ct_pair(src_state ? src_state->revision : 0,
+			    dst_state ? dst_state->revision : 0);
+	ret = ct_established(ctx, ip, src, dst, peer_identity, revisions, trace);
 	if (ret != CT_FULL_PATH)
 		return ret;
-	return policy_full_path(ctx, ip, ends, trace);
+	policy_ends_of(&ends, src, dst, peer_identity);
+	return policy_full_path(ctx, ip, &ends, trace);
 }
 
 #else /* CILIATE_FEATURE_POLICY */
@@ -428,9 +500,8 @@ policy_applies(const struct ciliate_endpoint *ep __attribute__((unused)))
 static __always_inline int policy_check(struct __sk_buff *ctx __attribute__((unused)),
 					const struct iphdr *ip __attribute__((unused)),
 					const struct ciliate_endpoint *src __attribute__((unused)),
-					__u32 src_identity __attribute__((unused)),
 					const struct ciliate_endpoint *dst __attribute__((unused)),
-					__u32 dst_identity __attribute__((unused)),
+					__u32 peer_identity __attribute__((unused)),
 					struct trace_info *trace __attribute__((unused)))
 {
 	return TC_ACT_OK;
