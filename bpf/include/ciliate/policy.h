@@ -20,11 +20,14 @@
  * (policy_related()); the later fragments of a datagram are judged with
  * the ports of its first (conntrack.h).
  *
- * The common packet (TCP, UDP, SCTP, unfragmented) of a live, verified
- * connection or of a new one takes a short path of its own
- * (ct_established()); everything else takes the full path. Its cost is
- * the figure to watch: `ciliate bench datapath`, established flow against
- * the same flow with enforcement off.
+ * The common packet (TCP without FIN or RST, UDP, SCTP; unfragmented) of
+ * a live, verified connection or of a new one takes a short path of its
+ * own (ct_established()); everything else takes the full path. Its cost
+ * is the figure to watch: `ciliate bench datapath`, established flow
+ * against the same flow with enforcement off. What it keeps across the
+ * conntrack set's lookup is what costs (clang spills it): it reads what
+ * it can again after it, and builds the out-of-line paths' arguments only
+ * on the way to them.
  *
  * Only built with [features] policy; without it policy_check() lets
  * everything pass and costs nothing.
