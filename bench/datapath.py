@@ -333,17 +333,35 @@ def _measure_paired(
     after_call: Callable[[], None] | None,
     first_on: bool,
 ) -> tuple[float, float]:
-    """:func:`_measure` of a policy case with enforcement on and off, call by call in
-    turn (which goes first alternates): (on, off). Switching enforcement moves the
-    policy revision, so with enforcement on the flow is judged again by one packet
-    sent before the timed call, as an established flow is between changes."""
+    """:func:`_measure` of a policy case with enforcement on and off: (on, off). An
+    established flow's are taken call by call in turn (which goes first
+    alternates); switching enforcement moves the policy revision, so with it on
+    the flow is judged again by one packet sent before the timed call, as an
+    established flow is between changes. A first packet is one packet a call, and
+    the switch's map writes right before it would be timed with it: there each
+    side is taken in a block of calls, the blocks in turn."""
+    if repeat == 1:
+        blocks: dict[bool, float] = {}
+        for on in (first_on, not first_on):
+            _enforce(tb, on=on)
+            blocks[on] = _measure(
+                tb,
+                prog,
+                packet,
+                ifindex=ifindex,
+                repeat=repeat,
+                expect=expect,
+                packets=packets,
+                after_call=after_call,
+            )
+        _enforce(tb, on=True)
+        return blocks[True], blocks[False]
     calls = max(1, packets // repeat)
     figures: dict[bool, list[float]] = {True: [], False: []}
     for call in range(calls):
         for on in (first_on, not first_on) if call % 2 == 0 else (not first_on, first_on):
             _enforce(tb, on=on)
-            if repeat > 1:
-                tb.run(prog, packet, ifindex=ifindex)
+            tb.run(prog, packet, ifindex=ifindex)
             result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
             if result.retval != expect:
                 raise RuntimeError(
@@ -440,8 +458,8 @@ def run(
                             )
                         )
                         continue
-                    # The same flow with no policy in force, call by call beside
-                    # it (a drift of the machine lasts longer than two calls).
+                    # The same flow with no policy in force, right beside it (a
+                    # drift of the machine lasts longer than two calls).
                     enforced, open_ = _measure_paired(
                         tb,
                         program,
