@@ -306,19 +306,43 @@ def _measure(
     """ns/packet over about `packets` packets, sent in calls of `repeat`
     (:func:`_clean_mean` of the calls)."""
     calls = max(1, packets // repeat)
-    per_call: list[float] = []
-    for _ in range(calls):
-        result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
-        if result.retval != expect:
-            raise RuntimeError(
-                f"{prog.name}: verdict {result.retval}, expected {expect}: "
-                "the packet left the path under test"
+    return _clean_mean(
+        [
+            _timed_call(
+                tb,
+                prog,
+                packet,
+                ifindex=ifindex,
+                repeat=repeat,
+                expect=expect,
+                after_call=after_call,
             )
-        per_call.append(result.duration_ns)
-        tb.events()
-        if after_call is not None:
-            after_call()
-    return _clean_mean(per_call)
+            for _ in range(calls)
+        ]
+    )
+
+
+def _timed_call(
+    tb: Testbed,
+    prog: Program,
+    packet: bytes,
+    *,
+    ifindex: int,
+    repeat: int,
+    expect: int,
+    after_call: Callable[[], None] | None,
+) -> float:
+    """One call of `repeat` packets: ns/packet, the verdict checked."""
+    result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
+    if result.retval != expect:
+        raise RuntimeError(
+            f"{prog.name}: verdict {result.retval}, expected {expect}: "
+            "the packet left the path under test"
+        )
+    tb.events()
+    if after_call is not None:
+        after_call()
+    return float(result.duration_ns)
 
 
 def _measure_paired(
@@ -362,16 +386,17 @@ def _measure_paired(
         for on in (first_on, not first_on) if call % 2 == 0 else (not first_on, first_on):
             _enforce(tb, on=on)
             tb.run(prog, packet, ifindex=ifindex)
-            result = tb.run(prog, packet, ifindex=ifindex, repeat=repeat)
-            if result.retval != expect:
-                raise RuntimeError(
-                    f"{prog.name}: verdict {result.retval}, expected {expect} "
-                    f"(enforcement {'on' if on else 'off'}): the packet left the path under test"
+            figures[on].append(
+                _timed_call(
+                    tb,
+                    prog,
+                    packet,
+                    ifindex=ifindex,
+                    repeat=repeat,
+                    expect=expect,
+                    after_call=after_call,
                 )
-            figures[on].append(result.duration_ns)
-            tb.events()
-            if after_call is not None:
-                after_call()
+            )
     _enforce(tb, on=True)
     return _clean_mean(figures[True]), _clean_mean(figures[False])
 
